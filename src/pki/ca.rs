@@ -1,0 +1,353 @@
+//! The service CA: creation (SPEC §3.2), loading from and saving to the `signing-key`
+//! Secret's data (§3.1), rotation with a cross-signed trust bridge (§3.3) and the
+//! bundle (§3.4).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue, IsCa, Issuer, KeyIdMethod, KeyPair,
+    KeyUsagePurpose, SubjectPublicKeyInfo,
+};
+use time::OffsetDateTime;
+use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
+
+use super::keys::{KeyKind, PrivateKey, certificate_public_key, random_serial};
+use super::{PkiError, pem};
+
+/// Keys of the `signing-key` Secret's data.
+pub const TLS_CERT: &str = "tls.crt";
+pub const TLS_KEY: &str = "tls.key";
+pub const CA_BUNDLE: &str = "ca-bundle.crt";
+pub const INTERMEDIATE: &str = "intermediate-ca.crt";
+
+/// The prefix of the CA's common name; the suffix is the creation time in Unix seconds.
+pub const CA_NAME_PREFIX: &str = "openshift-service-serving-signer@";
+
+/// A parsed certificate we keep around: its DER and the fields we act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertInfo {
+    pub der: Vec<u8>,
+    pub subject_cn: String,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+    pub subject_key_id: Option<Vec<u8>>,
+    pub authority_key_id: Option<Vec<u8>>,
+    pub is_ca: bool,
+}
+
+impl CertInfo {
+    pub fn parse(field: &'static str, der: Vec<u8>) -> Result<Self, PkiError> {
+        let (rest, cert) =
+            X509Certificate::from_der(&der).map_err(|e| PkiError::BadCertificate { field, reason: e.to_string() })?;
+        if !rest.is_empty() {
+            return Err(PkiError::BadCertificate { field, reason: "trailing bytes after the certificate".into() });
+        }
+        let mut info = CertInfo {
+            subject_cn: common_name(&cert).unwrap_or_default(),
+            not_before: cert.validity().not_before.to_datetime(),
+            not_after: cert.validity().not_after.to_datetime(),
+            subject_key_id: None,
+            authority_key_id: None,
+            is_ca: false,
+            der: Vec::new(),
+        };
+        for ext in cert.extensions() {
+            match ext.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(id) => info.subject_key_id = Some(id.0.to_vec()),
+                ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                    info.authority_key_id = aki.key_identifier.as_ref().map(|id| id.0.to_vec())
+                }
+                ParsedExtension::BasicConstraints(bc) => info.is_ca = bc.ca,
+                _ => {}
+            }
+        }
+        info.der = der;
+        Ok(info)
+    }
+
+    pub fn pem(&self) -> String {
+        pem::encode("CERTIFICATE", &self.der)
+    }
+
+    pub fn is_valid_at(&self, now: OffsetDateTime) -> bool {
+        self.not_before <= now && now <= self.not_after
+    }
+}
+
+pub fn common_name(cert: &X509Certificate<'_>) -> Option<String> {
+    cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_owned)
+}
+
+/// Lifetimes that govern the CA.
+#[derive(Clone, Copy, Debug)]
+pub struct CaPolicy {
+    /// Validity of a new CA certificate (default 790 days).
+    pub lifetime: Duration,
+    /// Rotate when less than this is left (default 395 days); also the minimum time
+    /// the previous CA stays trusted after a rotation.
+    pub rotate_before: Duration,
+}
+
+/// The service CA: its certificate and key, plus what a rotation left behind (the
+/// bundle `[new CA, X1]` and the bridge `X2`).
+pub struct CertificateAuthority {
+    cert: CertInfo,
+    key: PrivateKey,
+    issuer: Issuer<'static, KeyPair>,
+    /// `ca-bundle.crt` as stored (after a rotation); `None` means "just tls.crt".
+    bundle: Option<Vec<CertInfo>>,
+    /// `intermediate-ca.crt`: this CA's certificate signed by the previous CA's key.
+    intermediate: Option<CertInfo>,
+}
+
+impl std::fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateAuthority")
+            .field("subject_cn", &self.cert.subject_cn)
+            .field("not_after", &self.cert.not_after)
+            .field("key", &self.key)
+            .field("rotated", &self.intermediate.is_some())
+            .finish()
+    }
+}
+
+impl CertificateAuthority {
+    /// A brand-new self-signed CA per SPEC §3.2 (`key` is normally a fresh RSA-2048).
+    pub fn create(key: PrivateKey, now: OffsetDateTime, policy: &CaPolicy) -> Result<Self, PkiError> {
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("{CA_NAME_PREFIX}{}", now.unix_timestamp()));
+        let params = ca_params(dn, now, now + policy.lifetime, KeyIdMethod::Sha256);
+        let signing = key.signing_key()?;
+        let cert = params.self_signed(&signing).map_err(signing_error)?;
+        Self::assemble(CertInfo::parse(TLS_CERT, cert.der().to_vec())?, key, signing, None, None)
+    }
+
+    /// Loads and validates the CA from a `signing-key` Secret's data.
+    pub fn from_secret_data(data: &BTreeMap<String, Vec<u8>>, now: OffsetDateTime) -> Result<Self, PkiError> {
+        let field = |name: &'static str| data.get(name).map(Vec::as_slice);
+        let cert_pem = field(TLS_CERT).ok_or(PkiError::Missing { field: TLS_CERT })?;
+        let key_pem = field(TLS_KEY).ok_or(PkiError::Missing { field: TLS_KEY })?;
+        let cert = single_certificate(TLS_CERT, cert_pem)?;
+        if !cert.is_ca {
+            return Err(PkiError::NotCa);
+        }
+        if now > cert.not_after {
+            return Err(PkiError::Expired { not_after: cert.not_after });
+        }
+        if cert.not_before > now + Duration::from_secs(300) {
+            return Err(PkiError::NotYetValid { not_before: cert.not_before });
+        }
+        if cert.subject_key_id.is_none() {
+            return Err(PkiError::MissingSubjectKeyId);
+        }
+        let (_, parsed) = X509Certificate::from_der(&cert.der)
+            .map_err(|e| PkiError::BadCertificate { field: TLS_CERT, reason: e.to_string() })?;
+        if let Ok(Some(ku)) = parsed.key_usage()
+            && !ku.value.key_cert_sign()
+        {
+            return Err(PkiError::NotCa);
+        }
+        let public = certificate_public_key(&parsed).ok_or_else(|| {
+            PkiError::UnsupportedKey("the CA certificate's key is neither RSA nor ECDSA P-256/P-384".into())
+        })?;
+        let key = PrivateKey::from_pem(TLS_KEY, key_pem)?;
+        if key.public_key() != &public {
+            return Err(PkiError::KeyMismatch);
+        }
+        let signing = key.signing_key()?;
+        let bundle = field(CA_BUNDLE)
+            .map(|pem| {
+                pem::decode_certificates(CA_BUNDLE, pem)?
+                    .into_iter()
+                    .map(|der| CertInfo::parse(CA_BUNDLE, der))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?;
+        let intermediate = field(INTERMEDIATE).map(|pem| single_certificate(INTERMEDIATE, pem)).transpose()?;
+        Self::assemble(cert, key, signing, bundle, intermediate)
+    }
+
+    fn assemble(
+        cert: CertInfo,
+        key: PrivateKey,
+        signing: KeyPair,
+        bundle: Option<Vec<CertInfo>>,
+        intermediate: Option<CertInfo>,
+    ) -> Result<Self, PkiError> {
+        let issuer = Issuer::from_ca_cert_der(&cert.der.as_slice().into(), signing)
+            .map_err(|e| PkiError::BadCertificate { field: TLS_CERT, reason: e.to_string() })?;
+        Ok(CertificateAuthority { cert, key, issuer, bundle, intermediate })
+    }
+
+    /// The Secret data that persists this CA (`tls.crt`, `tls.key`, and after a
+    /// rotation `ca-bundle.crt` and `intermediate-ca.crt`).
+    pub fn to_secret_data(&self) -> BTreeMap<String, Vec<u8>> {
+        let mut data = BTreeMap::new();
+        data.insert(TLS_CERT.to_string(), self.cert.pem().into_bytes());
+        data.insert(TLS_KEY.to_string(), self.key.to_pem().as_bytes().to_vec());
+        if let Some(bundle) = &self.bundle {
+            data.insert(
+                CA_BUNDLE.to_string(),
+                pem::encode_certificates(bundle.iter().map(|c| c.der.as_slice())).into_bytes(),
+            );
+        }
+        if let Some(x2) = &self.intermediate {
+            data.insert(INTERMEDIATE.to_string(), x2.pem().into_bytes());
+        }
+        data
+    }
+
+    /// Rotation per SPEC §3.3: a new CA with the same subject, signed by `new_key`;
+    /// `X1` (this CA re-signed by the new key) joins the bundle, `X2` (the new CA
+    /// signed by this CA's key) becomes the intermediate that new leaves carry.
+    pub fn rotate(&self, new_key: PrivateKey, now: OffsetDateTime, policy: &CaPolicy) -> Result<Self, PkiError> {
+        let (_, current) = X509Certificate::from_der(&self.cert.der)
+            .map_err(|e| PkiError::BadCertificate { field: TLS_CERT, reason: e.to_string() })?;
+        let subject = distinguished_name(&current)?;
+        let current_ski = self.cert.subject_key_id.clone().ok_or(PkiError::MissingSubjectKeyId)?;
+        let new_signing = new_key.signing_key()?;
+
+        // The new self-signed CA.
+        let new_params = ca_params(subject.clone(), now, now + policy.lifetime, KeyIdMethod::Sha256);
+        let new_cert =
+            CertInfo::parse(TLS_CERT, new_params.self_signed(&new_signing).map_err(signing_error)?.der().to_vec())?;
+        let new_ski = new_cert.subject_key_id.clone().ok_or(PkiError::MissingSubjectKeyId)?;
+        let new_issuer_params = ca_params(subject.clone(), now, now, KeyIdMethod::PreSpecified(new_ski.clone()));
+        let new_issuer = Issuer::from_params(&new_issuer_params, &new_signing);
+
+        // X1: the current CA's certificate re-signed by the new key, so holders of the
+        // new bundle trust leaves of the current CA. It stays valid at least for the
+        // rotation threshold from now.
+        let x1_not_after = self.cert.not_after.max(now + policy.rotate_before);
+        let mut x1 =
+            ca_params(subject.clone(), self.cert.not_before, x1_not_after, KeyIdMethod::PreSpecified(current_ski));
+        x1.use_authority_key_identifier_extension = true;
+        let current_public = SubjectPublicKeyInfo::from_der(current.tbs_certificate.subject_pki.raw)
+            .map_err(|e| PkiError::BadCertificate { field: TLS_CERT, reason: e.to_string() })?;
+        let x1 = CertInfo::parse(
+            CA_BUNDLE,
+            x1.signed_by(&current_public, &new_issuer).map_err(signing_error)?.der().to_vec(),
+        )?;
+
+        // X2: the new CA's certificate signed by the current key, so holders of the
+        // current bundle trust leaves of the new CA.
+        let mut x2 = ca_params(subject, new_cert.not_before, new_cert.not_after, KeyIdMethod::PreSpecified(new_ski));
+        x2.use_authority_key_identifier_extension = true;
+        let x2 = CertInfo::parse(
+            INTERMEDIATE,
+            x2.signed_by(new_key.public_key(), &self.issuer).map_err(signing_error)?.der().to_vec(),
+        )?;
+
+        let bundle = vec![new_cert.clone(), x1];
+        Self::assemble(new_cert, new_key, new_signing, Some(bundle), Some(x2))
+    }
+
+    /// The trust bundle (SPEC §3.4): `ca-bundle.crt` when present, else `tls.crt`,
+    /// without certificates that have expired at `now`, in stored order.
+    pub fn bundle_pem(&self, now: OffsetDateTime) -> String {
+        pem::encode_certificates(self.bundle_certs().filter(|c| now <= c.not_after).map(|c| c.der.as_slice()))
+    }
+
+    /// When the bundle next changes by itself (the earliest expiry of a member that is
+    /// still in it), if ever.
+    pub fn next_bundle_change(&self, now: OffsetDateTime) -> Option<OffsetDateTime> {
+        self.bundle_certs().map(|c| c.not_after).filter(|t| *t >= now).min()
+    }
+
+    fn bundle_certs(&self) -> impl Iterator<Item = &CertInfo> {
+        self.bundle.as_deref().unwrap_or(std::slice::from_ref(&self.cert)).iter()
+    }
+
+    pub fn certificate(&self) -> &CertInfo {
+        &self.cert
+    }
+
+    /// The bridge certificate X2, present after a rotation.
+    pub fn intermediate(&self) -> Option<&CertInfo> {
+        self.intermediate.as_ref()
+    }
+
+    pub fn key_kind(&self) -> KeyKind {
+        self.key.kind()
+    }
+
+    pub fn subject_cn(&self) -> &str {
+        &self.cert.subject_cn
+    }
+
+    pub fn not_after(&self) -> OffsetDateTime {
+        self.cert.not_after
+    }
+
+    pub fn subject_key_id(&self) -> &[u8] {
+        self.cert.subject_key_id.as_deref().unwrap_or_default()
+    }
+
+    /// When this CA is due for rotation.
+    pub fn rotation_due(&self, policy: &CaPolicy) -> OffsetDateTime {
+        self.cert.not_after - policy.rotate_before
+    }
+
+    pub(crate) fn issuer(&self) -> &Issuer<'static, KeyPair> {
+        &self.issuer
+    }
+}
+
+fn ca_params(
+    dn: DistinguishedName,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    key_id: KeyIdMethod,
+) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn;
+    params.serial_number = Some(random_serial());
+    params.not_before = not_before - Duration::from_secs(1);
+    params.not_after = not_after;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages =
+        vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment, KeyUsagePurpose::KeyCertSign];
+    params.key_identifier_method = key_id;
+    params
+}
+
+fn single_certificate(field: &'static str, bytes: &[u8]) -> Result<CertInfo, PkiError> {
+    let mut ders = pem::decode_certificates(field, bytes)?;
+    if ders.len() != 1 {
+        return Err(PkiError::SeveralCertificates { field, count: ders.len() });
+    }
+    CertInfo::parse(field, ders.remove(0))
+}
+
+fn signing_error(e: rcgen::Error) -> PkiError {
+    PkiError::Signing(e.to_string())
+}
+
+/// The subject of `cert` as an rcgen name, keeping each attribute's string type so the
+/// issuer names we write are byte-identical to the subject (webpki compares bytes).
+fn distinguished_name(cert: &X509Certificate<'_>) -> Result<DistinguishedName, PkiError> {
+    use x509_parser::der_parser::asn1_rs::Tag;
+    let unsupported =
+        |why: &str| PkiError::BadCertificate { field: TLS_CERT, reason: format!("unsupported subject: {why}") };
+    let mut dn = DistinguishedName::new();
+    for rdn in cert.subject().iter() {
+        let mut attrs = rdn.iter();
+        let (Some(attr), None) = (attrs.next(), attrs.next()) else {
+            return Err(unsupported("multi-valued or empty RDN"));
+        };
+        let oid: Vec<u64> = attr.attr_type().iter().ok_or_else(|| unsupported("attribute OID"))?.collect();
+        let data = attr.attr_value().data;
+        let text = || std::str::from_utf8(data).map_err(|_| unsupported("attribute is not text"));
+        let value = match attr.attr_value().header.tag() {
+            Tag::PrintableString => {
+                DnValue::PrintableString(text()?.try_into().map_err(|_| unsupported("bad PrintableString"))?)
+            }
+            Tag::Ia5String => DnValue::Ia5String(text()?.try_into().map_err(|_| unsupported("bad IA5String"))?),
+            Tag::Utf8String => DnValue::Utf8String(text()?.to_owned()),
+            other => return Err(unsupported(&format!("attribute string type {other}"))),
+        };
+        dn.push(DnType::from_oid(&oid), value);
+    }
+    Ok(dn)
+}

@@ -1,0 +1,61 @@
+//! Pure certificate logic, with no Kubernetes dependency: the service CA (creation,
+//! loading, rotation with a trust bridge, bundle), serving-certificate issuance, and
+//! the decision whether a serving Secret must be re-issued.
+//!
+//! Everything here takes `now` as an argument, so every rule is testable at any
+//! instant without waiting.
+
+mod ca;
+mod keys;
+mod leaf;
+pub mod pem;
+mod reissue;
+
+pub use ca::{CA_BUNDLE, CA_NAME_PREFIX, CaPolicy, CertInfo, CertificateAuthority, INTERMEDIATE, TLS_CERT, TLS_KEY};
+pub use keys::{KeyKind, PrivateKey, PublicKey, key_matches};
+pub use leaf::{IssuedLeaf, LeafRequest, SERVICE_UID_OID, format_expiry, parse_expiry};
+pub use reissue::{Decision, IssueReason, LeafPolicy, SecretFacts, ServiceFacts, decide};
+
+use time::OffsetDateTime;
+
+/// Every way certificate material can be unusable. Messages name the field and the
+/// problem and never include key bytes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PkiError {
+    #[error("{field} is missing")]
+    Missing { field: &'static str },
+    #[error("{field} is empty")]
+    Empty { field: &'static str },
+    #[error("{field} is not PEM: no \"-----BEGIN ...-----\" block found")]
+    NotPem { field: &'static str },
+    #[error("{field} is not valid PEM: {problem}")]
+    MalformedPem { field: &'static str, problem: &'static str },
+    #[error("{field} holds a {found} block where a {expected} block is expected")]
+    WrongBlockType { field: &'static str, found: &'static str, expected: &'static str },
+    #[error("{field} holds {count} certificates where exactly one is expected")]
+    SeveralCertificates { field: &'static str, count: usize },
+    #[error("{field} does not hold a valid X.509 certificate: {reason}")]
+    BadCertificate { field: &'static str, reason: String },
+    #[error("{field} does not hold a usable private key: {reason}")]
+    BadKey { field: &'static str, reason: String },
+    #[error("unsupported key: {0}")]
+    UnsupportedKey(String),
+    #[error("tls.key does not belong to the certificate in tls.crt (their public keys differ)")]
+    KeyMismatch,
+    #[error(
+        "the certificate in tls.crt is not a CA (it needs BasicConstraints CA:TRUE and, if KeyUsage is present, keyCertSign)"
+    )]
+    NotCa,
+    #[error("the CA certificate expired at {}; delete the Secret to create a new CA (hard reset)", format_expiry(*not_after))]
+    Expired { not_after: OffsetDateTime },
+    #[error("the CA certificate is not valid before {}", format_expiry(*not_before))]
+    NotYetValid { not_before: OffsetDateTime },
+    #[error("the CA certificate has no SubjectKeyIdentifier extension, which chaining across rotations needs")]
+    MissingSubjectKeyId,
+    #[error("the Service UID {0:?} cannot be written as an ASN.1 PrintableString")]
+    BadServiceUid(String),
+    #[error("key generation failed: {0}")]
+    KeyGeneration(String),
+    #[error("signing failed: {0}")]
+    Signing(String),
+}
