@@ -531,13 +531,22 @@ fn decision_covers_every_rule_of_spec_section_1() {
     // Fixable without re-issuing.
     let mut extra = Stored::from_leaf(&leaf);
     extra.data.insert("ca.crt".into(), b"x".to_vec());
-    assert_eq!(d(&extra, &svc, at), Decision::Tidy { extra_keys: vec!["ca.crt".into()], refresh_at: Some(refresh_at) });
+    assert_eq!(
+        d(&extra, &svc, at),
+        Decision::Tidy { extra_keys: vec!["ca.crt".into()], expiry: leaf.not_after, refresh_at: Some(refresh_at) }
+    );
     let mut unlabeled = Stored::from_leaf(&leaf);
     unlabeled.labeled = false;
-    assert_eq!(d(&unlabeled, &svc, at), Decision::Tidy { extra_keys: vec![], refresh_at: Some(refresh_at) });
+    assert_eq!(
+        d(&unlabeled, &svc, at),
+        Decision::Tidy { extra_keys: vec![], expiry: leaf.not_after, refresh_at: Some(refresh_at) }
+    );
     let mut half = Stored::from_leaf(&leaf);
     half.annotations.remove(ann::ALPHA.expiry);
-    assert_eq!(d(&half, &svc, at), Decision::Tidy { extra_keys: vec![], refresh_at: Some(refresh_at) });
+    assert_eq!(
+        d(&half, &svc, at),
+        Decision::Tidy { extra_keys: vec![], expiry: leaf.not_after, refresh_at: Some(refresh_at) }
+    );
 }
 
 #[test]

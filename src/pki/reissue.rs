@@ -58,7 +58,7 @@ pub enum Decision {
     Issue(IssueReason),
     /// Certificate and key are right; other data keys or our metadata need fixing,
     /// without re-issuing.
-    Tidy { extra_keys: Vec<String>, refresh_at: Option<OffsetDateTime> },
+    Tidy { extra_keys: Vec<String>, expiry: OffsetDateTime, refresh_at: Option<OffsetDateTime> },
     /// Nothing to do until `refresh_at` (`None`: until something changes, e.g. the CA
     /// rotates, because the leaf is already capped at the CA's own expiry).
     Keep { refresh_at: Option<OffsetDateTime> },
@@ -191,7 +191,7 @@ pub fn decide(
     let annotations_right =
         [ann::BETA.expiry, ann::ALPHA.expiry].iter().all(|k| secret.annotations.get(*k) == Some(&expiry_text));
     if !extra_keys.is_empty() || !secret.labeled || !annotations_right {
-        return Decision::Tidy { extra_keys, refresh_at };
+        return Decision::Tidy { extra_keys, expiry: leaf.not_after, refresh_at };
     }
     Decision::Keep { refresh_at }
 }

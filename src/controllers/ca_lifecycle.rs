@@ -1,0 +1,332 @@
+//! CA lifecycle controller (SPEC §3): the `signing-key` Secret and the shared signer.
+//!
+//! One loop watches `signing-key` and `signing-cabundle` and wakes at the next moment
+//! something is due (rotation, expiry of a bundle member). Each pass:
+//! - no Secret → a brand-new CA is created (first start, or the documented hard reset
+//!   after a person deleted it);
+//! - a Secret that cannot be used → reported (Event, log, metric, readiness) and never
+//!   overwritten; signing continues with the signer already held, if any;
+//! - a CA that is due (less than --ca-rotate-before left) or asked to rotate
+//!   (force-rotation annotation with a new reason) → rotated with a trust bridge;
+//! - then, in this order: Secret written, `signing-cabundle` written, signer swapped
+//!   in memory — which re-queues every serving Secret and every injected object.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::events::EventType;
+use kube::runtime::watcher;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use time::OffsetDateTime;
+
+use super::{Categorised, Context, backoff};
+use crate::annotations as ann;
+use crate::metrics::KindLabels;
+use crate::pki::{CA_BUNDLE, CA_NAME_PREFIX, CertificateAuthority, KeyKind, PkiError, format_expiry};
+use crate::signer::Signer;
+
+pub const NAME: &str = "ca-lifecycle";
+pub const SIGNING_KEY: &str = "signing-key";
+pub const SIGNING_CABUNDLE: &str = "signing-cabundle";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("certificate: {0}")]
+    Pki(#[from] PkiError),
+}
+
+impl Categorised for Error {
+    fn category(&self) -> &'static str {
+        match self {
+            Error::Kube(e) => e.category(),
+            Error::Pki(_) => "pki",
+        }
+    }
+}
+
+/// What the loop has seen of the two objects (`None` until the first list).
+#[derive(Default)]
+struct Seen {
+    secret: Option<Option<Secret>>,
+    bundle: Option<Option<ConfigMap>>,
+    /// resourceVersion of an unusable Secret already reported (one Event per version).
+    reported_invalid: Option<String>,
+}
+
+/// Runs until `shutdown` resolves.
+pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + 'static) {
+    let namespace = ctx.config.namespace.clone();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let configmaps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut secret_events = watcher::watch_object(secrets, SIGNING_KEY).boxed();
+    let mut bundle_events = watcher::watch_object(configmaps, SIGNING_CABUNDLE).boxed();
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut seen = Seen::default();
+    let mut next: Option<tokio::time::Instant> = None;
+    let mut failures = 0u32;
+    loop {
+        let wake = next.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400 * 365));
+        tokio::select! {
+            _ = &mut shutdown => return,
+            event = secret_events.next() => match event {
+                Some(Ok(secret)) => { ctx.health.observe_api(true); seen.secret = Some(secret); }
+                Some(Err(error)) => { watch_failed(&ctx, &error).await; continue; }
+                None => return,
+            },
+            event = bundle_events.next() => match event {
+                Some(Ok(cm)) => { ctx.health.observe_api(true); seen.bundle = Some(cm); }
+                Some(Err(error)) => { watch_failed(&ctx, &error).await; continue; }
+                None => return,
+            },
+            _ = tokio::time::sleep_until(wake) => {}
+        }
+        let (Some(secret), Some(bundle)) = (seen.secret.clone(), seen.bundle.clone()) else { continue };
+        let started = std::time::Instant::now();
+        let result = reconcile(&ctx, secret, bundle, &mut seen).await;
+        ctx.observe(NAME, started, result.as_ref().map(|_| ()));
+        next = match result {
+            Ok(due) => {
+                failures = 0;
+                due.map(|at| tokio::time::Instant::now() + super::until(at))
+            }
+            Err(error) => {
+                failures += 1;
+                tracing::warn!(%error, "CA lifecycle pass failed; retrying");
+                Some(tokio::time::Instant::now() + backoff(failures))
+            }
+        };
+    }
+}
+
+async fn watch_failed(ctx: &Context, error: &watcher::Error) {
+    ctx.health.observe_api(false);
+    tracing::warn!(%error, "watching {SIGNING_KEY} failed; retrying");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+/// One pass; returns when it next needs to run by itself.
+async fn reconcile(
+    ctx: &Context,
+    secret: Option<Secret>,
+    bundle: Option<ConfigMap>,
+    seen: &mut Seen,
+) -> Result<Option<OffsetDateTime>, Error> {
+    let policy = ctx.config.ca_policy();
+    let now = OffsetDateTime::now_utc();
+    let Some(secret) = secret else {
+        let (ca, created) = match create(ctx).await {
+            Ok(done) => done,
+            // Another writer was faster; the watch brings its Secret to us.
+            Err(Error::Kube(kube::Error::Api(s))) if s.code == 409 => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        seen.secret = Some(Some(created));
+        return publish(ctx, ca, bundle.as_ref(), now).await;
+    };
+
+    let data: BTreeMap<String, Vec<u8>> = secret.data.iter().flatten().map(|(k, v)| (k.clone(), v.0.clone())).collect();
+    let ca = match CertificateAuthority::from_secret_data(&data, now) {
+        Ok(ca) => ca,
+        Err(error) => {
+            report_unusable(ctx, &secret, &error, seen).await;
+            return Ok(None);
+        }
+    };
+    ctx.metrics.signing_key_valid.set(1);
+    ctx.health.set_signing_key_usable(true);
+    seen.reported_invalid = None;
+
+    let reason = secret.annotations().get(ann::FORCE_ROTATION).map(|r| r.trim().to_string()).filter(|r| !r.is_empty());
+    let forced = reason.as_ref().filter(|r| secret.annotations().get(ann::FORCED_ROTATION_REASON) != Some(*r));
+    let due = now >= ca.rotation_due(&policy);
+    let ca = if forced.is_some() || due {
+        match rotate(ctx, &secret, &ca, forced.cloned()).await? {
+            Some(rotated) => rotated,
+            // Someone changed the Secret meanwhile: the watch brings it back to us.
+            None => return Ok(None),
+        }
+    } else {
+        ca
+    };
+    publish(ctx, ca, bundle.as_ref(), now).await
+}
+
+/// First start, or hard reset: a brand-new CA, written with create (never over an
+/// existing Secret).
+async fn create(ctx: &Context) -> Result<(CertificateAuthority, Secret), Error> {
+    let previous = ctx.signer.current();
+    // The CN carries the creation second: make sure a reset right after a creation
+    // still gets a new name.
+    let mut now = OffsetDateTime::now_utc();
+    if let Some(prev) = &previous {
+        while prev.ca.subject_cn() == format!("{CA_NAME_PREFIX}{}", now.unix_timestamp()) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            now = OffsetDateTime::now_utc();
+        }
+    }
+    let key = ctx.keys.generate(KeyKind::Rsa { bits: 2048 }).await?;
+    let ca = CertificateAuthority::create(key, now, &ctx.config.ca_policy())?;
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(SIGNING_KEY.into()),
+            namespace: Some(ctx.config.namespace.clone()),
+            ..ObjectMeta::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(to_bytestrings(ca.to_secret_data())),
+        ..Secret::default()
+    };
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
+    ctx.metrics.write("secrets", "create");
+    let created = api
+        .create(&PostParams { field_manager: Some(ann::FIELD_MANAGER.into()), ..Default::default() }, &secret)
+        .await?;
+    let (kind, note) = match &previous {
+        None => (
+            "created",
+            format!("Created the service CA {} (valid until {})", ca.subject_cn(), format_expiry(ca.not_after())),
+        ),
+        Some(prev) => (
+            "reset",
+            format!(
+                "{SIGNING_KEY} was deleted: hard reset to a new CA {} (valid until {}), with no trust bridge to {}; \
+                 every serving certificate is re-issued and every bundle re-injected, and clients must load the new bundle",
+                ca.subject_cn(),
+                format_expiry(ca.not_after()),
+                prev.ca.subject_cn()
+            ),
+        ),
+    };
+    ctx.metrics.rotations.get_or_create(&KindLabels { kind }).inc();
+    tracing::info!("{note}");
+    ctx.event(
+        &created.object_ref(&()),
+        EventType::Normal,
+        if kind == "reset" { "ServiceCAReset" } else { "ServiceCACreated" },
+        note,
+    )
+    .await;
+    Ok((ca, created))
+}
+
+/// Rotation with a bridge; `None` when the Secret changed meanwhile (409).
+async fn rotate(
+    ctx: &Context,
+    secret: &Secret,
+    ca: &CertificateAuthority,
+    forced_reason: Option<String>,
+) -> Result<Option<CertificateAuthority>, Error> {
+    let now = OffsetDateTime::now_utc();
+    let key = ctx.keys.generate(ca.key_kind()).await?;
+    let rotated = ca.rotate(key, now, &ctx.config.ca_policy())?;
+    let mut updated = secret.clone();
+    updated.metadata.managed_fields = None;
+    updated.data = Some(to_bytestrings(rotated.to_secret_data()));
+    if let Some(reason) = &forced_reason {
+        updated.annotations_mut().insert(ann::FORCED_ROTATION_REASON.into(), reason.clone());
+    }
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
+    ctx.metrics.write("secrets", "update");
+    let written = match api
+        .replace(
+            SIGNING_KEY,
+            &PostParams { field_manager: Some(ann::FIELD_MANAGER.into()), ..Default::default() },
+            &updated,
+        )
+        .await
+    {
+        Ok(written) => written,
+        Err(kube::Error::Api(s)) if s.code == 409 => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let previous_trusted_until = rotated.next_bundle_change(now).map(format_expiry).unwrap_or_default();
+    let (kind, why) = match &forced_reason {
+        Some(reason) => ("forced", format!("forced rotation (reason {reason:?})")),
+        None => (
+            "automatic",
+            format!("automatic rotation (less than {} left)", humantime::format_duration(ctx.config.ca_rotate_before)),
+        ),
+    };
+    let note = format!(
+        "Rotated the service CA {}: {why}. The new CA is valid until {}; the previous CA stays trusted until {previous_trusted_until}",
+        rotated.subject_cn(),
+        format_expiry(rotated.not_after()),
+    );
+    ctx.metrics.rotations.get_or_create(&KindLabels { kind }).inc();
+    tracing::info!("{note}");
+    ctx.event(&written.object_ref(&()), EventType::Normal, "ServiceCARotated", note).await;
+    Ok(Some(rotated))
+}
+
+/// `signing-cabundle` first, then the in-memory signer; returns the next due moment.
+async fn publish(
+    ctx: &Context,
+    ca: CertificateAuthority,
+    bundle: Option<&ConfigMap>,
+    now: OffsetDateTime,
+) -> Result<Option<OffsetDateTime>, Error> {
+    let bundle_pem = ca.bundle_pem(now);
+    let stored = bundle.and_then(|cm| cm.data.as_ref()).and_then(|d| d.get(CA_BUNDLE));
+    if stored != Some(&bundle_pem) {
+        let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
+        let patch = json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": { "name": SIGNING_CABUNDLE, "namespace": ctx.config.namespace },
+            "data": { CA_BUNDLE: bundle_pem },
+        });
+        ctx.metrics.write("configmaps", "apply");
+        api.patch(SIGNING_CABUNDLE, &PatchParams::apply(ann::FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    }
+    let next = [
+        Some(ca.rotation_due(&ctx.config.ca_policy())),
+        ca.next_bundle_change(now).map(|t| t + Duration::from_secs(1)),
+    ]
+    .into_iter()
+    .flatten()
+    .min();
+    let changed = ctx
+        .signer
+        .current()
+        .is_none_or(|held| held.ca.certificate().der != ca.certificate().der || held.bundle_pem != bundle_pem);
+    if changed {
+        ctx.metrics.ca_expiry.set(ca.not_after().unix_timestamp());
+        tracing::info!(ca = ca.subject_cn(), not_after = %format_expiry(ca.not_after()), "signer loaded");
+        ctx.signer.publish(Signer::new(ca, now));
+        ctx.health.set_signer_loaded();
+    }
+    Ok(next)
+}
+
+/// A `signing-key` that cannot be used: never overwritten, reported once per version.
+async fn report_unusable(ctx: &Context, secret: &Secret, error: &PkiError, seen: &mut Seen) {
+    ctx.metrics.signing_key_valid.set(0);
+    ctx.health.set_signing_key_usable(false);
+    let version = secret.resource_version();
+    if seen.reported_invalid.is_some() && seen.reported_invalid == version {
+        return;
+    }
+    seen.reported_invalid = version;
+    let fallback = match ctx.signer.current() {
+        Some(held) => format!("the operator keeps signing with the CA it loaded earlier ({})", held.ca.subject_cn()),
+        None => {
+            "the operator has no CA to sign with until it is fixed or deleted (deleting it creates a new CA)".into()
+        }
+    };
+    let note = format!("{SIGNING_KEY} cannot be used: {error}. It is left untouched; {fallback}");
+    tracing::error!("{note}");
+    ctx.event(&secret.object_ref(&()), EventType::Warning, "SigningKeyInvalid", note).await;
+}
+
+fn to_bytestrings(data: BTreeMap<String, Vec<u8>>) -> BTreeMap<String, ByteString> {
+    data.into_iter().map(|(k, v)| (k, ByteString(v))).collect()
+}

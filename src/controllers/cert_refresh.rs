@@ -1,0 +1,149 @@
+//! Cert-refresh controller: every managed serving Secret stays right.
+//!
+//! Keyed by Secret (only those with the managed label are cached). It re-issues when
+//! the certificate is due (scheduled for the exact moment, not polled), was signed by
+//! another CA (after a rotation or reset: all Secrets are re-queued at once and the
+//! key pool paces the work), no longer matches the Service's names, or was tampered
+//! with; it strips extra data keys without re-issuing. A Secret whose Service no
+//! longer names it is left alone.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Secret, Service};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Api, Resource, ResourceExt};
+use time::OffsetDateTime;
+
+use super::serving_cert::{Error, leaf_request};
+use super::serving_secret::{self, Content, Wanted, secret_facts, service_facts, wanted};
+use super::{Context, until};
+use crate::annotations as ann;
+use crate::pki::{Decision, format_expiry};
+
+pub const NAME: &str = "cert-refresh";
+
+struct State {
+    ctx: Arc<Context>,
+    services: Store<Service>,
+}
+
+pub async fn run(
+    ctx: Arc<Context>,
+    secrets: (Store<Secret>, impl Stream<Item = Result<Secret, watcher::Error>> + Send + 'static),
+    services: Store<Service>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let (store, stream) = secrets;
+    let service_api = Api::<Service>::all(ctx.client.clone());
+    let service_config = watcher::Config::default().labels(&ctx.config.selector);
+    Controller::for_stream(stream, store)
+        // A Service change (e.g. it became headless) concerns the Secret it names.
+        .watches(service_api, service_config, |svc: Service| match wanted(&svc) {
+            Wanted::Named { name, .. } => Some(ObjectRef::new(name).within(&svc.namespace().unwrap_or_default())),
+            _ => None,
+        })
+        .reconcile_all_on(ctx.signer.changes())
+        .with_config(kube::runtime::controller::Config::default().concurrency(ctx.config.controller_concurrency))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, Arc::new(State { ctx, services }))
+        .for_each(|_| async {})
+        .await;
+}
+
+fn error_policy(secret: Arc<Secret>, error: &Error, _: Arc<State>) -> Action {
+    tracing::warn!(secret = %ObjectRef::from_obj(secret.as_ref()), %error, "cert-refresh reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+async fn reconcile(secret: Arc<Secret>, st: Arc<State>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_secret(&secret, &st).await;
+    st.ctx.observe(NAME, started, result.as_ref().map(|_| ()));
+    result
+}
+
+async fn reconcile_secret(secret: &Secret, st: &State) -> Result<Action, Error> {
+    let ctx = &st.ctx;
+    let namespace = secret.namespace().unwrap_or_default();
+    let name = secret.name_any();
+    let annotations = secret.annotations();
+    let Some(service_name) = [ann::BETA, ann::ALPHA].iter().find_map(|f| annotations.get(f.originating_service_name))
+    else {
+        return Ok(Action::await_change());
+    };
+    // Gone (garbage collection follows), or not ours to manage (selector).
+    let Some(svc) = st.services.get(&ObjectRef::new(service_name).within(&namespace)) else {
+        return Ok(Action::await_change());
+    };
+    // The annotation was removed or now names another Secret: leave this one alone.
+    let family = match wanted(&svc) {
+        Wanted::Named { name: wanted_name, family } if wanted_name == name => family,
+        _ => return Ok(Action::await_change()),
+    };
+    let Some(signer) = ctx.signer.current() else {
+        return Ok(Action::await_change());
+    };
+
+    let policy = ctx.config.leaf_policy();
+    let now = OffsetDateTime::now_utc();
+    match crate::pki::decide(Some(&secret_facts(secret)), &service_facts(&svc), &signer.ca, &policy, now) {
+        Decision::Foreign(_) => Ok(Action::await_change()),
+        Decision::Keep { refresh_at } => {
+            Ok(refresh_at.map_or_else(Action::await_change, |at| Action::requeue(until(at))))
+        }
+        Decision::Tidy { extra_keys, expiry, refresh_at } => {
+            let desired = serving_secret::desired(Some(secret), &svc, family, &name, Content::Kept { expiry });
+            if !write(ctx, &desired).await? {
+                return Ok(Action::requeue(Duration::from_millis(500)));
+            }
+            if !extra_keys.is_empty() {
+                tracing::info!(secret = %format!("{namespace}/{name}"), ?extra_keys, "removed extra data keys");
+            }
+            Ok(refresh_at.map_or_else(Action::await_change, |at| Action::requeue(until(at))))
+        }
+        Decision::Issue(reason) => {
+            let leaf =
+                ctx.keys.issue(signer.clone(), leaf_request(&svc, &policy.cluster_domain), policy.lifetime).await?;
+            let desired = serving_secret::desired(Some(secret), &svc, family, &name, Content::Issued(&leaf));
+            if !write(ctx, &desired).await? {
+                return Ok(Action::requeue(Duration::from_millis(500)));
+            }
+            ctx.metrics
+                .certificates_issued
+                .get_or_create(&crate::metrics::ReasonLabels { reason: reason.category() })
+                .inc();
+            tracing::info!(secret = %format!("{namespace}/{name}"), %reason, "serving certificate re-issued");
+            ctx.event(
+                &svc.object_ref(&()),
+                EventType::Normal,
+                "ServingCertificateRefreshed",
+                format!(
+                    "Secret {name} re-issued because {reason}: valid until {}, signed by {}",
+                    format_expiry(leaf.not_after),
+                    signer.ca.subject_cn()
+                ),
+            )
+            .await;
+            let capped = leaf.not_after >= signer.ca.not_after() - Duration::from_secs(1);
+            Ok(if capped {
+                Action::await_change()
+            } else {
+                Action::requeue(until(leaf.not_after - policy.refresh_before))
+            })
+        }
+    }
+}
+
+/// Replaces the Secret; `false` when it changed meanwhile (409: look again).
+async fn write(ctx: &Context, desired: &Secret) -> Result<bool, Error> {
+    match serving_secret::replace(ctx, desired).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}

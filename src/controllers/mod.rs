@@ -1,0 +1,172 @@
+//! The four controllers, one room each:
+//!
+//! - [`serving_cert`]: annotated Service → its serving Secret exists (creates it,
+//!   reports conflicts and bad input on the Service).
+//! - [`cert_refresh`]: every managed serving Secret stays right (re-issues on time, on
+//!   CA change, on tampering; strips extra keys), scheduled for the exact moment.
+//! - [`ca_bundle`]: annotated ConfigMaps, APIServices, CRDs and webhook
+//!   configurations carry the CA bundle.
+//! - [`ca_lifecycle`]: the `signing-key` Secret — create, load, rotate, reset — and the
+//!   shared signer.
+//!
+//! Each follows one pipeline: read (caches, signer snapshot) → decide in a pure
+//! function → write only what changed → report (Event, metrics) → requeue.
+
+pub mod ca_bundle;
+pub mod ca_lifecycle;
+pub mod cert_refresh;
+pub mod serving_cert;
+mod serving_secret;
+
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource};
+use serde::de::DeserializeOwned;
+
+use crate::admin::Health;
+use crate::config::Config;
+use crate::metrics::{ControllerLabels, ErrorLabels, Metrics};
+use crate::signer::{KeyPool, SignerHandle};
+
+/// What every controller shares.
+pub struct Context {
+    pub client: Client,
+    pub config: Config,
+    pub signer: SignerHandle,
+    pub keys: KeyPool,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub recorder: Recorder,
+}
+
+impl Context {
+    /// Publishes an Event; a failure to do so is logged, never fatal.
+    pub async fn event(&self, regarding: &ObjectReference, type_: EventType, reason: &str, note: String) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(truncate(note, 1000)),
+            action: reason.into(),
+            secondary: None,
+        };
+        self.metrics.write("events", "create");
+        if let Err(error) = self.recorder.publish(&event, regarding).await {
+            tracing::warn!(%error, reason, "could not publish an Event");
+        }
+    }
+
+    /// Records a finished reconciliation in the metrics.
+    pub fn observe<E: Categorised>(&self, controller: &'static str, started: Instant, result: Result<(), &E>) {
+        let labels = ControllerLabels { controller };
+        self.metrics.reconciles.get_or_create(&labels).inc();
+        self.metrics.reconcile_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+        if let Err(error) = result {
+            self.metrics.reconcile_errors.get_or_create(&ErrorLabels { controller, category: error.category() }).inc();
+        }
+    }
+}
+
+/// Errors with a bounded category for metrics.
+pub trait Categorised {
+    fn category(&self) -> &'static str;
+}
+
+impl Categorised for kube::Error {
+    fn category(&self) -> &'static str {
+        match self {
+            kube::Error::Api(status) if status.code == 409 => "conflict",
+            kube::Error::Api(status) if status.code == 422 => "invalid",
+            kube::Error::Api(status) if status.code == 403 => "forbidden",
+            kube::Error::Api(_) => "api",
+            _ => "transport",
+        }
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+/// A watch of `api` that feeds a cache (`Store`) and yields every touched object, with
+/// what the operator never reads dropped before it is cached (managedFields, the
+/// last-applied annotation), and errors reported to the readiness probe.
+pub fn cached_watch<K>(
+    api: kube::Api<K>,
+    config: watcher::Config,
+    health: Arc<Health>,
+    mut trim: impl FnMut(&mut K) + Send + 'static,
+) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send + 'static)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, config)
+        .default_backoff()
+        .inspect(move |event| health.observe_api(event.is_ok()))
+        .modify(move |obj: &mut K| {
+            let meta = obj.meta_mut();
+            meta.managed_fields = None;
+            if let Some(annotations) = meta.annotations.as_mut() {
+                annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+            }
+            trim(obj);
+        })
+        .reflect(writer)
+        .touched_objects();
+    (reader, stream)
+}
+
+/// The same for metadata-only watches (objects we only need to see annotated).
+pub fn cached_metadata_watch<K>(
+    client: Client,
+    config: watcher::Config,
+    health: Arc<Health>,
+    keep_annotation: fn(&str) -> bool,
+) -> (
+    Store<kube::core::PartialObjectMeta<K>>,
+    impl Stream<Item = Result<kube::core::PartialObjectMeta<K>, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let api = kube::Api::<kube::core::PartialObjectMeta<K>>::all(client);
+    let stream = watcher(api, config)
+        .default_backoff()
+        .inspect(move |event| health.observe_api(event.is_ok()))
+        .modify(move |obj: &mut kube::core::PartialObjectMeta<K>| {
+            obj.metadata.managed_fields = None;
+            obj.metadata.labels = None;
+            if let Some(annotations) = obj.metadata.annotations.as_mut() {
+                annotations.retain(|k, _| keep_annotation(k));
+            }
+        })
+        .reflect(writer)
+        .touched_objects();
+    (reader, stream)
+}
+
+/// Exponential retry delay: 1 s, 2 s, 4 s … capped at 60 s.
+pub fn backoff(attempt: u32) -> Duration {
+    Duration::from_secs(1u64 << attempt.min(6)).min(Duration::from_secs(60))
+}
+
+/// Time from now until `at` (zero if past), for `Action::requeue`.
+pub fn until(at: time::OffsetDateTime) -> Duration {
+    let left = at - time::OffsetDateTime::now_utc();
+    Duration::try_from(left).unwrap_or(Duration::ZERO)
+}

@@ -1,0 +1,213 @@
+//! What a serving Secret looks like (SPEC §1), shared by the serving-cert and
+//! cert-refresh controllers: which Secret a Service asks for, the facts the re-issue
+//! decision needs, and the create/update writes.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::PostParams;
+use kube::{Api, ResourceExt};
+use time::OffsetDateTime;
+
+use super::Context;
+use crate::annotations::{self as ann, Family};
+use crate::pki::{IssuedLeaf, SecretFacts, ServiceFacts, TLS_CERT, TLS_KEY, format_expiry};
+
+/// What a Service's annotations ask for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wanted<'a> {
+    NotRequested,
+    /// The annotation is present but empty (in every family that has it).
+    Empty(Family),
+    Named {
+        name: &'a str,
+        family: Family,
+    },
+}
+
+/// Reads the serving-cert annotation: beta wins when both are set and non-empty.
+pub fn wanted(svc: &Service) -> Wanted<'_> {
+    let annotations = svc.annotations();
+    let value = |f: Family| annotations.get(f.serving_cert_secret_name).map(|v| v.trim());
+    match (value(ann::BETA), value(ann::ALPHA)) {
+        (Some(name), _) if !name.is_empty() => Wanted::Named { name, family: ann::BETA },
+        (_, Some(name)) if !name.is_empty() => Wanted::Named { name, family: ann::ALPHA },
+        (Some(_), _) => Wanted::Empty(ann::BETA),
+        (_, Some(_)) => Wanted::Empty(ann::ALPHA),
+        (None, None) => Wanted::NotRequested,
+    }
+}
+
+pub fn service_facts(svc: &Service) -> ServiceFacts<'_> {
+    let meta = &svc.metadata;
+    ServiceFacts {
+        name: meta.name.as_deref().unwrap_or_default(),
+        namespace: meta.namespace.as_deref().unwrap_or_default(),
+        uid: meta.uid.as_deref().unwrap_or_default(),
+        headless: svc.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()) == Some("None"),
+    }
+}
+
+pub fn secret_facts(secret: &Secret) -> SecretFacts<'_> {
+    SecretFacts {
+        secret_type: secret.type_.as_deref().unwrap_or("Opaque"),
+        data: secret.data.iter().flatten().map(|(k, v)| (k.as_str(), v.0.as_slice())).collect(),
+        annotations: secret.metadata.annotations.as_ref().unwrap_or(&EMPTY),
+        owner_service_uids: secret
+            .owner_references()
+            .iter()
+            .filter(|o| o.kind == "Service" && o.api_version == "v1")
+            .map(|o| o.uid.as_str())
+            .collect(),
+        labeled: secret.labels().get(ann::MANAGED_LABEL).map(String::as_str) == Some(ann::MANAGED_LABEL_VALUE),
+    }
+}
+
+static EMPTY: BTreeMap<String, String> = BTreeMap::new();
+
+/// The certificate and key a Secret should hold after the write.
+pub enum Content<'a> {
+    Issued(&'a IssuedLeaf),
+    /// Keep the current tls.crt/tls.key (whose leaf expires at `expiry`).
+    Kept {
+        expiry: OffsetDateTime,
+    },
+}
+
+/// The Secret as it should be: starting from `existing` (so labels, annotations and
+/// owner references of others survive), with our label, annotations, owner reference
+/// and exactly `tls.crt` and `tls.key`.
+pub fn desired(existing: Option<&Secret>, svc: &Service, family: Family, name: &str, content: Content<'_>) -> Secret {
+    let mut secret = existing.cloned().unwrap_or_else(|| Secret {
+        metadata: ObjectMeta { name: Some(name.to_string()), namespace: svc.namespace(), ..ObjectMeta::default() },
+        ..Secret::default()
+    });
+    // Never send managedFields back: an empty list would reset the server's record.
+    secret.metadata.managed_fields = None;
+    secret.type_ = Some("kubernetes.io/tls".into());
+    secret.labels_mut().insert(ann::MANAGED_LABEL.into(), ann::MANAGED_LABEL_VALUE.into());
+
+    let (tls_crt, tls_key, expiry) = match content {
+        Content::Issued(leaf) => (
+            ByteString(leaf.chain_pem.as_bytes().to_vec()),
+            ByteString(leaf.key_pem.as_bytes().to_vec()),
+            leaf.not_after,
+        ),
+        Content::Kept { expiry } => {
+            let data = existing.and_then(|s| s.data.as_ref());
+            let get = |k: &str| data.and_then(|d| d.get(k)).cloned().unwrap_or_else(|| ByteString(Vec::new()));
+            (get(TLS_CERT), get(TLS_KEY), expiry)
+        }
+    };
+    secret.data = Some(BTreeMap::from([(TLS_CERT.to_string(), tls_crt), (TLS_KEY.to_string(), tls_key)]));
+    secret.string_data = None;
+
+    let annotations = secret.annotations_mut();
+    annotations.insert(family.originating_service_name.into(), svc.name_any());
+    annotations.insert(family.originating_service_uid.into(), svc.uid().unwrap_or_default());
+    for f in [ann::BETA, ann::ALPHA] {
+        annotations.insert(f.expiry.into(), format_expiry(expiry));
+    }
+
+    let uid = svc.uid().unwrap_or_default();
+    let owners = secret.metadata.owner_references.get_or_insert_with(Vec::new);
+    if !owners.iter().any(|o| o.uid == uid) {
+        owners.push(OwnerReference {
+            api_version: "v1".into(),
+            kind: "Service".into(),
+            name: svc.name_any(),
+            uid,
+            ..OwnerReference::default()
+        });
+    }
+    secret
+}
+
+/// Creates the Secret; fails with 409 if one of that name appeared meanwhile (it is
+/// then looked at again, never overwritten).
+pub async fn create(ctx: &Context, secret: &Secret) -> Result<Secret, kube::Error> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &secret.namespace().unwrap_or_default());
+    ctx.metrics.write("secrets", "create");
+    api.create(&PostParams { field_manager: Some(ann::FIELD_MANAGER.into()), ..PostParams::default() }, secret).await
+}
+
+/// Replaces the Secret, guarded by its resourceVersion: if anyone changed it since it
+/// was read, the write fails with 409 and the change is looked at first.
+pub async fn replace(ctx: &Context, secret: &Secret) -> Result<Secret, kube::Error> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &secret.namespace().unwrap_or_default());
+    ctx.metrics.write("secrets", "update");
+    api.replace(
+        &secret.name_any(),
+        &PostParams { field_manager: Some(ann::FIELD_MANAGER.into()), ..PostParams::default() },
+        secret,
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(annotations: &[(&str, &str)], cluster_ip: Option<&str>) -> Service {
+        let mut svc = Service::default();
+        svc.metadata.name = Some("web".into());
+        svc.metadata.namespace = Some("shop".into());
+        svc.metadata.uid = Some("uid-1".into());
+        svc.metadata.annotations = Some(annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        svc.spec = Some(k8s_openapi::api::core::v1::ServiceSpec {
+            cluster_ip: cluster_ip.map(Into::into),
+            ..Default::default()
+        });
+        svc
+    }
+
+    #[test]
+    fn beta_wins_when_both_are_set_and_non_empty() {
+        let both = svc(&[(ann::BETA.serving_cert_secret_name, "b"), (ann::ALPHA.serving_cert_secret_name, "a")], None);
+        assert_eq!(wanted(&both), Wanted::Named { name: "b", family: ann::BETA });
+        let empty_beta =
+            svc(&[(ann::BETA.serving_cert_secret_name, ""), (ann::ALPHA.serving_cert_secret_name, "a")], None);
+        assert_eq!(wanted(&empty_beta), Wanted::Named { name: "a", family: ann::ALPHA });
+        assert_eq!(wanted(&svc(&[(ann::BETA.serving_cert_secret_name, " ")], None)), Wanted::Empty(ann::BETA));
+        assert_eq!(wanted(&svc(&[], None)), Wanted::NotRequested);
+    }
+
+    #[test]
+    fn desired_secret_keeps_what_others_wrote_and_sets_ours() {
+        let service = svc(&[(ann::ALPHA.serving_cert_secret_name, "tls")], Some("None"));
+        assert!(service_facts(&service).headless);
+        let mut existing = Secret::default();
+        existing.metadata.name = Some("tls".into());
+        existing.metadata.namespace = Some("shop".into());
+        existing.metadata.resource_version = Some("7".into());
+        existing.metadata.labels = Some(BTreeMap::from([("team".to_string(), "a".to_string())]));
+        existing.metadata.managed_fields = Some(vec![]);
+        existing.data = Some(BTreeMap::from([
+            (TLS_CERT.to_string(), ByteString(b"crt".to_vec())),
+            (TLS_KEY.to_string(), ByteString(b"key".to_vec())),
+            ("extra".to_string(), ByteString(b"x".to_vec())),
+        ]));
+        let expiry = OffsetDateTime::from_unix_timestamp(1_900_000_000).unwrap();
+        let out = desired(Some(&existing), &service, ann::ALPHA, "tls", Content::Kept { expiry });
+        assert_eq!(out.metadata.resource_version.as_deref(), Some("7"), "optimistic concurrency");
+        assert!(out.metadata.managed_fields.is_none());
+        assert_eq!(out.labels()["team"], "a");
+        assert_eq!(out.labels()[ann::MANAGED_LABEL], "true");
+        let data = out.data.as_ref().unwrap();
+        assert_eq!(data.keys().collect::<Vec<_>>(), [TLS_CERT, TLS_KEY]);
+        assert_eq!(data[TLS_CERT].0, b"crt");
+        let a = out.annotations();
+        assert_eq!(a[ann::ALPHA.originating_service_uid], "uid-1");
+        assert!(!a.contains_key(ann::BETA.originating_service_uid), "the family the Service used");
+        assert_eq!(a[ann::BETA.expiry], "2030-03-17T17:46:40Z");
+        assert_eq!(a[ann::ALPHA.expiry], "2030-03-17T17:46:40Z");
+        let owners = out.owner_references();
+        assert_eq!(
+            (owners[0].kind.as_str(), owners[0].uid.as_str(), owners[0].name.as_str()),
+            ("Service", "uid-1", "web")
+        );
+        assert_eq!(out.type_.as_deref(), Some("kubernetes.io/tls"));
+    }
+}

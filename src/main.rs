@@ -1,0 +1,32 @@
+//! The `service-ca-operator` binary: parse the command line, set up logging, run.
+
+use clap::Parser;
+use service_ca_operator::config::{Cli, LogFormat};
+
+fn main() -> std::process::ExitCode {
+    let config = Cli::parse().into_config();
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level).unwrap_or_else(|e| {
+        eprintln!("invalid --log-level {:?}: {e}; using info", config.log_level);
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    match config.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Plain => logs.init(),
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(service_ca_operator::app::run(config)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
