@@ -129,8 +129,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let controllers = async {
         tokio::join!(
             ca_lifecycle::run(ctx.clone(), shutdown.signal()),
-            serving_cert::run(ctx.clone(), (services.clone(), service_events), secrets.clone(), shutdown.signal()),
-            cert_refresh::run(ctx.clone(), (secrets.clone(), secret_events), services.clone(), shutdown.signal()),
+            serving_cert::run(ctx.clone(), (services.clone(), service_events), shutdown.signal()),
+            cert_refresh::run(ctx.clone(), (secrets.clone(), secret_events), shutdown.signal()),
             ca_bundle::run(ctx.clone(), shutdown.clone()),
             synced,
         )

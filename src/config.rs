@@ -125,6 +125,7 @@ impl Config {
                 humantime::format_duration(self.cert_lifetime)
             ));
         }
+        parse_selector(&self.selector).map_err(|e| format!("--selector {:?}: {e}", self.selector))?;
         if self.lease_duration < Duration::from_secs(3) {
             return Err("--lease-duration must be at least 3s".into());
         }
@@ -154,9 +155,107 @@ impl Config {
     }
 }
 
+/// One requirement of a label selector (the kubectl syntax).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requirement {
+    Equals(String, String),
+    NotEquals(String, String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Exists(String),
+    DoesNotExist(String),
+}
+
+/// Parses `a=b,c!=d,e,!f,g in (x,y),h notin (z)`; empty means "everything".
+pub fn parse_selector(selector: &str) -> Result<Vec<Requirement>, String> {
+    let mut parts = Vec::new();
+    let (mut depth, mut start) = (0, 0);
+    for (i, c) in selector.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(&selector[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&selector[start..]);
+    let set = |rest: &str| -> Result<Vec<String>, String> {
+        let inner = rest.trim().strip_prefix('(').and_then(|r| r.strip_suffix(')')).ok_or("expected a (list)")?;
+        Ok(inner.split(',').map(|v| v.trim().to_string()).collect())
+    };
+    let mut out = Vec::new();
+    for part in parts.into_iter().map(str::trim).filter(|p| !p.is_empty()) {
+        let requirement = if let Some((k, v)) = part.split_once("!=") {
+            Requirement::NotEquals(k.trim().into(), v.trim().into())
+        } else if let Some((k, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
+            Requirement::Equals(k.trim().into(), v.trim().into())
+        } else if let Some((k, rest)) = part.split_once(" notin ") {
+            Requirement::NotIn(k.trim().into(), set(rest)?)
+        } else if let Some((k, rest)) = part.split_once(" in ") {
+            Requirement::In(k.trim().into(), set(rest)?)
+        } else if let Some(k) = part.strip_prefix('!') {
+            Requirement::DoesNotExist(k.trim().into())
+        } else {
+            Requirement::Exists(part.into())
+        };
+        let key = match &requirement {
+            Requirement::Equals(k, _)
+            | Requirement::NotEquals(k, _)
+            | Requirement::In(k, _)
+            | Requirement::NotIn(k, _)
+            | Requirement::Exists(k)
+            | Requirement::DoesNotExist(k) => k,
+        };
+        if key.is_empty() || key.contains(char::is_whitespace) {
+            return Err(format!("cannot read {part:?}"));
+        }
+        out.push(requirement);
+    }
+    Ok(out)
+}
+
+/// Whether `labels` satisfy `selector` (an invalid selector matches nothing; it is
+/// refused at start-up anyway).
+pub fn selector_matches(selector: &str, labels: &std::collections::BTreeMap<String, String>) -> bool {
+    let Ok(requirements) = parse_selector(selector) else { return false };
+    requirements.iter().all(|r| match r {
+        Requirement::Equals(k, v) => labels.get(k) == Some(v),
+        Requirement::NotEquals(k, v) => labels.get(k) != Some(v),
+        Requirement::In(k, vs) => labels.get(k).is_some_and(|l| vs.contains(l)),
+        Requirement::NotIn(k, vs) => labels.get(k).is_none_or(|l| !vs.contains(l)),
+        Requirement::Exists(k) => labels.contains_key(k),
+        Requirement::DoesNotExist(k) => !labels.contains_key(k),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn selectors_match_like_the_api_server() {
+        let labels: std::collections::BTreeMap<String, String> =
+            [("app", "web"), ("tier", "front")].into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+        for (selector, expected) in [
+            ("", true),
+            ("app=web", true),
+            ("app==web,tier=front", true),
+            ("app!=web", false),
+            ("app in (web, api)", true),
+            ("app notin (web)", false),
+            ("tier", true),
+            ("!tier", false),
+            ("missing", false),
+            ("app in (api),tier", false),
+        ] {
+            assert_eq!(selector_matches(selector, &labels), expected, "{selector}");
+        }
+        assert!(parse_selector("app in web").is_err());
+        assert!(parse_selector("a b").is_err());
+    }
 
     fn parse(args: &[&str]) -> Config {
         Cli::try_parse_from(args).unwrap().into_config()

@@ -6,6 +6,9 @@
 //! key pool paces the work), no longer matches the Service's names, or was tampered
 //! with; it strips extra data keys without re-issuing. A Secret whose Service no
 //! longer names it is left alone.
+//!
+//! The Secret comes from this controller's cache (label-selected); the Service is read
+//! fresh from the API server.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,21 +24,15 @@ use time::OffsetDateTime;
 
 use super::serving_cert::{Error, leaf_request};
 use super::serving_secret::{self, Content, Wanted, secret_facts, service_facts, wanted};
-use super::{Context, until};
+use super::{Context, selector_matches, until};
 use crate::annotations as ann;
 use crate::pki::{Decision, format_expiry};
 
 pub const NAME: &str = "cert-refresh";
 
-struct State {
-    ctx: Arc<Context>,
-    services: Store<Service>,
-}
-
 pub async fn run(
     ctx: Arc<Context>,
     secrets: (Store<Secret>, impl Stream<Item = Result<Secret, watcher::Error>> + Send + 'static),
-    services: Store<Service>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let (store, stream) = secrets;
@@ -50,25 +47,24 @@ pub async fn run(
         .reconcile_all_on(ctx.signer.changes())
         .with_config(kube::runtime::controller::Config::default().concurrency(ctx.config.controller_concurrency))
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, Arc::new(State { ctx, services }))
+        .run(reconcile, error_policy, ctx)
         .for_each(|_| async {})
         .await;
 }
 
-fn error_policy(secret: Arc<Secret>, error: &Error, _: Arc<State>) -> Action {
+fn error_policy(secret: Arc<Secret>, error: &Error, _: Arc<Context>) -> Action {
     tracing::warn!(secret = %ObjectRef::from_obj(secret.as_ref()), %error, "cert-refresh reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }
 
-async fn reconcile(secret: Arc<Secret>, st: Arc<State>) -> Result<Action, Error> {
+async fn reconcile(secret: Arc<Secret>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
-    let result = reconcile_secret(&secret, &st).await;
-    st.ctx.observe(NAME, started, result.as_ref().map(|_| ()));
+    let result = reconcile_secret(&secret, &ctx).await;
+    ctx.observe(NAME, started, result.as_ref().map(|_| ()));
     result
 }
 
-async fn reconcile_secret(secret: &Secret, st: &State) -> Result<Action, Error> {
-    let ctx = &st.ctx;
+async fn reconcile_secret(secret: &Secret, ctx: &Context) -> Result<Action, Error> {
     let namespace = secret.namespace().unwrap_or_default();
     let name = secret.name_any();
     let annotations = secret.annotations();
@@ -77,9 +73,12 @@ async fn reconcile_secret(secret: &Secret, st: &State) -> Result<Action, Error> 
         return Ok(Action::await_change());
     };
     // Gone (garbage collection follows), or not ours to manage (selector).
-    let Some(svc) = st.services.get(&ObjectRef::new(service_name).within(&namespace)) else {
+    let Some(svc) = Api::<Service>::namespaced(ctx.client.clone(), &namespace).get_opt(service_name).await? else {
         return Ok(Action::await_change());
     };
+    if !selector_matches(&ctx.config.selector, svc.labels()) {
+        return Ok(Action::await_change());
+    }
     // The annotation was removed or now names another Secret: leave this one alone.
     let family = match wanted(&svc) {
         Wanted::Named { name: wanted_name, family } if wanted_name == name => family,

@@ -32,6 +32,7 @@ use serde::de::DeserializeOwned;
 
 use crate::admin::Health;
 use crate::config::Config;
+pub use crate::config::selector_matches;
 use crate::metrics::{ControllerLabels, ErrorLabels, Metrics};
 use crate::signer::{KeyPool, SignerHandle};
 

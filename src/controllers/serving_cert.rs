@@ -4,8 +4,11 @@
 //! input on the Service (error annotations with a consecutive-failure count, capped at
 //! 10, and a Warning Event), and records the signing CA in `serving-cert-signed-by`.
 //! Existing Secrets that carry the managed label belong to the cert-refresh
-//! controller; this one only repairs Secrets of ours that the label-selected cache
-//! cannot see (label removed), so the two never write the same Secret.
+//! controller; this one only repairs Secrets of ours without the label (which that
+//! controller cannot see), so the two never write the same Secret.
+//!
+//! The Service comes from this controller's cache; the Secret is read fresh from the
+//! API server, so a Secret deleted a moment ago is never mistaken for present.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -52,16 +55,10 @@ impl Categorised for Error {
     }
 }
 
-struct State {
-    ctx: Arc<Context>,
-    secrets: Store<Secret>,
-}
-
 /// Runs the controller until `shutdown` resolves (in-flight work finishes first).
 pub async fn run(
     ctx: Arc<Context>,
     services: (Store<Service>, impl Stream<Item = Result<Service, watcher::Error>> + Send + 'static),
-    secrets: Store<Secret>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let (store, stream) = services;
@@ -76,7 +73,7 @@ pub async fn run(
         .reconcile_all_on(ctx.signer.changes())
         .with_config(kube::runtime::controller::Config::default().concurrency(ctx.config.controller_concurrency))
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, Arc::new(State { ctx, secrets }))
+        .run(reconcile, error_policy, ctx)
         .for_each(|_| async {})
         .await;
 }
@@ -95,20 +92,19 @@ fn trigger_hash(svc: &Service) -> Option<u64> {
     Some(h.finish())
 }
 
-fn error_policy(svc: Arc<Service>, error: &Error, _: Arc<State>) -> Action {
+fn error_policy(svc: Arc<Service>, error: &Error, _: Arc<Context>) -> Action {
     tracing::warn!(service = %ObjectRef::from_obj(svc.as_ref()), %error, "serving-cert reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }
 
-async fn reconcile(svc: Arc<Service>, st: Arc<State>) -> Result<Action, Error> {
+async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
-    let result = reconcile_service(&svc, &st).await;
-    st.ctx.observe(NAME, started, result.as_ref().map(|_| ()));
+    let result = reconcile_service(&svc, &ctx).await;
+    ctx.observe(NAME, started, result.as_ref().map(|_| ()));
     result
 }
 
-async fn reconcile_service(svc: &Service, st: &State) -> Result<Action, Error> {
-    let ctx = &st.ctx;
+async fn reconcile_service(svc: &Service, ctx: &Context) -> Result<Action, Error> {
     let (name, family) = match wanted(svc) {
         Wanted::NotRequested => return Ok(Action::await_change()),
         Wanted::Empty(family) => {
@@ -137,12 +133,8 @@ async fn reconcile_service(svc: &Service, st: &State) -> Result<Action, Error> {
     };
 
     let namespace = svc.namespace().unwrap_or_default();
-    let cached = st.secrets.get(&ObjectRef::new(name).within(&namespace));
-    let existing = match &cached {
-        Some(secret) => Some(secret.as_ref().clone()),
-        // Not in the cache: absent, someone else's, or ours with the label removed.
-        None => Api::<Secret>::namespaced(ctx.client.clone(), &namespace).get_opt(name).await?,
-    };
+    let existing = Api::<Secret>::namespaced(ctx.client.clone(), &namespace).get_opt(name).await?;
+    let labeled = existing.as_ref().is_some_and(|s| secret_facts(s).labeled);
     let now = OffsetDateTime::now_utc();
     let policy = ctx.config.leaf_policy();
     let facts = existing.as_ref().map(secret_facts);
@@ -157,9 +149,9 @@ async fn reconcile_service(svc: &Service, st: &State) -> Result<Action, Error> {
             );
             return report_problem(ctx, svc, &message).await;
         }
-        // Existing Secrets in the cache are the cert-refresh controller's to fix; it
-        // will touch the Secret, which brings us back here.
-        Decision::Issue(_) if cached.is_some() => return Ok(Action::await_change()),
+        // Labeled Secrets are the cert-refresh controller's to fix; its write brings
+        // us back here.
+        Decision::Issue(_) if labeled => return Ok(Action::await_change()),
         Decision::Issue(reason) => {
             let leaf =
                 ctx.keys.issue(signer.clone(), leaf_request(svc, &policy.cluster_domain), policy.lifetime).await?;
@@ -202,7 +194,7 @@ async fn reconcile_service(svc: &Service, st: &State) -> Result<Action, Error> {
             )
             .await;
         }
-        Decision::Tidy { expiry, .. } if cached.is_none() => {
+        Decision::Tidy { expiry, .. } if !labeled => {
             let secret = serving_secret::desired(existing.as_ref(), svc, family, name, Content::Kept { expiry });
             match serving_secret::replace(ctx, &secret).await {
                 Ok(_) => {}

@@ -1,0 +1,52 @@
+# The one task runner: CI calls the same targets people do.
+CARGO ?= cargo
+CONTROLPLANE_DIR ?= target/controlplane
+# e2e tests mostly wait on the API server: run several at once.
+E2E_THREADS ?= 6
+
+.PHONY: all build test lint unit e2e run controlplane controlplane-build bench deny fmt clean-controlplane
+
+all: build
+
+build:
+	$(CARGO) build --release
+
+## Everything CI checks: format, lints, dependency audit, unit + PKI tests, then the
+## end-to-end tests against a real control plane started for this run.
+test: lint deny controlplane-build
+	$(CARGO) build --tests --bins
+	scripts/with-controlplane.sh $(CARGO) test -- --test-threads $(E2E_THREADS)
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+## Unit and PKI tests only (no cluster).
+unit:
+	$(CARGO) test --lib --test pki
+
+## End-to-end tests only.
+e2e: controlplane-build
+	scripts/with-controlplane.sh $(CARGO) test --test e2e -- --test-threads $(E2E_THREADS)
+
+deny:
+	scripts/cargo-deny.sh
+
+## Build (or fetch from the cache) the control-plane harness.
+controlplane-build:
+	@tests/controlplane/build.sh >/dev/null
+
+## Run the local control plane in the foreground (kubeconfig in $(CONTROLPLANE_DIR)/kubeconfig).
+controlplane: controlplane-build
+	exec $$(tests/controlplane/build.sh) run --data-dir $(CONTROLPLANE_DIR)
+
+## Run the operator. Without KUBECONFIG, against a local control plane started for it.
+run:
+	$(CARGO) build
+	scripts/run.sh
+
+bench:
+	scripts/bench.sh
+
+fmt:
+	$(CARGO) fmt --all

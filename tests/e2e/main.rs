@@ -1,0 +1,10 @@
+//! End-to-end tests on the real control plane (tests/controlplane): real
+//! kube-apiserver, etcd and kube-controller-manager, the real operator binary, real
+//! TLS handshakes. Run them with `make test`.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod cluster;
+mod injection;
+mod serving;

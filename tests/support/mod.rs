@@ -1,0 +1,387 @@
+//! Support for end-to-end tests against the real control plane
+//! (tests/controlplane): one control plane per `make test` run (or per test process
+//! when run with plain `cargo test`), a fresh namespace per test, and the real
+//! operator binary started as a child process.
+
+#![allow(dead_code)]
+
+pub mod tls;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service};
+use kube::api::{DeleteParams, ObjectMeta, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+use serde_json::json;
+
+/// Label that scopes a test's objects to the operator instance of that test.
+pub const RUN_LABEL: &str = "e2e.service-ca/run";
+
+/// The admin kubeconfig of the test control plane.
+pub fn kubeconfig_path() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| match std::env::var_os("SERVICE_CA_TEST_KUBECONFIG") {
+        Some(path) => PathBuf::from(path),
+        None => start_control_plane(),
+    })
+}
+
+/// Starts a control plane for this test process (plain `cargo test`); `make test`
+/// starts one for the whole run instead and sets SERVICE_CA_TEST_KUBECONFIG.
+fn start_control_plane() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(root.join("tests/controlplane/build.sh"))
+        .arg("--path")
+        .output()
+        .expect("run tests/controlplane/build.sh");
+    let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(
+        bin.is_file(),
+        "the test control plane is not built ({}).\nRun the tests with `make test`, which builds it (6-10 minutes the first time), \
+         or build it with `tests/controlplane/build.sh`, or point SERVICE_CA_TEST_KUBECONFIG at a running one (`make controlplane`).",
+        bin.display()
+    );
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("controlplane-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = std::fs::File::create(dir.join("harness.out")).unwrap();
+    // Kept for the life of the process; the harness exits when this process does.
+    static HARNESS: OnceLock<std::sync::Mutex<Child>> = OnceLock::new();
+    let child = Command::new(&bin)
+        .args(["run", "--exit-with-parent", "--data-dir"])
+        .arg(&dir)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start the control plane harness");
+    let _ = HARNESS.set(std::sync::Mutex::new(child));
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let out = std::fs::read_to_string(dir.join("harness.out")).unwrap_or_default();
+        if out.lines().any(|l| l.starts_with("READY")) {
+            return dir.join("kubeconfig");
+        }
+        assert!(Instant::now() < deadline && !out.contains("controlplane:"), "control plane did not start:\n{out}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The control plane's data directory (logs, harness.pid).
+pub fn controlplane_dir() -> PathBuf {
+    kubeconfig_path().parent().unwrap().to_path_buf()
+}
+
+pub async fn client() -> Client {
+    let kubeconfig = Kubeconfig::read_from(kubeconfig_path()).expect("read the test kubeconfig");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.expect("kubeconfig");
+    Client::try_from(config).expect("client")
+}
+
+fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id() % 100_000;
+    let mut name = format!("{prefix}-{pid}-{n}").to_lowercase().replace('_', "-");
+    name.truncate(50);
+    name.trim_end_matches('-').to_string()
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, or panics after `timeout` saying
+/// what was awaited.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One test's world: a namespace for its objects, a namespace for its operator, and
+/// the label that makes its operator see only its objects.
+pub struct Env {
+    pub client: Client,
+    pub ns: String,
+    pub op_ns: String,
+    pub run: String,
+    pub name: String,
+}
+
+impl Env {
+    pub async fn new(test: &str) -> Env {
+        let client = client().await;
+        let ns = unique(test);
+        let op_ns = format!("{ns}-op");
+        let env = Env { client, run: ns.clone(), ns, op_ns, name: test.to_string() };
+        for name in [&env.ns, &env.op_ns] {
+            create_namespace(&env.client, name).await;
+        }
+        env
+    }
+
+    /// Labels that put an object under this test's operator.
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([(RUN_LABEL.to_string(), self.run.clone())])
+    }
+
+    pub fn meta(&self, name: &str) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(self.ns.clone()),
+            labels: Some(self.labels()),
+            ..Default::default()
+        }
+    }
+
+    pub fn services(&self) -> Api<Service> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+    pub fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+    pub fn configmaps(&self) -> Api<ConfigMap> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+    pub fn op_secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.op_ns)
+    }
+    pub fn op_configmaps(&self) -> Api<ConfigMap> {
+        Api::namespaced(self.client.clone(), &self.op_ns)
+    }
+
+    /// The standard operator arguments for this test.
+    pub fn operator_args(&self) -> Vec<String> {
+        vec![
+            "--namespace".into(),
+            self.op_ns.clone(),
+            "--selector".into(),
+            format!("{RUN_LABEL}={}", self.run),
+            "--leader-elect=false".into(),
+        ]
+    }
+
+    pub fn start_operator(&self, extra: &[&str]) -> Operator {
+        let mut args = self.operator_args();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Operator::start(&self.name, &args)
+    }
+
+    /// Creates a ClusterIP (or headless) Service with the serving-cert annotation.
+    pub async fn annotated_service(&self, name: &str, secret: &str, headless: bool) -> Service {
+        self.service_with(name, &[("service.beta.openshift.io/serving-cert-secret-name", secret)], headless).await
+    }
+
+    pub async fn service_with(&self, name: &str, annotations: &[(&str, &str)], headless: bool) -> Service {
+        let mut svc: Service = serde_json::from_value(json!({
+            "spec": { "ports": [{ "port": 443, "targetPort": 8443 }], "selector": { "app": name } }
+        }))
+        .unwrap();
+        svc.metadata = self.meta(name);
+        svc.metadata.annotations = Some(annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        if headless {
+            svc.spec.as_mut().unwrap().cluster_ip = Some("None".into());
+        }
+        self.services().create(&PostParams::default(), &svc).await.expect("create Service")
+    }
+
+    /// Waits for a serving Secret that carries a certificate signed by the current CA
+    /// (its `expiry` annotation present).
+    pub async fn serving_secret(&self, name: &str, timeout: Duration) -> Secret {
+        let api = self.secrets();
+        eventually(timeout, &format!("Secret {}/{name}", self.ns), || {
+            let api = api.clone();
+            async move {
+                api.get_opt(name)
+                    .await
+                    .ok()
+                    .flatten()
+                    .filter(|s| s.data.as_ref().is_some_and(|d| d.contains_key("tls.crt")))
+            }
+        })
+        .await
+    }
+
+    /// The bundle in `signing-cabundle` once the operator has written it.
+    pub async fn ca_bundle(&self) -> String {
+        let api = self.op_configmaps();
+        eventually(Duration::from_secs(30), "signing-cabundle", || {
+            let api = api.clone();
+            async move { api.get_opt("signing-cabundle").await.ok().flatten()?.data?.remove("ca-bundle.crt") }
+        })
+        .await
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let names = [self.ns.clone(), self.op_ns.clone()];
+        // Delete in the background (namespace deletion is asynchronous anyway).
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            rt.block_on(async {
+                let api: Api<Namespace> = Api::all(client().await);
+                for name in names {
+                    let _ = api.delete(&name, &DeleteParams::background()).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+pub async fn create_namespace(client: &Client, name: &str) {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns = Namespace { metadata: ObjectMeta { name: Some(name.into()), ..Default::default() }, ..Default::default() };
+    api.create(&PostParams::default(), &ns).await.expect("create namespace");
+}
+
+/// The operator binary, running as a child process with its log in a file.
+pub struct Operator {
+    child: Option<Child>,
+    pub admin: String,
+    pub log: PathBuf,
+}
+
+impl Operator {
+    pub fn start(test: &str, args: &[String]) -> Operator {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("operator-logs");
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join(format!("{test}-{}-{}.log", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let port = free_port();
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_service-ca-operator"))
+            .args(args)
+            .args(["--admin-addr", &format!("127.0.0.1:{port}")])
+            .env("KUBECONFIG", kubeconfig_path())
+            .env(
+                "SERVICE_CA_LOG",
+                std::env::var("SERVICE_CA_TEST_LOG").unwrap_or_else(|_| "info,service_ca_operator=debug".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("start the operator binary");
+        eprintln!("operator log: {}", log.display());
+        Operator { child: Some(child), admin: format!("http://127.0.0.1:{port}"), log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to finish anything.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit; returns the exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        unsafe_free_signal(child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET an admin path; (status, body).
+    pub async fn admin_get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(&format!("{}{path}", self.admin)).await
+    }
+
+    pub async fn wait_ready(&self, timeout: Duration) {
+        eventually(timeout, "operator /readyz", || async {
+            self.admin_get("/readyz").await.filter(|(s, _)| *s == 200)
+        })
+        .await;
+    }
+
+    /// Peak resident memory (VmHWM) in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmHWM")
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Sends a signal with the `kill` command (no unsafe code in tests).
+pub fn unsafe_free_signal(pid: u32, signal: &str) {
+    let _ = Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status();
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Minimal HTTP/1.1 GET over a plain TCP connection (the admin server).
+pub async fn http_get(url: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(host)).await.ok()?.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await.ok()?.ok()?;
+    let text = String::from_utf8_lossy(&response).to_string();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}
+
+/// Decoded Secret data entry.
+pub fn data(secret: &Secret, key: &str) -> String {
+    secret.data.as_ref().and_then(|d| d.get(key)).map(|v| String::from_utf8_lossy(&v.0).to_string()).unwrap_or_default()
+}
+
+pub fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+    meta.annotations.as_ref()?.get(key).map(String::as_str)
+}
