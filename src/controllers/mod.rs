@@ -49,14 +49,18 @@ pub struct Context {
 
 impl Context {
     /// Publishes an Event; a failure to do so is logged, never fatal.
+    ///
+    /// The recorder folds repeats of the same (object, reason, action) into one Event
+    /// with a count, keeping the first note. So that a new message is never hidden
+    /// behind an old one, the action carries a short digest of the note: the same
+    /// message repeated is counted, a different message is a new Event.
     pub async fn event(&self, regarding: &ObjectReference, type_: EventType, reason: &str, note: String) {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(truncate(note, 1000)),
-            action: reason.into(),
-            secondary: None,
-        };
+        use std::hash::{Hash, Hasher};
+        let note = truncate(note, 1000);
+        let mut digest = std::collections::hash_map::DefaultHasher::new();
+        note.hash(&mut digest);
+        let action = format!("{reason}/{:08x}", digest.finish() as u32);
+        let event = Event { type_, reason: reason.into(), note: Some(note), action, secondary: None };
         self.metrics.write("events", "create");
         if let Err(error) = self.recorder.publish(&event, regarding).await {
             tracing::warn!(%error, reason, "could not publish an Event");

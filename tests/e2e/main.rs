@@ -7,4 +7,5 @@ mod support;
 
 mod cluster;
 mod injection;
+mod lifecycle;
 mod serving;

@@ -1,0 +1,475 @@
+//! The signing CA (SPEC §3): rotation with a trust bridge (automatic and forced) with
+//! zero failed handshakes, expiry of the bridge, hard reset, restart in the middle of
+//! a rotation, and a signing-key that cannot be used.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use service_ca_operator::pki;
+
+use crate::support::tls::{self, TlsServer};
+use crate::support::{Env, data, eventually};
+
+const T: Duration = Duration::from_secs(30);
+
+fn ders(pem: &str) -> Vec<Vec<u8>> {
+    pki::pem::decode_certificates("pem", pem.as_bytes()).unwrap_or_default()
+}
+
+/// Authority key id of the first certificate of a chain: which CA signed the leaf.
+fn signer_of(chain: &str) -> Vec<u8> {
+    pki::CertInfo::parse("tls.crt", ders(chain)[0].clone()).unwrap().authority_key_id.unwrap_or_default()
+}
+
+async fn current_bundle(env: &Env) -> String {
+    env.op_configmaps().get("signing-cabundle").await.unwrap().data.unwrap().remove("ca-bundle.crt").unwrap()
+}
+
+async fn signing_key(env: &Env) -> Secret {
+    env.op_secrets().get("signing-key").await.unwrap()
+}
+
+async fn events(env: &Env, ns: &str, reason: &str) -> Vec<Event> {
+    let api: Api<Event> = Api::namespaced(env.client.clone(), ns);
+    api.list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .collect()
+}
+
+/// A TLS server that follows its Secret like a pod does: it reloads a little while
+/// after the Secret changes (kubelet and the application take time to catch up).
+struct FollowingServer {
+    server: Arc<TlsServer>,
+    serving: Arc<Mutex<String>>,
+}
+
+impl FollowingServer {
+    async fn start(env: &Env, secret: &str, lag: Duration) -> FollowingServer {
+        let s = env.serving_secret(secret, T).await;
+        let server = Arc::new(TlsServer::start(&data(&s, "tls.crt"), &data(&s, "tls.key")));
+        let serving = Arc::new(Mutex::new(data(&s, "tls.crt")));
+        let (api, name, srv, cur) = (env.secrets(), secret.to_string(), server.clone(), serving.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let Ok(s) = api.get(&name).await else { continue };
+                let crt = data(&s, "tls.crt");
+                if crt != *cur.lock().unwrap() {
+                    tokio::time::sleep(lag).await;
+                    let s = api.get(&name).await.unwrap_or(s);
+                    srv.reload(&data(&s, "tls.crt"), &data(&s, "tls.key"));
+                    *cur.lock().unwrap() = data(&s, "tls.crt");
+                }
+            }
+        });
+        FollowingServer { server, serving }
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    handshakes: usize,
+    failures: Vec<String>,
+    /// (leaf signed by the newest CA?, client has the newest bundle?)
+    combos: BTreeSet<(bool, bool)>,
+}
+
+/// Handshakes in a loop from a client that keeps `held` and a client that always has
+/// the latest published bundle, until `until` says stop; records which leaf was served.
+async fn handshake_loop(
+    env: &Env,
+    servers: &[(&FollowingServer, String)],
+    held: String,
+    newest_ca: impl Fn() -> Option<Vec<u8>>,
+    stop: impl Fn() -> bool,
+) -> Tally {
+    let mut tally = Tally::default();
+    while !stop() {
+        let latest = current_bundle(env).await;
+        for (server, name) in servers {
+            for (fresh, bundle) in [(false, &held), (true, &latest)] {
+                let serving = server.serving.lock().unwrap().clone();
+                let result = tls::rustls_connect(server.server.port, bundle, name);
+                tally.handshakes += 1;
+                match result {
+                    Ok(()) => {
+                        let new_leaf = newest_ca().is_some_and(|ski| signer_of(&serving) == ski);
+                        let new_bundle = fresh && latest != held;
+                        tally.combos.insert((new_leaf, new_bundle));
+                    }
+                    Err(e) => tally.failures.push(format!("{name} fresh={fresh}: {e}")),
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tally
+}
+
+/// All three stacks agree for one (server, bundle, name).
+fn all_stacks(port: u16, bundle: &str, name: &str) {
+    for (stack, result) in tls::connect_all(port, bundle, name) {
+        result.unwrap_or_else(|e| panic!("{stack} failed for {name}: {e}"));
+    }
+}
+
+fn ca_ski(secret: &Secret) -> Vec<u8> {
+    pki::CertInfo::parse("tls.crt", ders(&data(secret, "tls.crt"))[0].clone()).unwrap().subject_key_id.unwrap()
+}
+
+#[tokio::test]
+async fn zero_failed_handshakes_through_an_automatic_and_a_forced_rotation() {
+    let env = Env::new("ca-zero-downtime").await;
+    // A 120 s CA rotated when 60 s are left: the automatic rotation comes 60 s in.
+    let _op = env.start_operator(&["--ca-lifetime", "120s", "--ca-rotate-before", "60s"]);
+    let b0 = env.ca_bundle().await;
+    let created = Instant::now();
+    let ski0 = ca_ski(&signing_key(&env).await);
+    env.annotated_service("web", "web-tls", false).await;
+    env.annotated_service("db", "db-tls", true).await;
+    let lag = Duration::from_secs(3);
+    let web = FollowingServer::start(&env, "web-tls", lag).await;
+    let db = FollowingServer::start(&env, "db-tls", lag).await;
+    let ns = env.ns.clone();
+    let servers = [(&web, format!("web.{ns}.svc")), (&db, format!("web-0.db.{ns}.svc")), (&db, format!("db.{ns}.svc"))];
+
+    // Phase 1: the automatic rotation.
+    let newest = Arc::new(Mutex::new(None::<Vec<u8>>));
+    let (env_ref, newest_ref) = (&env, newest.clone());
+    let watcher = async move {
+        loop {
+            let ski = ca_ski(&signing_key(env_ref).await);
+            if ski != ski0 {
+                *newest_ref.lock().unwrap() = Some(ski);
+                return Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let rotated_at = Arc::new(Mutex::new(None::<Instant>));
+    let flag = rotated_at.clone();
+    let watch_task = async move {
+        let at = watcher.await;
+        *flag.lock().unwrap() = Some(at);
+    };
+    let done = || rotated_at.lock().unwrap().is_some_and(|at| at.elapsed() > lag * 3);
+    let newest_ca = || newest.lock().unwrap().clone();
+    let (tally, _) = tokio::join!(handshake_loop(&env, &servers, b0.clone(), newest_ca, done), watch_task);
+    let auto_at = rotated_at.lock().unwrap().unwrap();
+    println!(
+        "automatic rotation {:?} after CA creation; {} handshakes, {} failed, combinations {:?}",
+        auto_at - created,
+        tally.handshakes,
+        tally.failures.len(),
+        tally.combos
+    );
+    assert!(tally.failures.is_empty(), "failed handshakes: {:?}", tally.failures);
+    assert_eq!(tally.combos.len(), 4, "all four {{old, new leaf}} x {{old, new bundle}}: {:?}", tally.combos);
+    let b1 = current_bundle(&env).await;
+    assert_eq!(ders(&b1).len(), 2, "[new CA, X1]");
+    for (server, name) in &servers {
+        all_stacks(server.server.port, &b0, name);
+        all_stacks(server.server.port, &b1, name);
+    }
+    let rotated = events(&env, &env.op_ns, "ServiceCARotated").await;
+    let note = rotated[0].note.clone().unwrap();
+    assert!(note.contains("automatic") && note.contains("previous CA stays trusted until"), "{note}");
+
+    // Phase 2: a forced rotation, with the post-rotation-1 bundle as the "old" one.
+    let ski1 = ca_ski(&signing_key(&env).await);
+    let patch =
+        json!({ "metadata": { "annotations": { "service-ca.operators.openshift.io/force-rotation": "test-forced" } } });
+    env.op_secrets().patch("signing-key", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    *rotated_at.lock().unwrap() = None;
+    let (env_ref, newest_ref, flag) = (&env, newest.clone(), rotated_at.clone());
+    let watch_task = async move {
+        loop {
+            let ski = ca_ski(&signing_key(env_ref).await);
+            if ski != ski1 {
+                *newest_ref.lock().unwrap() = Some(ski);
+                *flag.lock().unwrap() = Some(Instant::now());
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let done = || rotated_at.lock().unwrap().is_some_and(|at| at.elapsed() > lag * 3);
+    let newest_ca = || newest.lock().unwrap().clone();
+    let (tally, _) = tokio::join!(handshake_loop(&env, &servers, b1.clone(), newest_ca, done), watch_task);
+    println!(
+        "forced rotation: {} handshakes, {} failed, combinations {:?}",
+        tally.handshakes,
+        tally.failures.len(),
+        tally.combos
+    );
+    assert!(tally.failures.is_empty(), "failed handshakes: {:?}", tally.failures);
+    assert_eq!(tally.combos.len(), 4, "{:?}", tally.combos);
+    let key = signing_key(&env).await;
+    assert_eq!(
+        key.annotations().get("service-ca.operators.openshift.io/forced-rotation-reason").map(String::as_str),
+        Some("test-forced")
+    );
+    let b2 = current_bundle(&env).await;
+    for (server, name) in &servers {
+        all_stacks(server.server.port, &b1, name);
+        all_stacks(server.server.port, &b2, name);
+    }
+    // The same reason again does nothing.
+    let cn_ski = ca_ski(&key);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(ca_ski(&signing_key(&env).await), cn_ski, "one rotation per distinct reason");
+}
+
+#[tokio::test]
+async fn the_oldest_ca_drops_out_when_its_bridge_expires() {
+    let env = Env::new("ca-bridge-expiry").await;
+    // 60 s CA, rotated with 20 s left: rotation at 40 s, X1 (the old CA) valid until 60 s.
+    let _op = env.start_operator(&["--ca-lifetime", "60s", "--ca-rotate-before", "20s"]);
+    env.ca_bundle().await;
+    env.annotated_service("old", "old-tls", false).await;
+    let leaf0 = env.serving_secret("old-tls", T).await;
+    let chain0 = data(&leaf0, "tls.crt");
+    let name = format!("old.{}.svc", env.ns);
+    let key0 = signing_key(&env).await;
+    let ca0 = pki::CertInfo::parse("tls.crt", ders(&data(&key0, "tls.crt"))[0].clone()).unwrap();
+
+    let b1 = eventually(Duration::from_secs(60), "the automatic rotation", || async {
+        let b = current_bundle(&env).await;
+        (ders(&b).len() == 2).then_some(b)
+    })
+    .await;
+    tls::rustls_verify_at(&chain0, &b1, &name, SystemTime::now()).expect("CA0's leaf trusted through X1");
+    let x1 = pki::CertInfo::parse("x1", ders(&b1)[1].clone()).unwrap();
+    assert_eq!(x1.not_after, ca0.not_after, "X1 lasts as long as CA0");
+
+    // When X1 expires the operator drops it from the bundle by itself (scheduled).
+    let dropped = eventually(Duration::from_secs(40), "X1 left out of the bundle", || async {
+        let b = current_bundle(&env).await;
+        (ders(&b).len() == 1).then_some(b)
+    })
+    .await;
+    let now = time::OffsetDateTime::now_utc();
+    assert!(now >= x1.not_after, "dropped only once expired");
+    assert!(tls::rustls_verify_at(&chain0, &dropped, &name, SystemTime::now()).is_err());
+
+    // A second (forced) rotation bridges to CA1 only: CA0 stays out.
+    let patch =
+        json!({ "metadata": { "annotations": { "service-ca.operators.openshift.io/force-rotation": "second" } } });
+    env.op_secrets().patch("signing-key", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let b2 = eventually(T, "the second rotation", || async {
+        let b = current_bundle(&env).await;
+        (ders(&b).len() == 2 && b != b1).then_some(b)
+    })
+    .await;
+    assert!(tls::rustls_verify_at(&chain0, &b2, &name, SystemTime::now()).is_err(), "two rotations back: not trusted");
+}
+
+#[tokio::test]
+async fn hard_reset_gives_a_new_ca_and_updates_every_secret_and_bundle() {
+    let env = Env::new("ca-reset").await;
+    let _op = env.start_operator(&[]);
+    let old_bundle = env.ca_bundle().await;
+    let old_cn = pki::CertInfo::parse("tls.crt", ders(&data(&signing_key(&env).await, "tls.crt"))[0].clone())
+        .unwrap()
+        .subject_cn;
+    let n = 20;
+    for i in 0..n {
+        env.annotated_service(&format!("s{i}"), &format!("s{i}-tls"), false).await;
+    }
+    let mut cm: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(json!({})).unwrap();
+    cm.metadata = env.meta("bundle");
+    cm.metadata.annotations =
+        Some([("service.beta.openshift.io/inject-cabundle".to_string(), "true".to_string())].into());
+    env.configmaps().create(&PostParams::default(), &cm).await.unwrap();
+    for i in 0..n {
+        env.serving_secret(&format!("s{i}-tls"), T).await;
+    }
+
+    let started = Instant::now();
+    env.op_secrets().delete("signing-key", &DeleteParams::default()).await.unwrap();
+    let new_key = eventually(T, "a new signing-key", || async {
+        let s = env.op_secrets().get_opt("signing-key").await.unwrap()?;
+        let cn = pki::CertInfo::parse("tls.crt", ders(&data(&s, "tls.crt"))[0].clone()).ok()?.subject_cn;
+        (cn != old_cn).then_some(s)
+    })
+    .await;
+    assert!(new_key.data.as_ref().unwrap().get("ca-bundle.crt").is_none(), "a reset has no bridge");
+    let new_ski = ca_ski(&new_key);
+    let new_bundle = eventually(T, "the new bundle", || async {
+        let b = current_bundle(&env).await;
+        (b != old_bundle).then_some(b)
+    })
+    .await;
+    eventually(T, "every serving Secret re-issued", || async {
+        let items = env
+            .secrets()
+            .list(&ListParams::default().labels("service-ca.operators.openshift.io/managed=true"))
+            .await
+            .unwrap()
+            .items;
+        (items.len() == n && items.iter().all(|s| signer_of(&data(s, "tls.crt")) == new_ski)).then_some(())
+    })
+    .await;
+    eventually(T, "the injected bundle updated", || async {
+        let cm = env.configmaps().get("bundle").await.unwrap();
+        (cm.data?.get("service-ca.crt")? == &new_bundle).then_some(())
+    })
+    .await;
+    println!(
+        "hard reset: {n} serving Secrets and the injected bundle updated {:?} after signing-key was deleted",
+        started.elapsed()
+    );
+
+    let secret = env.secrets().get("s0-tls").await.unwrap();
+    let name = format!("s0.{}.svc", env.ns);
+    tls::rustls_verify_at(&data(&secret, "tls.crt"), &new_bundle, &name, SystemTime::now()).unwrap();
+    assert!(
+        tls::rustls_verify_at(&data(&secret, "tls.crt"), &old_bundle, &name, SystemTime::now()).is_err(),
+        "no bridge after a reset"
+    );
+    assert!(!events(&env, &env.op_ns, "ServiceCAReset").await.is_empty());
+    let new_cn = pki::CertInfo::parse("tls.crt", ders(&data(&new_key, "tls.crt"))[0].clone()).unwrap().subject_cn;
+    eventually(T, "signed-by updated", || async {
+        let svc = env.services().get("s0").await.unwrap();
+        (svc.annotations().get("service.beta.openshift.io/serving-cert-signed-by") == Some(&new_cn)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn operator_killed_during_rotations_never_invents_a_second_ca() {
+    let env = Env::new("ca-midway").await;
+    let mut op = env.start_operator(&[]);
+    env.ca_bundle().await;
+    for (round, delay_ms) in [0u64, 30, 60, 100, 150, 250].into_iter().enumerate() {
+        let before = signing_key(&env).await;
+        let ski_before = ca_ski(&before);
+        let reason = format!("round-{round}");
+        let patch =
+            json!({ "metadata": { "annotations": { "service-ca.operators.openshift.io/force-rotation": reason } } });
+        env.op_secrets().patch("signing-key", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        op.kill();
+        op = env.start_operator(&[]);
+        // Consistent: the Secret holds exactly one rotation from `before`, the bundle
+        // ConfigMap agrees with it, and the reason is recorded once.
+        let after = eventually(T, "the rotation to complete", || async {
+            let s = signing_key(&env).await;
+            let done = s.annotations().get("service-ca.operators.openshift.io/forced-rotation-reason") == Some(&reason);
+            done.then_some(s)
+        })
+        .await;
+        let bundle_field = data(&after, "ca-bundle.crt");
+        let members = ders(&bundle_field);
+        assert_eq!(members.len(), 2, "[new CA, X1]");
+        let x1 = pki::CertInfo::parse("x1", members[1].clone()).unwrap();
+        assert_eq!(
+            x1.subject_key_id.as_deref(),
+            Some(ski_before.as_slice()),
+            "X1 bridges to the CA from before this round: one rotation, not two"
+        );
+        assert_eq!(ders(&data(&after, "tls.crt")).len(), 1);
+        eventually(T, "signing-cabundle to match the Secret", || async {
+            (current_bundle(&env).await == bundle_field).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(ca_ski(&signing_key(&env).await), ca_ski(&after), "no further CA appeared");
+    }
+}
+
+#[tokio::test]
+async fn unusable_signing_key_is_reported_never_overwritten_and_signing_continues() {
+    let env = Env::new("ca-corrupt").await;
+    let op = env.start_operator(&[]);
+    let bundle = env.ca_bundle().await;
+    op.wait_ready(T).await;
+    let good = signing_key(&env).await;
+    let other_key = pki::PrivateKey::generate_rsa(2048).unwrap();
+    let cases: [(&str, Vec<(&str, Vec<u8>)>); 2] = [
+        (
+            "garbage certificate",
+            vec![("tls.crt", b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n".to_vec())],
+        ),
+        ("key that does not match", vec![("tls.key", other_key.to_pem().as_bytes().to_vec())]),
+    ];
+    for (i, (case, changes)) in cases.into_iter().enumerate() {
+        let mut broken = signing_key(&env).await;
+        for (k, v) in changes {
+            broken.data.as_mut().unwrap().insert(k.to_string(), ByteString(v));
+        }
+        let broken = env.op_secrets().replace("signing-key", &PostParams::default(), &broken).await.unwrap();
+        let warning = eventually(T, "a SigningKeyInvalid Event", || async {
+            events(&env, &env.op_ns, "SigningKeyInvalid").await.into_iter().find(|e| {
+                e.note.as_deref().is_some_and(|n| n.contains("keeps signing"))
+                    && (i == 0 || e.note.as_deref().is_some_and(|n| n.contains("does not belong to the certificate")))
+            })
+        })
+        .await;
+        println!("{case}: {}", warning.note.unwrap());
+        let metrics = op.admin_get("/metrics").await.unwrap().1;
+        assert!(metrics.contains("service_ca_signing_key_valid 0"), "{case}");
+        let (status, body) = op.admin_get("/readyz").await.unwrap();
+        assert_eq!(status, 200, "still serving with the held CA");
+        assert!(body.contains("degraded"), "{body}");
+        // Signing continues with the CA held in memory.
+        env.annotated_service(&format!("during-{i}"), &format!("during-{i}-tls"), false).await;
+        let s = env.serving_secret(&format!("during-{i}-tls"), T).await;
+        tls::rustls_verify_at(&data(&s, "tls.crt"), &bundle, &format!("during-{i}.{}.svc", env.ns), SystemTime::now())
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let still = signing_key(&env).await;
+        assert_eq!(still.resource_version(), broken.resource_version(), "{case}: never overwritten");
+        // A person puts the good data back.
+        let mut fixed = still.clone();
+        fixed.data = good.data.clone();
+        env.op_secrets().replace("signing-key", &PostParams::default(), &fixed).await.unwrap();
+        eventually(T, "signing_key_valid back to 1", || async {
+            op.admin_get("/metrics").await.filter(|(_, m)| m.contains("service_ca_signing_key_valid 1")).map(|_| ())
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn starting_with_an_unusable_signing_key_is_not_ready_and_creates_nothing() {
+    let env = Env::new("ca-corrupt-start").await;
+    let garbage: Secret = serde_json::from_value(json!({
+        "metadata": { "name": "signing-key" }, "type": "kubernetes.io/tls",
+        "data": { "tls.crt": "Z2FyYmFnZQ==", "tls.key": "Z2FyYmFnZQ==" }
+    }))
+    .unwrap();
+    let garbage = env.op_secrets().create(&PostParams::default(), &garbage).await.unwrap();
+    let op = env.start_operator(&[]);
+    env.annotated_service("waiting", "waiting-tls", false).await;
+    let (status, body) = eventually(T, "a /readyz answer", || async {
+        op.admin_get("/readyz").await.filter(|(_, b)| b.contains("no usable CA"))
+    })
+    .await;
+    assert_eq!(status, 503, "{body}");
+    eventually(T, "the SigningKeyInvalid Event", || async {
+        events(&env, &env.op_ns, "SigningKeyInvalid")
+            .await
+            .into_iter()
+            .find(|e| e.note.as_deref().is_some_and(|n| n.contains("no CA to sign with")))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(signing_key(&env).await.resource_version(), garbage.resource_version());
+    assert!(env.secrets().get_opt("waiting-tls").await.unwrap().is_none(), "nothing signed without a CA");
+    // Deleting it is the documented reset: a CA appears and the Service gets its Secret.
+    env.op_secrets().delete("signing-key", &DeleteParams::default()).await.unwrap();
+    env.serving_secret("waiting-tls", T).await;
+    op.wait_ready(T).await;
+}
