@@ -397,7 +397,8 @@ async fn unusable_signing_key_is_reported_never_overwritten_and_signing_continue
     op.wait_ready(T).await;
     let good = signing_key(&env).await;
     let other_key = pki::PrivateKey::generate_rsa(2048).unwrap();
-    let cases: [(&str, Vec<(&str, Vec<u8>)>); 2] = [
+    type Change = (&'static str, Vec<u8>);
+    let cases: [(&str, Vec<Change>); 2] = [
         (
             "garbage certificate",
             vec![("tls.crt", b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n".to_vec())],
