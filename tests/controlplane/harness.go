@@ -31,14 +31,15 @@ const controllers = "garbage-collector-controller,namespace-controller,serviceac
 	"serviceaccount-token-controller,root-ca-certificate-publisher-controller"
 
 type harness struct {
-	dataDir    string
-	verbosity  int
-	etcdURL    string
-	apiPort    int
-	serverURL  string
-	pki        *pkiFiles
-	kubeconfig string
-	client     *http.Client
+	dataDir     string
+	auditPolicy string
+	verbosity   int
+	etcdURL     string
+	apiPort     int
+	serverURL   string
+	pki         *pkiFiles
+	kubeconfig  string
+	client      *http.Client
 
 	spawn  chan spawnRequest
 	exited chan childExit
@@ -77,7 +78,7 @@ func runHarness(args []string) error {
 	}
 	// Every start is a fresh cluster: stale etcd data or certificates from an earlier
 	// run would only make tests depend on history.
-	for _, stale := range []string{"etcd", "pki", "kubeconfig", "harness.pid", "kube-apiserver.log", "kube-controller-manager.log", "etcd.log"} {
+	for _, stale := range []string{"etcd", "pki", "kubeconfig", "harness.pid", "kube-apiserver.log", "kube-controller-manager.log", "etcd.log", "audit.log", "audit-policy.yaml"} {
 		if err := os.RemoveAll(filepath.Join(dir, stale)); err != nil {
 			return err
 		}
@@ -86,11 +87,12 @@ func runHarness(args []string) error {
 		return err
 	}
 	h := &harness{
-		dataDir:    dir,
-		verbosity:  *verbosity,
-		kubeconfig: filepath.Join(dir, "kubeconfig"),
-		spawn:      make(chan spawnRequest),
-		exited:     make(chan childExit, 4),
+		dataDir:     dir,
+		auditPolicy: filepath.Join(dir, "audit-policy.yaml"),
+		verbosity:   *verbosity,
+		kubeconfig:  filepath.Join(dir, "kubeconfig"),
+		spawn:       make(chan spawnRequest),
+		exited:      make(chan childExit, 4),
 	}
 	go h.spawner()
 
@@ -122,6 +124,9 @@ func (h *harness) start() error {
 		return fmt.Errorf("minting certificates: %w", err)
 	}
 	if err := os.WriteFile(filepath.Join(h.dataDir, "harness.pid"), []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644); err != nil {
+		return err
+	}
+	if err := os.WriteFile(h.auditPolicy, []byte(auditPolicy), 0o644); err != nil {
 		return err
 	}
 	if err := h.startEtcd(ports[0], ports[1]); err != nil {
@@ -225,9 +230,25 @@ func (h *harness) apiServerArgs() []string {
 		"--proxy-client-cert-file=" + p.proxyClientCert,
 		"--proxy-client-key-file=" + p.proxyClient,
 		"--profiling=false",
+		// What service accounts do is recorded, so tests can compare the operator's
+		// requests with the permissions its manifests grant.
+		"--audit-policy-file=" + h.auditPolicy,
+		"--audit-log-path=" + filepath.Join(h.dataDir, "audit.log"),
+		"--audit-log-maxsize=500",
 		"--v=" + strconv.Itoa(h.verbosity),
 	}
 }
+
+// auditPolicy records request metadata of service accounts only (the operator under
+// test authenticates as one; admin traffic stays out of the log).
+const auditPolicy = `apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+- level: Metadata
+  userGroups: ["system:serviceaccounts"]
+- level: None
+`
 
 func (h *harness) controllerManagerArgs() []string {
 	return []string{

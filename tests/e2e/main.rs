@@ -9,3 +9,4 @@ mod cluster;
 mod injection;
 mod lifecycle;
 mod serving;
+mod shipping;

@@ -256,6 +256,11 @@ pub struct Operator {
 
 impl Operator {
     pub fn start(test: &str, args: &[String]) -> Operator {
+        Self::start_with_kubeconfig(test, args, kubeconfig_path())
+    }
+
+    /// Starts the operator with another identity's kubeconfig.
+    pub fn start_with_kubeconfig(test: &str, args: &[String], kubeconfig: &Path) -> Operator {
         static N: AtomicU32 = AtomicU32::new(0);
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("operator-logs");
         std::fs::create_dir_all(&dir).unwrap();
@@ -265,7 +270,7 @@ impl Operator {
         let child = Command::new(env!("CARGO_BIN_EXE_service-ca-operator"))
             .args(args)
             .args(["--admin-addr", &format!("127.0.0.1:{port}")])
-            .env("KUBECONFIG", kubeconfig_path())
+            .env("KUBECONFIG", kubeconfig)
             .env(
                 "SERVICE_CA_LOG",
                 std::env::var("SERVICE_CA_TEST_LOG").unwrap_or_else(|_| "info,service_ca_operator=debug".into()),

@@ -1,0 +1,428 @@
+//! Shipping, on the real API server: the manifests apply, the operator runs with the
+//! identity they create and needs exactly the permissions they grant (checked against
+//! the API server's audit log), leader election, graceful shutdown, admin endpoints.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::{Value, json};
+
+use crate::cluster::{apiservice_json, crd_json, token_for, webhook_json};
+use crate::support::{self, Env, Operator, RUN_LABEL, controlplane_dir, eventually, kubeconfig_path};
+
+const T: Duration = Duration::from_secs(30);
+const NS: &str = "openshift-service-ca";
+const SA: &str = "system:serviceaccount:openshift-service-ca:service-ca-operator";
+
+fn kubectl(args: &[&str]) -> String {
+    let out =
+        Command::new("kubectl").args(args).env("KUBECONFIG", kubeconfig_path()).output().unwrap_or_else(|e| {
+            panic!("cannot run kubectl ({e}): install it (https://kubernetes.io/docs/tasks/tools/)")
+        });
+    assert!(out.status.success(), "kubectl {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// A kubeconfig for the test cluster that authenticates with `token`.
+fn token_kubeconfig(token: &str, dir: &Path) -> PathBuf {
+    let admin: Value = serde_saphyr::from_str(&std::fs::read_to_string(kubeconfig_path()).unwrap()).unwrap();
+    let cluster = &admin["clusters"][0]["cluster"];
+    let config = json!({
+        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
+        "clusters": [{ "name": "c", "cluster": cluster }],
+        "users": [{ "name": "sa", "user": { "token": token } }],
+        "contexts": [{ "name": "sa", "context": { "cluster": "c", "user": "sa" } }]
+    });
+    let path = dir.join("sa-kubeconfig");
+    std::fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
+    path
+}
+
+fn start_as(kubeconfig: &Path, test: &str, args: &[String]) -> Operator {
+    // Operator::start points KUBECONFIG at the admin config; run it under the
+    // ServiceAccount's instead.
+    let op = Operator::start_with_kubeconfig(test, args, kubeconfig);
+    eprintln!("operator (as {SA}) log: {}", op.log.display());
+    op
+}
+
+/// (apiGroup, resource, verb) triples, with whether they apply in the operator's own
+/// namespace only (Role) or cluster-wide (ClusterRole).
+type Grant = (String, String, String);
+
+fn granted() -> (BTreeSet<Grant>, BTreeSet<Grant>) {
+    let read = |file: &str| -> Value {
+        serde_saphyr::from_str(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(file)).unwrap())
+            .unwrap()
+    };
+    let expand = |doc: Value| -> BTreeSet<Grant> {
+        let mut out = BTreeSet::new();
+        for rule in doc["rules"].as_array().unwrap() {
+            for g in rule["apiGroups"].as_array().unwrap() {
+                for r in rule["resources"].as_array().unwrap() {
+                    for v in rule["verbs"].as_array().unwrap() {
+                        out.insert((
+                            g.as_str().unwrap().into(),
+                            r.as_str().unwrap().into(),
+                            v.as_str().unwrap().into(),
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    };
+    (expand(read("manifests/clusterrole.yaml")), expand(read("manifests/role.yaml")))
+}
+
+fn audit_log() -> Vec<u8> {
+    std::fs::read(controlplane_dir().join("audit.log")).unwrap_or_default()
+}
+
+/// What the operator's ServiceAccount did, from the API server's audit log (from
+/// byte `since` on: earlier runs against the same control plane do not count).
+fn used_by_operator(since: usize) -> (BTreeSet<Grant>, Vec<String>) {
+    let log = audit_log();
+    let log = String::from_utf8_lossy(log.get(since..).unwrap_or_default());
+    let mut used = BTreeSet::new();
+    let mut denied = Vec::new();
+    for line in log.lines() {
+        let Ok(entry) = serde_json::from_str::<Value>(line) else { continue };
+        if entry["user"]["username"] != SA {
+            continue;
+        }
+        let object = &entry["objectRef"];
+        let group = object["apiGroup"].as_str().unwrap_or("").to_string();
+        let resource = object["resource"].as_str().unwrap_or("").to_string();
+        let verb = entry["verb"].as_str().unwrap_or("").to_string();
+        if entry["responseStatus"]["code"] == 403 {
+            denied.push(format!("{verb} {group}/{resource} {}", object["name"]));
+        }
+        // A server-side apply that creates its object is authorised as a create too
+        // (it answers 201): count that as a use of "create".
+        if verb == "patch" && entry["responseStatus"]["code"] == 201 {
+            used.insert((group.clone(), resource.clone(), "create".to_string()));
+        }
+        used.insert((group, resource, verb));
+    }
+    (used, denied)
+}
+
+#[tokio::test]
+async fn manifests_apply_and_the_operator_needs_exactly_the_permissions_they_grant() {
+    // `kubectl apply -k manifests` on the real API server (the Deployment's pods never
+    // run: the test cluster has no nodes, so the operator runs here as the
+    // ServiceAccount the manifests create).
+    // From a clean slate: the operator's own creates (CA, bundle ConfigMap, Lease)
+    // are among the permissions to prove.
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(support::client().await);
+    let _ = namespaces.delete(NS, &DeleteParams::default()).await;
+    eventually(Duration::from_secs(180), "namespace openshift-service-ca gone", || async {
+        namespaces.get_opt(NS).await.unwrap().is_none().then_some(())
+    })
+    .await;
+    let audit_start = audit_log().len();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let applied = kubectl(&["apply", "-k", &format!("{root}/manifests")]);
+    for kind in [
+        "namespace/",
+        "serviceaccount/",
+        "clusterrole.",
+        "clusterrolebinding.",
+        "role.",
+        "rolebinding.",
+        "deployment.",
+        "poddisruptionbudget.",
+    ] {
+        assert!(applied.contains(kind), "{kind} missing from:\n{applied}");
+    }
+    let env = Env::new("rbac-operator").await;
+    let token = token_for(&env.client, NS, "service-ca-operator").await;
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("rbac-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = token_kubeconfig(&token, &dir);
+    let args: Vec<String> = [
+        "--namespace",
+        NS,
+        "--selector",
+        &format!("{RUN_LABEL}={}", env.run),
+        "--leader-elect=true",
+        "--lease-duration",
+        "5s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let op = start_as(&kubeconfig, "rbac-operator", &args);
+    op.wait_ready(Duration::from_secs(60)).await;
+    let ns_cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), NS);
+    let bundle = eventually(T, "signing-cabundle", || async {
+        ns_cms.get_opt("signing-cabundle").await.unwrap()?.data?.remove("ca-bundle.crt")
+    })
+    .await;
+
+    // Serving certificates: create, then a tidy update.
+    env.annotated_service("web", "web-tls", false).await;
+    let secret = env.serving_secret("web-tls", T).await;
+    let mut extra = secret.clone();
+    extra.data.as_mut().unwrap().insert("x".into(), k8s_openapi::ByteString(b"x".to_vec()));
+    env.secrets().replace("web-tls", &PostParams::default(), &extra).await.unwrap();
+    eventually(T, "extra key stripped", || async {
+        (env.secrets().get("web-tls").await.unwrap().data?.len() == 2).then_some(())
+    })
+    .await;
+
+    // Injection into every kind, and a repeated Event (patched, not re-created).
+    let run = env.run.clone();
+    let mut cm: ConfigMap = serde_json::from_value(json!({})).unwrap();
+    cm.metadata = env.meta("cm");
+    cm.metadata.annotations =
+        Some(BTreeMap::from([("service.beta.openshift.io/inject-cabundle".into(), "true".into())]));
+    env.configmaps().create(&PostParams::default(), &cm).await.unwrap();
+    let mut legacy: ConfigMap = serde_json::from_value(json!({})).unwrap();
+    legacy.metadata = env.meta("openshift-service-ca.crt");
+    legacy.metadata.annotations =
+        Some(BTreeMap::from([("service.alpha.openshift.io/inject-vulnerable-legacy-cabundle".into(), "true".into())]));
+    env.configmaps().create(&PostParams::default(), &legacy).await.unwrap();
+    let mut odd: ConfigMap = serde_json::from_value(json!({})).unwrap();
+    odd.metadata = env.meta("odd");
+    odd.metadata.annotations =
+        Some(BTreeMap::from([("service.beta.openshift.io/inject-cabundle".into(), "yes".into())]));
+    env.configmaps().create(&PostParams::default(), &odd).await.unwrap();
+    let with_annotation = |crd: Value| -> Value {
+        let mut crd = crd;
+        crd["metadata"]["annotations"] = json!({ "service.beta.openshift.io/inject-cabundle": "true" });
+        crd
+    };
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
+    let crd = crds
+        .create(&PostParams::default(), &serde_json::from_value(with_annotation(crd_json(&run))).unwrap())
+        .await
+        .unwrap();
+    let mwcs: Api<MutatingWebhookConfiguration> = Api::all(env.client.clone());
+    let mwc = mwcs
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(with_annotation(webhook_json("MutatingWebhookConfiguration", &run, &["a"])))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let vwcs: Api<ValidatingWebhookConfiguration> = Api::all(env.client.clone());
+    let vwc = vwcs
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(with_annotation(webhook_json("ValidatingWebhookConfiguration", &run, &["a"])))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let apis: Api<APIService> = Api::all(env.client.clone());
+    let api_service = apis
+        .create(&PostParams::default(), &serde_json::from_value(with_annotation(apiservice_json(&run))).unwrap())
+        .await
+        .unwrap();
+    eventually(T, "APIService injected", || async {
+        apis.get(&api_service.name_any())
+            .await
+            .unwrap()
+            .spec?
+            .ca_bundle
+            .filter(|b| b.0 == bundle.as_bytes())
+            .map(|_| ())
+    })
+    .await;
+    apis.delete(&api_service.name_any(), &DeleteParams::default()).await.unwrap();
+    for name in ["cm", "openshift-service-ca.crt"] {
+        eventually(T, "ConfigMap injected", || async {
+            env.configmaps().get(name).await.unwrap().data?.get("service-ca.crt").map(|_| ())
+        })
+        .await;
+    }
+    eventually(T, "CRD injected", || async {
+        crds.get(&crd.name_any()).await.unwrap().spec.conversion?.webhook?.client_config?.ca_bundle.map(|_| ())
+    })
+    .await;
+    for poke in 0..2 {
+        // The same warning twice: the second time the Event is patched.
+        let patch = json!({ "metadata": { "labels": { "poke": poke.to_string() } } });
+        env.configmaps().patch("odd", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    // CA lifecycle: a forced rotation (update) and a hard reset (create).
+    let ns_secrets: Api<Secret> = Api::namespaced(env.client.clone(), NS);
+    let patch =
+        json!({ "metadata": { "annotations": { "service-ca.operators.openshift.io/force-rotation": "rbac" } } });
+    ns_secrets.patch("signing-key", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    eventually(T, "the forced rotation", || async {
+        let s = ns_secrets.get("signing-key").await.unwrap();
+        s.data?.contains_key("ca-bundle.crt").then_some(())
+    })
+    .await;
+    ns_secrets.delete("signing-key", &DeleteParams::default()).await.unwrap();
+    eventually(T, "the CA re-created", || async {
+        let s = ns_secrets.get_opt("signing-key").await.unwrap()?;
+        (!s.data?.contains_key("ca-bundle.crt")).then_some(())
+    })
+    .await;
+    eventually(T, "the serving Secret re-issued", || async {
+        let b = ns_cms.get("signing-cabundle").await.unwrap().data?.remove("ca-bundle.crt")?;
+        let s = env.secrets().get("web-tls").await.unwrap();
+        let chain = support::data(&s, "tls.crt");
+        support::tls::rustls_verify_at(&chain, &b, &format!("web.{}.svc", env.ns), std::time::SystemTime::now()).ok()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for name in [crd.name_any()] {
+        crds.delete(&name, &DeleteParams::default()).await.unwrap();
+    }
+    mwcs.delete(&mwc.name_any(), &DeleteParams::default()).await.unwrap();
+    vwcs.delete(&vwc.name_any(), &DeleteParams::default()).await.unwrap();
+
+    // Compare with the audit log: nothing denied, every grant used, nothing used that
+    // is not granted.
+    let (used, denied) = used_by_operator(audit_start);
+    assert!(denied.is_empty(), "requests denied to the operator: {denied:?}");
+    let (cluster, namespaced) = granted();
+    let all: BTreeSet<Grant> = cluster.union(&namespaced).cloned().collect();
+    let unused: Vec<&Grant> = all.iter().filter(|g| !used.contains(*g)).collect();
+    let ungranted: Vec<&Grant> = used.iter().filter(|u| !all.contains(*u)).collect();
+    println!("operator requests by (group, resource, verb): {used:?}");
+    assert!(ungranted.is_empty(), "used but not granted (would fail in a cluster): {ungranted:?}");
+    assert!(unused.is_empty(), "granted but never used by the code (remove from the manifests): {unused:?}");
+    drop(op);
+}
+
+#[tokio::test]
+async fn leader_election_one_writer_fast_handover_no_duplicate_issuance() {
+    let env = Env::new("leader").await;
+    let mut args = env.operator_args();
+    args.retain(|a| a != "--leader-elect=false");
+    args.extend(["--leader-elect=true", "--lease-duration", "4s"].map(String::from));
+    let mut a = Operator::start("leader-a", &args);
+    a.wait_ready(T).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut b = Operator::start("leader-b", &args);
+    b.wait_ready(T).await;
+    let n = 20;
+    for i in 0..n {
+        env.annotated_service(&format!("s{i}"), &format!("s{i}-tls"), false).await;
+    }
+    for i in 0..n {
+        env.serving_secret(&format!("s{i}-tls"), T).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let writes = |metrics: &str, resource: &str, verb: &str| -> u64 {
+        let key = format!("service_ca_api_writes_total{{resource=\"{resource}\",verb=\"{verb}\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(&key)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    };
+    let metrics_a = a.admin_get("/metrics").await.unwrap().1;
+    let metrics_b = b.admin_get("/metrics").await.unwrap().1;
+    let (leader, follower, leader_metrics, follower_metrics) = if writes(&metrics_a, "secrets", "create") > 0 {
+        (&mut a, &mut b, metrics_a, metrics_b)
+    } else {
+        (&mut b, &mut a, metrics_b, metrics_a)
+    };
+    assert_eq!(
+        writes(&leader_metrics, "secrets", "create"),
+        n as u64 + 1,
+        "the leader created the CA and one Secret per Service"
+    );
+    assert!(
+        !follower_metrics.contains("service_ca_api_writes_total"),
+        "the standby wrote nothing:\n{follower_metrics}"
+    );
+    assert!(follower.admin_get("/readyz").await.unwrap().1.contains("standby"));
+
+    // Kill the leader (no chance to release the lease); measure the handover.
+    let killed = Instant::now();
+    leader.kill();
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.op_ns);
+    let standby_id = eventually(Duration::from_secs(30), "the standby to take the lease", || async {
+        let (_, body) = follower.admin_get("/readyz").await?;
+        (!body.contains("standby")).then_some(())
+    })
+    .await;
+    let _ = standby_id;
+    let handover = killed.elapsed();
+    env.annotated_service("after", "after-tls", false).await;
+    env.serving_secret("after-tls", T).await;
+    let served = killed.elapsed();
+    println!(
+        "leader killed: standby took over after {handover:?}; a new Service was served {served:?} after the kill (lease 4 s)"
+    );
+    assert!(handover < Duration::from_secs(12), "handover took {handover:?}");
+    let holder = leases.get("service-ca-operator").await.unwrap().spec.unwrap().holder_identity.unwrap();
+    assert!(!holder.is_empty());
+
+    // No duplicate issuance: the new leader issued only for the new Service.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let m = follower.admin_get("/metrics").await.unwrap().1;
+    assert_eq!(writes(&m, "secrets", "create"), 1, "{m}");
+    assert_eq!(writes(&m, "secrets", "update"), 0, "existing Secrets were not re-issued");
+    let managed = env
+        .secrets()
+        .list(&ListParams::default().labels("service-ca.operators.openshift.io/managed=true"))
+        .await
+        .unwrap();
+    assert_eq!(managed.items.len(), n + 1);
+}
+
+#[tokio::test]
+async fn sigterm_finishes_work_and_releases_the_lease() {
+    let env = Env::new("shutdown").await;
+    let mut args = env.operator_args();
+    args.retain(|a| a != "--leader-elect=false");
+    args.extend(["--leader-elect=true", "--lease-duration", "15s"].map(String::from));
+    let mut first = Operator::start("shutdown-a", &args);
+    first.wait_ready(T).await;
+    env.annotated_service("s", "s-tls", false).await;
+    env.serving_secret("s-tls", T).await;
+    let status = first.stop().expect("exit status");
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+    let logs = first.logs();
+    assert!(logs.contains("released the leader lease"), "{logs}");
+    // A successor does not wait out the 15 s lease.
+    let started = Instant::now();
+    let second = Operator::start("shutdown-b", &args);
+    second.wait_ready(T).await;
+    let took = started.elapsed();
+    println!("successor ready {took:?} after the previous leader exited on SIGTERM (lease 15 s)");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}
+
+#[tokio::test]
+async fn admin_endpoints_serve_probes_and_the_spec_metrics() {
+    let env = Env::new("admin").await;
+    let op = env.start_operator(&[]);
+    op.wait_ready(T).await;
+    env.annotated_service("m", "m-tls", false).await;
+    env.serving_secret("m-tls", T).await;
+    assert_eq!(op.admin_get("/livez").await.unwrap().0, 200);
+    let (status, body) = op.admin_get("/readyz").await.unwrap();
+    assert_eq!((status, body.trim()), (200, "ok"));
+    let names = [
+        "service_ca_expiry_time_seconds ",
+        "service_ca_serving_certificate_expiry_time_seconds{",
+        "service_ca_reconcile_total{controller=\"serving-cert\"}",
+        "service_ca_reconcile_duration_seconds_bucket{controller=\"cert-refresh\"",
+        "service_ca_certificates_issued_total{reason=\"absent\"} 1",
+        "service_ca_signing_key_valid 1",
+    ];
+    let secret_series = format!("namespace=\"{}\",secret=\"m-tls\"", env.ns);
+    eventually(T, "every metric of SPEC section 4", || async {
+        let (_, m) = op.admin_get("/metrics").await?;
+        (m.contains(&secret_series) && names.iter().all(|n| m.contains(n))).then_some(())
+    })
+    .await;
+}
