@@ -37,8 +37,11 @@ fn dockerfile_is_multi_stage_static_non_root_with_the_binary_as_entrypoint() {
     assert!(read(".dockerignore").lines().any(|l| l.trim() == "target/"));
 }
 
-/// (file, rule index, apiGroups, resources, verbs) of every RBAC rule.
-pub fn rbac_rules() -> Vec<(String, Vec<String>, Vec<String>, Vec<String>)> {
+/// (file, apiGroups, resources, verbs) of one RBAC rule.
+type Rule = (String, Vec<String>, Vec<String>, Vec<String>);
+
+/// Every RBAC rule of the manifests.
+fn rbac_rules() -> Vec<Rule> {
     let strings =
         |v: &Value| -> Vec<String> { v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect() };
     let mut out = Vec::new();

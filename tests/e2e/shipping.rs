@@ -348,12 +348,11 @@ async fn leader_election_one_writer_fast_handover_no_duplicate_issuance() {
     let killed = Instant::now();
     leader.kill();
     let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.op_ns);
-    let standby_id = eventually(Duration::from_secs(30), "the standby to take the lease", || async {
+    eventually(Duration::from_secs(30), "the standby to take the lease", || async {
         let (_, body) = follower.admin_get("/readyz").await?;
         (!body.contains("standby")).then_some(())
     })
     .await;
-    let _ = standby_id;
     let handover = killed.elapsed();
     env.annotated_service("after", "after-tls", false).await;
     env.serving_secret("after-tls", T).await;
