@@ -68,12 +68,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Api::<Service>::all(client.clone()),
         watcher::Config::default().labels(&config.selector),
         health.clone(),
+        serving_cert::is_annotated,
         |_| {},
     );
     let (secrets, secret_events) = controllers::cached_watch(
         Api::<Secret>::all(client.clone()),
         watcher::Config::default().labels(&format!("{}={}", ann::MANAGED_LABEL, ann::MANAGED_LABEL_VALUE)),
         health.clone(),
+        |_| true,
         |_| {},
     );
     let metrics = Arc::new(Metrics::new(Some(secrets.clone())));
@@ -89,7 +91,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     let ctx = Arc::new(Context {
         client: client.clone(),
-        keys: KeyPool::new(config.issuance_concurrency()),
+        keys: KeyPool::new(config.issuance_concurrency(), config.key_buffer),
         signer: SignerHandle::default(),
         metrics,
         health: health.clone(),

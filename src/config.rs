@@ -102,6 +102,11 @@ pub struct Config {
     #[arg(long, env = "SERVICE_CA_MAX_CONCURRENT_ISSUANCE")]
     pub max_concurrent_issuance: Option<usize>,
 
+    /// RSA-2048 serving keys kept ready (generated in the background when idle), so
+    /// a new Service does not wait for key generation. 0 disables.
+    #[arg(long, env = "SERVICE_CA_KEY_BUFFER", default_value_t = 4)]
+    pub key_buffer: usize,
+
     /// Objects each controller reconciles at once.
     #[arg(long, env = "SERVICE_CA_CONTROLLER_CONCURRENCY", default_value_t = 16)]
     pub controller_concurrency: u16,

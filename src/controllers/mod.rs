@@ -22,7 +22,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{self, Store};
@@ -106,22 +106,37 @@ fn truncate(mut s: String, max: usize) -> String {
     s
 }
 
-/// A watch of `api` that feeds a cache (`Store`) and yields every touched object, with
-/// what the operator never reads dropped before it is cached (managedFields, the
-/// last-applied annotation), and errors reported to the readiness probe.
+/// A watch of `api` that feeds a cache (`Store`) and yields the relevant objects it
+/// touched.
+///
+/// Only objects for which `relevant` holds are cached: an object that stops being
+/// relevant (its annotation removed) leaves the cache, and unrelated objects never
+/// enter it, so a cluster full of unannotated objects costs no memory. What the
+/// operator never reads is dropped before caching (managedFields, the last-applied
+/// annotation, and whatever `trim` removes), and watch errors are reported to the
+/// readiness probe.
 pub fn cached_watch<K>(
     api: kube::Api<K>,
     config: watcher::Config,
     health: Arc<Health>,
+    relevant: impl Fn(&K) -> bool + Clone + Send + Sync + 'static,
     mut trim: impl FnMut(&mut K) + Send + 'static,
 ) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send + 'static)
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
+    let still_relevant = relevant.clone();
     let stream = watcher(api, config)
         .default_backoff()
         .inspect(move |event| health.observe_api(event.is_ok()))
+        .filter_map(move |event| {
+            futures::future::ready(match event {
+                Ok(watcher::Event::InitApply(obj)) if !relevant(&obj) => None,
+                Ok(watcher::Event::Apply(obj)) if !relevant(&obj) => Some(Ok(watcher::Event::Delete(obj))),
+                other => Some(other),
+            })
+        })
         .modify(move |obj: &mut K| {
             let meta = obj.meta_mut();
             meta.managed_fields = None;
@@ -131,16 +146,19 @@ where
             trim(obj);
         })
         .reflect(writer)
-        .touched_objects();
+        .touched_objects()
+        .try_filter(move |obj| futures::future::ready(still_relevant(obj)));
     (reader, stream)
 }
 
-/// The same for metadata-only watches (objects we only need to see annotated).
+/// [`cached_watch`] of metadata only, for objects the operator merely needs to see
+/// annotated (their bodies are read when acting): only objects with an annotation
+/// `keep` accepts are cached, with no labels and no other annotations.
 pub fn cached_metadata_watch<K>(
     client: Client,
     config: watcher::Config,
     health: Arc<Health>,
-    keep_annotation: fn(&str) -> bool,
+    keep: fn(&str) -> bool,
 ) -> (
     Store<kube::core::PartialObjectMeta<K>>,
     impl Stream<Item = Result<kube::core::PartialObjectMeta<K>, watcher::Error>> + Send + 'static,
@@ -148,21 +166,16 @@ pub fn cached_metadata_watch<K>(
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
-    let (reader, writer) = reflector::store();
     let api = kube::Api::<kube::core::PartialObjectMeta<K>>::all(client);
-    let stream = watcher(api, config)
-        .default_backoff()
-        .inspect(move |event| health.observe_api(event.is_ok()))
-        .modify(move |obj: &mut kube::core::PartialObjectMeta<K>| {
-            obj.metadata.managed_fields = None;
-            obj.metadata.labels = None;
-            if let Some(annotations) = obj.metadata.annotations.as_mut() {
-                annotations.retain(|k, _| keep_annotation(k));
-            }
-        })
-        .reflect(writer)
-        .touched_objects();
-    (reader, stream)
+    let relevant = move |obj: &kube::core::PartialObjectMeta<K>| {
+        obj.metadata.annotations.as_ref().is_some_and(|a| a.keys().any(|k| keep(k)))
+    };
+    cached_watch(api, config, health, relevant, move |obj| {
+        obj.metadata.labels = None;
+        if let Some(annotations) = obj.metadata.annotations.as_mut() {
+            annotations.retain(|k, _| keep(k));
+        }
+    })
 }
 
 /// Exponential retry delay: 1 s, 2 s, 4 s … capped at 60 s.

@@ -78,6 +78,13 @@ pub async fn run(
         .await;
 }
 
+/// Whether a Service carries a serving-cert annotation (of any value): the only
+/// Services worth caching.
+pub fn is_annotated(svc: &Service) -> bool {
+    let annotations = svc.annotations();
+    [ann::BETA, ann::ALPHA].iter().any(|f| annotations.contains_key(f.serving_cert_secret_name))
+}
+
 fn trigger_hash(svc: &Service) -> Option<u64> {
     let mut h = DefaultHasher::new();
     svc.uid().hash(&mut h);
@@ -230,17 +237,25 @@ pub fn failures(svc: &Service) -> u32 {
 }
 
 /// Success: `serving-cert-signed-by` = the CA's CN and no error annotations. Written
-/// only when something differs.
+/// only when something differs — in the cached Service and, to avoid writing twice
+/// when the cache lags behind our previous write, in a fresh read.
 async fn mark_signed(ctx: &Context, svc: &Service, ca_cn: &str) -> Result<(), Error> {
-    let annotations = svc.annotations();
     let families = [ann::BETA, ann::ALPHA];
-    let up_to_date = families.iter().all(|f: &Family| {
-        annotations.get(f.signed_by).map(String::as_str) == Some(ca_cn)
-            && !annotations.contains_key(f.generation_error)
-            && !annotations.contains_key(f.generation_error_num)
-    });
-    if up_to_date {
+    let up_to_date = |svc: &Service| {
+        let annotations = svc.annotations();
+        families.iter().all(|f: &Family| {
+            annotations.get(f.signed_by).map(String::as_str) == Some(ca_cn)
+                && !annotations.contains_key(f.generation_error)
+                && !annotations.contains_key(f.generation_error_num)
+        })
+    };
+    if up_to_date(svc) {
         return Ok(());
+    }
+    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
+    match api.get_opt(&svc.name_any()).await? {
+        Some(fresh) if !up_to_date(&fresh) => {}
+        _ => return Ok(()),
     }
     let mut patch = serde_json::Map::new();
     for f in families {

@@ -137,7 +137,7 @@ func writePKI(dir string) (*pkiFiles, error) {
 
 	serving, servingKey, err := ca.issue("kube-apiserver", nil,
 		[]string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"},
-		[]net.IP{net.ParseIP("127.0.0.1"), net.ParseIP("10.0.0.1")})
+		[]net.IP{net.ParseIP("127.0.0.1"), net.ParseIP("10.96.0.1")})
 	if err != nil {
 		return nil, err
 	}

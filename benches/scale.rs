@@ -1,0 +1,570 @@
+//! `make bench`: figures at scale on the real control plane (tests/controlplane), with
+//! the release build of the operator, run as users run it (no selector).
+//!
+//! B1 time to ready, B2 bulk issuance vs. the key-generation limit, B3 rotation,
+//! B4 injection, B5 memory, B6 API economy. Prints a table and writes
+//! target/bench/results.json. Sizes scale with BENCH_SCALE (default 1.0).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use serde_json::{Value, json};
+use service_ca_operator::pki::{self, PrivateKey};
+
+use support::{Env, Operator, eventually, proc_status_kib};
+
+const CREATE_CONCURRENCY: usize = 32;
+
+fn scaled(n: usize) -> usize {
+    let scale: f64 = std::env::var("BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
+    ((n as f64 * scale).round() as usize).max(10)
+}
+
+struct Report {
+    rows: Vec<(String, String, String)>,
+    json: serde_json::Map<String, Value>,
+}
+
+impl Report {
+    fn row(&mut self, what: &str, figure: String, target: &str) {
+        println!("  {what:<58} {figure:<34} {target}");
+        self.rows.push((what.into(), figure, target.into()));
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// First time each object of `api` (selected by `labels`) satisfied `ready`.
+fn first_seen<K>(api: Api<K>, labels: &str, ready: fn(&K) -> bool) -> Arc<Mutex<HashMap<String, Instant>>>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let seen = Arc::new(Mutex::new(HashMap::new()));
+    let out = seen.clone();
+    let config = watcher::Config::default().labels(labels);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(watcher(api, config).default_backoff().applied_objects());
+        while let Some(Ok(obj)) = stream.next().await {
+            if ready(&obj) {
+                out.lock().unwrap().entry(obj.name_any()).or_insert_with(Instant::now);
+            }
+        }
+    });
+    seen
+}
+
+fn has_cert(s: &Secret) -> bool {
+    s.data.as_ref().is_some_and(|d| d.get("tls.crt").is_some_and(|v| !v.0.is_empty()))
+}
+
+fn injected(cm: &ConfigMap) -> bool {
+    cm.data.as_ref().is_some_and(|d| d.contains_key("service-ca.crt"))
+}
+
+/// Write requests the API server has served, per (resource, verb), from its metrics.
+async fn apiserver_writes(client: &Client) -> BTreeMap<(String, String), u64> {
+    let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
+    let text = client.request_text(request).await.unwrap_or_default();
+    let mut out = BTreeMap::new();
+    for line in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
+        let label = |name: &str| {
+            let key = format!("{name}=\"");
+            line.split(&key).nth(1).and_then(|r| r.split('"').next()).unwrap_or("").to_string()
+        };
+        let verb = label("verb");
+        if !["POST", "PUT", "PATCH", "DELETE"].contains(&verb.as_str()) || !label("subresource").is_empty() {
+            continue;
+        }
+        let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        *out.entry((label("resource"), verb)).or_insert(0) += value as u64;
+    }
+    out
+}
+
+fn diff(
+    after: &BTreeMap<(String, String), u64>,
+    before: &BTreeMap<(String, String), u64>,
+) -> BTreeMap<(String, String), u64> {
+    after.iter().map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0))).filter(|(_, v)| *v > 0).collect()
+}
+
+fn operator_writes(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("service_ca_api_writes_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+fn rss_mib(op: &Operator) -> (f64, f64) {
+    (proc_status_kib(op.pid(), "VmRSS") as f64 / 1024.0, proc_status_kib(op.pid(), "VmHWM") as f64 / 1024.0)
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces): state is field 3.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The control plane's processes: (harness with embedded etcd, kube-apiserver,
+/// kube-controller-manager).
+fn control_plane_pids() -> Vec<(&'static str, u32)> {
+    let harness: u32 = std::fs::read_to_string(support::controlplane_dir().join("harness.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    let mut out = vec![("etcd + harness", harness)];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let ppid: u32 = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0);
+        if ppid != harness || harness == 0 {
+            continue;
+        }
+        let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if cmdline.contains("kube-apiserver") {
+            out.push(("kube-apiserver", pid));
+        } else if cmdline.contains("kube-controller-manager") {
+            out.push(("kube-controller-manager", pid));
+        }
+    }
+    out
+}
+
+/// RSA-2048 keys per second with one thread per core, for `duration`.
+fn keygen_limit(threads: usize, duration: Duration) -> f64 {
+    let started = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while started.elapsed() < duration {
+                    PrivateKey::generate_rsa(2048).unwrap();
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let total: u64 = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn create_services(env: &Env, prefix: &str, n: usize) -> HashMap<String, Instant> {
+    futures::stream::iter(0..n)
+        .map(|i| async move {
+            let name = format!("{prefix}{i}");
+            let started = Instant::now();
+            env.annotated_service(&name, &format!("{name}-tls"), false).await;
+            (format!("{name}-tls"), started)
+        })
+        .buffer_unordered(CREATE_CONCURRENCY)
+        .collect()
+        .await
+}
+
+async fn count_issued_by(env: &Env, ski: &[u8]) -> usize {
+    let list = env
+        .secrets()
+        .list(&ListParams::default().labels("service-ca.operators.openshift.io/managed=true"))
+        .await
+        .unwrap();
+    list.items
+        .iter()
+        .filter(|s| {
+            let crt = support::data(s, "tls.crt");
+            pki::pem::decode_certificates("tls.crt", crt.as_bytes())
+                .ok()
+                .and_then(|d| pki::CertInfo::parse("tls.crt", d[0].clone()).ok())
+                .is_some_and(|c| c.authority_key_id.as_deref() == Some(ski))
+        })
+        .count()
+}
+
+fn ca_ski(secret: &Secret) -> Vec<u8> {
+    let ders = pki::pem::decode_certificates("tls.crt", support::data(secret, "tls.crt").as_bytes()).unwrap();
+    pki::CertInfo::parse("tls.crt", ders[0].clone()).unwrap().subject_key_id.unwrap()
+}
+
+#[tokio::main]
+async fn main() {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let env = Env::new("bench").await;
+    let client = env.client.clone();
+    let mut report = Report { rows: Vec::new(), json: serde_json::Map::new() };
+    let args: Vec<String> = ["--namespace", &env.op_ns, "--leader-elect=false"].iter().map(|s| s.to_string()).collect();
+    println!(
+        "service-ca-operator benchmarks: {cores} CPUs; operator: release build, no selector, controller concurrency 16, \
+         key pool {cores}, no client-side rate limit (kube-rs has none); bench client: {CREATE_CONCURRENCY} concurrent creates"
+    );
+    report.json.insert(
+        "setup".into(),
+        json!({ "cpus": cores, "controller_concurrency": 16, "key_pool": cores, "client_rate_limit": "none",
+                "bench_create_concurrency": CREATE_CONCURRENCY }),
+    );
+
+    let op = Operator::start("bench", &args);
+    op.wait_ready(Duration::from_secs(60)).await;
+    let bundle = env.ca_bundle().await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (_, idle_peak) = rss_mib(&op);
+
+    // B1: one at a time.
+    let secrets_seen = first_seen(env.secrets(), "service-ca.operators.openshift.io/managed=true", has_cert);
+    let n1 = scaled(200);
+    let writes_before = apiserver_writes(&client).await;
+    let op_writes_before = operator_writes(&op.admin_get("/metrics").await.unwrap().1);
+    let mut latencies = Vec::with_capacity(n1);
+    for i in 0..n1 {
+        let name = format!("one{i}");
+        let started = Instant::now();
+        env.annotated_service(&name, &format!("{name}-tls"), false).await;
+        let secret = format!("{name}-tls");
+        let seen = eventually(Duration::from_secs(30), "Secret", || {
+            let at = secrets_seen.lock().unwrap().get(&secret).copied();
+            async move { at }
+        })
+        .await;
+        latencies.push(seen - started);
+    }
+    latencies.sort();
+    let (p50, p95, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.95), percentile(&latencies, 0.99));
+    println!("\nB1 time to ready ({n1} Services created one at a time)");
+    report.row("B1 Service created -> Secret with certificate: p50", format!("{:.0} ms", ms(p50)), "target <= 100 ms");
+    report.row("B1 p95", format!("{:.0} ms", ms(p95)), "");
+    report.row("B1 p99", format!("{:.0} ms", ms(p99)), "target <= 300 ms");
+    report.json.insert("b1".into(), json!({ "n": n1, "p50_ms": ms(p50), "p95_ms": ms(p95), "p99_ms": ms(p99), "max_ms": ms(*latencies.last().unwrap()) }));
+
+    // B6 (part 1): writes per issued certificate, counted by the API server.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let writes = diff(&apiserver_writes(&client).await, &writes_before);
+    let op_writes = operator_writes(&op.admin_get("/metrics").await.unwrap().1) - op_writes_before;
+    let per = |resource: &str, verb: &str| {
+        *writes.get(&(resource.to_string(), verb.to_string())).unwrap_or(&0) as f64 / n1 as f64
+    };
+    println!("\nB6 API economy (API server's own request counters during B1)");
+    report.row(
+        "B6 Secret writes per certificate (POST)",
+        format!("{:.2}", per("secrets", "POST") + per("secrets", "PUT")),
+        "target 1",
+    );
+    report.row("B6 Service writes per certificate (PATCH)", format!("{:.2}", per("services", "PATCH")), "target 1");
+    report.row(
+        "B6 Event writes per certificate (POST+PATCH)",
+        format!("{:.2}", per("events", "POST") + per("events", "PATCH")),
+        "(not in the target)",
+    );
+    report.json.insert(
+        "b6_writes".into(),
+        json!({ "certificates": n1, "by_resource_verb": writes.iter().map(|((r, v), n)| (format!("{r} {v}"), *n)).collect::<BTreeMap<_, _>>(),
+                "operator_counted_writes": op_writes }),
+    );
+
+    // Key-generation limit, measured now on the same cores (the cluster is idle).
+    let limit = keygen_limit(cores, Duration::from_secs(8));
+
+    // B2: many at once.
+    let n2 = scaled(1000);
+    let mut processes = control_plane_pids();
+    processes.push(("operator", op.pid()));
+    processes.push(("bench client", std::process::id()));
+    let cpu_before: Vec<f64> = processes.iter().map(|(_, pid)| cpu_seconds(*pid)).collect();
+    let started = Instant::now();
+    let created = create_services(&env, "bulk", n2).await;
+    let create_took = started.elapsed();
+    eventually(Duration::from_secs(600), "every bulk Secret", || {
+        let done = created.keys().all(|k| secrets_seen.lock().unwrap().contains_key(k));
+        async move { done.then_some(()) }
+    })
+    .await;
+    let last = created.keys().map(|k| secrets_seen.lock().unwrap()[k]).max().unwrap();
+    let total = last - started;
+    let cpu_used: Vec<(&str, f64)> =
+        processes.iter().zip(&cpu_before).map(|((name, pid), before)| (*name, cpu_seconds(*pid) - before)).collect();
+    let rate = n2 as f64 / total.as_secs_f64();
+    let mut bulk_lat: Vec<Duration> = created.iter().map(|(k, t)| secrets_seen.lock().unwrap()[k] - *t).collect();
+    bulk_lat.sort();
+    // Every one valid.
+    let all = env
+        .secrets()
+        .list(&ListParams::default().labels("service-ca.operators.openshift.io/managed=true"))
+        .await
+        .unwrap();
+    let invalid = all
+        .items
+        .iter()
+        .filter(|s| {
+            let svc = s.name_any().trim_end_matches("-tls").to_string();
+            support::tls::rustls_verify_at(
+                &support::data(s, "tls.crt"),
+                &bundle,
+                &format!("{svc}.{}.svc", env.ns),
+                SystemTime::now(),
+            )
+            .is_err()
+        })
+        .count();
+    println!("\nB2 bulk ({n2} Services created at once; creation itself took {create_took:.1?})");
+    report.row("B2 all Secrets valid after", format!("{:.1} s ({invalid} invalid)", total.as_secs_f64()), "");
+    report.row("B2 certificates per second", format!("{rate:.1}/s"), "");
+    report.row(&format!("B2 RSA-2048 key-generation limit ({cores} threads, same run)"), format!("{limit:.1}/s"), "");
+    report.row("B2 ratio to the key-generation limit", format!("{:.0} %", rate / limit * 100.0), "target >= 80 %");
+    report.row(
+        "B2 per-Service latency p50 / p99",
+        format!(
+            "{:.1} s / {:.1} s",
+            percentile(&bulk_lat, 0.5).as_secs_f64(),
+            percentile(&bulk_lat, 0.99).as_secs_f64()
+        ),
+        "",
+    );
+    let available = total.as_secs_f64() * cores as f64;
+    for (name, used) in &cpu_used {
+        report.row(
+            &format!("B2 CPU used by {name}"),
+            format!("{used:.1} s ({:.0} % of {cores} CPUs)", used / available * 100.0),
+            "",
+        );
+    }
+    report.json.insert(
+        "b2".into(),
+        json!({ "n": n2, "seconds": total.as_secs_f64(), "certs_per_second": rate, "keygen_limit_per_second": limit,
+                "ratio": rate / limit, "invalid": invalid, "creation_seconds": create_took.as_secs_f64(),
+                "cpu_seconds": cpu_used.iter().map(|(n, c)| (n.to_string(), *c)).collect::<BTreeMap<_, _>>() }),
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (rss_managed, peak_managed) = rss_mib(&op);
+
+    // B4: injection into many ConfigMaps at once.
+    let n4 = scaled(1000);
+    let cms_seen = first_seen(env.configmaps(), &format!("{}={}", support::RUN_LABEL, env.run), injected);
+    let started = Instant::now();
+    let cm_created: HashMap<String, Instant> = futures::stream::iter(0..n4)
+        .map(|i| {
+            let env = &env;
+            async move {
+                let mut cm: ConfigMap = serde_json::from_value(json!({})).unwrap();
+                cm.metadata = env.meta(&format!("cm{i}"));
+                cm.metadata.annotations =
+                    Some(BTreeMap::from([("service.beta.openshift.io/inject-cabundle".into(), "true".into())]));
+                let t = Instant::now();
+                env.configmaps().create(&PostParams::default(), &cm).await.unwrap();
+                (format!("cm{i}"), t)
+            }
+        })
+        .buffer_unordered(CREATE_CONCURRENCY)
+        .collect()
+        .await;
+    eventually(Duration::from_secs(300), "every ConfigMap injected", || {
+        let done = cm_created.keys().all(|k| cms_seen.lock().unwrap().contains_key(k));
+        async move { done.then_some(()) }
+    })
+    .await;
+    let last = cm_created.keys().map(|k| cms_seen.lock().unwrap()[k]).max().unwrap();
+    let mut per_object: Vec<Duration> = cm_created.iter().map(|(k, t)| cms_seen.lock().unwrap()[k] - *t).collect();
+    per_object.sort();
+    println!("\nB4 injection ({n4} annotated ConfigMaps created at once)");
+    report.row("B4 all injected after", format!("{:.1} s", (last - started).as_secs_f64()), "");
+    report.row("B4 per object (created -> injected) p50", format!("{:.0} ms", ms(percentile(&per_object, 0.5))), "");
+    report.json.insert(
+        "b4".into(),
+        json!({ "n": n4, "seconds": (last - started).as_secs_f64(), "p50_ms": ms(percentile(&per_object, 0.5)),
+                "p99_ms": ms(percentile(&per_object, 0.99)) }),
+    );
+
+    // B3: forced rotation with everything above in place.
+    let n_secrets = n1 + n2;
+    let old_ski = ca_ski(&env.op_secrets().get("signing-key").await.unwrap());
+    let started = Instant::now();
+    let patch =
+        json!({ "metadata": { "annotations": { "service-ca.operators.openshift.io/force-rotation": "bench" } } });
+    env.op_secrets().patch("signing-key", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let new_ski = eventually(Duration::from_secs(30), "the rotation", || async {
+        let ski = ca_ski(&env.op_secrets().get("signing-key").await.unwrap());
+        (ski != old_ski).then_some(ski)
+    })
+    .await;
+    let new_bundle = env.op_configmaps().get("signing-cabundle").await.unwrap().data.unwrap()["ca-bundle.crt"].clone();
+    let mut injected_at = None;
+    let mut reissued_at = None;
+    while injected_at.is_none() || reissued_at.is_none() {
+        if injected_at.is_none() {
+            let cms = env
+                .configmaps()
+                .list(&ListParams::default().labels(&format!("{}={}", support::RUN_LABEL, env.run)))
+                .await
+                .unwrap();
+            if cms
+                .items
+                .iter()
+                .filter(|c| c.data.as_ref().and_then(|d| d.get("service-ca.crt")) == Some(&new_bundle))
+                .count()
+                == n4
+            {
+                injected_at = Some(started.elapsed());
+            }
+        }
+        if reissued_at.is_none() && count_issued_by(&env, &new_ski).await == n_secrets {
+            reissued_at = Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(started.elapsed() < Duration::from_secs(900), "rotation did not finish");
+    }
+    let (reissued, reinjected) = (reissued_at.unwrap(), injected_at.unwrap());
+    println!("\nB3 rotation (forced, {n_secrets} serving Secrets, {n4} injected ConfigMaps)");
+    report.row("B3 every bundle re-injected after", format!("{:.1} s", reinjected.as_secs_f64()), "");
+    report.row("B3 every leaf re-issued after", format!("{:.1} s", reissued.as_secs_f64()), "");
+    report.row(
+        "B3 re-issue rate vs. B2 rate",
+        format!("{:.1}/s vs {:.1}/s", n_secrets as f64 / reissued.as_secs_f64(), rate),
+        "",
+    );
+    report.json.insert(
+        "b3".into(),
+        json!({ "secrets": n_secrets, "configmaps": n4, "reissued_seconds": reissued.as_secs_f64(),
+                "reinjected_seconds": reinjected.as_secs_f64(), "reissue_rate": n_secrets as f64 / reissued.as_secs_f64() }),
+    );
+
+    // B6 (part 2): a quiet minute.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let quiet =
+        Duration::from_secs(std::env::var("BENCH_QUIET_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(60));
+    let before = apiserver_writes(&client).await;
+    let op_before = operator_writes(&op.admin_get("/metrics").await.unwrap().1);
+    tokio::time::sleep(quiet).await;
+    let quiet_writes = diff(&apiserver_writes(&client).await, &before);
+    let op_quiet = operator_writes(&op.admin_get("/metrics").await.unwrap().1) - op_before;
+    // Resources the operator writes; the API server's own identity Lease renewals
+    // (coordination.k8s.io leases, every 10 s) are not the operator's.
+    let ours = [
+        "secrets",
+        "services",
+        "configmaps",
+        "events",
+        "apiservices",
+        "customresourcedefinitions",
+        "mutatingwebhookconfigurations",
+        "validatingwebhookconfigurations",
+    ];
+    let on_ours: u64 = quiet_writes.iter().filter(|((r, _), _)| ours.contains(&r.as_str())).map(|(_, n)| n).sum();
+    let others: Vec<String> = quiet_writes
+        .iter()
+        .filter(|((r, _), _)| !ours.contains(&r.as_str()))
+        .map(|((r, v), n)| format!("{n} {v} {r}"))
+        .collect();
+    println!("\nB6 quiet window ({} s, everything up to date)", quiet.as_secs());
+    report.row("B6 writes by the operator (its own counter)", format!("{op_quiet}"), "target 0");
+    report.row("B6 API server writes to what the operator manages", format!("{on_ours}"), "target 0");
+    report.row(
+        "B6 other API server writes (not the operator's)",
+        if others.is_empty() { "none".into() } else { others.join(", ") },
+        "",
+    );
+    report.json.insert("b6_quiet".into(), json!({ "seconds": quiet.as_secs(), "operator_writes": op_quiet,
+        "apiserver_writes": quiet_writes.iter().map(|((r, v), n)| (format!("{r} {v}"), *n)).collect::<BTreeMap<_, _>>() }));
+
+    // B5: memory.
+    let (rss_after_all, peak_after_all) = rss_mib(&op);
+    let n_unrelated = scaled(10_000);
+    let noise = format!("{}-noise", env.ns);
+    support::create_namespace(&client, &noise).await;
+    let noise_secrets: Api<Secret> = Api::namespaced(client.clone(), &noise);
+    let noise_cms: Api<ConfigMap> = Api::namespaced(client.clone(), &noise);
+    let blob = ByteString(vec![b'x'; 32 * 1024]);
+    let started = Instant::now();
+    futures::stream::iter(0..n_unrelated)
+        .map(|i| {
+            let (s, c, blob) = (noise_secrets.clone(), noise_cms.clone(), blob.clone());
+            async move {
+                let secret: Secret = Secret {
+                    metadata: kube::api::ObjectMeta { name: Some(format!("noise{i}")), ..Default::default() },
+                    data: Some(BTreeMap::from([("blob".to_string(), blob)])),
+                    ..Default::default()
+                };
+                s.create(&PostParams::default(), &secret).await.unwrap();
+                let cm: ConfigMap = serde_json::from_value(
+                    json!({ "metadata": { "name": format!("noise{i}") }, "data": { "k": "v" } }),
+                )
+                .unwrap();
+                c.create(&PostParams::default(), &cm).await.unwrap();
+            }
+        })
+        .buffer_unordered(CREATE_CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await;
+    println!(
+        "\n(created {n_unrelated} unrelated 32 KiB Secrets and {n_unrelated} unrelated ConfigMaps in {:.0?})",
+        started.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (rss_noise, peak_noise) = rss_mib(&op);
+    // A fresh start with everything present: the initial lists are the peak.
+    drop(op);
+    let restarted = Instant::now();
+    let op2 = Operator::start("bench-restart", &args);
+    op2.wait_ready(Duration::from_secs(120)).await;
+    let ready_after = restarted.elapsed();
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let (rss_restart, peak_restart) = rss_mib(&op2);
+    let managed = n1 + n2;
+    println!("\nB5 memory (VmHWM = peak RSS of the operator process, VmRSS = current)");
+    report.row("B5 idle (CA loaded, nothing managed): peak", format!("{idle_peak:.1} MiB"), "");
+    report.row(
+        &format!("B5 with {managed} managed Services + Secrets: peak / current"),
+        format!("{peak_managed:.1} / {rss_managed:.1} MiB"),
+        "target <= 64 MiB",
+    );
+    report.row(
+        &format!("B5 + {n4} injected ConfigMaps, after rotation: peak / current"),
+        format!("{peak_after_all:.1} / {rss_after_all:.1} MiB"),
+        "",
+    );
+    report.row(
+        &format!("B5 + {n_unrelated} unrelated 32 KiB Secrets + {n_unrelated} ConfigMaps"),
+        format!("{peak_noise:.1} / {rss_noise:.1} MiB ({:+.1} %)", (rss_noise / rss_after_all - 1.0) * 100.0),
+        "target <= +10 %",
+    );
+    report.row(
+        "B5 fresh start with all of the above present: peak / current",
+        format!("{peak_restart:.1} / {rss_restart:.1} MiB (ready in {:.1} s)", ready_after.as_secs_f64()),
+        "",
+    );
+    report.json.insert(
+        "b5".into(),
+        json!({ "idle_peak_mib": idle_peak, "managed": managed, "managed_peak_mib": peak_managed, "managed_rss_mib": rss_managed,
+                "all_peak_mib": peak_after_all, "all_rss_mib": rss_after_all, "unrelated": n_unrelated,
+                "unrelated_peak_mib": peak_noise, "unrelated_rss_mib": rss_noise,
+                "unrelated_growth": rss_noise / rss_after_all - 1.0,
+                "restart_peak_mib": peak_restart, "restart_rss_mib": rss_restart, "restart_ready_seconds": ready_after.as_secs_f64() }),
+    );
+
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("results.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&Value::Object(report.json)).unwrap()).unwrap();
+    println!("\nresults written to {}", path.display());
+}

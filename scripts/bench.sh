@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# `make bench`: the scale benchmarks (benches/scale.rs) against a fresh local control
+# plane of their own, with the release build of the operator.
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+unset SERVICE_CA_TEST_KUBECONFIG
+export CONTROLPLANE_DIR="$top/target/bench-controlplane"
+cargo build --release --bins
+scripts/with-controlplane.sh cargo bench --bench scale "$@"
