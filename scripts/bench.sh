@@ -6,5 +6,4 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 unset SERVICE_CA_TEST_KUBECONFIG
 export CONTROLPLANE_DIR="$top/target/bench-controlplane"
-cargo build --release --bins
 scripts/with-controlplane.sh cargo bench --bench scale "$@"

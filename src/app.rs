@@ -5,16 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::watcher;
-use kube::{Api, Client};
 use tokio::sync::watch;
 
 use crate::admin::{self, Health, Role};
 use crate::annotations as ann;
 use crate::config::Config;
-use crate::controllers::{self, Context, ca_bundle, ca_lifecycle, cert_refresh, serving_cert};
+use crate::controllers::{Context, ServingWatches, ca_bundle, ca_lifecycle, cert_refresh, serving_cert};
 use crate::metrics::Metrics;
 use crate::signer::{KeyPool, SignerHandle};
 
@@ -63,21 +61,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let health = Arc::new(Health::default());
     let identity = config.lease_identity.clone().unwrap_or_else(default_identity);
 
-    // Caches: Services (those the selector picks) and our own serving Secrets, by label.
-    let (services, service_events) = controllers::cached_watch(
-        Api::<Service>::all(client.clone()),
-        watcher::Config::default().labels(&config.selector),
-        health.clone(),
-        serving_cert::is_annotated,
-        |_| {},
-    );
-    let (secrets, secret_events) = controllers::cached_watch(
-        Api::<Secret>::all(client.clone()),
-        watcher::Config::default().labels(&format!("{}={}", ann::MANAGED_LABEL, ann::MANAGED_LABEL_VALUE)),
-        health.clone(),
-        |_| true,
-        |_| {},
-    );
+    // Caches of annotated Services (those the selector picks) and our own serving
+    // Secrets (by label), shared by the serving-cert and cert-refresh controllers.
+    let serving = ServingWatches::new(&client, &config.selector, health.clone());
+    let (services, secrets) = (serving.services.clone(), serving.secrets.clone());
     let metrics = Arc::new(Metrics::new(Some(secrets.clone())));
 
     let listener =
@@ -131,8 +118,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let controllers = async {
         tokio::join!(
             ca_lifecycle::run(ctx.clone(), shutdown.signal()),
-            serving_cert::run(ctx.clone(), (services.clone(), service_events), shutdown.signal()),
-            cert_refresh::run(ctx.clone(), (secrets.clone(), secret_events), shutdown.signal()),
+            serving_cert::run(
+                ctx.clone(),
+                services.clone(),
+                serving.service_events,
+                secrets.clone(),
+                serving.secret_changes,
+                shutdown.signal()
+            ),
+            cert_refresh::run(
+                ctx.clone(),
+                secrets.clone(),
+                serving.secret_events,
+                services.clone(),
+                serving.service_changes,
+                shutdown.signal()
+            ),
             ca_bundle::run(ctx.clone(), shutdown.clone()),
             synced,
         )

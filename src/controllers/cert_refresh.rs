@@ -7,8 +7,7 @@
 //! with; it strips extra data keys without re-issuing. A Secret whose Service no
 //! longer names it is left alone.
 //!
-//! The Secret comes from this controller's cache (label-selected); the Service is read
-//! fresh from the API server.
+//! Secrets and Services both come from the shared caches (see `ServingWatches`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,66 +18,61 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
-use kube::{Api, Resource, ResourceExt};
+use kube::{Resource, ResourceExt};
 use time::OffsetDateTime;
 
 use super::serving_cert::{Error, leaf_request};
-use super::serving_secret::{self, Content, Wanted, secret_facts, service_facts, wanted};
-use super::{Context, selector_matches, until};
-use crate::annotations as ann;
+use super::serving_secret::{self, Content, Wanted, originating_service, secret_facts, service_facts, wanted};
+use super::{Context, until};
 use crate::pki::{Decision, format_expiry};
 
 pub const NAME: &str = "cert-refresh";
 
+struct State {
+    ctx: Arc<Context>,
+    services: Store<Service>,
+}
+
 pub async fn run(
     ctx: Arc<Context>,
-    secrets: (Store<Secret>, impl Stream<Item = Result<Secret, watcher::Error>> + Send + 'static),
+    secrets: Store<Secret>,
+    secret_events: impl Stream<Item = Result<Secret, watcher::Error>> + Send + 'static,
+    services: Store<Service>,
+    service_changes: impl Stream<Item = ObjectRef<Secret>> + Send + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let (store, stream) = secrets;
-    let service_api = Api::<Service>::all(ctx.client.clone());
-    let service_config = watcher::Config::default().labels(&ctx.config.selector);
-    Controller::for_stream(stream, store)
+    Controller::for_stream(secret_events, secrets)
         // A Service change (e.g. it became headless) concerns the Secret it names.
-        .watches(service_api, service_config, |svc: Service| match wanted(&svc) {
-            Wanted::Named { name, .. } => Some(ObjectRef::new(name).within(&svc.namespace().unwrap_or_default())),
-            _ => None,
-        })
+        .reconcile_on(service_changes)
         .reconcile_all_on(ctx.signer.changes())
         .with_config(kube::runtime::controller::Config::default().concurrency(ctx.config.controller_concurrency))
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, error_policy, Arc::new(State { ctx, services }))
         .for_each(|_| async {})
         .await;
 }
 
-fn error_policy(secret: Arc<Secret>, error: &Error, _: Arc<Context>) -> Action {
+fn error_policy(secret: Arc<Secret>, error: &Error, _: Arc<State>) -> Action {
     tracing::warn!(secret = %ObjectRef::from_obj(secret.as_ref()), %error, "cert-refresh reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }
 
-async fn reconcile(secret: Arc<Secret>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn reconcile(secret: Arc<Secret>, st: Arc<State>) -> Result<Action, Error> {
     let started = Instant::now();
-    let result = reconcile_secret(&secret, &ctx).await;
-    ctx.observe(NAME, started, result.as_ref().map(|_| ()));
+    let result = reconcile_secret(&secret, &st).await;
+    st.ctx.observe(NAME, started, result.as_ref().map(|_| ()));
     result
 }
 
-async fn reconcile_secret(secret: &Secret, ctx: &Context) -> Result<Action, Error> {
+async fn reconcile_secret(secret: &Secret, st: &State) -> Result<Action, Error> {
+    let ctx = &st.ctx;
     let namespace = secret.namespace().unwrap_or_default();
     let name = secret.name_any();
-    let annotations = secret.annotations();
-    let Some(service_name) = [ann::BETA, ann::ALPHA].iter().find_map(|f| annotations.get(f.originating_service_name))
-    else {
+    // Gone (garbage collection follows), not annotated any more, or not ours to
+    // manage (selector).
+    let Some(svc) = originating_service(secret).and_then(|svc| st.services.get(&svc)) else {
         return Ok(Action::await_change());
     };
-    // Gone (garbage collection follows), or not ours to manage (selector).
-    let Some(svc) = Api::<Service>::namespaced(ctx.client.clone(), &namespace).get_opt(service_name).await? else {
-        return Ok(Action::await_change());
-    };
-    if !selector_matches(&ctx.config.selector, svc.labels()) {
-        return Ok(Action::await_change());
-    }
     // The annotation was removed or now names another Secret: leave this one alone.
     let family = match wanted(&svc) {
         Wanted::Named { name: wanted_name, family } if wanted_name == name => family,

@@ -18,6 +18,8 @@ pub mod cert_refresh;
 pub mod serving_cert;
 mod serving_secret;
 
+pub use serving_secret::ServingWatches;
+
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,7 +34,6 @@ use serde::de::DeserializeOwned;
 
 use crate::admin::Health;
 use crate::config::Config;
-pub use crate::config::selector_matches;
 use crate::metrics::{ControllerLabels, ErrorLabels, Metrics};
 use crate::signer::{KeyPool, SignerHandle};
 
@@ -176,6 +177,19 @@ where
             annotations.retain(|k, _| keep(k));
         }
     })
+}
+
+/// Reads an object from the API server's watch cache (resourceVersion=0): no etcd
+/// round trip. For checks where a read a moment old is harmless.
+pub async fn get_from_watch_cache<K>(api: &kube::Api<K>, name: &str) -> Result<Option<K>, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    match api.get_with(name, &kube::api::GetParams::any()).await {
+        Ok(obj) => Ok(Some(obj)),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Exponential retry delay: 1 s, 2 s, 4 s … capped at 60 s.

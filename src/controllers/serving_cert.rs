@@ -7,8 +7,8 @@
 //! controller; this one only repairs Secrets of ours without the label (which that
 //! controller cannot see), so the two never write the same Secret.
 //!
-//! The Service comes from this controller's cache; the Secret is read fresh from the
-//! API server, so a Secret deleted a moment ago is never mistaken for present.
+//! The Secret comes from the shared cache (see `ServingWatches`); one that is not
+//! there (absent, or someone else's) is read from the API server.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -55,34 +55,31 @@ impl Categorised for Error {
     }
 }
 
+struct State {
+    ctx: Arc<Context>,
+    secrets: Store<Secret>,
+}
+
 /// Runs the controller until `shutdown` resolves (in-flight work finishes first).
 pub async fn run(
     ctx: Arc<Context>,
-    services: (Store<Service>, impl Stream<Item = Result<Service, watcher::Error>> + Send + 'static),
+    services: Store<Service>,
+    service_events: impl Stream<Item = Result<Service, watcher::Error>> + Send + 'static,
+    secrets: Store<Secret>,
+    secret_changes: impl Stream<Item = ObjectRef<Service>> + Send + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let (store, stream) = services;
     // Our own annotation writes (errors, signed-by) must not re-trigger us; only what
     // a person or the Service itself changes does.
-    let stream = stream.predicate_filter(trigger_hash, Default::default());
-    let owned = Api::<Secret>::all(ctx.client.clone());
-    let owned_config =
-        watcher::Config::default().labels(&format!("{}={}", ann::MANAGED_LABEL, ann::MANAGED_LABEL_VALUE));
-    Controller::for_stream(stream, store)
-        .owns(owned, owned_config)
+    let service_events = service_events.predicate_filter(trigger_hash, Default::default());
+    Controller::for_stream(service_events, services)
+        .reconcile_on(secret_changes)
         .reconcile_all_on(ctx.signer.changes())
         .with_config(kube::runtime::controller::Config::default().concurrency(ctx.config.controller_concurrency))
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, error_policy, Arc::new(State { ctx, secrets }))
         .for_each(|_| async {})
         .await;
-}
-
-/// Whether a Service carries a serving-cert annotation (of any value): the only
-/// Services worth caching.
-pub fn is_annotated(svc: &Service) -> bool {
-    let annotations = svc.annotations();
-    [ann::BETA, ann::ALPHA].iter().any(|f| annotations.contains_key(f.serving_cert_secret_name))
 }
 
 fn trigger_hash(svc: &Service) -> Option<u64> {
@@ -99,19 +96,20 @@ fn trigger_hash(svc: &Service) -> Option<u64> {
     Some(h.finish())
 }
 
-fn error_policy(svc: Arc<Service>, error: &Error, _: Arc<Context>) -> Action {
+fn error_policy(svc: Arc<Service>, error: &Error, _: Arc<State>) -> Action {
     tracing::warn!(service = %ObjectRef::from_obj(svc.as_ref()), %error, "serving-cert reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }
 
-async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn reconcile(svc: Arc<Service>, st: Arc<State>) -> Result<Action, Error> {
     let started = Instant::now();
-    let result = reconcile_service(&svc, &ctx).await;
-    ctx.observe(NAME, started, result.as_ref().map(|_| ()));
+    let result = reconcile_service(&svc, &st).await;
+    st.ctx.observe(NAME, started, result.as_ref().map(|_| ()));
     result
 }
 
-async fn reconcile_service(svc: &Service, ctx: &Context) -> Result<Action, Error> {
+async fn reconcile_service(svc: &Service, st: &State) -> Result<Action, Error> {
+    let ctx = &st.ctx;
     let (name, family) = match wanted(svc) {
         Wanted::NotRequested => return Ok(Action::await_change()),
         Wanted::Empty(family) => {
@@ -140,7 +138,11 @@ async fn reconcile_service(svc: &Service, ctx: &Context) -> Result<Action, Error
     };
 
     let namespace = svc.namespace().unwrap_or_default();
-    let existing = Api::<Secret>::namespaced(ctx.client.clone(), &namespace).get_opt(name).await?;
+    let existing = match st.secrets.get(&ObjectRef::new(name).within(&namespace)) {
+        Some(cached) => Some(cached.as_ref().clone()),
+        // Not cached: absent, someone else's, or ours without the label.
+        None => Api::<Secret>::namespaced(ctx.client.clone(), &namespace).get_opt(name).await?,
+    };
     let labeled = existing.as_ref().is_some_and(|s| secret_facts(s).labeled);
     let now = OffsetDateTime::now_utc();
     let policy = ctx.config.leaf_policy();
@@ -253,7 +255,7 @@ async fn mark_signed(ctx: &Context, svc: &Service, ca_cn: &str) -> Result<(), Er
         return Ok(());
     }
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
-    match api.get_opt(&svc.name_any()).await? {
+    match super::get_from_watch_cache(&api, &svc.name_any()).await? {
         Some(fresh) if !up_to_date(&fresh) => {}
         _ => return Ok(()),
     }

@@ -1,19 +1,108 @@
 //! What a serving Secret looks like (SPEC §1), shared by the serving-cert and
-//! cert-refresh controllers: which Secret a Service asks for, the facts the re-issue
-//! decision needs, and the create/update writes.
+//! cert-refresh controllers: the caches and triggers they share, which Secret a
+//! Service asks for, the facts the re-issue decision needs, and the create/update
+//! writes.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::PostParams;
-use kube::{Api, ResourceExt};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
 use time::OffsetDateTime;
 
-use super::Context;
+use super::{Context, cached_watch};
+use crate::admin::Health;
 use crate::annotations::{self as ann, Family};
 use crate::pki::{IssuedLeaf, SecretFacts, ServiceFacts, TLS_CERT, TLS_KEY, format_expiry};
+
+/// The caches of the two serving controllers and the streams that drive them.
+///
+/// Each controller is keyed by one kind and reads the other kind from its cache. A
+/// change to one kind is passed to the other controller only after its cache has
+/// taken the change in, so the controller that is told always reads a cache that
+/// already shows it (a deleted Secret is never seen as still present).
+pub struct ServingWatches {
+    /// Annotated Services (those the selector picks).
+    pub services: Store<Service>,
+    /// Serving Secrets carrying the managed label.
+    pub secrets: Store<Secret>,
+    /// Changed Services: the serving-cert controller's main stream.
+    pub service_events: BoxStream<'static, Result<Service, watcher::Error>>,
+    /// Changed Secrets: the cert-refresh controller's main stream.
+    pub secret_events: BoxStream<'static, Result<Secret, watcher::Error>>,
+    /// A Secret changed: reconcile the Service it was made for (serving-cert).
+    pub secret_changes: BoxStream<'static, ObjectRef<Service>>,
+    /// A Service changed: reconcile the Secret it names (cert-refresh).
+    pub service_changes: BoxStream<'static, ObjectRef<Secret>>,
+}
+
+impl ServingWatches {
+    pub fn new(client: &Client, selector: &str, health: Arc<Health>) -> Self {
+        let (services, service_events) = cached_watch(
+            Api::<Service>::all(client.clone()),
+            watcher::Config::default().labels(selector),
+            health.clone(),
+            is_annotated,
+            |_| {},
+        );
+        let (secrets, secret_events) = cached_watch(
+            Api::<Secret>::all(client.clone()),
+            watcher::Config::default().labels(&format!("{}={}", ann::MANAGED_LABEL, ann::MANAGED_LABEL_VALUE)),
+            health,
+            |_| true,
+            |_| {},
+        );
+        let (to_cert_refresh, service_changes) = tokio::sync::mpsc::unbounded_channel();
+        let (to_serving_cert, secret_changes) = tokio::sync::mpsc::unbounded_channel();
+        let service_events = service_events.inspect(move |event| {
+            if let Ok(svc) = event
+                && let Wanted::Named { name, .. } = wanted(svc)
+            {
+                let _ = to_cert_refresh.send(ObjectRef::new(name).within(&svc.namespace().unwrap_or_default()));
+            }
+        });
+        let secret_events = secret_events.inspect(move |event| {
+            if let Ok(secret) = event
+                && let Some(service) = originating_service(secret)
+            {
+                let _ = to_serving_cert.send(service);
+            }
+        });
+        ServingWatches {
+            services,
+            secrets,
+            service_events: service_events.boxed(),
+            secret_events: secret_events.boxed(),
+            secret_changes: receiver_stream(secret_changes).boxed(),
+            service_changes: receiver_stream(service_changes).boxed(),
+        }
+    }
+}
+
+fn receiver_stream<T: Send + 'static>(rx: tokio::sync::mpsc::UnboundedReceiver<T>) -> impl Stream<Item = T> + Send {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
+}
+
+/// Whether a Service carries a serving-cert annotation (of any value): the only
+/// Services worth caching.
+pub fn is_annotated(svc: &Service) -> bool {
+    let annotations = svc.annotations();
+    [ann::BETA, ann::ALPHA].iter().any(|f| annotations.contains_key(f.serving_cert_secret_name))
+}
+
+/// The Service a serving Secret was made for (from its originating-service-name).
+pub fn originating_service(secret: &Secret) -> Option<ObjectRef<Service>> {
+    let annotations = secret.annotations();
+    let name = [ann::BETA, ann::ALPHA].iter().find_map(|f| annotations.get(f.originating_service_name))?;
+    Some(ObjectRef::new(name).within(&secret.namespace().unwrap_or_default()))
+}
 
 /// What a Service's annotations ask for.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -36,6 +36,16 @@ pub fn kubeconfig_path() -> &'static Path {
 /// Starts a control plane for this test process (plain `cargo test`); `make test`
 /// starts one for the whole run instead and sets SERVICE_CA_TEST_KUBECONFIG.
 fn start_control_plane() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("controlplane-{}", std::process::id()));
+    // Kept for the life of the process; the harness exits when this process does.
+    static HARNESS: OnceLock<std::sync::Mutex<Child>> = OnceLock::new();
+    let child = launch_harness(&dir);
+    let _ = HARNESS.set(std::sync::Mutex::new(child));
+    dir.join("kubeconfig")
+}
+
+/// The harness binary (built by tests/controlplane/build.sh).
+fn harness_binary() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = Command::new(root.join("tests/controlplane/build.sh"))
         .arg("--path")
@@ -48,27 +58,69 @@ fn start_control_plane() -> PathBuf {
          or build it with `tests/controlplane/build.sh`, or point SERVICE_CA_TEST_KUBECONFIG at a running one (`make controlplane`).",
         bin.display()
     );
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("controlplane-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    bin
+}
+
+/// Starts a harness with its data in `dir` and waits for READY.
+fn launch_harness(dir: &Path) -> Child {
+    std::fs::create_dir_all(dir).unwrap();
     let log = std::fs::File::create(dir.join("harness.out")).unwrap();
-    // Kept for the life of the process; the harness exits when this process does.
-    static HARNESS: OnceLock<std::sync::Mutex<Child>> = OnceLock::new();
-    let child = Command::new(&bin)
+    let child = Command::new(harness_binary())
         .args(["run", "--exit-with-parent", "--data-dir"])
-        .arg(&dir)
+        .arg(dir)
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
         .expect("start the control plane harness");
-    let _ = HARNESS.set(std::sync::Mutex::new(child));
-    let deadline = Instant::now() + Duration::from_secs(300);
+    wait_for_line(dir, "READY", Duration::from_secs(300));
+    child
+}
+
+/// Waits until the harness printed a line starting with `prefix` (after `skip` lines).
+fn wait_for_line(dir: &Path, prefix: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
     loop {
         let out = std::fs::read_to_string(dir.join("harness.out")).unwrap_or_default();
-        if out.lines().any(|l| l.starts_with("READY")) {
-            return dir.join("kubeconfig");
+        if out.lines().any(|l| l.starts_with(prefix)) {
+            return;
         }
-        assert!(Instant::now() < deadline && !out.contains("controlplane:"), "control plane did not start:\n{out}");
-        std::thread::sleep(Duration::from_millis(200));
+        assert!(Instant::now() < deadline && !out.contains("controlplane:"), "control plane: no {prefix} line:\n{out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A control plane of one test's own, for tests that disturb it (an API server
+/// outage). Stopped when dropped.
+pub struct PrivateControlPlane {
+    child: Child,
+    pub dir: PathBuf,
+    pub kubeconfig: PathBuf,
+}
+
+impl PrivateControlPlane {
+    pub fn start(name: &str) -> PrivateControlPlane {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("controlplane-{name}-{}", std::process::id()));
+        let child = launch_harness(&dir);
+        PrivateControlPlane { kubeconfig: dir.join("kubeconfig"), dir, child }
+    }
+
+    /// Stops kube-apiserver (etcd keeps the data); returns once it is down.
+    pub fn stop_apiserver(&self) {
+        unsafe_free_signal(self.child.id(), "USR1");
+        wait_for_line(&self.dir, "APISERVER STOPPED", Duration::from_secs(30));
+    }
+
+    /// Starts kube-apiserver again; returns once it is ready.
+    pub fn start_apiserver(&self) {
+        unsafe_free_signal(self.child.id(), "USR2");
+        wait_for_line(&self.dir, "APISERVER STARTED", Duration::from_secs(120));
+    }
+}
+
+impl Drop for PrivateControlPlane {
+    fn drop(&mut self) {
+        unsafe_free_signal(self.child.id(), "TERM");
+        let _ = self.child.wait();
     }
 }
 
@@ -78,7 +130,11 @@ pub fn controlplane_dir() -> PathBuf {
 }
 
 pub async fn client() -> Client {
-    let kubeconfig = Kubeconfig::read_from(kubeconfig_path()).expect("read the test kubeconfig");
+    client_for(kubeconfig_path()).await
+}
+
+pub async fn client_for(path: &Path) -> Client {
+    let kubeconfig = Kubeconfig::read_from(path).expect("read the test kubeconfig");
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.expect("kubeconfig");
     Client::try_from(config).expect("client")
 }
@@ -113,6 +169,7 @@ where
 /// the label that makes its operator see only its objects.
 pub struct Env {
     pub client: Client,
+    pub kubeconfig: PathBuf,
     pub ns: String,
     pub op_ns: String,
     pub run: String,
@@ -121,10 +178,16 @@ pub struct Env {
 
 impl Env {
     pub async fn new(test: &str) -> Env {
-        let client = client().await;
+        Self::on(test, kubeconfig_path()).await
+    }
+
+    /// A test world on another control plane.
+    pub async fn on(test: &str, kubeconfig: &Path) -> Env {
+        let client = client_for(kubeconfig).await;
         let ns = unique(test);
         let op_ns = format!("{ns}-op");
-        let env = Env { client, run: ns.clone(), ns, op_ns, name: test.to_string() };
+        let env =
+            Env { client, kubeconfig: kubeconfig.to_path_buf(), run: ns.clone(), ns, op_ns, name: test.to_string() };
         for name in [&env.ns, &env.op_ns] {
             create_namespace(&env.client, name).await;
         }
@@ -175,7 +238,7 @@ impl Env {
     pub fn start_operator(&self, extra: &[&str]) -> Operator {
         let mut args = self.operator_args();
         args.extend(extra.iter().map(|s| s.to_string()));
-        Operator::start(&self.name, &args)
+        Operator::start_with_kubeconfig(&self.name, &args, &self.kubeconfig)
     }
 
     /// Creates a ClusterIP (or headless) Service with the serving-cert annotation.
@@ -227,11 +290,12 @@ impl Env {
 impl Drop for Env {
     fn drop(&mut self) {
         let names = [self.ns.clone(), self.op_ns.clone()];
+        let kubeconfig = self.kubeconfig.clone();
         // Delete in the background (namespace deletion is asynchronous anyway).
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
             rt.block_on(async {
-                let api: Api<Namespace> = Api::all(client().await);
+                let api: Api<Namespace> = Api::all(client_for(&kubeconfig).await);
                 for name in names {
                     let _ = api.delete(&name, &DeleteParams::background()).await;
                 }
