@@ -16,7 +16,7 @@ pub mod ca_bundle;
 pub mod ca_lifecycle;
 pub mod cert_refresh;
 pub mod serving_cert;
-mod serving_secret;
+pub mod serving_secret;
 
 pub use serving_secret::ServingWatches;
 
@@ -129,7 +129,7 @@ where
     let (reader, writer) = reflector::store();
     let still_relevant = relevant.clone();
     let stream = watcher(api, config)
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .inspect(move |event| health.observe_api(event.is_ok()))
         .filter_map(move |event| {
             futures::future::ready(match event {
@@ -189,6 +189,36 @@ where
         Ok(obj) => Ok(Some(obj)),
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
         Err(e) => Err(e),
+    }
+}
+
+/// Retry delays for watches: 250 ms doubling to 5 s (with ±20 % jitter), back to the
+/// start after any successful event. kube's default grows to 30 s, which would leave
+/// the operator idle that long after an API server outage.
+pub struct WatchBackoff {
+    next: Duration,
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        WatchBackoff { next: Duration::from_millis(250) }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let delay = self.next;
+        self.next = (self.next * 2).min(Duration::from_secs(5));
+        let jitter = 0.8 + rand::random::<f64>() * 0.4;
+        Some(delay.mul_f64(jitter))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        *self = WatchBackoff::default();
     }
 }
 

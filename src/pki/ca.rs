@@ -149,7 +149,7 @@ impl CertificateAuthority {
             return Err(PkiError::NotCa);
         }
         let public = certificate_public_key(&parsed).ok_or_else(|| {
-            PkiError::UnsupportedKey("the CA certificate's key is neither RSA nor ECDSA P-256/P-384".into())
+            PkiError::UnsupportedKey(format!("the CA certificate's key: {}", super::keys::SUPPORTED_KEYS))
         })?;
         let key = PrivateKey::from_pem(TLS_KEY, key_pem)?;
         if key.public_key() != &public {

@@ -93,6 +93,9 @@ impl std::fmt::Debug for PrivateKey {
     }
 }
 
+/// What a CA key may be (serving keys are always RSA-2048).
+pub const SUPPORTED_KEYS: &str = "only RSA keys of 2048 to 8192 bits and ECDSA keys on P-256 or P-384 are supported";
+
 const RSA_ENCRYPTION: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
 const EC_PUBLIC_KEY: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
 const P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
@@ -180,9 +183,7 @@ impl PrivateKey {
                 .map_err(|_| PkiError::BadKey { field: "key", reason: "RSA public part cannot be encoded".into() })?;
             let bits = bit_length(rsa.modulus.as_bytes());
             if !(2048..=8192).contains(&bits) {
-                return Err(PkiError::UnsupportedKey(format!(
-                    "RSA-{bits}: only RSA keys of 2048 to 8192 bits are supported"
-                )));
+                return Err(PkiError::UnsupportedKey(format!("RSA-{bits}: {SUPPORTED_KEYS}")));
             }
             let pkcs1 = Zeroizing::new(
                 rsa.to_der()
@@ -200,14 +201,14 @@ impl PrivateKey {
             let kind = match curve.as_slice() {
                 c if c == P256 => KeyKind::EcdsaP256,
                 c if c == P384 => KeyKind::EcdsaP384,
-                _ => return Err(PkiError::UnsupportedKey("ECDSA on a curve other than P-256 or P-384".into())),
+                _ => return Err(PkiError::UnsupportedKey(format!("ECDSA on another curve: {SUPPORTED_KEYS}"))),
             };
             let pair = KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8.as_slice().into(), kind.signature_algorithm())
                 .map_err(|_| PkiError::BadKey { field: "key", reason: "EC key rejected".into() })?;
             let public = PublicKey { alg: kind.signature_algorithm(), raw: pair.public_key_raw().to_vec() };
             return Ok(PrivateKey { kind, pem: Zeroizing::new(pem::encode("PRIVATE KEY", &pkcs8)), public, pkcs8 });
         }
-        Err(PkiError::UnsupportedKey("only RSA and ECDSA (P-256, P-384) keys are supported".into()))
+        Err(PkiError::UnsupportedKey(SUPPORTED_KEYS.into()))
     }
 
     pub fn kind(&self) -> KeyKind {

@@ -6,6 +6,7 @@
 mod support;
 
 mod cluster;
+mod faults;
 mod injection;
 mod lifecycle;
 mod serving;
