@@ -4,7 +4,7 @@ CONTROLPLANE_DIR ?= target/controlplane
 # e2e tests mostly wait on the API server: run several at once.
 E2E_THREADS ?= 6
 
-.PHONY: all build test lint unit e2e run controlplane controlplane-build bench deny fmt clean-controlplane
+.PHONY: all build test lint unit e2e run controlplane controlplane-build bench fuzz deny fmt
 
 all: build
 
@@ -45,8 +45,14 @@ run:
 	$(CARGO) build
 	scripts/run.sh
 
+## Scale benchmarks on a fresh local control plane (table + target/bench/results.json).
 bench:
 	scripts/bench.sh
+
+## A longer bounded fuzzing run (make test runs 2,000 cases per target).
+FUZZ_CASES ?= 100000
+fuzz:
+	FUZZ_CASES=$(FUZZ_CASES) $(CARGO) test --release --test fuzz -- --nocapture
 
 fmt:
 	$(CARGO) fmt --all

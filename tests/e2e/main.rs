@@ -9,5 +9,6 @@ mod cluster;
 mod faults;
 mod injection;
 mod lifecycle;
+mod perf;
 mod serving;
 mod shipping;

@@ -121,6 +121,7 @@ impl Drop for PrivateControlPlane {
     fn drop(&mut self) {
         unsafe_free_signal(self.child.id(), "TERM");
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
