@@ -26,7 +26,7 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use time::OffsetDateTime;
 
-use super::{Categorised, Context, backoff};
+use super::{Context, Error, backoff};
 use crate::annotations as ann;
 use crate::metrics::KindLabels;
 use crate::pki::{CA_BUNDLE, CA_NAME_PREFIX, CertificateAuthority, KeyKind, PkiError, format_expiry};
@@ -35,23 +35,6 @@ use crate::signer::Signer;
 pub const NAME: &str = "ca-lifecycle";
 pub const SIGNING_KEY: &str = "signing-key";
 pub const SIGNING_CABUNDLE: &str = "signing-cabundle";
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("certificate: {0}")]
-    Pki(#[from] PkiError),
-}
-
-impl Categorised for Error {
-    fn category(&self) -> &'static str {
-        match self {
-            Error::Kube(e) => e.category(),
-            Error::Pki(_) => "pki",
-        }
-    }
-}
 
 /// What the loop has seen of the two objects (`None` until the first list).
 #[derive(Default)]

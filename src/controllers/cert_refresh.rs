@@ -21,9 +21,9 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use time::OffsetDateTime;
 
-use super::serving_cert::{Error, leaf_request};
+use super::serving_cert::leaf_request;
 use super::serving_secret::{self, Content, Wanted, originating_service, secret_facts, service_facts, wanted};
-use super::{Context, until};
+use super::{Context, Error, until};
 use crate::pki::{Decision, format_expiry};
 
 pub const NAME: &str = "cert-refresh";

@@ -79,6 +79,24 @@ impl Context {
     }
 }
 
+/// What can fail in the serving-cert, cert-refresh and CA lifecycle controllers.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("certificate: {0}")]
+    Pki(#[from] crate::pki::PkiError),
+}
+
+impl Categorised for Error {
+    fn category(&self) -> &'static str {
+        match self {
+            Error::Kube(e) => e.category(),
+            Error::Pki(_) => "pki",
+        }
+    }
+}
+
 /// Errors with a bounded category for metrics.
 pub trait Categorised {
     fn category(&self) -> &'static str;

@@ -27,9 +27,9 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 use super::serving_secret::{self, Content, Wanted, secret_facts, service_facts, wanted};
-use super::{Categorised, Context, backoff};
+use super::{Context, Error, backoff};
 use crate::annotations::{self as ann, Family};
-use crate::pki::{Decision, IssueReason, PkiError};
+use crate::pki::{Decision, IssueReason};
 use crate::signer::OwnedLeafRequest;
 
 pub const NAME: &str = "serving-cert";
@@ -37,23 +37,6 @@ pub const NAME: &str = "serving-cert";
 /// After this many consecutive failures the Service is left alone until a person
 /// edits (or removes) its error annotations.
 pub const MAX_FAILURES: u32 = 10;
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("certificate: {0}")]
-    Pki(#[from] PkiError),
-}
-
-impl Categorised for Error {
-    fn category(&self) -> &'static str {
-        match self {
-            Error::Kube(e) => e.category(),
-            Error::Pki(_) => "pki",
-        }
-    }
-}
 
 struct State {
     ctx: Arc<Context>,

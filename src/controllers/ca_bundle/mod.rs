@@ -160,7 +160,7 @@ async fn inject<K: Target>(obj: &PartialObjectMeta<K>, ctx: &Context) -> Result<
     };
     let params = PatchParams::apply(ann::FIELD_MANAGER).force();
     let merge_params = PatchParams { field_manager: Some(ann::FIELD_MANAGER.into()), ..Default::default() };
-    ctx.metrics.write(K::KIND, "patch");
+    ctx.metrics.write(K::RESOURCE, "patch");
     let result = match &write {
         Write::Apply(patch) => api.patch(&name, &params, &Patch::Apply(patch)).await,
         Write::Merge(patch) => api.patch(&name, &merge_params, &Patch::Merge(patch)).await,
@@ -178,7 +178,7 @@ async fn inject<K: Target>(obj: &PartialObjectMeta<K>, ctx: &Context) -> Result<
         }
         Err(e) => return Err(e.into()),
     }
-    ctx.metrics.injections.get_or_create(&crate::metrics::KindLabels { kind: K::KIND }).inc();
+    ctx.metrics.injections.get_or_create(&crate::metrics::KindLabels { kind: K::RESOURCE }).inc();
     tracing::info!(kind = K::KIND, object = %ObjectRef::from_obj(obj), "CA bundle injected");
     Ok(Action::await_change())
 }

@@ -29,14 +29,18 @@ pub enum Write {
 }
 
 pub trait Target: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static {
-    /// Kind, as in events and metrics.
+    /// Kind, as in events and logs.
     const KIND: &'static str;
+    /// Resource (plural), as in metrics.
+    const RESOURCE: &'static str;
     /// Whether `service.alpha.openshift.io/inject-cabundle` is honoured too.
     const ALPHA_HONOURED: bool;
     /// What to write so the object carries `value`; `None` when nothing is needed.
     fn plan(&self, value: &str) -> Option<Write>;
-    /// The API for objects of this kind (in `namespace` for ConfigMaps).
-    fn api(client: Client, namespace: Option<&str>) -> Api<Self>;
+    /// The API for an object of this kind (cluster-scoped unless overridden).
+    fn api(client: Client, _namespace: Option<&str>) -> Api<Self> {
+        Api::all(client)
+    }
 }
 
 fn b64(value: &str) -> Value {
@@ -49,6 +53,8 @@ fn holds(current: Option<&ByteString>, value: &str) -> bool {
 
 impl Target for ConfigMap {
     const KIND: &'static str = "ConfigMap";
+    const RESOURCE: &'static str = "configmaps";
+    const ALPHA_HONOURED: bool = true;
 
     fn api(client: Client, namespace: Option<&str>) -> Api<Self> {
         match namespace {
@@ -56,7 +62,6 @@ impl Target for ConfigMap {
             None => Api::all(client),
         }
     }
-    const ALPHA_HONOURED: bool = true;
 
     fn plan(&self, value: &str) -> Option<Write> {
         let data = self.data.clone().unwrap_or_default();
@@ -87,10 +92,7 @@ impl Target for ConfigMap {
 
 impl Target for APIService {
     const KIND: &'static str = "APIService";
-
-    fn api(client: Client, _: Option<&str>) -> Api<Self> {
-        Api::all(client)
-    }
+    const RESOURCE: &'static str = "apiservices";
     const ALPHA_HONOURED: bool = true;
 
     fn plan(&self, value: &str) -> Option<Write> {
@@ -108,10 +110,7 @@ impl Target for APIService {
 
 impl Target for CustomResourceDefinition {
     const KIND: &'static str = "CustomResourceDefinition";
-
-    fn api(client: Client, _: Option<&str>) -> Api<Self> {
-        Api::all(client)
-    }
+    const RESOURCE: &'static str = "customresourcedefinitions";
     const ALPHA_HONOURED: bool = false;
 
     fn plan(&self, value: &str) -> Option<Write> {
@@ -156,10 +155,7 @@ fn plan_webhooks<'a>(
 
 impl Target for MutatingWebhookConfiguration {
     const KIND: &'static str = "MutatingWebhookConfiguration";
-
-    fn api(client: Client, _: Option<&str>) -> Api<Self> {
-        Api::all(client)
-    }
+    const RESOURCE: &'static str = "mutatingwebhookconfigurations";
     const ALPHA_HONOURED: bool = false;
 
     fn plan(&self, value: &str) -> Option<Write> {
@@ -170,10 +166,7 @@ impl Target for MutatingWebhookConfiguration {
 
 impl Target for ValidatingWebhookConfiguration {
     const KIND: &'static str = "ValidatingWebhookConfiguration";
-
-    fn api(client: Client, _: Option<&str>) -> Api<Self> {
-        Api::all(client)
-    }
+    const RESOURCE: &'static str = "validatingwebhookconfigurations";
     const ALPHA_HONOURED: bool = false;
 
     fn plan(&self, value: &str) -> Option<Write> {
