@@ -132,8 +132,8 @@ fn truncate(mut s: String, max: usize) -> String {
 /// relevant (its annotation removed) leaves the cache, and unrelated objects never
 /// enter it, so a cluster full of unannotated objects costs no memory. What the
 /// operator never reads is dropped before caching (managedFields, the last-applied
-/// annotation, and whatever `trim` removes), and watch errors are reported to the
-/// readiness probe.
+/// annotation, and whatever `trim` removes). Watch errors are logged and reported to
+/// the readiness probe, and retried quickly (see [`WatchBackoff`]).
 pub fn cached_watch<K>(
     api: kube::Api<K>,
     config: watcher::Config,
@@ -148,7 +148,12 @@ where
     let still_relevant = relevant.clone();
     let stream = watcher(api, config)
         .backoff(WatchBackoff::default())
-        .inspect(move |event| health.observe_api(event.is_ok()))
+        .inspect(move |event| {
+            health.observe_api(event.is_ok());
+            if let Err(error) = event {
+                tracing::warn!(kind = %K::kind(&()), %error, "watch failed; retrying");
+            }
+        })
         .filter_map(move |event| {
             futures::future::ready(match event {
                 Ok(watcher::Event::InitApply(obj)) if !relevant(&obj) => None,
@@ -166,7 +171,11 @@ where
         })
         .reflect(writer)
         .touched_objects()
-        .try_filter(move |obj| futures::future::ready(still_relevant(obj)));
+        .try_filter(move |obj| futures::future::ready(still_relevant(obj)))
+        // Errors were reported above and the watch retries by itself (WatchBackoff);
+        // handing them on would make the controller add its own, longer backoff before
+        // it looks at the stream again.
+        .filter(|event| futures::future::ready(event.is_ok()));
     (reader, stream)
 }
 
