@@ -102,7 +102,20 @@ func runHarness(args []string) error {
 		go watchParent(signals)
 	}
 
-	err = h.start()
+	// Free ports are picked by binding port 0 and closing it; another process can
+	// take one before etcd or the API server binds it. Start again with new ports.
+	for attempt := 1; ; attempt++ {
+		err = h.start()
+		if err == nil || attempt == 5 || !strings.Contains(err.Error(), "address already in use") {
+			break
+		}
+		fmt.Fprintf(os.Stderr, "note: a port was taken meanwhile (%v); starting again\n", err)
+		h.shutdown()
+		h.etcd, h.apiserver, h.kcm = nil, nil, nil
+		if err := os.RemoveAll(filepath.Join(dir, "etcd")); err != nil {
+			return err
+		}
+	}
 	if err == nil {
 		err = h.serve(signals)
 	}

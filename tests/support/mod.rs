@@ -330,11 +330,11 @@ impl Operator {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("operator-logs");
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join(format!("{test}-{}-{}.log", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
-        let port = free_port();
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_service-ca-operator"))
             .args(args)
-            .args(["--admin-addr", &format!("127.0.0.1:{port}")])
+            // Port 0: the operator picks a free port and logs it.
+            .args(["--admin-addr", "127.0.0.1:0"])
             .env("KUBECONFIG", kubeconfig)
             .env(
                 "SERVICE_CA_LOG",
@@ -346,7 +346,30 @@ impl Operator {
             .spawn()
             .expect("start the operator binary");
         eprintln!("operator log: {}", log.display());
-        Operator { child: Some(child), admin: format!("http://127.0.0.1:{port}"), log }
+        let mut op = Operator { child: Some(child), admin: String::new(), log };
+        op.admin = op.admin_address();
+        op
+    }
+
+    /// The admin server's address, from the operator's log line announcing it.
+    fn admin_address(&mut self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let logs = self.logs();
+            if let Some(addr) = logs
+                .lines()
+                .find(|l| l.contains("admin server listening"))
+                .and_then(|l| l.split("addr=").nth(1))
+                .and_then(|a| a.split_whitespace().next())
+            {
+                return format!("http://{}", addr.trim_matches('"'));
+            }
+            assert!(
+                self.running() && Instant::now() < deadline,
+                "the operator did not start its admin server:\n{logs}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -424,10 +447,6 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
 /// Sends a signal with the `kill` command (no unsafe code in tests).
 pub fn unsafe_free_signal(pid: u32, signal: &str) {
     let _ = Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status();
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Minimal HTTP/1.1 GET over a plain TCP connection (the admin server).
