@@ -489,7 +489,8 @@ async fn main() {
 
     // B5: memory.
     let (rss_after_all, peak_after_all) = rss_mib(&op);
-    let n_unrelated = scaled(10_000);
+    let n_unrelated =
+        std::env::var("BENCH_UNRELATED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| scaled(10_000));
     let noise = format!("{}-noise", env.ns);
     support::create_namespace(&client, &noise).await;
     let noise_secrets: Api<Secret> = Api::namespaced(client.clone(), &noise);

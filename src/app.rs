@@ -122,7 +122,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 ctx.clone(),
                 services.clone(),
                 serving.service_events,
-                secrets.clone(),
                 serving.secret_changes,
                 shutdown.signal()
             ),

@@ -4,6 +4,7 @@
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
+use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::Store;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -65,7 +66,7 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    pub fn new(serving_secrets: Option<Store<Secret>>) -> Self {
+    pub fn new(serving_secrets: Option<Store<PartialObjectMeta<Secret>>>) -> Self {
         let mut registry = Registry::default();
         let ca_expiry = Gauge::default();
         registry.register(
@@ -149,7 +150,7 @@ impl Metrics {
 /// `service_ca_serving_certificate_expiry_time_seconds{namespace,secret}`, computed
 /// from the managed-Secret cache at scrape time.
 #[derive(Debug)]
-struct ServingCertExpiry(Store<Secret>);
+struct ServingCertExpiry(Store<PartialObjectMeta<Secret>>);
 
 impl Collector for ServingCertExpiry {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {

@@ -7,18 +7,20 @@
 //! with; it strips extra data keys without re-issuing. A Secret whose Service no
 //! longer names it is left alone.
 //!
-//! Secrets and Services both come from the shared caches (see `ServingWatches`).
+//! Services come from the shared cache; a Secret is read whole from the API server
+//! when it is looked at (the cache holds its metadata only, see `ServingWatches`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Secret, Service};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
-use kube::{Resource, ResourceExt};
+use kube::{Api, Resource, ResourceExt};
 use time::OffsetDateTime;
 
 use super::serving_cert::leaf_request;
@@ -35,10 +37,10 @@ struct State {
 
 pub async fn run(
     ctx: Arc<Context>,
-    secrets: Store<Secret>,
-    secret_events: impl Stream<Item = Result<Secret, watcher::Error>> + Send + 'static,
+    secrets: Store<PartialObjectMeta<Secret>>,
+    secret_events: impl Stream<Item = Result<PartialObjectMeta<Secret>, watcher::Error>> + Send + 'static,
     services: Store<Service>,
-    service_changes: impl Stream<Item = ObjectRef<Secret>> + Send + 'static,
+    service_changes: impl Stream<Item = ObjectRef<PartialObjectMeta<Secret>>> + Send + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     Controller::for_stream(secret_events, secrets)
@@ -52,25 +54,25 @@ pub async fn run(
         .await;
 }
 
-fn error_policy(secret: Arc<Secret>, error: &Error, _: Arc<State>) -> Action {
+fn error_policy(secret: Arc<PartialObjectMeta<Secret>>, error: &Error, _: Arc<State>) -> Action {
     tracing::warn!(secret = %ObjectRef::from_obj(secret.as_ref()), %error, "cert-refresh reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }
 
-async fn reconcile(secret: Arc<Secret>, st: Arc<State>) -> Result<Action, Error> {
+async fn reconcile(secret: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Result<Action, Error> {
     let started = Instant::now();
     let result = reconcile_secret(&secret, &st).await;
     st.ctx.observe(NAME, started, result.as_ref().map(|_| ()));
     result
 }
 
-async fn reconcile_secret(secret: &Secret, st: &State) -> Result<Action, Error> {
+async fn reconcile_secret(meta: &PartialObjectMeta<Secret>, st: &State) -> Result<Action, Error> {
     let ctx = &st.ctx;
-    let namespace = secret.namespace().unwrap_or_default();
-    let name = secret.name_any();
+    let namespace = meta.namespace().unwrap_or_default();
+    let name = meta.name_any();
     // Gone (garbage collection follows), not annotated any more, or not ours to
     // manage (selector).
-    let Some(svc) = originating_service(secret).and_then(|svc| st.services.get(&svc)) else {
+    let Some(svc) = originating_service(meta).and_then(|svc| st.services.get(&svc)) else {
         return Ok(Action::await_change());
     };
     // The annotation was removed or now names another Secret: leave this one alone.
@@ -81,6 +83,10 @@ async fn reconcile_secret(secret: &Secret, st: &State) -> Result<Action, Error> 
     let Some(signer) = ctx.signer.current() else {
         return Ok(Action::await_change());
     };
+    let Some(secret) = Api::<Secret>::namespaced(ctx.client.clone(), &namespace).get_opt(&name).await? else {
+        return Ok(Action::await_change());
+    };
+    let secret = &secret;
 
     let policy = ctx.config.leaf_policy();
     let now = OffsetDateTime::now_utc();

@@ -206,19 +206,6 @@ where
     })
 }
 
-/// Reads an object from the API server's watch cache (resourceVersion=0): no etcd
-/// round trip. For checks where a read a moment old is harmless.
-pub async fn get_from_watch_cache<K>(api: &kube::Api<K>, name: &str) -> Result<Option<K>, kube::Error>
-where
-    K: Resource + Clone + DeserializeOwned + Debug,
-{
-    match api.get_with(name, &kube::api::GetParams::any()).await {
-        Ok(obj) => Ok(Some(obj)),
-        Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 /// Retry delays for watches: 250 ms doubling to 5 s (with ±20 % jitter), back to the
 /// start after any successful event. kube's default grows to 30 s, which would leave
 /// the operator idle that long after an API server outage.

@@ -7,8 +7,8 @@
 //! controller; this one only repairs Secrets of ours without the label (which that
 //! controller cannot see), so the two never write the same Secret.
 //!
-//! The Secret comes from the shared cache (see `ServingWatches`); one that is not
-//! there (absent, or someone else's) is read from the API server.
+//! The Service comes from the shared cache; the Secret is read whole from the API
+//! server (absent, someone else's, or ours).
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -38,17 +38,11 @@ pub const NAME: &str = "serving-cert";
 /// edits (or removes) its error annotations.
 pub const MAX_FAILURES: u32 = 10;
 
-struct State {
-    ctx: Arc<Context>,
-    secrets: Store<Secret>,
-}
-
 /// Runs the controller until `shutdown` resolves (in-flight work finishes first).
 pub async fn run(
     ctx: Arc<Context>,
     services: Store<Service>,
     service_events: impl Stream<Item = Result<Service, watcher::Error>> + Send + 'static,
-    secrets: Store<Secret>,
     secret_changes: impl Stream<Item = ObjectRef<Service>> + Send + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
@@ -60,7 +54,7 @@ pub async fn run(
         .reconcile_all_on(ctx.signer.changes())
         .with_config(kube::runtime::controller::Config::default().concurrency(ctx.config.controller_concurrency))
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, Arc::new(State { ctx, secrets }))
+        .run(reconcile, error_policy, ctx)
         .for_each(|_| async {})
         .await;
 }
@@ -79,20 +73,19 @@ fn trigger_hash(svc: &Service) -> Option<u64> {
     Some(h.finish())
 }
 
-fn error_policy(svc: Arc<Service>, error: &Error, _: Arc<State>) -> Action {
+fn error_policy(svc: Arc<Service>, error: &Error, _: Arc<Context>) -> Action {
     tracing::warn!(service = %ObjectRef::from_obj(svc.as_ref()), %error, "serving-cert reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }
 
-async fn reconcile(svc: Arc<Service>, st: Arc<State>) -> Result<Action, Error> {
+async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
-    let result = reconcile_service(&svc, &st).await;
-    st.ctx.observe(NAME, started, result.as_ref().map(|_| ()));
+    let result = reconcile_service(&svc, &ctx).await;
+    ctx.observe(NAME, started, result.as_ref().map(|_| ()));
     result
 }
 
-async fn reconcile_service(svc: &Service, st: &State) -> Result<Action, Error> {
-    let ctx = &st.ctx;
+async fn reconcile_service(svc: &Service, ctx: &Context) -> Result<Action, Error> {
     let (name, family) = match wanted(svc) {
         Wanted::NotRequested => return Ok(Action::await_change()),
         Wanted::Empty(family) => {
@@ -110,22 +103,13 @@ async fn reconcile_service(svc: &Service, st: &State) -> Result<Action, Error> {
     if let Err(why) = check_secret_name(name) {
         return report_problem(ctx, svc, &format!("{:?} is not a valid Secret name: {why}", name)).await;
     }
-    if svc.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("ExternalName") {
-        let message = "ExternalName Services are DNS aliases for names outside the cluster and serve no TLS \
-                       of their own: no serving certificate is issued for them";
-        return report_problem(ctx, svc, message).await;
-    }
     let Some(signer) = ctx.signer.current() else {
         // The CA is not loaded yet; loading it re-triggers every Service.
         return Ok(Action::await_change());
     };
 
     let namespace = svc.namespace().unwrap_or_default();
-    let existing = match st.secrets.get(&ObjectRef::new(name).within(&namespace)) {
-        Some(cached) => Some(cached.as_ref().clone()),
-        // Not cached: absent, someone else's, or ours without the label.
-        None => Api::<Secret>::namespaced(ctx.client.clone(), &namespace).get_opt(name).await?,
-    };
+    let existing = Api::<Secret>::namespaced(ctx.client.clone(), &namespace).get_opt(name).await?;
     let labeled = existing.as_ref().is_some_and(|s| secret_facts(s).labeled);
     let now = OffsetDateTime::now_utc();
     let policy = ctx.config.leaf_policy();
@@ -222,8 +206,8 @@ pub fn failures(svc: &Service) -> u32 {
 }
 
 /// Success: `serving-cert-signed-by` = the CA's CN and no error annotations. Written
-/// only when something differs — in the cached Service and, to avoid writing twice
-/// when the cache lags behind our previous write, in a fresh read.
+/// only when something differs — in the cached Service and, because the cache can lag
+/// a moment behind our own previous write, in a fresh (consistent) read.
 async fn mark_signed(ctx: &Context, svc: &Service, ca_cn: &str) -> Result<(), Error> {
     let families = [ann::BETA, ann::ALPHA];
     let up_to_date = |svc: &Service| {
@@ -238,7 +222,7 @@ async fn mark_signed(ctx: &Context, svc: &Service, ca_cn: &str) -> Result<(), Er
         return Ok(());
     }
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
-    match super::get_from_watch_cache(&api, &svc.name_any()).await? {
+    match api.get_opt(&svc.name_any()).await? {
         Some(fresh) if !up_to_date(&fresh) => {}
         _ => return Ok(()),
     }

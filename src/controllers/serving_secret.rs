@@ -12,35 +12,37 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::PostParams;
+use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use time::OffsetDateTime;
 
-use super::{Context, cached_watch};
+use super::{Context, cached_metadata_watch, cached_watch};
 use crate::admin::Health;
 use crate::annotations::{self as ann, Family};
 use crate::pki::{IssuedLeaf, SecretFacts, ServiceFacts, TLS_CERT, TLS_KEY, format_expiry};
 
 /// The caches of the two serving controllers and the streams that drive them.
 ///
-/// Each controller is keyed by one kind and reads the other kind from its cache. A
-/// change to one kind is passed to the other controller only after its cache has
-/// taken the change in, so the controller that is told always reads a cache that
-/// already shows it (a deleted Secret is never seen as still present).
+/// Annotated Services are cached whole (they are small). Serving Secrets are cached
+/// as metadata only — no certificate and no private key stays in the operator's
+/// memory — and read whole when acted on. A change to one kind is passed to the other
+/// controller only after the cache has taken it in, so the controller that is told
+/// reads a cache that already shows it.
 pub struct ServingWatches {
     /// Annotated Services (those the selector picks).
     pub services: Store<Service>,
-    /// Serving Secrets carrying the managed label.
-    pub secrets: Store<Secret>,
+    /// Serving Secrets carrying the managed label (metadata).
+    pub secrets: Store<PartialObjectMeta<Secret>>,
     /// Changed Services: the serving-cert controller's main stream.
     pub service_events: BoxStream<'static, Result<Service, watcher::Error>>,
     /// Changed Secrets: the cert-refresh controller's main stream.
-    pub secret_events: BoxStream<'static, Result<Secret, watcher::Error>>,
+    pub secret_events: BoxStream<'static, Result<PartialObjectMeta<Secret>, watcher::Error>>,
     /// A Secret changed: reconcile the Service it was made for (serving-cert).
     pub secret_changes: BoxStream<'static, ObjectRef<Service>>,
     /// A Service changed: reconcile the Secret it names (cert-refresh).
-    pub service_changes: BoxStream<'static, ObjectRef<Secret>>,
+    pub service_changes: BoxStream<'static, ObjectRef<PartialObjectMeta<Secret>>>,
 }
 
 impl ServingWatches {
@@ -52,12 +54,15 @@ impl ServingWatches {
             is_annotated,
             |_| {},
         );
-        let (secrets, secret_events) = cached_watch(
-            Api::<Secret>::all(client.clone()),
+        let (secrets, secret_events) = cached_metadata_watch::<Secret>(
+            client.clone(),
             watcher::Config::default().labels(&format!("{}={}", ann::MANAGED_LABEL, ann::MANAGED_LABEL_VALUE)),
             health,
-            |_| true,
-            |_| {},
+            |key| {
+                key == ann::BETA.originating_service_name
+                    || key == ann::ALPHA.originating_service_name
+                    || key == ann::BETA.expiry
+            },
         );
         let (to_cert_refresh, service_changes) = tokio::sync::mpsc::unbounded_channel();
         let (to_serving_cert, secret_changes) = tokio::sync::mpsc::unbounded_channel();
@@ -98,7 +103,7 @@ pub fn is_annotated(svc: &Service) -> bool {
 }
 
 /// The Service a serving Secret was made for (from its originating-service-name).
-pub fn originating_service(secret: &Secret) -> Option<ObjectRef<Service>> {
+pub fn originating_service(secret: &impl ResourceExt) -> Option<ObjectRef<Service>> {
     let annotations = secret.annotations();
     let name = [ann::BETA, ann::ALPHA].iter().find_map(|f| annotations.get(f.originating_service_name))?;
     Some(ObjectRef::new(name).within(&secret.namespace().unwrap_or_default()))

@@ -376,3 +376,69 @@ async fn every_kind_is_reinjected_when_the_ca_is_reset() {
     wait_injected(&apiss, &apis.name_any(), &new_bundle).await;
     println!("all five kinds re-injected {:?} after signing-key was deleted", started.elapsed());
 }
+
+#[tokio::test]
+async fn the_real_aggregator_trusts_the_injected_bundle_for_an_issued_certificate() {
+    // The whole product in one flow, judged by kube-apiserver itself: an ExternalName
+    // Service (pointing at this test process) gets a serving certificate; an APIService
+    // for it gets the CA bundle injected; the aggregator then reaches the server over
+    // TLS, verifying `<svc>.<ns>.svc` against the injected bundle.
+    let env = Env::new("inject-aggregator").await;
+    let _op = env.start_operator(&[]);
+    env.ca_bundle().await;
+    let mut svc: k8s_openapi::api::core::v1::Service =
+        serde_json::from_value(json!({ "spec": { "type": "ExternalName", "externalName": "localhost" } })).unwrap();
+    svc.metadata = env.meta("aggregated");
+    svc.metadata.annotations = Some(BTreeMap::from([(
+        "service.beta.openshift.io/serving-cert-secret-name".to_string(),
+        "aggregated-tls".to_string(),
+    )]));
+    env.services().create(&PostParams::default(), &svc).await.unwrap();
+    let secret = env.serving_secret("aggregated-tls", T).await;
+
+    let group = format!("{}.example.com", env.run);
+    let discovery = json!({ "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": format!("{group}/v1alpha1"), "resources": [] });
+    let server = crate::support::tls::HttpsServer::start(
+        &crate::support::data(&secret, "tls.crt"),
+        &crate::support::data(&secret, "tls.key"),
+        discovery.to_string(),
+    );
+    let mut cleanup = Cleanup(Vec::new());
+    let apis = Api::<APIService>::all(env.client.clone());
+    let api_service: APIService = serde_json::from_value(json!({
+        "metadata": { "name": format!("v1alpha1.{group}"), "labels": { crate::support::RUN_LABEL: env.run },
+                      "annotations": { BETA: "true" } },
+        "spec": { "group": group, "version": "v1alpha1", "groupPriorityMinimum": 100, "versionPriority": 10,
+                  "service": { "namespace": env.ns, "name": "aggregated", "port": server.port } }
+    }))
+    .unwrap();
+    let name = apis.create(&PostParams::default(), &api_service).await.unwrap().name_any();
+    cleanup.add::<APIService>(name.clone());
+    let available = eventually(Duration::from_secs(60), "the APIService to become Available", || async {
+        let status = apis.get(&name).await.unwrap().status?;
+        let condition = status.conditions?.into_iter().find(|c| c.type_ == "Available")?;
+        (condition.status == "True").then_some(condition)
+    })
+    .await;
+    println!("APIService available: {:?}", available.message);
+    let request = http::Request::get(format!("/apis/{group}/v1alpha1")).body(Vec::new()).unwrap();
+    let answer = env.client.request_text(request).await.expect("the API server proxies to the aggregated server");
+    assert!(answer.contains("APIResourceList"), "{answer}");
+
+    // The control: the same server behind an APIService without the annotation is
+    // not trusted.
+    let mut plain = api_service.clone();
+    plain.metadata.name = Some(format!("v1alpha2.{group}"));
+    plain.metadata.annotations = None;
+    plain.spec.as_mut().unwrap().version = Some("v1alpha2".into());
+    let plain_name = apis.create(&PostParams::default(), &plain).await.unwrap().name_any();
+    cleanup.add::<APIService>(plain_name.clone());
+    let refused = eventually(Duration::from_secs(60), "the uninjected APIService to fail its check", || async {
+        let condition =
+            apis.get(&plain_name).await.unwrap().status?.conditions?.into_iter().find(|c| c.type_ == "Available")?;
+        (condition.status == "False" && condition.message.as_deref().is_some_and(|m| m.contains("x509")))
+            .then_some(condition)
+    })
+    .await;
+    println!("APIService without the bundle: {:?}", refused.message);
+}

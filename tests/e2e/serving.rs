@@ -458,25 +458,6 @@ async fn restart_with_200_pending_services_ends_with_exactly_one_secret_each() {
 }
 
 #[tokio::test]
-async fn external_name_service_is_refused_with_a_clear_error() {
-    let env = Env::new("serving-extname").await;
-    let _op = env.start_operator(&[]);
-    let mut svc: Service =
-        serde_json::from_value(json!({ "spec": { "type": "ExternalName", "externalName": "db.example.com" } }))
-            .unwrap();
-    svc.metadata = env.meta("ext");
-    svc.metadata.annotations = Some(BTreeMap::from([(BETA_NAME.to_string(), "ext-tls".to_string())]));
-    env.services().create(&PostParams::default(), &svc).await.unwrap();
-    let message = eventually(T, "error annotation", || async {
-        let s = service(&env, "ext").await;
-        annotation(&s.metadata, "service.beta.openshift.io/serving-cert-generation-error").map(str::to_string)
-    })
-    .await;
-    assert!(message.contains("ExternalName"), "{message}");
-    assert!(env.secrets().get_opt("ext-tls").await.unwrap().is_none());
-}
-
-#[tokio::test]
 async fn services_outside_the_selector_are_not_touched() {
     let env = Env::new("serving-selector").await;
     let _op = env.start_operator(&[]);

@@ -80,6 +80,48 @@ fn serve(mut tcp: TcpStream, config: Arc<rustls::ServerConfig>) {
     let _ = tls.read(&mut sink);
 }
 
+/// An HTTPS server answering every request with `200` and a fixed JSON body — enough
+/// to stand in for an aggregated API server's discovery endpoint.
+pub struct HttpsServer {
+    pub port: u16,
+}
+
+impl HttpsServer {
+    pub fn start(chain_pem: &str, key_pem: &str, body: String) -> HttpsServer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+        let port = listener.local_addr().expect("local addr").port();
+        let config = server_config(chain_pem, key_pem);
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (config, body) = (config.clone(), body.clone());
+                std::thread::spawn(move || answer_http(stream, config, &body));
+            }
+        });
+        HttpsServer { port }
+    }
+}
+
+fn answer_http(mut tcp: TcpStream, config: Arc<rustls::ServerConfig>, body: &str) {
+    let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
+    let Ok(mut conn) = rustls::ServerConnection::new(config) else { return };
+    let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+    // Requests without a body: read up to the blank line, answer, close.
+    let mut request = Vec::new();
+    let mut byte = [0u8; 1];
+    while !request.ends_with(b"\r\n\r\n") && request.len() < 64 * 1024 {
+        match tls.read(&mut byte) {
+            Ok(1) => request.push(byte[0]),
+            _ => return,
+        }
+    }
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tls.write_all(response.as_bytes());
+    let _ = tls.flush();
+}
+
 /// rustls client: handshake with the server at `port`, trusting `bundle_pem`.
 pub fn rustls_connect(port: u16, bundle_pem: &str, server_name: &str) -> Result<(), String> {
     let config = rustls::ClientConfig::builder_with_provider(provider())
