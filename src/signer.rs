@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use futures::Stream;
 use time::OffsetDateTime;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 use crate::pki::{CertificateAuthority, IssuedLeaf, KeyKind, LeafRequest, PkiError, PrivateKey};
 
@@ -58,9 +58,11 @@ impl SignerHandle {
     }
 }
 
-/// Bounded pool for key generation. `permits` keys are generated at once, each on a
-/// blocking thread, so a rotation that re-issues thousands of certificates is paced
-/// and the reactor keeps serving watches, probes and metrics.
+/// Bounded pool for key generation: `concurrency` dedicated threads, each at a lower
+/// CPU priority (nice 10) than the rest of the process. A rotation that re-issues
+/// thousands of certificates is paced by them, and the reactor — watches, bundle
+/// injection, probes, metrics — gets the CPU first whenever it needs it, even under a
+/// container CPU limit.
 ///
 /// It also keeps a few RSA-2048 keys ready, generated in the background while the
 /// operator is idle, so that a new Service does not wait for key generation (~50 ms,
@@ -71,12 +73,17 @@ pub struct KeyPool {
     inner: Arc<PoolInner>,
 }
 
+type Job = Box<dyn FnOnce() + Send>;
+
 struct PoolInner {
-    permits: Semaphore,
+    jobs: std::sync::mpsc::Sender<Job>,
     ready: std::sync::Mutex<Vec<PrivateKey>>,
     buffer: usize,
     refill: tokio::sync::Notify,
 }
+
+/// The nice value of key-generation threads (relative to the process).
+const WORKER_NICENESS: i32 = 10;
 
 impl KeyPool {
     /// A pool of `concurrency` generators keeping `buffer` keys ready. Must be called
@@ -84,7 +91,7 @@ impl KeyPool {
     pub fn new(concurrency: usize, buffer: usize) -> Self {
         let pool = KeyPool {
             inner: Arc::new(PoolInner {
-                permits: Semaphore::new(concurrency.max(1)),
+                jobs: spawn_workers(concurrency.max(1)),
                 ready: std::sync::Mutex::new(Vec::with_capacity(buffer)),
                 buffer,
                 refill: tokio::sync::Notify::new(),
@@ -113,11 +120,14 @@ impl KeyPool {
         pool
     }
 
-    /// Runs `job` on a blocking thread once a permit is free.
+    /// Runs `job` on a worker thread (in turn, first come first served).
     async fn run<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> Result<T, PkiError> {
-        let _permit =
-            self.inner.permits.acquire().await.map_err(|_| PkiError::KeyGeneration("key pool closed".into()))?;
-        tokio::task::spawn_blocking(job).await.map_err(|e| PkiError::KeyGeneration(format!("worker failed: {e}")))
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(job());
+        });
+        self.inner.jobs.send(job).map_err(|_| PkiError::KeyGeneration("key pool closed".into()))?;
+        rx.await.map_err(|_| PkiError::KeyGeneration("key generation worker failed".into()))
     }
 
     /// Generates a key of `kind` (CA keys: never from the buffer).
@@ -152,6 +162,50 @@ impl KeyPool {
     }
 }
 
+/// Starts the worker threads; they stop when the returned sender is dropped.
+fn spawn_workers(n: usize) -> std::sync::mpsc::Sender<Job> {
+    let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    let rx = Arc::new(std::sync::Mutex::new(rx));
+    for i in 0..n {
+        let rx = rx.clone();
+        let spawned = std::thread::Builder::new().name(format!("keygen-{i}")).spawn(move || {
+            lower_priority();
+            loop {
+                // The lock is held only while waiting for the next job.
+                let Ok(job) = rx.lock().map_err(drop).and_then(|rx| rx.recv().map_err(drop)) else { return };
+                // A panicking job drops its reply channel (the caller sees an error);
+                // the worker carries on.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+            }
+        });
+        if let Err(error) = spawned {
+            tracing::error!(%error, "could not start a key-generation thread");
+        }
+    }
+    tx
+}
+
+/// Lowers the calling thread's CPU priority (on Linux the nice value is per thread).
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: setpriority only reads its integer arguments; `who = 0` is the
+        // calling thread.
+        let failed = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, current_niceness() + WORKER_NICENESS) } != 0;
+        if failed {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "could not lower the key-generation priority");
+        }
+    }
+}
+
+/// The calling thread's nice value.
+#[cfg(target_os = "linux")]
+fn current_niceness() -> i32 {
+    // SAFETY: getpriority only reads its integer arguments. (-1 is also a valid nice
+    // value, so errors are not told apart; for the calling thread it cannot fail.)
+    unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
+}
+
 /// A [`LeafRequest`] that owns its strings, to cross into a blocking thread.
 #[derive(Clone, Debug)]
 pub struct OwnedLeafRequest {
@@ -171,5 +225,27 @@ impl OwnedLeafRequest {
             headless: self.headless,
             cluster_domain: &self.cluster_domain,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn key_generation_runs_at_a_lower_priority_than_the_reactor() {
+        let pool = KeyPool::new(2, 0);
+        let reactor = current_niceness();
+        let worker = pool.run(current_niceness).await.unwrap();
+        assert_eq!(worker, (reactor + WORKER_NICENESS).min(19));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_is_an_error_and_the_worker_carries_on() {
+        let pool = KeyPool::new(1, 0);
+        let failed = pool.run(|| panic!("boom")).await;
+        assert!(matches!(failed, Err(PkiError::KeyGeneration(_))));
+        assert_eq!(pool.run(|| 7).await.unwrap(), 7);
     }
 }

@@ -86,6 +86,10 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, Error
 }
 
 async fn reconcile_service(svc: &Service, ctx: &Context) -> Result<Action, Error> {
+    // At the cap, nothing happens until a person edits the Service.
+    if failures(svc) >= MAX_FAILURES {
+        return Ok(Action::await_change());
+    }
     let (name, family) = match wanted(svc) {
         Wanted::NotRequested => return Ok(Action::await_change()),
         Wanted::Empty(family) => {
@@ -97,9 +101,6 @@ async fn reconcile_service(svc: &Service, ctx: &Context) -> Result<Action, Error
         }
         Wanted::Named { name, family } => (name, family),
     };
-    if failures(svc) >= MAX_FAILURES {
-        return Ok(Action::await_change());
-    }
     if let Err(why) = check_secret_name(name) {
         return report_problem(ctx, svc, &format!("{:?} is not a valid Secret name: {why}", name)).await;
     }

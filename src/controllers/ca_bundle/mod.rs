@@ -57,8 +57,8 @@ pub enum Mode {
     Legacy,
 }
 
-/// Reads the annotations. `Err` carries a warning for a value that is neither true
-/// nor false (it is treated as false).
+/// Reads the annotations: the mode asked for, and a warning for a value that is
+/// neither true nor false (it is treated as false).
 pub fn mode<K: Target>(meta: &ObjectMeta) -> (Option<Mode>, Option<String>) {
     let annotations = meta.annotations.clone().unwrap_or_default();
     let mut keys = vec![ann::BETA.inject_cabundle];
