@@ -132,8 +132,9 @@ fn truncate(mut s: String, max: usize) -> String {
 /// relevant (its annotation removed) leaves the cache, and unrelated objects never
 /// enter it, so a cluster full of unannotated objects costs no memory. What the
 /// operator never reads is dropped before caching (managedFields, the last-applied
-/// annotation, and whatever `trim` removes). Watch errors are logged and reported to
-/// the readiness probe, and retried quickly (see [`WatchBackoff`]).
+/// annotation, and whatever `trim` removes). An object is yielded only when its
+/// resourceVersion is new to the stream. Watch errors are logged and reported to the
+/// readiness probe, and retried quickly (see [`WatchBackoff`]).
 pub fn cached_watch<K>(
     api: kube::Api<K>,
     config: watcher::Config,
@@ -172,6 +173,14 @@ where
         .reflect(writer)
         .touched_objects()
         .try_filter(move |obj| futures::future::ready(still_relevant(obj)))
+        // A relist (after the watch expired, e.g. when the API server restarted)
+        // replays every object: only those that changed meanwhile go on, so it costs
+        // no reconcile and no read for the rest. (An object not seen for a day passes
+        // again: that bounds what is remembered of deleted objects.)
+        .predicate_filter(
+            kube::runtime::predicates::resource_version,
+            kube::runtime::PredicateConfig::default().ttl(Duration::from_secs(86_400)),
+        )
         // Errors were reported above and the watch retries by itself (WatchBackoff);
         // handing them on would make the controller add its own, longer backoff before
         // it looks at the stream again.
