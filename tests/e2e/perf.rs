@@ -47,8 +47,8 @@ async fn perf_smoke_time_to_ready_bulk_issuance_and_memory() {
         bulk.as_secs_f64(),
         n as f64 / bulk.as_secs_f64()
     );
-    // Recorded with the release build on 2 CPUs (README): p50 19 ms, 17 certificates/s,
-    // 35 MiB with 1,200 managed. Several times those, with room for the debug build.
+    // Recorded with the release build on 2 CPUs (README): p50 17 ms, 20 certificates/s,
+    // 30 MiB with 1,200 managed. Several times those, with room for the debug build.
     assert!(p50 < Duration::from_secs(2), "time to ready p50 {p50:?}");
     assert!(bulk < Duration::from_secs(90), "100 certificates took {bulk:?}");
     assert!(peak_mib < 200.0, "peak RSS {peak_mib:.1} MiB");
