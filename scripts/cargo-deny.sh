@@ -39,4 +39,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$src" ]; then
   )
   echo "$src" >"$stamp"
 fi
+# cargo-deny reads `cargo metadata` for every platform, offline: make sure the crates of
+# other platforms (windows-sys, ...) that a Linux build never downloads are present.
+cargo fetch --locked --quiet
 exec cargo deny --offline check all
