@@ -116,6 +116,13 @@ impl Config {
     /// Rejects combinations that could never work (they would rotate or re-issue in a
     /// loop).
     pub fn validate(&self) -> Result<(), String> {
+        // X.509 dates end in 9999; a century is more than any CA needs.
+        let century = Duration::from_secs(100 * 365 * 86_400);
+        for (flag, value) in [("--ca-lifetime", self.ca_lifetime), ("--cert-lifetime", self.cert_lifetime)] {
+            if value > century {
+                return Err(format!("{flag} ({}) must be at most 100 years", humantime::format_duration(value)));
+            }
+        }
         if self.ca_rotate_before >= self.ca_lifetime {
             return Err(format!(
                 "--ca-rotate-before ({}) must be shorter than --ca-lifetime ({})",
@@ -296,5 +303,7 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("--ca-rotate-before"));
         let c = parse(&["x", "--cert-lifetime", "1h", "--cert-refresh-before", "1h"]);
         assert!(c.validate().unwrap_err().contains("--cert-refresh-before"));
+        let c = parse(&["x", "--ca-lifetime", "10000y"]);
+        assert!(c.validate().unwrap_err().contains("at most 100 years"), "would overflow the certificate dates");
     }
 }

@@ -152,6 +152,8 @@ impl KeyPool {
         request: OwnedLeafRequest,
         lifetime: std::time::Duration,
     ) -> Result<IssuedLeaf, PkiError> {
+        // Checked before a key is spent on it.
+        signer.ca.check_unexpired(OffsetDateTime::now_utc())?;
         let key = self.serving_key().await?;
         // Signing (~1 ms with ring) also stays off the reactor.
         tokio::task::spawn_blocking(move || {

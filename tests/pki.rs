@@ -211,6 +211,12 @@ fn leaf_validity_is_capped_at_the_ca_expiry() {
     let leaf = issue(&ca, false, at);
     assert_eq!(leaf.not_after, ca.not_after());
     assert_leaf_profile(&ca, &leaf, at, &["web.shop.svc", "web.shop.svc.cluster.local"]);
+    // Once the CA itself has expired it signs nothing.
+    let later = ca.not_after() + Duration::from_secs(1);
+    assert_eq!(
+        ca.issue(&request(false), &key(), later, LEAF_LIFETIME).unwrap_err(),
+        PkiError::Expired { not_after: ca.not_after() }
+    );
 }
 
 #[test]
@@ -401,6 +407,20 @@ fn malformed_signing_secrets_get_typed_readable_errors() {
     let err = CertificateAuthority::from_secret_data(&old.to_secret_data(), at).unwrap_err();
     assert!(matches!(err, PkiError::Expired { .. }));
     assert!(err.to_string().contains("delete the Secret"), "{err}");
+
+    // After a rotation, tls.crt and tls.key replaced by hand next to the old bundle and
+    // bridge: refused (publishing that bundle would break every client).
+    let mut rotated = ca.rotate(key(), at, &policy()).unwrap().to_secret_data();
+    CertificateAuthority::from_secret_data(&rotated, at).expect("a rotated CA loads");
+    let other = new_ca(at).to_secret_data();
+    rotated.insert(TLS_CERT.into(), other[TLS_CERT].clone());
+    rotated.insert(TLS_KEY.into(), other[TLS_KEY].clone());
+    let err = CertificateAuthority::from_secret_data(&rotated, at).unwrap_err();
+    assert!(matches!(err, PkiError::Stale { field: CA_BUNDLE, .. }), "{err}");
+    assert!(err.to_string().contains("remove it"), "{err}");
+    rotated.remove(CA_BUNDLE);
+    let err = CertificateAuthority::from_secret_data(&rotated, at).unwrap_err();
+    assert!(matches!(err, PkiError::Stale { field: INTERMEDIATE, .. }), "{err}");
 
     // No message ever contains key material.
     let key_body = std::str::from_utf8(&key_pem).unwrap().lines().nth(1).unwrap();

@@ -196,13 +196,14 @@ pub(super) fn leaf_request(svc: &Service, cluster_domain: &str) -> OwnedLeafRequ
     }
 }
 
-/// Consecutive failures recorded on the Service.
+/// Consecutive failures recorded on the Service. Both families carry the count;
+/// removing (or lowering) either one is the person's edit that lifts the cap.
 pub fn failures(svc: &Service) -> u32 {
     let annotations = svc.annotations();
     [ann::BETA, ann::ALPHA]
         .iter()
-        .find_map(|f| annotations.get(f.generation_error_num))
-        .and_then(|n| n.trim().parse().ok())
+        .map(|f| annotations.get(f.generation_error_num).and_then(|n| n.trim().parse().ok()).unwrap_or(0))
+        .min()
         .unwrap_or(0)
 }
 
@@ -326,7 +327,13 @@ mod tests {
         svc.annotations_mut().insert(ann::BETA.generation_error_num.into(), "3".into());
         assert_eq!(trigger_hash(&svc), before);
         svc.annotations_mut().insert(ann::BETA.generation_error_num.into(), "10".into());
+        svc.annotations_mut().insert(ann::ALPHA.generation_error_num.into(), "10".into());
         assert_ne!(trigger_hash(&svc), before, "reaching the cap is a change");
+        assert_eq!(failures(&svc), 10);
+        svc.annotations_mut().remove(ann::BETA.generation_error_num);
+        assert_eq!(failures(&svc), 0, "removing the beta count (as the Event says) lifts the cap");
+        assert_eq!(trigger_hash(&svc), before, "and is a change");
+        svc.annotations_mut().insert(ann::BETA.generation_error_num.into(), "10".into());
         svc.annotations_mut().insert(ann::BETA.serving_cert_secret_name.into(), "other".into());
         assert_ne!(trigger_hash(&svc), before);
     }

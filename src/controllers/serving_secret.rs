@@ -152,7 +152,7 @@ pub fn secret_facts(secret: &Secret) -> SecretFacts<'_> {
         owner_service_uids: secret
             .owner_references()
             .iter()
-            .filter(|o| o.kind == "Service" && o.api_version == "v1")
+            .filter(|o| is_service_owner(o))
             .map(|o| o.uid.as_str())
             .collect(),
         labeled: secret.labels().get(ann::MANAGED_LABEL).map(String::as_str) == Some(ann::MANAGED_LABEL_VALUE),
@@ -207,6 +207,9 @@ pub fn desired(existing: Option<&Secret>, svc: &Service, family: Family, name: &
 
     let uid = svc.uid().unwrap_or_default();
     let owners = secret.metadata.owner_references.get_or_insert_with(Vec::new);
+    // A reference with the Service's UID but another kind or apiVersion (made by hand)
+    // would never count as ours: it is replaced.
+    owners.retain(|o| o.uid != uid || is_service_owner(o));
     if !owners.iter().any(|o| o.uid == uid) {
         owners.push(OwnerReference {
             api_version: "v1".into(),
@@ -217,6 +220,11 @@ pub fn desired(existing: Option<&Secret>, svc: &Service, family: Family, name: &
         });
     }
     secret
+}
+
+/// An ownerReference that points at a Service (core/v1).
+fn is_service_owner(owner: &OwnerReference) -> bool {
+    owner.kind == "Service" && owner.api_version == "v1"
 }
 
 /// Creates the Secret; fails with 409 if one of that name appeared meanwhile (it is
@@ -278,6 +286,13 @@ mod tests {
         existing.metadata.resource_version = Some("7".into());
         existing.metadata.labels = Some(BTreeMap::from([("team".to_string(), "a".to_string())]));
         existing.metadata.managed_fields = Some(vec![]);
+        existing.metadata.owner_references = Some(vec![OwnerReference {
+            api_version: "v1".into(),
+            kind: "service".into(),
+            name: "web".into(),
+            uid: "uid-1".into(),
+            ..OwnerReference::default()
+        }]);
         existing.data = Some(BTreeMap::from([
             (TLS_CERT.to_string(), ByteString(b"crt".to_vec())),
             (TLS_KEY.to_string(), ByteString(b"key".to_vec())),
@@ -298,6 +313,7 @@ mod tests {
         assert_eq!(a[ann::BETA.expiry], "2030-03-17T17:46:40Z");
         assert_eq!(a[ann::ALPHA.expiry], "2030-03-17T17:46:40Z");
         let owners = out.owner_references();
+        assert_eq!(owners.len(), 1, "the hand-made reference with the wrong kind is replaced");
         assert_eq!(
             (owners[0].kind.as_str(), owners[0].uid.as_str(), owners[0].name.as_str()),
             ("Service", "uid-1", "web")

@@ -69,10 +69,6 @@ impl CertInfo {
     pub fn pem(&self) -> String {
         pem::encode("CERTIFICATE", &self.der)
     }
-
-    pub fn is_valid_at(&self, now: OffsetDateTime) -> bool {
-        self.not_before <= now && now <= self.not_after
-    }
 }
 
 pub fn common_name(cert: &X509Certificate<'_>) -> Option<String> {
@@ -165,6 +161,27 @@ impl CertificateAuthority {
             })
             .transpose()?;
         let intermediate = field(INTERMEDIATE).map(|pem| single_certificate(INTERMEDIATE, pem)).transpose()?;
+        // What a rotation left behind must belong to this CA: a tls.crt/tls.key replaced
+        // by hand next to an old bundle would otherwise publish a bundle that does not
+        // trust the CA that signs.
+        if let Some(bundle) = &bundle
+            && !bundle.iter().any(|member| member.der == cert.der)
+        {
+            return Err(PkiError::Stale {
+                field: CA_BUNDLE,
+                problem: "does not contain the CA certificate of tls.crt",
+            });
+        }
+        if let Some(x2) = &intermediate {
+            let (_, parsed) = X509Certificate::from_der(&x2.der)
+                .map_err(|e| PkiError::BadCertificate { field: INTERMEDIATE, reason: e.to_string() })?;
+            if certificate_public_key(&parsed).as_ref() != Some(&public) {
+                return Err(PkiError::Stale {
+                    field: INTERMEDIATE,
+                    problem: "is not a certificate for the key in tls.key",
+                });
+            }
+        }
         Self::assemble(cert, key, signing, bundle, intermediate)
     }
 
@@ -253,6 +270,16 @@ impl CertificateAuthority {
     /// still in it), if ever.
     pub fn next_bundle_change(&self, now: OffsetDateTime) -> Option<OffsetDateTime> {
         self.bundle_certs().map(|c| c.not_after).filter(|t| *t >= now).min()
+    }
+
+    /// An expired CA signs nothing (a leaf would expire before it starts). It can only
+    /// be held that long when `signing-key` stayed unusable through its whole rotation
+    /// window.
+    pub fn check_unexpired(&self, now: OffsetDateTime) -> Result<(), PkiError> {
+        if now >= self.cert.not_after {
+            return Err(PkiError::Expired { not_after: self.cert.not_after });
+        }
+        Ok(())
     }
 
     fn bundle_certs(&self) -> impl Iterator<Item = &CertInfo> {

@@ -66,6 +66,7 @@ impl CertificateAuthority {
         now: OffsetDateTime,
         lifetime: Duration,
     ) -> Result<IssuedLeaf, PkiError> {
+        self.check_unexpired(now)?;
         let names = req.dns_names();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, names[0].clone());

@@ -52,6 +52,10 @@ pub enum PkiError {
     NotYetValid { not_before: OffsetDateTime },
     #[error("the CA certificate has no SubjectKeyIdentifier extension, which chaining across rotations needs")]
     MissingSubjectKeyId,
+    #[error(
+        "{field} {problem}: it is left over from an earlier CA; remove it (or restore the matching tls.crt and tls.key)"
+    )]
+    Stale { field: &'static str, problem: &'static str },
     #[error("the Service UID {0:?} cannot be written as an ASN.1 PrintableString")]
     BadServiceUid(String),
     #[error("key generation failed: {0}")]

@@ -158,12 +158,19 @@ async fn inject<K: Target>(obj: &PartialObjectMeta<K>, ctx: &Context) -> Result<
     let Some(write) = full.plan(&value) else {
         return Ok(Action::await_change());
     };
+    // The plan was made from this version of the object: it is written only over that
+    // version (a webhook entry removed meanwhile must not come back); otherwise 409 and
+    // a fresh look.
+    let guarded = |mut patch: serde_json::Value| {
+        patch["metadata"]["resourceVersion"] = full.resource_version().into();
+        patch
+    };
     let params = PatchParams::apply(ann::FIELD_MANAGER).force();
     let merge_params = PatchParams { field_manager: Some(ann::FIELD_MANAGER.into()), ..Default::default() };
     ctx.metrics.write(K::RESOURCE, "patch");
-    let result = match &write {
-        Write::Apply(patch) => api.patch(&name, &params, &Patch::Apply(patch)).await,
-        Write::Merge(patch) => api.patch(&name, &merge_params, &Patch::Merge(patch)).await,
+    let result = match write {
+        Write::Apply(patch) => api.patch(&name, &params, &Patch::Apply(guarded(patch))).await,
+        Write::Merge(patch) => api.patch(&name, &merge_params, &Patch::Merge(guarded(patch))).await,
     };
     match result {
         Ok(_) => {}

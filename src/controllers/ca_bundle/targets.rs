@@ -23,8 +23,10 @@ pub enum Write {
     /// Server-side apply (forced) of this partial object with the operator's field
     /// manager: only the injected field changes owner and value.
     Apply(Value),
-    /// JSON merge patch guarded by resourceVersion: used only to remove a ConfigMap's
-    /// other `data` keys, which apply cannot do for fields another manager owns.
+    /// JSON merge patch: used only to remove a ConfigMap's other `data` keys, which
+    /// apply cannot do for fields another manager owns.
+    ///
+    /// Both are sent guarded by the resourceVersion the plan was made from.
     Merge(Value),
 }
 
@@ -83,10 +85,7 @@ impl Target for ConfigMap {
             entries.insert(key.clone(), Value::Null);
         }
         entries.insert(CONFIGMAP_KEY.into(), json!(value));
-        Some(Write::Merge(json!({
-            "metadata": { "resourceVersion": self.resource_version() },
-            "data": entries,
-        })))
+        Some(Write::Merge(json!({ "data": entries })))
     }
 }
 
@@ -196,10 +195,7 @@ mod tests {
         assert_eq!(v["data"], json!({ CONFIGMAP_KEY: "B" }));
         assert_eq!(v["metadata"], json!({ "name": "cm", "namespace": "ns" }));
         let Some(Write::Merge(v)) = configmap(&[(CONFIGMAP_KEY, "B"), ("other", "x")]).plan("B") else { panic!() };
-        assert_eq!(
-            v,
-            json!({ "metadata": { "resourceVersion": "42" }, "data": { "other": null, CONFIGMAP_KEY: "B" } })
-        );
+        assert_eq!(v, json!({ "data": { "other": null, CONFIGMAP_KEY: "B" } }));
     }
 
     #[test]
