@@ -17,16 +17,15 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 use time::OffsetDateTime;
 
 use super::serving_cert::leaf_request;
 use super::serving_secret::{self, Content, Wanted, originating_service, secret_facts, service_facts, wanted};
 use super::{Context, Error, until};
-use crate::pki::{Decision, format_expiry};
+use crate::pki::Decision;
 
 pub const NAME: &str = "cert-refresh";
 
@@ -112,22 +111,7 @@ async fn reconcile_secret(meta: &PartialObjectMeta<Secret>, st: &State) -> Resul
             if !write(ctx, &desired).await? {
                 return Ok(Action::requeue(Duration::from_millis(500)));
             }
-            ctx.metrics
-                .certificates_issued
-                .get_or_create(&crate::metrics::ReasonLabels { reason: reason.category() })
-                .inc();
-            tracing::info!(secret = %format!("{namespace}/{name}"), %reason, "serving certificate re-issued");
-            ctx.event(
-                &svc.object_ref(&()),
-                EventType::Normal,
-                "ServingCertificateRefreshed",
-                format!(
-                    "Secret {name} re-issued because {reason}: valid until {}, signed by {}",
-                    format_expiry(leaf.not_after),
-                    signer.ca.subject_cn()
-                ),
-            )
-            .await;
+            serving_secret::announce_issued(ctx, &svc, &name, &reason, &leaf, &signer.ca).await;
             let capped = leaf.not_after >= signer.ca.not_after() - Duration::from_secs(1);
             Ok(if capped {
                 Action::await_change()

@@ -29,7 +29,7 @@ use time::OffsetDateTime;
 use super::serving_secret::{self, Content, Wanted, secret_facts, service_facts, wanted};
 use super::{Context, Error, backoff};
 use crate::annotations::{self as ann, Family};
-use crate::pki::{Decision, IssueReason};
+use crate::pki::Decision;
 use crate::signer::OwnedLeafRequest;
 
 pub const NAME: &str = "serving-cert";
@@ -152,24 +152,7 @@ async fn reconcile_service(svc: &Service, ctx: &Context) -> Result<Action, Error
                 }
                 Err(e) => return Err(e.into()),
             }
-            ctx.metrics
-                .certificates_issued
-                .get_or_create(&crate::metrics::ReasonLabels { reason: reason.category() })
-                .inc();
-            let verb = if reason == IssueReason::Absent { "created" } else { "re-issued" };
-            tracing::info!(secret = %format!("{namespace}/{name}"), %reason, "serving certificate {verb}");
-            ctx.event(
-                &svc.object_ref(&()),
-                EventType::Normal,
-                "ServingCertificateIssued",
-                format!(
-                    "Secret {name} {verb} ({reason}): certificate for {} valid until {}, signed by {}",
-                    leaf_request(svc, &policy.cluster_domain).as_request().dns_names().join(", "),
-                    crate::pki::format_expiry(leaf.not_after),
-                    signer.ca.subject_cn()
-                ),
-            )
-            .await;
+            serving_secret::announce_issued(ctx, svc, name, &reason, &leaf, &signer.ca).await;
         }
         Decision::Tidy { expiry, .. } if !labeled => {
             let secret = serving_secret::desired(existing.as_ref(), svc, family, name, Content::Kept { expiry });

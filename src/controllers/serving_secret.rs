@@ -13,15 +13,19 @@ use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::PostParams;
 use kube::core::PartialObjectMeta;
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use time::OffsetDateTime;
 
 use super::{Context, cached_metadata_watch, cached_watch};
 use crate::admin::Health;
 use crate::annotations::{self as ann, Family};
-use crate::pki::{IssuedLeaf, SecretFacts, ServiceFacts, TLS_CERT, TLS_KEY, format_expiry};
+use crate::metrics::ReasonLabels;
+use crate::pki::{
+    CertificateAuthority, IssueReason, IssuedLeaf, SecretFacts, ServiceFacts, TLS_CERT, TLS_KEY, format_expiry,
+};
 
 /// The caches of the two serving controllers and the streams that drive them.
 ///
@@ -220,6 +224,32 @@ pub fn desired(existing: Option<&Secret>, svc: &Service, family: Family, name: &
         });
     }
     secret
+}
+
+/// Records a certificate just written: the metric, a log line and a Normal Event on
+/// the Service (`ServingCertificateIssued` for a new Secret, else
+/// `ServingCertificateRefreshed`).
+pub async fn announce_issued(
+    ctx: &Context,
+    svc: &Service,
+    name: &str,
+    reason: &IssueReason,
+    leaf: &IssuedLeaf,
+    signer: &CertificateAuthority,
+) {
+    ctx.metrics.certificates_issued.get_or_create(&ReasonLabels { reason: reason.category() }).inc();
+    let (verb, event_reason) = match reason {
+        IssueReason::Absent => ("created", "ServingCertificateIssued"),
+        _ => ("re-issued", "ServingCertificateRefreshed"),
+    };
+    let namespace = svc.namespace().unwrap_or_default();
+    tracing::info!(secret = %format!("{namespace}/{name}"), %reason, "serving certificate {verb}");
+    let note = format!(
+        "Secret {name} {verb} because {reason}: certificate valid until {}, signed by {}",
+        format_expiry(leaf.not_after),
+        signer.subject_cn()
+    );
+    ctx.event(&svc.object_ref(&()), EventType::Normal, event_reason, note).await;
 }
 
 /// An ownerReference that points at a Service (core/v1).
