@@ -432,6 +432,9 @@ async fn main() {
     // B3: forced rotation with everything above in place.
     let n_secrets = n1 + n2;
     let old_ski = ca_ski(&env.op_secrets().get("signing-key").await.unwrap());
+    let published =
+        || async { env.op_configmaps().get("signing-cabundle").await.unwrap().data.unwrap()["ca-bundle.crt"].clone() };
+    let old_bundle = published().await;
     let started = Instant::now();
     let patch =
         json!({ "metadata": { "annotations": { "service-ca.operators.openshift.io/force-rotation": "bench" } } });
@@ -441,7 +444,12 @@ async fn main() {
         (ski != old_ski).then_some(ski)
     })
     .await;
-    let new_bundle = env.op_configmaps().get("signing-cabundle").await.unwrap().data.unwrap()["ca-bundle.crt"].clone();
+    // The Secret is written before the bundle ConfigMap: wait for the new bundle itself.
+    let new_bundle = eventually(Duration::from_secs(30), "the new bundle", || async {
+        let bundle = published().await;
+        (bundle != old_bundle).then_some(bundle)
+    })
+    .await;
     let mut injected_at = None;
     let mut reissued_at = None;
     while injected_at.is_none() || reissued_at.is_none() {
