@@ -91,9 +91,7 @@ async fn reconcile_secret(meta: &PartialObjectMeta<Secret>, st: &State) -> Resul
     let now = OffsetDateTime::now_utc();
     match crate::pki::decide(Some(&secret_facts(secret)), &service_facts(&svc), &signer.ca, &policy, now) {
         Decision::Foreign(_) => Ok(Action::await_change()),
-        Decision::Keep { refresh_at } => {
-            Ok(refresh_at.map_or_else(Action::await_change, |at| Action::requeue(until(at))))
-        }
+        Decision::Keep { refresh_at } => Ok(wake_at(refresh_at)),
         Decision::Tidy { extra_keys, expiry, refresh_at } => {
             let desired = serving_secret::desired(Some(secret), &svc, family, &name, Content::Kept { expiry });
             if !write(ctx, &desired).await? {
@@ -102,7 +100,7 @@ async fn reconcile_secret(meta: &PartialObjectMeta<Secret>, st: &State) -> Resul
             if !extra_keys.is_empty() {
                 tracing::info!(secret = %format!("{namespace}/{name}"), ?extra_keys, "removed extra data keys");
             }
-            Ok(refresh_at.map_or_else(Action::await_change, |at| Action::requeue(until(at))))
+            Ok(wake_at(refresh_at))
         }
         Decision::Issue(reason) => {
             let leaf =
@@ -112,14 +110,14 @@ async fn reconcile_secret(meta: &PartialObjectMeta<Secret>, st: &State) -> Resul
                 return Ok(Action::requeue(Duration::from_millis(500)));
             }
             serving_secret::announce_issued(ctx, &svc, &name, &reason, &leaf, &signer.ca).await;
-            let capped = leaf.not_after >= signer.ca.not_after() - Duration::from_secs(1);
-            Ok(if capped {
-                Action::await_change()
-            } else {
-                Action::requeue(until(leaf.not_after - policy.refresh_before))
-            })
+            Ok(wake_at(policy.refresh_at(leaf.not_after, signer.ca.not_after())))
         }
     }
+}
+
+/// Look again at `at` (the refresh moment), or only when something changes.
+fn wake_at(at: Option<OffsetDateTime>) -> Action {
+    at.map_or_else(Action::await_change, |at| Action::requeue(until(at)))
 }
 
 /// Replaces the Secret; `false` when it changed meanwhile (409: look again).

@@ -21,7 +21,7 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use time::OffsetDateTime;
@@ -46,9 +46,6 @@ pub async fn run(
     secret_changes: impl Stream<Item = ObjectRef<Service>> + Send + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    // Our own annotation writes (errors, signed-by) must not re-trigger us; only what
-    // a person or the Service itself changes does.
-    let service_events = service_events.predicate_filter(trigger_hash, Default::default());
     Controller::for_stream(service_events, services)
         .reconcile_on(secret_changes)
         .reconcile_all_on(ctx.signer.changes())
@@ -59,7 +56,10 @@ pub async fn run(
         .await;
 }
 
-fn trigger_hash(svc: &Service) -> Option<u64> {
+/// What of a Service matters to its serving Secret. Our own annotation writes
+/// (errors, signed-by) leave it unchanged, so they trigger neither serving controller;
+/// only what a person or the Service itself changes does.
+pub(super) fn trigger_hash(svc: &Service) -> Option<u64> {
     let mut h = DefaultHasher::new();
     svc.uid().hash(&mut h);
     if let Some(spec) = &svc.spec {

@@ -15,7 +15,7 @@ use kube::api::PostParams;
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use time::OffsetDateTime;
 
@@ -39,7 +39,9 @@ pub struct ServingWatches {
     pub services: Store<Service>,
     /// Serving Secrets carrying the managed label (metadata).
     pub secrets: Store<PartialObjectMeta<Secret>>,
-    /// Changed Services: the serving-cert controller's main stream.
+    /// Services changed in what matters to their Secret (name annotation, UID,
+    /// clusterIP, type; not our own annotation writes): the serving-cert controller's
+    /// main stream.
     pub service_events: BoxStream<'static, Result<Service, watcher::Error>>,
     /// Changed Secrets: the cert-refresh controller's main stream.
     pub secret_events: BoxStream<'static, Result<PartialObjectMeta<Secret>, watcher::Error>>,
@@ -70,13 +72,15 @@ impl ServingWatches {
         );
         let (to_cert_refresh, service_changes) = tokio::sync::mpsc::unbounded_channel();
         let (to_serving_cert, secret_changes) = tokio::sync::mpsc::unbounded_channel();
-        let service_events = service_events.inspect(move |event| {
-            if let Ok(svc) = event
-                && let Wanted::Named { name, .. } = wanted(svc)
-            {
-                let _ = to_cert_refresh.send(ObjectRef::new(name).within(&svc.namespace().unwrap_or_default()));
-            }
-        });
+        let service_events = service_events
+            .predicate_filter(super::serving_cert::trigger_hash, Default::default())
+            .inspect(move |event| {
+                if let Ok(svc) = event
+                    && let Wanted::Named { name, .. } = wanted(svc)
+                {
+                    let _ = to_cert_refresh.send(ObjectRef::new(name).within(&svc.namespace().unwrap_or_default()));
+                }
+            });
         let secret_events = secret_events.inspect(move |event| {
             if let Ok(secret) = event
                 && let Some(service) = originating_service(secret)

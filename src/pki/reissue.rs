@@ -48,6 +48,14 @@ impl LeafPolicy {
     pub fn default_refresh_before(lifetime: Duration) -> Duration {
         (lifetime / 3).max(Duration::from_secs(3600)).min(lifetime / 2)
     }
+
+    /// When a leaf expiring at `leaf_not_after` is due for refresh. `None` for a leaf
+    /// cut short at the CA's own expiry: the CA's rotation refreshes it, not time
+    /// (re-issuing it would give the same expiry again).
+    pub fn refresh_at(&self, leaf_not_after: OffsetDateTime, ca_not_after: OffsetDateTime) -> Option<OffsetDateTime> {
+        let capped = leaf_not_after >= ca_not_after - Duration::from_secs(1);
+        (!capped).then(|| leaf_not_after - self.refresh_before)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -177,10 +185,7 @@ pub fn decide(
         return Decision::Issue(IssueReason::BadExpiry);
     }
 
-    // A leaf cut short at the CA's own expiry is refreshed by the CA's rotation, not
-    // by time: re-issuing it would give the same expiry again.
-    let capped = leaf.not_after >= ca.not_after() - Duration::from_secs(1);
-    let refresh_at = (!capped).then(|| leaf.not_after - policy.refresh_before);
+    let refresh_at = policy.refresh_at(leaf.not_after, ca.not_after());
     if now > leaf.not_after || refresh_at.is_some_and(|at| now >= at) {
         return Decision::Issue(IssueReason::DueForRefresh);
     }
