@@ -10,48 +10,13 @@ use kube::runtime::events::{Recorder, Reporter};
 use tokio::sync::watch;
 
 use crate::admin::{self, Health, Role};
-use crate::annotations as ann;
 use crate::config::Config;
-use crate::controllers::{Context, ServingWatches, ca_bundle, ca_lifecycle, cert_refresh, serving_cert};
+use crate::controllers::serving::{ServingWatches, cert_refresh, serving_cert};
+use crate::controllers::{Context, ca_bundle, ca_lifecycle};
 use crate::metrics::Metrics;
+use crate::names::{self as ann, LEASE_NAME};
+use crate::shutdown::Shutdown;
 use crate::signer::{KeyPool, SignerHandle};
-
-pub const LEASE_NAME: &str = "service-ca-operator";
-
-/// A cloneable shutdown signal, raised by SIGTERM or SIGINT.
-#[derive(Clone)]
-pub struct Shutdown(watch::Receiver<bool>);
-
-impl Shutdown {
-    pub fn on_signals() -> Self {
-        let (tx, rx) = watch::channel(false);
-        tokio::spawn(async move {
-            let terminate = async {
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(mut s) => {
-                        s.recv().await;
-                    }
-                    Err(_) => std::future::pending::<()>().await,
-                }
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = terminate => {}
-            }
-            tracing::info!("shutdown requested: finishing in-flight work");
-            let _ = tx.send(true);
-        });
-        Shutdown(rx)
-    }
-
-    /// Resolves once shutdown was requested.
-    pub fn signal(&self) -> impl std::future::Future<Output = ()> + Send + Sync + 'static {
-        let mut rx = self.0.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    }
-}
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
@@ -64,20 +29,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Caches of annotated Services (those the selector picks) and our own serving
     // Secrets (by label), shared by the serving-cert and cert-refresh controllers.
     let serving = ServingWatches::new(&client, &config.selector, health.clone());
-    let (services, secrets) = (serving.services.clone(), serving.secrets.clone());
-    let metrics = Arc::new(Metrics::new(Some(secrets.clone())));
-
-    let listener =
-        admin::bind(config.admin_addr).await.with_context(|| format!("cannot listen on {}", config.admin_addr))?;
-    tracing::info!(addr = %listener.local_addr()?, "admin server listening (/livez, /readyz, /metrics)");
-    let admin = tokio::spawn(admin::serve(listener, health.clone(), metrics.clone(), shutdown.signal()));
-
+    let metrics = Arc::new(Metrics::new(Some(serving.secrets.clone())));
+    let admin = start_admin(&config, &health, &metrics, &shutdown).await?;
     let recorder = Recorder::new(
         client.clone(),
         Reporter { controller: "service-ca-operator".into(), instance: Some(identity.clone()) },
     );
     let ctx = Arc::new(Context {
-        client: client.clone(),
+        client,
         keys: KeyPool::new(config.issuance_concurrency(), config.key_buffer),
         signer: SignerHandle::default(),
         metrics,
@@ -87,61 +46,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
 
     // Leader election: only the holder of the Lease runs the controllers.
-    let mut lease = None;
-    if ctx.config.leader_elect {
-        let (leader, task) = acquire_lease(&ctx, &identity).await?;
-        let mut waiting = leader.clone();
-        let elected = tokio::select! {
-            _ = shutdown.signal() => false,
-            result = waiting.wait_for(|is_leader| *is_leader) => { result.context("leader election stopped")?; true }
-        };
-        drop(waiting);
-        if !elected {
-            drop(leader);
-            let _ = task.await;
-            return Ok(());
+    let lease = if ctx.config.leader_elect {
+        match lead(&ctx, &identity, &shutdown).await? {
+            Some(lease) => Some(lease),
+            None => return Ok(()), // shut down while waiting
         }
-        tracing::info!(%identity, "acquired the leader lease");
-        lease = Some((leader, task));
-    }
+    } else {
+        None
+    };
     health.set_role(Role::Leader);
 
-    let synced = {
-        let (services, secrets, health) = (services.clone(), secrets.clone(), health.clone());
-        async move {
-            if services.wait_until_ready().await.is_ok() && secrets.wait_until_ready().await.is_ok() {
-                health.set_caches_synced();
-                tracing::info!("caches synced");
-            }
-        }
-    };
-    let controllers = async {
-        tokio::join!(
-            ca_lifecycle::run(ctx.clone(), shutdown.signal()),
-            serving_cert::run(
-                ctx.clone(),
-                services.clone(),
-                serving.service_events,
-                serving.secret_changes,
-                shutdown.signal()
-            ),
-            cert_refresh::run(
-                ctx.clone(),
-                secrets.clone(),
-                serving.secret_events,
-                services.clone(),
-                serving.service_changes,
-                shutdown.signal()
-            ),
-            ca_bundle::run(ctx.clone(), shutdown.clone()),
-            synced,
-        )
-    };
-
-    match &mut lease {
-        None => {
-            controllers.await;
-        }
+    let controllers = run_controllers(ctx.clone(), serving, shutdown.clone());
+    match &lease {
+        None => controllers.await,
         Some((leader, _)) => {
             let mut lost = leader.clone();
             tokio::select! {
@@ -153,25 +70,93 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         }
     }
-    if let Some((leader, task)) = lease {
-        drop(leader);
-        match tokio::time::timeout(Duration::from_secs(5), task).await {
-            Ok(Ok(Ok(_))) => tracing::info!("released the leader lease"),
-            other => tracing::warn!(?other, "could not release the leader lease; it expires by itself"),
-        }
+    if let Some(lease) = lease {
+        release(lease).await;
     }
     let _ = admin.await;
     tracing::info!("stopped");
     Ok(())
 }
 
-async fn acquire_lease(
-    ctx: &Context,
-    identity: &str,
-) -> anyhow::Result<(
-    watch::Receiver<bool>,
-    tokio::task::JoinHandle<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>,
-)> {
+/// The admin server (/livez, /readyz, /metrics), until shutdown.
+async fn start_admin(
+    config: &Config,
+    health: &Arc<Health>,
+    metrics: &Arc<Metrics>,
+    shutdown: &Shutdown,
+) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    let listener =
+        admin::bind(config.admin_addr).await.with_context(|| format!("cannot listen on {}", config.admin_addr))?;
+    tracing::info!(addr = %listener.local_addr()?, "admin server listening (/livez, /readyz, /metrics)");
+    Ok(tokio::spawn(admin::serve(listener, health.clone(), metrics.clone(), shutdown.signal())))
+}
+
+/// The four controllers, until shutdown; readiness learns when the caches are synced.
+async fn run_controllers(ctx: Arc<Context>, serving: ServingWatches, shutdown: Shutdown) {
+    let (services, secrets) = (serving.services.clone(), serving.secrets.clone());
+    let synced = {
+        let (services, secrets, health) = (services.clone(), secrets.clone(), ctx.health.clone());
+        async move {
+            if services.wait_until_ready().await.is_ok() && secrets.wait_until_ready().await.is_ok() {
+                health.set_caches_synced();
+                tracing::info!("caches synced");
+            }
+        }
+    };
+    tokio::join!(
+        ca_lifecycle::run(ctx.clone(), shutdown.clone()),
+        serving_cert::run(
+            ctx.clone(),
+            services.clone(),
+            serving.service_events,
+            serving.secret_changes,
+            shutdown.clone()
+        ),
+        cert_refresh::run(
+            ctx.clone(),
+            secrets,
+            serving.secret_events,
+            services,
+            serving.service_changes,
+            shutdown.clone()
+        ),
+        ca_bundle::run(ctx.clone(), shutdown),
+        synced,
+    );
+}
+
+/// Whether we lead, and the task that keeps the lease.
+type Lease =
+    (watch::Receiver<bool>, tokio::task::JoinHandle<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>);
+
+/// Waits for the leader lease; `None` when shutdown came first.
+async fn lead(ctx: &Context, identity: &str, shutdown: &Shutdown) -> anyhow::Result<Option<Lease>> {
+    let (leader, task) = acquire_lease(ctx, identity).await?;
+    let mut waiting = leader.clone();
+    let elected = tokio::select! {
+        _ = shutdown.signal() => false,
+        result = waiting.wait_for(|is_leader| *is_leader) => { result.context("leader election stopped")?; true }
+    };
+    drop(waiting);
+    if !elected {
+        drop(leader);
+        let _ = task.await;
+        return Ok(None);
+    }
+    tracing::info!(%identity, "acquired the leader lease");
+    Ok(Some((leader, task)))
+}
+
+/// Hands the lease back (so a successor need not wait for it to expire).
+async fn release((leader, task): Lease) {
+    drop(leader);
+    match tokio::time::timeout(Duration::from_secs(5), task).await {
+        Ok(Ok(Ok(_))) => tracing::info!("released the leader lease"),
+        other => tracing::warn!(?other, "could not release the leader lease; it expires by itself"),
+    }
+}
+
+async fn acquire_lease(ctx: &Context, identity: &str) -> anyhow::Result<Lease> {
     let duration = ctx.config.lease_duration.as_secs().max(3);
     let manager = kube_lease_manager::LeaseManagerBuilder::new(ctx.client.clone(), LEASE_NAME)
         .with_namespace(&ctx.config.namespace)

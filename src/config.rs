@@ -141,6 +141,18 @@ impl Config {
         if self.lease_duration < Duration::from_secs(3) {
             return Err("--lease-duration must be at least 3s".into());
         }
+        if self.controller_concurrency == 0 {
+            return Err("--controller-concurrency must be at least 1 (0 would reconcile nothing)".into());
+        }
+        if self.max_concurrent_issuance == Some(0) {
+            return Err("--max-concurrent-issuance must be at least 1 (0 would issue nothing)".into());
+        }
+        if self.key_buffer > MAX_KEY_BUFFER {
+            return Err(format!("--key-buffer ({}) must be at most {MAX_KEY_BUFFER}", self.key_buffer));
+        }
+        check_dns_domain(&self.cluster_domain).map_err(|why| {
+            format!("--cluster-domain {:?} is not a DNS domain: {why}", crate::bounded(&self.cluster_domain))
+        })?;
         Ok(())
     }
 
@@ -165,6 +177,19 @@ impl Config {
             .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))
             .max(1)
     }
+}
+
+/// The most serving keys worth keeping ready (each is ~2 KiB; more only delays start-up).
+pub const MAX_KEY_BUFFER: usize = 1024;
+
+/// A DNS domain as it appears in certificate names: a DNS-1123 subdomain whose labels
+/// are at most 63 characters.
+pub fn check_dns_domain(domain: &str) -> Result<(), &'static str> {
+    crate::names::check_subdomain(domain)?;
+    if domain.split('.').any(|label| label.len() > 63) {
+        return Err("a label is longer than 63 characters");
+    }
+    Ok(())
 }
 
 /// One requirement of a label selector (the kubectl syntax).
@@ -229,45 +254,9 @@ pub fn parse_selector(selector: &str) -> Result<Vec<Requirement>, String> {
     Ok(out)
 }
 
-/// Whether `labels` satisfy `selector` (an invalid selector matches nothing; it is
-/// refused at start-up anyway).
-pub fn selector_matches(selector: &str, labels: &std::collections::BTreeMap<String, String>) -> bool {
-    let Ok(requirements) = parse_selector(selector) else { return false };
-    requirements.iter().all(|r| match r {
-        Requirement::Equals(k, v) => labels.get(k) == Some(v),
-        Requirement::NotEquals(k, v) => labels.get(k) != Some(v),
-        Requirement::In(k, vs) => labels.get(k).is_some_and(|l| vs.contains(l)),
-        Requirement::NotIn(k, vs) => labels.get(k).is_none_or(|l| !vs.contains(l)),
-        Requirement::Exists(k) => labels.contains_key(k),
-        Requirement::DoesNotExist(k) => !labels.contains_key(k),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn selectors_match_like_the_api_server() {
-        let labels: std::collections::BTreeMap<String, String> =
-            [("app", "web"), ("tier", "front")].into_iter().map(|(k, v)| (k.into(), v.into())).collect();
-        for (selector, expected) in [
-            ("", true),
-            ("app=web", true),
-            ("app==web,tier=front", true),
-            ("app!=web", false),
-            ("app in (web, api)", true),
-            ("app notin (web)", false),
-            ("tier", true),
-            ("!tier", false),
-            ("missing", false),
-            ("app in (api),tier", false),
-        ] {
-            assert_eq!(selector_matches(selector, &labels), expected, "{selector}");
-        }
-        assert!(parse_selector("app in web").is_err());
-        assert!(parse_selector("a b").is_err());
-    }
 
     fn parse(args: &[&str]) -> Config {
         Cli::try_parse_from(args).unwrap().into_config()
@@ -305,5 +294,21 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("--cert-refresh-before"));
         let c = parse(&["x", "--ca-lifetime", "10000y"]);
         assert!(c.validate().unwrap_err().contains("at most 100 years"), "would overflow the certificate dates");
+    }
+
+    #[test]
+    fn flags_that_can_only_misbehave_are_refused_naming_the_flag() {
+        for (args, flag) in [
+            (&["x", "--controller-concurrency", "0"][..], "--controller-concurrency"),
+            (&["x", "--max-concurrent-issuance", "0"], "--max-concurrent-issuance"),
+            (&["x", "--key-buffer", "18446744073709551615"], "--key-buffer"),
+            (&["x", "--cluster-domain", ""], "--cluster-domain"),
+            (&["x", "--cluster-domain", "bad_domain..x"], "--cluster-domain"),
+            (&["x", "--cluster-domain=-x.local"], "--cluster-domain"),
+        ] {
+            let error = parse(args).validate().unwrap_err();
+            assert!(error.contains(flag), "{args:?}: {error}");
+        }
+        assert!(parse(&["x", "--cluster-domain", "corp.example"]).validate().is_ok());
     }
 }

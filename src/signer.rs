@@ -149,18 +149,16 @@ impl KeyPool {
     pub async fn issue(
         &self,
         signer: Arc<Signer>,
-        request: OwnedLeafRequest,
+        request: LeafRequest,
         lifetime: std::time::Duration,
     ) -> Result<IssuedLeaf, PkiError> {
         // Checked before a key is spent on it.
         signer.ca.check_unexpired(OffsetDateTime::now_utc())?;
         let key = self.serving_key().await?;
         // Signing (~1 ms with ring) also stays off the reactor.
-        tokio::task::spawn_blocking(move || {
-            signer.ca.issue(&request.as_request(), &key, OffsetDateTime::now_utc(), lifetime)
-        })
-        .await
-        .map_err(|e| PkiError::Signing(format!("worker failed: {e}")))?
+        tokio::task::spawn_blocking(move || signer.ca.issue(&request, &key, OffsetDateTime::now_utc(), lifetime))
+            .await
+            .map_err(|e| PkiError::Signing(format!("worker failed: {e}")))?
     }
 }
 
@@ -188,6 +186,7 @@ fn spawn_workers(n: usize) -> std::sync::mpsc::Sender<Job> {
 }
 
 /// Lowers the calling thread's CPU priority (on Linux the nice value is per thread).
+#[allow(unsafe_code)] // one of the two documented exceptions: setpriority
 fn lower_priority() {
     #[cfg(target_os = "linux")]
     {
@@ -202,32 +201,11 @@ fn lower_priority() {
 
 /// The calling thread's nice value.
 #[cfg(target_os = "linux")]
+#[allow(unsafe_code)] // one of the two documented exceptions: getpriority
 fn current_niceness() -> i32 {
     // SAFETY: getpriority only reads its integer arguments. (-1 is also a valid nice
     // value, so errors are not told apart; for the calling thread it cannot fail.)
     unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
-}
-
-/// A [`LeafRequest`] that owns its strings, to cross into a blocking thread.
-#[derive(Clone, Debug)]
-pub struct OwnedLeafRequest {
-    pub service: String,
-    pub namespace: String,
-    pub uid: String,
-    pub headless: bool,
-    pub cluster_domain: String,
-}
-
-impl OwnedLeafRequest {
-    pub fn as_request(&self) -> LeafRequest<'_> {
-        LeafRequest {
-            service: &self.service,
-            namespace: &self.namespace,
-            uid: &self.uid,
-            headless: self.headless,
-            cluster_domain: &self.cluster_domain,
-        }
-    }
 }
 
 #[cfg(test)]

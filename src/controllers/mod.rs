@@ -1,33 +1,37 @@
-//! The four controllers, one room each:
+//! The controllers. Each module is one room, and reads top-down the same way:
+//! watch → plan (a pure function, unit-tested) → write only what changed → report
+//! (Event, metrics) → requeue.
 //!
-//! - [`serving_cert`]: annotated Service → its serving Secret exists (creates it,
-//!   reports conflicts and bad input on the Service).
-//! - [`cert_refresh`]: every managed serving Secret stays right (re-issues on time, on
-//!   CA change, on tampering; strips extra keys), scheduled for the exact moment.
+//! - [`serving`]: annotated Services get their serving Secret; its two controllers,
+//!   [`serving::serving_cert`] (keyed by Service: creates the Secret, reports
+//!   conflicts and bad input) and [`serving::cert_refresh`] (keyed by managed Secret:
+//!   re-issues on time, on CA change, on tampering), share the pieces in
+//!   [`serving`] itself and the pure [`serving::decision`].
 //! - [`ca_bundle`]: annotated ConfigMaps, APIServices, CRDs and webhook
 //!   configurations carry the CA bundle.
 //! - [`ca_lifecycle`]: the `signing-key` Secret — create, load, rotate, reset — and the
 //!   shared signer.
 //!
-//! Each follows one pipeline: read (caches, signer snapshot) → decide in a pure
-//! function → write only what changed → report (Event, metrics) → requeue.
+//! This module holds what they all share: the [`Context`], the cached watches, the
+//! controller run loop with per-object retry backoff ([`drive`]), and small helpers
+//! for API errors and writes.
 
 pub mod ca_bundle;
 pub mod ca_lifecycle;
-pub mod cert_refresh;
-pub mod serving_cert;
-pub mod serving_secret;
+pub mod serving;
 
-pub use serving_secret::ServingWatches;
-
+use std::collections::HashMap;
 use std::fmt::Debug;
-use std::sync::Arc;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::{PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
@@ -35,6 +39,8 @@ use serde::de::DeserializeOwned;
 use crate::admin::Health;
 use crate::config::Config;
 use crate::metrics::{ControllerLabels, ErrorLabels, Metrics};
+use crate::names::FIELD_MANAGER;
+use crate::shutdown::Shutdown;
 use crate::signer::{KeyPool, SignerHandle};
 
 /// What every controller shares.
@@ -57,7 +63,7 @@ impl Context {
     /// message repeated is counted, a different message is a new Event.
     pub async fn event(&self, regarding: &ObjectReference, type_: EventType, reason: &str, note: String) {
         use std::hash::{Hash, Hasher};
-        let note = truncate(note, 1000);
+        let note = crate::bounded_to(&note, 1000).into_owned();
         let mut digest = std::collections::hash_map::DefaultHasher::new();
         note.hash(&mut digest);
         let action = format!("{reason}/{:08x}", digest.finish() as u32);
@@ -77,52 +83,180 @@ impl Context {
             self.metrics.reconcile_errors.get_or_create(&ErrorLabels { controller, category: error.category() }).inc();
         }
     }
-}
 
-/// What can fail in the serving-cert, cert-refresh and CA lifecycle controllers.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("certificate: {0}")]
-    Pki(#[from] crate::pki::PkiError),
-}
-
-impl Categorised for Error {
-    fn category(&self) -> &'static str {
-        match self {
-            Error::Kube(e) => e.category(),
-            Error::Pki(_) => "pki",
-        }
+    /// Runs one pass of `controller`, recording its count, duration and error category.
+    pub async fn timed<T, E: Categorised>(
+        &self,
+        controller: &'static str,
+        work: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let started = Instant::now();
+        let result = work.await;
+        self.observe(controller, started, result.as_ref().map(|_| ()));
+        result
     }
 }
 
 /// Errors with a bounded category for metrics.
 pub trait Categorised {
     fn category(&self) -> &'static str;
+    /// Whether the API server could not be reached at all (retried soon, whatever the
+    /// backoff says: such an attempt costs nothing and the outage may be over).
+    fn unreachable(&self) -> bool {
+        false
+    }
 }
 
-impl Categorised for kube::Error {
-    fn category(&self) -> &'static str {
-        match self {
-            kube::Error::Api(status) if status.code == 409 => "conflict",
-            kube::Error::Api(status) if status.code == 422 => "invalid",
-            kube::Error::Api(status) if status.code == 403 => "forbidden",
-            kube::Error::Api(_) => "api",
-            _ => "transport",
+/// The category of an API error, for metrics.
+pub fn api_category(error: &kube::Error) -> &'static str {
+    match status_code(error) {
+        Some(409) => "conflict",
+        Some(422) => "invalid",
+        Some(403) => "forbidden",
+        Some(404) => "not-found",
+        Some(_) => "api",
+        None => "transport",
+    }
+}
+
+/// The HTTP status of an API error (`None`: the request got no answer).
+pub fn status_code(error: &kube::Error) -> Option<u16> {
+    match error {
+        kube::Error::Api(status) => Some(status.code),
+        _ => None,
+    }
+}
+
+/// The API server's message for an API error (the error itself otherwise).
+pub fn api_message(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => status.message.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// 409: someone wrote the object since it was read (or created it meanwhile).
+pub fn is_conflict(error: &kube::Error) -> bool {
+    status_code(error) == Some(409)
+}
+
+/// 404: the object is gone.
+pub fn is_not_found(error: &kube::Error) -> bool {
+    status_code(error) == Some(404)
+}
+
+/// 422 or 403: the API server (validation, admission, RBAC) refused this write; the
+/// same write will be refused again.
+pub fn is_refused(error: &kube::Error) -> bool {
+    matches!(status_code(error), Some(422 | 403))
+}
+
+/// Create and replace options: our field manager.
+pub fn post_params() -> PostParams {
+    PostParams { field_manager: Some(FIELD_MANAGER.into()), ..PostParams::default() }
+}
+
+/// Merge-patch options: our field manager.
+pub fn patch_params() -> PatchParams {
+    PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() }
+}
+
+/// How soon to look again after a write lost a race (409) or found its object gone.
+pub const LOOK_AGAIN: Duration = Duration::from_millis(500);
+
+/// How soon to retry a write the API server refused (422): a person has to change
+/// something first, so there is no hurry.
+pub const RETRY_REFUSED: Duration = Duration::from_secs(60);
+
+/// The tail every keyed controller shares: reconcile every object when the signer
+/// changes, the configured concurrency, graceful shutdown, metrics per pass, and a
+/// per-object exponential backoff after errors (see [`Retries`]).
+pub async fn drive<K, S, E, Fut>(
+    controller: Controller<K>,
+    name: &'static str,
+    ctx: Arc<Context>,
+    shutdown: Shutdown,
+    state: Arc<S>,
+    reconcile: impl Fn(Arc<K>, Arc<S>) -> Fut + Send + 'static,
+) where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    S: Send + Sync + 'static,
+    E: Categorised + std::error::Error + Send + 'static,
+    Fut: Future<Output = Result<Action, E>> + Send + 'static,
+{
+    let retries = Arc::new(Retries::default());
+    let run = {
+        let (ctx, retries) = (ctx.clone(), retries.clone());
+        move |obj: Arc<K>, state: Arc<S>| {
+            let key = ObjectRef::from_obj(obj.as_ref()).to_string();
+            let pass = reconcile(obj, state);
+            let (ctx, retries) = (ctx.clone(), retries.clone());
+            async move {
+                let result = ctx.timed(name, pass).await;
+                if result.is_ok() {
+                    retries.forget(&key);
+                }
+                result
+            }
+        }
+    };
+    let error_policy = move |obj: Arc<K>, error: &E, _: Arc<S>| {
+        let key = ObjectRef::from_obj(obj.as_ref()).to_string();
+        let mut delay = retries.next_delay(&key);
+        if error.unreachable() {
+            delay = delay.min(UNREACHABLE_RETRY);
+        }
+        tracing::warn!(controller = name, object = %key, %error, retry_in = ?delay, "reconcile failed");
+        Action::requeue(delay)
+    };
+    controller
+        .reconcile_all_on(ctx.signer.changes())
+        .with_config(kube::runtime::controller::Config::default().concurrency(ctx.config.controller_concurrency))
+        .graceful_shutdown_on(shutdown.signal())
+        .run(run, error_policy, state)
+        .for_each(|_| async {})
+        .await;
+}
+
+/// Consecutive failures per object, for the retry delay after an error: 2 s doubling
+/// to 5 minutes (±10 % jitter), forgotten after the object's next success. An object
+/// whose writes keep failing costs one attempt per delay, not one every few seconds.
+#[derive(Default)]
+pub struct Retries(Mutex<HashMap<String, u32>>);
+
+/// The longest delay between two attempts on one failing object.
+pub const MAX_RETRY: Duration = Duration::from_secs(300);
+/// Retry delay while the API server cannot be reached.
+const UNREACHABLE_RETRY: Duration = Duration::from_secs(5);
+
+impl Retries {
+    /// Records a failure of `key` and returns how long to wait before the next attempt.
+    pub fn next_delay(&self, key: &str) -> Duration {
+        let attempt = match self.0.lock() {
+            Ok(mut counts) => {
+                let n = counts.entry(key.to_string()).or_insert(0);
+                *n = n.saturating_add(1);
+                *n
+            }
+            Err(_) => 1,
+        };
+        retry_delay(attempt)
+    }
+
+    /// `key` succeeded: its next failure starts from the shortest delay again.
+    pub fn forget(&self, key: &str) {
+        if let Ok(mut counts) = self.0.lock() {
+            counts.remove(key);
         }
     }
 }
 
-fn truncate(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut cut = max;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-    }
-    s
+/// The delay after the `attempt`-th consecutive failure (1-based): 2 s, 4 s, 8 s …
+/// capped at [`MAX_RETRY`], with ±10 % jitter so that failures that began together
+/// spread out.
+pub fn retry_delay(attempt: u32) -> Duration {
+    let base = Duration::from_secs(1u64 << attempt.clamp(1, 9)).min(MAX_RETRY);
+    base.mul_f64(0.9 + rand::random::<f64>() * 0.2)
 }
 
 /// A watch of `api` that feeds a cache (`Store`) and yields the relevant objects it
@@ -243,11 +377,6 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
     fn reset(&mut self) {
         *self = WatchBackoff::default();
     }
-}
-
-/// Exponential retry delay: 1 s, 2 s, 4 s … capped at 60 s.
-pub fn backoff(attempt: u32) -> Duration {
-    Duration::from_secs(1u64 << attempt.min(6)).min(Duration::from_secs(60))
 }
 
 /// Time from now until `at` (zero if past), for `Action::requeue`.

@@ -14,12 +14,7 @@ use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
 
 use super::keys::{KeyKind, PrivateKey, certificate_public_key, random_serial};
 use super::{PkiError, pem};
-
-/// Keys of the `signing-key` Secret's data.
-pub const TLS_CERT: &str = "tls.crt";
-pub const TLS_KEY: &str = "tls.key";
-pub const CA_BUNDLE: &str = "ca-bundle.crt";
-pub const INTERMEDIATE: &str = "intermediate-ca.crt";
+use crate::names::{CA_BUNDLE, INTERMEDIATE, TLS_CERT, TLS_KEY};
 
 /// The prefix of the CA's common name; the suffix is the creation time in Unix seconds.
 pub const CA_NAME_PREFIX: &str = "openshift-service-serving-signer@";

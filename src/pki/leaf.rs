@@ -9,25 +9,29 @@ use rcgen::{
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
-use super::PkiError;
+use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
+
 use super::ca::{CertInfo, CertificateAuthority};
-use super::keys::{PrivateKey, random_serial};
+use super::keys::{PrivateKey, PublicKey, certificate_public_key, random_serial};
+use super::{PkiError, pem};
+use crate::names::TLS_CERT;
 
 /// OID of the non-critical extension that carries the Service UID.
 pub const SERVICE_UID_OID: [u64; 11] = [1, 3, 6, 1, 4, 1, 2312, 17, 100, 2, 1];
 
-/// What a serving certificate is for.
+/// What a serving certificate is for: the one description of a Service's identity
+/// (name, namespace, UID, headless) that issuance and the re-issue decision share.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LeafRequest<'a> {
-    pub service: &'a str,
-    pub namespace: &'a str,
-    pub uid: &'a str,
+pub struct LeafRequest {
+    pub service: String,
+    pub namespace: String,
+    pub uid: String,
     /// `spec.clusterIP: None`: the certificate also covers `*.<svc>.<ns>.svc[.<domain>]`.
     pub headless: bool,
-    pub cluster_domain: &'a str,
+    pub cluster_domain: String,
 }
 
-impl LeafRequest<'_> {
+impl LeafRequest {
     /// The DNS SANs, sorted bytewise (the first is also the subject CN).
     pub fn dns_names(&self) -> Vec<String> {
         let base = format!("{}.{}.svc", self.service, self.namespace);
@@ -38,6 +42,32 @@ impl LeafRequest<'_> {
         names.sort();
         names.dedup();
         names
+    }
+}
+
+/// Leaf issuance settings.
+#[derive(Clone, Debug)]
+pub struct LeafPolicy {
+    pub cluster_domain: String,
+    pub lifetime: Duration,
+    /// Re-issue when less than this is left before the leaf expires.
+    pub refresh_before: Duration,
+}
+
+impl LeafPolicy {
+    /// The default refresh threshold: a third of the lifetime, and never less than one
+    /// hour — except that it never exceeds half the lifetime, so that short lifetimes
+    /// (tests, demos) do not re-issue in a loop.
+    pub fn default_refresh_before(lifetime: Duration) -> Duration {
+        (lifetime / 3).max(Duration::from_secs(3600)).min(lifetime / 2)
+    }
+
+    /// When a leaf expiring at `leaf_not_after` is due for refresh. `None` for a leaf
+    /// cut short at the CA's own expiry: the CA's rotation refreshes it, not time
+    /// (re-issuing it would give the same expiry again).
+    pub fn refresh_at(&self, leaf_not_after: OffsetDateTime, ca_not_after: OffsetDateTime) -> Option<OffsetDateTime> {
+        let capped = leaf_not_after >= ca_not_after - Duration::from_secs(1);
+        (!capped).then(|| leaf_not_after - self.refresh_before)
     }
 }
 
@@ -61,7 +91,7 @@ impl CertificateAuthority {
     /// NotAfter is `now + lifetime`, capped at the CA's own NotAfter.
     pub fn issue(
         &self,
-        req: &LeafRequest<'_>,
+        req: &LeafRequest,
         key: &PrivateKey,
         now: OffsetDateTime,
         lifetime: Duration,
@@ -86,7 +116,7 @@ impl CertificateAuthority {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
         params.custom_extensions =
-            vec![CustomExtension::from_oid_content(&SERVICE_UID_OID, printable_string(req.uid)?)];
+            vec![CustomExtension::from_oid_content(&SERVICE_UID_OID, printable_string(&req.uid)?)];
 
         let cert = params.signed_by(key.public_key(), self.issuer()).map_err(|e| PkiError::Signing(e.to_string()))?;
         let leaf = CertInfo::parse("tls.crt", cert.der().to_vec())?;
@@ -119,4 +149,44 @@ pub fn format_expiry(t: OffsetDateTime) -> String {
 /// Parses an `expiry` annotation (any RFC 3339 timestamp).
 pub fn parse_expiry(value: &str) -> Option<OffsetDateTime> {
     OffsetDateTime::parse(value.trim(), &time::format_description::well_known::Rfc3339).ok()
+}
+
+/// The parts of an issued serving certificate that decide whether it is still right.
+#[derive(Debug)]
+pub struct LeafInfo {
+    pub dns_names: std::collections::BTreeSet<String>,
+    pub authority_key_id: Option<Vec<u8>>,
+    pub not_after: OffsetDateTime,
+    pub public_key: Option<PublicKey>,
+}
+
+impl LeafInfo {
+    /// Reads the first certificate of a `tls.crt` chain.
+    pub fn parse(tls_crt: &[u8]) -> Result<Self, String> {
+        let ders = pem::decode_certificates(TLS_CERT, tls_crt).map_err(|e| e.to_string())?;
+        let first = ders.first().ok_or("no certificate")?;
+        let (_, cert) = X509Certificate::from_der(first).map_err(|e| e.to_string())?;
+        let mut info = LeafInfo {
+            dns_names: Default::default(),
+            authority_key_id: None,
+            not_after: cert.validity().not_after.to_datetime(),
+            public_key: certificate_public_key(&cert),
+        };
+        for ext in cert.extensions() {
+            match ext.parsed_extension() {
+                ParsedExtension::SubjectAlternativeName(san) => {
+                    for name in &san.general_names {
+                        if let GeneralName::DNSName(dns) = name {
+                            info.dns_names.insert(dns.to_string());
+                        }
+                    }
+                }
+                ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                    info.authority_key_id = aki.key_identifier.as_ref().map(|id| id.0.to_vec())
+                }
+                _ => {}
+            }
+        }
+        Ok(info)
+    }
 }

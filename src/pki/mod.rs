@@ -1,6 +1,7 @@
 //! Pure certificate logic, with no Kubernetes dependency: the service CA (creation,
 //! loading, rotation with a trust bridge, bundle), serving-certificate issuance, and
-//! the decision whether a serving Secret must be re-issued.
+//! the inspection of an issued certificate. (Whether a serving Secret must be
+//! re-issued is the serving controllers' decision: `controllers::serving::decision`.)
 //!
 //! Everything here takes `now` as an argument, so every rule is testable at any
 //! instant without waiting.
@@ -9,12 +10,10 @@ mod ca;
 mod keys;
 mod leaf;
 pub mod pem;
-mod reissue;
 
-pub use ca::{CA_BUNDLE, CA_NAME_PREFIX, CaPolicy, CertInfo, CertificateAuthority, INTERMEDIATE, TLS_CERT, TLS_KEY};
+pub use ca::{CA_NAME_PREFIX, CaPolicy, CertInfo, CertificateAuthority};
 pub use keys::{KeyKind, PrivateKey, PublicKey, key_matches};
-pub use leaf::{IssuedLeaf, LeafRequest, SERVICE_UID_OID, format_expiry, parse_expiry};
-pub use reissue::{Decision, IssueReason, LeafPolicy, SecretFacts, ServiceFacts, decide};
+pub use leaf::{IssuedLeaf, LeafInfo, LeafPolicy, LeafRequest, SERVICE_UID_OID, format_expiry, parse_expiry};
 
 use time::OffsetDateTime;
 

@@ -1,15 +1,17 @@
 //! CA bundle injection (SPEC §2): one controller per kind, one generic reconcile.
 //!
-//! Objects are watched as metadata only (the operator never caches ConfigMap bodies or
-//! CRD schemas); the full object is read only when it is annotated. When the bundle
-//! changes, every annotated object is reconciled at once.
+//! Watch: objects as metadata only (the operator never caches ConfigMap bodies or CRD
+//! schemas); when the bundle changes, every annotated object is reconciled at once.
+//! Plan: [`mode`] reads the annotations; [`Target::plan`] (pure, per kind, in
+//! `targets`) compares the full object, read when acting, with the bundle.
+//! Write: only the injected field, guarded by the resourceVersion the plan was made
+//! from. Report: metrics, and a Warning Event when the API server refuses.
 
 mod targets;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -23,27 +25,48 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 
-pub use targets::{CONFIGMAP_KEY, Target, Write};
+pub use targets::{Target, Write};
 
-use super::{Categorised, Context, backoff, cached_metadata_watch};
-use crate::annotations::{self as ann, is_true};
-use crate::app::Shutdown;
+use super::{
+    Categorised, Context, RETRY_REFUSED, api_message, cached_metadata_watch, drive, is_conflict, is_not_found,
+    patch_params,
+};
+use crate::names::{self as ann, KUBE_ROOT_CA, KUBE_ROOT_CA_KEY, is_true};
+use crate::shutdown::Shutdown;
 
 pub const NAME: &str = "ca-bundle";
 
+/// How soon to look again after the object changed or went while we wrote.
+const RACE_LOST: Duration = Duration::from_millis(200);
+
+/// What can fail in an injection: the operation and the object it was for.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("{0}")]
-    Legacy(String),
+    #[error("reading {kind} {object}: {source}")]
+    Read { kind: &'static str, object: String, source: kube::Error },
+    #[error("injecting the CA bundle into {kind} {object}: {source}")]
+    Write { kind: &'static str, object: String, source: kube::Error },
+    #[error("reading ConfigMap {namespace}/{KUBE_ROOT_CA} for the legacy bundle: {source}")]
+    ReadRootCa { namespace: String, source: kube::Error },
+    #[error("ConfigMap {namespace}/{KUBE_ROOT_CA} has no {KUBE_ROOT_CA_KEY} yet: the legacy bundle cannot be made")]
+    NoRootCa { namespace: String },
 }
 
 impl Categorised for Error {
     fn category(&self) -> &'static str {
         match self {
-            Error::Kube(e) => e.category(),
-            Error::Legacy(_) => "legacy-root-ca",
+            Error::Read { .. } => "read",
+            Error::Write { .. } => "write",
+            Error::ReadRootCa { .. } | Error::NoRootCa { .. } => "legacy-root-ca",
+        }
+    }
+
+    fn unreachable(&self) -> bool {
+        match self {
+            Error::Read { source, .. } | Error::Write { source, .. } | Error::ReadRootCa { source, .. } => {
+                !matches!(source, kube::Error::Api(_))
+            }
+            Error::NoRootCa { .. } => false,
         }
     }
 }
@@ -89,45 +112,24 @@ fn keep_annotation(key: &str) -> bool {
         || key == ann::INJECT_VULNERABLE_LEGACY_CABUNDLE
 }
 
-/// Runs the five injectors until `shutdown` resolves.
+/// Runs the five injectors until `shutdown`.
 pub async fn run(ctx: Arc<Context>, shutdown: Shutdown) {
     tokio::join!(
-        run_kind::<ConfigMap>(ctx.clone(), shutdown.signal()),
-        run_kind::<APIService>(ctx.clone(), shutdown.signal()),
-        run_kind::<CustomResourceDefinition>(ctx.clone(), shutdown.signal()),
-        run_kind::<MutatingWebhookConfiguration>(ctx.clone(), shutdown.signal()),
-        run_kind::<ValidatingWebhookConfiguration>(ctx.clone(), shutdown.signal()),
+        run_kind::<ConfigMap>(ctx.clone(), shutdown.clone()),
+        run_kind::<APIService>(ctx.clone(), shutdown.clone()),
+        run_kind::<CustomResourceDefinition>(ctx.clone(), shutdown.clone()),
+        run_kind::<MutatingWebhookConfiguration>(ctx.clone(), shutdown.clone()),
+        run_kind::<ValidatingWebhookConfiguration>(ctx.clone(), shutdown),
     );
 }
 
-async fn run_kind<K: Target>(
-    ctx: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
+async fn run_kind<K: Target>(ctx: Arc<Context>, shutdown: Shutdown) {
     let config = watcher::Config::default().labels(&ctx.config.selector);
     let (store, stream) = cached_metadata_watch::<K>(ctx.client.clone(), config, ctx.health.clone(), keep_annotation);
-    Controller::for_stream(stream, store)
-        .reconcile_all_on(ctx.signer.changes())
-        .with_config(kube::runtime::controller::Config::default().concurrency(ctx.config.controller_concurrency))
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile::<K>, error_policy::<K>, ctx)
-        .for_each(|_| async {})
-        .await;
+    drive(Controller::for_stream(stream, store), NAME, ctx.clone(), shutdown, ctx, inject::<K>).await;
 }
 
-fn error_policy<K: Target>(obj: Arc<PartialObjectMeta<K>>, error: &Error, _: Arc<Context>) -> Action {
-    tracing::warn!(kind = K::KIND, object = %ObjectRef::from_obj(obj.as_ref()), %error, "injection failed; retrying");
-    Action::requeue(Duration::from_secs(5))
-}
-
-async fn reconcile<K: Target>(obj: Arc<PartialObjectMeta<K>>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = Instant::now();
-    let result = inject::<K>(&obj, &ctx).await;
-    ctx.observe(NAME, started, result.as_ref().map(|_| ()));
-    result
-}
-
-async fn inject<K: Target>(obj: &PartialObjectMeta<K>, ctx: &Context) -> Result<Action, Error> {
+async fn inject<K: Target>(obj: Arc<PartialObjectMeta<K>>, ctx: Arc<Context>) -> Result<Action, Error> {
     let (mode, warning) = mode::<K>(&obj.metadata);
     let reference = k8s_openapi::api::core::v1::ObjectReference {
         api_version: Some(K::api_version(&()).into_owned()),
@@ -147,13 +149,16 @@ async fn inject<K: Target>(obj: &PartialObjectMeta<K>, ctx: &Context) -> Result<
         return Ok(Action::await_change());
     };
     let name = obj.name_any();
+    let object = ObjectRef::from_obj(obj.as_ref()).to_string();
     let api = K::api(ctx.client.clone(), obj.namespace().as_deref());
-    let Some(full) = api.get_opt(&name).await? else {
+    let full =
+        api.get_opt(&name).await.map_err(|source| Error::Read { kind: K::KIND, object: object.clone(), source })?;
+    let Some(full) = full else {
         return Ok(Action::await_change());
     };
     let value = match mode {
         Mode::Bundle => signer.bundle_pem.clone(),
-        Mode::Legacy => legacy_value(ctx, &obj.namespace().unwrap_or_default(), &signer.bundle_pem).await?,
+        Mode::Legacy => legacy_value(&ctx, &obj.namespace().unwrap_or_default(), &signer.bundle_pem).await?,
     };
     let Some(write) = full.plan(&value) else {
         return Ok(Action::await_change());
@@ -165,28 +170,29 @@ async fn inject<K: Target>(obj: &PartialObjectMeta<K>, ctx: &Context) -> Result<
         patch["metadata"]["resourceVersion"] = full.resource_version().into();
         patch
     };
-    let params = PatchParams::apply(ann::FIELD_MANAGER).force();
-    let merge_params = PatchParams { field_manager: Some(ann::FIELD_MANAGER.into()), ..Default::default() };
     ctx.metrics.write(K::RESOURCE, "patch");
     let result = match write {
-        Write::Apply(patch) => api.patch(&name, &params, &Patch::Apply(guarded(patch))).await,
-        Write::Merge(patch) => api.patch(&name, &merge_params, &Patch::Merge(guarded(patch))).await,
+        Write::Apply(patch) => {
+            api.patch(&name, &PatchParams::apply(ann::FIELD_MANAGER).force(), &Patch::Apply(guarded(patch))).await
+        }
+        Write::Merge(patch) => api.patch(&name, &patch_params(), &Patch::Merge(guarded(patch))).await,
     };
     match result {
         Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
-            return Ok(Action::requeue(Duration::from_millis(200)));
-        }
-        Err(kube::Error::Api(s)) if s.code == 422 => {
-            let note = format!("could not inject the CA bundle: the API server refused it: {}", s.message);
-            tracing::warn!(kind = K::KIND, object = %ObjectRef::from_obj(obj), "{note}");
+        Err(e) if is_conflict(&e) || is_not_found(&e) => return Ok(Action::requeue(RACE_LOST)),
+        Err(e) if super::status_code(&e) == Some(422) => {
+            let note = format!(
+                "could not inject the CA bundle: the API server refused it: {}",
+                crate::bounded(&api_message(&e))
+            );
+            tracing::warn!(kind = K::KIND, %object, "{note}");
             ctx.event(&reference, EventType::Warning, "CABundleInjectionFailed", note).await;
-            return Ok(Action::requeue(backoff(6)));
+            return Ok(Action::requeue(RETRY_REFUSED));
         }
-        Err(e) => return Err(e.into()),
+        Err(source) => return Err(Error::Write { kind: K::KIND, object, source }),
     }
     ctx.metrics.injections.get_or_create(&crate::metrics::KindLabels { kind: K::RESOURCE }).inc();
-    tracing::info!(kind = K::KIND, object = %ObjectRef::from_obj(obj), "CA bundle injected");
+    tracing::info!(kind = K::KIND, %object, "CA bundle injected");
     Ok(Action::await_change())
 }
 
@@ -195,10 +201,11 @@ async fn inject<K: Target>(obj: &PartialObjectMeta<K>, ctx: &Context) -> Result<
 async fn legacy_value(ctx: &Context, namespace: &str, bundle: &str) -> Result<String, Error> {
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
     let root = api
-        .get_opt("kube-root-ca.crt")
-        .await?
-        .and_then(|cm| cm.data.and_then(|mut d| d.remove("ca.crt")))
-        .ok_or_else(|| Error::Legacy(format!("ConfigMap {namespace}/kube-root-ca.crt has no ca.crt yet")))?;
+        .get_opt(KUBE_ROOT_CA)
+        .await
+        .map_err(|source| Error::ReadRootCa { namespace: namespace.to_string(), source })?
+        .and_then(|cm| cm.data.and_then(|mut d| d.remove(KUBE_ROOT_CA_KEY)))
+        .ok_or_else(|| Error::NoRootCa { namespace: namespace.to_string() })?;
     Ok(format!("{bundle}{root}\n"))
 }
 

@@ -14,8 +14,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-/// The key of the injected ConfigMap entry.
-pub const CONFIGMAP_KEY: &str = "service-ca.crt";
+use crate::names::INJECTED_CONFIGMAP_KEY as CONFIGMAP_KEY;
 
 /// A write that makes the injected field hold the bundle.
 #[derive(Debug, Clone, PartialEq)]

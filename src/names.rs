@@ -1,7 +1,38 @@
-//! Every annotation and label key the operator reads or writes, in one place.
+//! Every name the operator reads or writes, in one place: the objects it owns, the
+//! data keys, annotations and labels, the field manager and the Lease.
 //!
-//! The Service-facing keys come in two families, `service.beta.openshift.io/` and
-//! `service.alpha.openshift.io/`, with the same suffixes.
+//! The Service-facing annotation keys come in two families,
+//! `service.beta.openshift.io/` and `service.alpha.openshift.io/`, with the same
+//! suffixes.
+
+// --- Objects of the operator's own, in its namespace -------------------------------
+
+/// The Secret holding the CA (SPEC §3.1).
+pub const SIGNING_KEY: &str = "signing-key";
+/// The ConfigMap publishing the CA bundle.
+pub const SIGNING_CABUNDLE: &str = "signing-cabundle";
+/// The leader-election Lease.
+pub const LEASE_NAME: &str = "service-ca-operator";
+
+// --- Data keys -----------------------------------------------------------------------
+
+/// `kubernetes.io/tls` Secrets (serving Secrets and `signing-key`): certificate and key.
+pub const TLS_CERT: &str = "tls.crt";
+pub const TLS_KEY: &str = "tls.key";
+/// `signing-key` after a rotation: the bundle [new CA, X1] (also the key of
+/// `signing-cabundle`) and the bridge X2.
+pub const CA_BUNDLE: &str = "ca-bundle.crt";
+pub const INTERMEDIATE: &str = "intermediate-ca.crt";
+/// The key of an injected ConfigMap.
+pub const INJECTED_CONFIGMAP_KEY: &str = "service-ca.crt";
+/// The cluster's root CA ConfigMap (published in every namespace) and its key.
+pub const KUBE_ROOT_CA: &str = "kube-root-ca.crt";
+pub const KUBE_ROOT_CA_KEY: &str = "ca.crt";
+
+/// The Secret type of serving Secrets and `signing-key`.
+pub const SECRET_TYPE_TLS: &str = "kubernetes.io/tls";
+
+// --- Annotations -------------------------------------------------------------------
 
 /// One family of keys (beta or alpha).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,4 +93,39 @@ pub const FIELD_MANAGER: &str = "service-ca-operator";
 /// Whether an inject annotation value turns injection on (`"true"`, any case).
 pub fn is_true(value: Option<&String>) -> bool {
     value.is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+}
+
+/// A DNS-1123 subdomain: what Kubernetes accepts as a Secret name (and the shape of a
+/// DNS domain): dot-separated non-empty parts of lowercase letters, digits and '-',
+/// each starting and ending with a letter or digit, at most 253 characters.
+pub fn check_subdomain(value: &str) -> Result<(), &'static str> {
+    if value.len() > 253 {
+        return Err("longer than 253 characters");
+    }
+    for label in value.split('.') {
+        let bytes = label.as_bytes();
+        if bytes.is_empty() {
+            return Err("empty part between dots");
+        }
+        if !bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-') {
+            return Err("only lowercase letters, digits, '-' and '.' are allowed");
+        }
+        if bytes[0] == b'-' || bytes[bytes.len() - 1] == b'-' {
+            return Err("each part must start and end with a letter or digit");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn secret_names_follow_dns_1123_subdomain_rules() {
+        for ok in ["tls", "web-tls", "a.b.c", "0x1"] {
+            assert!(super::check_subdomain(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "Web", "under_score", "-lead", "trail-", "a..b", "spa ce", &"x".repeat(254)] {
+            assert!(super::check_subdomain(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -1,9 +1,23 @@
-//! What a serving Secret looks like (SPEC §1), shared by the serving-cert and
-//! cert-refresh controllers: the caches and triggers they share, which Secret a
-//! Service asks for, the facts the re-issue decision needs, and the create/update
-//! writes.
+//! Serving certificates for Services (SPEC §1): the two controllers and what they
+//! share.
+//!
+//! - [`serving_cert`] (keyed by Service): the Secret exists; conflicts and bad input
+//!   are reported on the Service.
+//! - [`cert_refresh`] (keyed by managed Secret): the Secret stays right; re-issued on
+//!   time, on CA change, on tampering.
+//! - [`decision`]: the pure decision both make from (Secret, Service, CA, now).
+//!
+//! This module holds the rest they share: the caches and the streams that drive them
+//! ([`ServingWatches`]), what a Service asks for ([`wanted`], [`leaf_request`]), its
+//! failure count, the Secret as it should be ([`desired`]) and the writes.
+
+pub mod cert_refresh;
+pub mod decision;
+pub mod serving_cert;
 
 use std::collections::BTreeMap;
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use futures::stream::BoxStream;
@@ -11,7 +25,6 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::api::PostParams;
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -19,13 +32,56 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use time::OffsetDateTime;
 
-use super::{Context, cached_metadata_watch, cached_watch};
+use self::decision::{IssueReason, SecretFacts};
+use super::{Categorised, Context, api_category, cached_metadata_watch, cached_watch, post_params};
 use crate::admin::Health;
-use crate::annotations::{self as ann, Family};
 use crate::metrics::ReasonLabels;
-use crate::pki::{
-    CertificateAuthority, IssueReason, IssuedLeaf, SecretFacts, ServiceFacts, TLS_CERT, TLS_KEY, format_expiry,
-};
+use crate::names::{self as ann, Family, SECRET_TYPE_TLS, TLS_CERT, TLS_KEY};
+use crate::pki::{CertificateAuthority, IssuedLeaf, LeafRequest, PkiError, format_expiry};
+
+/// What can fail in the serving controllers: the operation and the object it was for.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading Secret {secret}: {source}")]
+    ReadSecret { secret: String, source: kube::Error },
+    #[error("writing Secret {secret}: {source}")]
+    WriteSecret { secret: String, source: kube::Error },
+    #[error("issuing a certificate for Service {service}: {source}")]
+    IssueLeaf { service: String, source: PkiError },
+    #[error("reading Service {service}: {source}")]
+    ReadService { service: String, source: kube::Error },
+    #[error("annotating Service {service}: {source}")]
+    PatchService { service: String, source: kube::Error },
+}
+
+impl Categorised for Error {
+    fn category(&self) -> &'static str {
+        match self {
+            Error::ReadSecret { .. } => "read-secret",
+            Error::WriteSecret { source, .. } => match api_category(source) {
+                "conflict" => "write-secret-conflict",
+                _ => "write-secret",
+            },
+            Error::IssueLeaf { .. } => "issue",
+            Error::ReadService { .. } => "read-service",
+            Error::PatchService { .. } => "patch-service",
+        }
+    }
+
+    fn unreachable(&self) -> bool {
+        match self {
+            Error::ReadSecret { source, .. }
+            | Error::WriteSecret { source, .. }
+            | Error::ReadService { source, .. }
+            | Error::PatchService { source, .. } => !matches!(source, kube::Error::Api(_)),
+            Error::IssueLeaf { .. } => false,
+        }
+    }
+}
+
+/// After this many consecutive failures the Service is left alone until a person
+/// edits (or removes) its error annotations.
+pub const MAX_FAILURES: u32 = 10;
 
 /// The caches of the two serving controllers and the streams that drive them.
 ///
@@ -72,15 +128,13 @@ impl ServingWatches {
         );
         let (to_cert_refresh, service_changes) = tokio::sync::mpsc::unbounded_channel();
         let (to_serving_cert, secret_changes) = tokio::sync::mpsc::unbounded_channel();
-        let service_events = service_events
-            .predicate_filter(super::serving_cert::trigger_hash, Default::default())
-            .inspect(move |event| {
-                if let Ok(svc) = event
-                    && let Wanted::Named { name, .. } = wanted(svc)
-                {
-                    let _ = to_cert_refresh.send(ObjectRef::new(name).within(&svc.namespace().unwrap_or_default()));
-                }
-            });
+        let service_events = service_events.predicate_filter(trigger_hash, Default::default()).inspect(move |event| {
+            if let Ok(svc) = event
+                && let Wanted::Named { name, .. } = wanted(svc)
+            {
+                let _ = to_cert_refresh.send(ObjectRef::new(name).within(&svc.namespace().unwrap_or_default()));
+            }
+        });
         let secret_events = secret_events.inspect(move |event| {
             if let Ok(secret) = event
                 && let Some(service) = originating_service(secret)
@@ -142,14 +196,44 @@ pub fn wanted(svc: &Service) -> Wanted<'_> {
     }
 }
 
-pub fn service_facts(svc: &Service) -> ServiceFacts<'_> {
+/// The certificate a Service asks for (its identity and DNS names).
+pub fn leaf_request(svc: &Service, cluster_domain: &str) -> LeafRequest {
     let meta = &svc.metadata;
-    ServiceFacts {
-        name: meta.name.as_deref().unwrap_or_default(),
-        namespace: meta.namespace.as_deref().unwrap_or_default(),
-        uid: meta.uid.as_deref().unwrap_or_default(),
+    LeafRequest {
+        service: meta.name.clone().unwrap_or_default(),
+        namespace: meta.namespace.clone().unwrap_or_default(),
+        uid: meta.uid.clone().unwrap_or_default(),
         headless: svc.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()) == Some("None"),
+        cluster_domain: cluster_domain.to_string(),
     }
+}
+
+/// What of a Service matters to its serving Secret. Our own annotation writes
+/// (errors, signed-by) leave it unchanged, so they trigger neither serving controller;
+/// only what a person or the Service itself changes does.
+pub fn trigger_hash(svc: &Service) -> Option<u64> {
+    let mut h = DefaultHasher::new();
+    svc.uid().hash(&mut h);
+    if let Some(spec) = &svc.spec {
+        (&spec.cluster_ip, &spec.type_).hash(&mut h);
+    }
+    let annotations = svc.annotations();
+    for f in [ann::BETA, ann::ALPHA] {
+        annotations.get(f.serving_cert_secret_name).hash(&mut h);
+    }
+    (failures(svc) >= MAX_FAILURES).hash(&mut h);
+    Some(h.finish())
+}
+
+/// Consecutive failures recorded on the Service. Both families carry the count;
+/// removing (or lowering) either one is the person's edit that lifts the cap.
+pub fn failures(svc: &Service) -> u32 {
+    let annotations = svc.annotations();
+    [ann::BETA, ann::ALPHA]
+        .iter()
+        .map(|f| annotations.get(f.generation_error_num).and_then(|n| n.trim().parse().ok()).unwrap_or(0))
+        .min()
+        .unwrap_or(0)
 }
 
 pub fn secret_facts(secret: &Secret) -> SecretFacts<'_> {
@@ -188,7 +272,7 @@ pub fn desired(existing: Option<&Secret>, svc: &Service, family: Family, name: &
     });
     // Never send managedFields back: an empty list would reset the server's record.
     secret.metadata.managed_fields = None;
-    secret.type_ = Some("kubernetes.io/tls".into());
+    secret.type_ = Some(SECRET_TYPE_TLS.into());
     secret.labels_mut().insert(ann::MANAGED_LABEL.into(), ann::MANAGED_LABEL_VALUE.into());
 
     let (tls_crt, tls_key, expiry) = match content {
@@ -266,7 +350,7 @@ fn is_service_owner(owner: &OwnerReference) -> bool {
 pub async fn create(ctx: &Context, secret: &Secret) -> Result<Secret, kube::Error> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &secret.namespace().unwrap_or_default());
     ctx.metrics.write("secrets", "create");
-    api.create(&PostParams { field_manager: Some(ann::FIELD_MANAGER.into()), ..PostParams::default() }, secret).await
+    api.create(&post_params(), secret).await
 }
 
 /// Replaces the Secret, guarded by its resourceVersion: if anyone changed it since it
@@ -274,12 +358,12 @@ pub async fn create(ctx: &Context, secret: &Secret) -> Result<Secret, kube::Erro
 pub async fn replace(ctx: &Context, secret: &Secret) -> Result<Secret, kube::Error> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &secret.namespace().unwrap_or_default());
     ctx.metrics.write("secrets", "update");
-    api.replace(
-        &secret.name_any(),
-        &PostParams { field_manager: Some(ann::FIELD_MANAGER.into()), ..PostParams::default() },
-        secret,
-    )
-    .await
+    api.replace(&secret.name_any(), &post_params(), secret).await
+}
+
+/// `namespace/name`, for messages.
+pub fn secret_ref(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
 }
 
 #[cfg(test)]
@@ -313,7 +397,7 @@ mod tests {
     #[test]
     fn desired_secret_keeps_what_others_wrote_and_sets_ours() {
         let service = svc(&[(ann::ALPHA.serving_cert_secret_name, "tls")], Some("None"));
-        assert!(service_facts(&service).headless);
+        assert!(leaf_request(&service, "cluster.local").headless);
         let mut existing = Secret::default();
         existing.metadata.name = Some("tls".into());
         existing.metadata.namespace = Some("shop".into());
@@ -353,5 +437,27 @@ mod tests {
             ("Service", "uid-1", "web")
         );
         assert_eq!(out.type_.as_deref(), Some("kubernetes.io/tls"));
+    }
+
+    #[test]
+    fn own_annotation_writes_do_not_retrigger() {
+        let mut svc = Service::default();
+        svc.metadata.uid = Some("u".into());
+        svc.annotations_mut().insert(ann::BETA.serving_cert_secret_name.into(), "tls".into());
+        let before = trigger_hash(&svc);
+        svc.annotations_mut().insert(ann::BETA.signed_by.into(), "ca".into());
+        svc.annotations_mut().insert(ann::BETA.generation_error.into(), "boom".into());
+        svc.annotations_mut().insert(ann::BETA.generation_error_num.into(), "3".into());
+        assert_eq!(trigger_hash(&svc), before);
+        svc.annotations_mut().insert(ann::BETA.generation_error_num.into(), "10".into());
+        svc.annotations_mut().insert(ann::ALPHA.generation_error_num.into(), "10".into());
+        assert_ne!(trigger_hash(&svc), before, "reaching the cap is a change");
+        assert_eq!(failures(&svc), 10);
+        svc.annotations_mut().remove(ann::BETA.generation_error_num);
+        assert_eq!(failures(&svc), 0, "removing the beta count (as the Event says) lifts the cap");
+        assert_eq!(trigger_hash(&svc), before, "and is a change");
+        svc.annotations_mut().insert(ann::BETA.generation_error_num.into(), "10".into());
+        svc.annotations_mut().insert(ann::BETA.serving_cert_secret_name.into(), "other".into());
+        assert_ne!(trigger_hash(&svc), before);
     }
 }

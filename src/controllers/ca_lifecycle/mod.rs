@@ -1,15 +1,16 @@
 //! CA lifecycle controller (SPEC §3): the `signing-key` Secret and the shared signer.
 //!
-//! One loop watches `signing-key` and `signing-cabundle` and wakes at the next moment
-//! something is due (rotation, expiry of a bundle member). Each pass:
-//! - no Secret → a brand-new CA is created (first start, or the documented hard reset
-//!   after a person deleted it);
-//! - a Secret that cannot be used → reported (Event, log, metric, readiness) and never
-//!   overwritten; signing continues with the signer already held, if any;
-//! - a CA that is due (less than --ca-rotate-before left) or asked to rotate
-//!   (force-rotation annotation with a new reason) → rotated with a trust bridge;
-//! - then, in this order: Secret written, `signing-cabundle` written, signer swapped
-//!   in memory — which re-queues every serving Secret and every injected object.
+//! Watch: one loop watches `signing-key` and `signing-cabundle`, and wakes at the next
+//! moment something is due (rotation, expiry of a bundle member).
+//! Plan ([`plan::plan`], pure): no Secret → create a brand-new CA (first start, or
+//! the documented hard reset); a Secret that cannot be used → refuse (never
+//! overwritten; signing continues with the signer already held, if any); a CA that is
+//! due or asked to rotate → rotate with a trust bridge; otherwise use it.
+//! Write, in this order: the Secret, `signing-cabundle` ([`plan::publication`]), then
+//! the in-memory signer — which re-queues every serving Secret and injected object.
+//! Report: Events, metrics, readiness.
+
+pub mod plan;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,40 +20,65 @@ use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use time::OffsetDateTime;
 
-use super::{Context, Error, backoff};
-use crate::annotations as ann;
+use self::plan::{Observed, Plan, publication};
+use super::{Categorised, Context, api_category, is_conflict, post_params, retry_delay, until};
 use crate::metrics::KindLabels;
-use crate::pki::{CA_BUNDLE, CA_NAME_PREFIX, CertificateAuthority, KeyKind, PkiError, format_expiry};
+use crate::names::{self as ann, CA_BUNDLE, SECRET_TYPE_TLS, SIGNING_CABUNDLE, SIGNING_KEY};
+use crate::pki::{CA_NAME_PREFIX, CertificateAuthority, KeyKind, PkiError, format_expiry};
+use crate::shutdown::Shutdown;
 use crate::signer::Signer;
 
 pub const NAME: &str = "ca-lifecycle";
-pub const SIGNING_KEY: &str = "signing-key";
-pub const SIGNING_CABUNDLE: &str = "signing-cabundle";
 
-/// What the loop has seen of the two objects (`None` until the first list).
+/// What can fail in a CA lifecycle pass.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("generating a CA key: {0}")]
+    GenerateKey(PkiError),
+    #[error("building the CA certificates: {0}")]
+    BuildCa(PkiError),
+    #[error("writing Secret {SIGNING_KEY}: {0}")]
+    WriteSigningKey(kube::Error),
+    #[error("writing ConfigMap {SIGNING_CABUNDLE}: {0}")]
+    WriteBundle(kube::Error),
+}
+
+impl Categorised for Error {
+    fn category(&self) -> &'static str {
+        match self {
+            Error::GenerateKey(_) => "generate-key",
+            Error::BuildCa(_) => "build-ca",
+            Error::WriteSigningKey(e) if api_category(e) == "conflict" => "write-signing-key-conflict",
+            Error::WriteSigningKey(_) => "write-signing-key",
+            Error::WriteBundle(_) => "write-bundle",
+        }
+    }
+}
+
+/// What the loop has seen of the two objects.
 #[derive(Default)]
 struct Seen {
-    secret: Option<Option<Secret>>,
-    bundle: Option<Option<ConfigMap>>,
+    secret: Observed<Secret>,
+    bundle: Observed<ConfigMap>,
     /// resourceVersion of an unusable Secret already reported (one Event per version).
     reported_invalid: Option<String>,
 }
 
-/// Runs until `shutdown` resolves.
-pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + 'static) {
+/// Runs until `shutdown`.
+pub async fn run(ctx: Arc<Context>, shutdown: Shutdown) {
     let namespace = ctx.config.namespace.clone();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let configmaps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut secret_events = watcher::watch_object(secrets, SIGNING_KEY).boxed();
     let mut bundle_events = watcher::watch_object(configmaps, SIGNING_CABUNDLE).boxed();
-    let mut shutdown = std::pin::pin!(shutdown);
+    let mut shutdown = std::pin::pin!(shutdown.signal());
     let mut seen = Seen::default();
     let mut next: Option<tokio::time::Instant> = None;
     let mut failures = 0u32;
@@ -61,33 +87,44 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         tokio::select! {
             _ = &mut shutdown => return,
             event = secret_events.next() => match event {
-                Some(Ok(secret)) => { ctx.health.observe_api(true); seen.secret = Some(secret); }
+                Some(Ok(secret)) => { ctx.health.observe_api(true); seen.secret = observed(secret); }
                 Some(Err(error)) => { watch_failed(&ctx, &error).await; continue; }
                 None => return,
             },
             event = bundle_events.next() => match event {
-                Some(Ok(cm)) => { ctx.health.observe_api(true); seen.bundle = Some(cm); }
+                Some(Ok(cm)) => { ctx.health.observe_api(true); seen.bundle = observed(cm); }
                 Some(Err(error)) => { watch_failed(&ctx, &error).await; continue; }
                 None => return,
             },
             _ = tokio::time::sleep_until(wake) => {}
         }
-        let (Some(secret), Some(bundle)) = (seen.secret.clone(), seen.bundle.clone()) else { continue };
-        let started = std::time::Instant::now();
-        let result = reconcile(&ctx, secret, bundle, &mut seen).await;
-        ctx.observe(NAME, started, result.as_ref().map(|_| ()));
-        next = match result {
+        let secret = match &seen.secret {
+            Observed::NotListed => continue,
+            Observed::Absent => None,
+            Observed::Present(secret) => Some(secret.clone()),
+        };
+        let bundle = match &seen.bundle {
+            Observed::NotListed => continue,
+            Observed::Absent => None,
+            Observed::Present(cm) => Some(cm.clone()),
+        };
+        next = match ctx.timed(NAME, reconcile(&ctx, secret, bundle, &mut seen)).await {
             Ok(due) => {
                 failures = 0;
-                due.map(|at| tokio::time::Instant::now() + super::until(at))
+                due.map(|at| tokio::time::Instant::now() + until(at))
             }
             Err(error) => {
                 failures += 1;
-                tracing::warn!(%error, "CA lifecycle pass failed; retrying");
-                Some(tokio::time::Instant::now() + backoff(failures))
+                let delay = retry_delay(failures);
+                tracing::warn!(%error, retry_in = ?delay, "CA lifecycle pass failed");
+                Some(tokio::time::Instant::now() + delay)
             }
         };
     }
+}
+
+fn observed<T>(object: Option<T>) -> Observed<T> {
+    object.map_or(Observed::Absent, Observed::Present)
 }
 
 async fn watch_failed(ctx: &Context, error: &watcher::Error) {
@@ -103,44 +140,44 @@ async fn reconcile(
     bundle: Option<ConfigMap>,
     seen: &mut Seen,
 ) -> Result<Option<OffsetDateTime>, Error> {
-    let policy = ctx.config.ca_policy();
     let now = OffsetDateTime::now_utc();
-    let Some(secret) = secret else {
-        let (ca, created) = match create(ctx).await {
-            Ok(done) => done,
+    let ca = match plan::plan(secret.as_ref(), &ctx.config.ca_policy(), now) {
+        Plan::Create => match create(ctx).await {
+            Ok((ca, created)) => {
+                seen.secret = Observed::Present(created);
+                ca
+            }
             // Another writer was faster; the watch brings its Secret to us.
-            Err(Error::Kube(kube::Error::Api(s))) if s.code == 409 => return Ok(None),
+            Err(Error::WriteSigningKey(e)) if is_conflict(&e) => return Ok(None),
             Err(e) => return Err(e),
-        };
-        seen.secret = Some(Some(created));
-        return publish(ctx, ca, bundle.as_ref(), now).await;
-    };
-
-    let data: BTreeMap<String, Vec<u8>> = secret.data.iter().flatten().map(|(k, v)| (k.clone(), v.0.clone())).collect();
-    let ca = match CertificateAuthority::from_secret_data(&data, now) {
-        Ok(ca) => ca,
-        Err(error) => {
-            report_unusable(ctx, &secret, &error, seen).await;
+        },
+        Plan::Refuse(error) => {
+            if let Some(secret) = &secret {
+                report_unusable(ctx, secret, &error, seen).await;
+            }
             return Ok(None);
         }
+        Plan::Rotate { ca, forced } => {
+            mark_usable(ctx, seen);
+            let Some(secret) = &secret else { return Ok(None) };
+            match rotate(ctx, secret, &ca, forced).await? {
+                Some(rotated) => rotated,
+                // Someone changed the Secret meanwhile: the watch brings it back to us.
+                None => return Ok(None),
+            }
+        }
+        Plan::Use(ca) => {
+            mark_usable(ctx, seen);
+            ca
+        }
     };
+    publish(ctx, ca, bundle.as_ref(), now).await
+}
+
+fn mark_usable(ctx: &Context, seen: &mut Seen) {
     ctx.metrics.signing_key_valid.set(1);
     ctx.health.set_signing_key_usable(true);
     seen.reported_invalid = None;
-
-    let reason = secret.annotations().get(ann::FORCE_ROTATION).map(|r| r.trim().to_string()).filter(|r| !r.is_empty());
-    let forced = reason.as_ref().filter(|r| secret.annotations().get(ann::FORCED_ROTATION_REASON) != Some(*r));
-    let due = now >= ca.rotation_due(&policy);
-    let ca = if forced.is_some() || due {
-        match rotate(ctx, &secret, &ca, forced.cloned()).await? {
-            Some(rotated) => rotated,
-            // Someone changed the Secret meanwhile: the watch brings it back to us.
-            None => return Ok(None),
-        }
-    } else {
-        ca
-    };
-    publish(ctx, ca, bundle.as_ref(), now).await
 }
 
 /// First start, or hard reset: a brand-new CA, written with create (never over an
@@ -156,23 +193,21 @@ async fn create(ctx: &Context) -> Result<(CertificateAuthority, Secret), Error> 
             now = OffsetDateTime::now_utc();
         }
     }
-    let key = ctx.keys.generate(KeyKind::Rsa { bits: 2048 }).await?;
-    let ca = CertificateAuthority::create(key, now, &ctx.config.ca_policy())?;
+    let key = ctx.keys.generate(KeyKind::Rsa { bits: 2048 }).await.map_err(Error::GenerateKey)?;
+    let ca = CertificateAuthority::create(key, now, &ctx.config.ca_policy()).map_err(Error::BuildCa)?;
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(SIGNING_KEY.into()),
             namespace: Some(ctx.config.namespace.clone()),
             ..ObjectMeta::default()
         },
-        type_: Some("kubernetes.io/tls".into()),
+        type_: Some(SECRET_TYPE_TLS.into()),
         data: Some(to_bytestrings(ca.to_secret_data())),
         ..Secret::default()
     };
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
     ctx.metrics.write("secrets", "create");
-    let created = api
-        .create(&PostParams { field_manager: Some(ann::FIELD_MANAGER.into()), ..Default::default() }, &secret)
-        .await?;
+    let created = api.create(&post_params(), &secret).await.map_err(Error::WriteSigningKey)?;
     let (kind, note) = match &previous {
         None => (
             "created",
@@ -209,8 +244,8 @@ async fn rotate(
     forced_reason: Option<String>,
 ) -> Result<Option<CertificateAuthority>, Error> {
     let now = OffsetDateTime::now_utc();
-    let key = ctx.keys.generate(ca.key_kind()).await?;
-    let rotated = ca.rotate(key, now, &ctx.config.ca_policy())?;
+    let key = ctx.keys.generate(ca.key_kind()).await.map_err(Error::GenerateKey)?;
+    let rotated = ca.rotate(key, now, &ctx.config.ca_policy()).map_err(Error::BuildCa)?;
     let mut updated = secret.clone();
     updated.metadata.managed_fields = None;
     updated.data = Some(to_bytestrings(rotated.to_secret_data()));
@@ -219,17 +254,10 @@ async fn rotate(
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
     ctx.metrics.write("secrets", "update");
-    let written = match api
-        .replace(
-            SIGNING_KEY,
-            &PostParams { field_manager: Some(ann::FIELD_MANAGER.into()), ..Default::default() },
-            &updated,
-        )
-        .await
-    {
+    let written = match api.replace(SIGNING_KEY, &post_params(), &updated).await {
         Ok(written) => written,
-        Err(kube::Error::Api(s)) if s.code == 409 => return Ok(None),
-        Err(e) => return Err(e.into()),
+        Err(e) if is_conflict(&e) => return Ok(None),
+        Err(e) => return Err(Error::WriteSigningKey(e)),
     };
     let previous_trusted_until = rotated.next_bundle_change(now).map(format_expiry).unwrap_or_default();
     let (kind, why) = match &forced_reason {
@@ -257,37 +285,29 @@ async fn publish(
     bundle: Option<&ConfigMap>,
     now: OffsetDateTime,
 ) -> Result<Option<OffsetDateTime>, Error> {
-    let bundle_pem = ca.bundle_pem(now);
-    let stored = bundle.and_then(|cm| cm.data.as_ref()).and_then(|d| d.get(CA_BUNDLE));
-    if stored != Some(&bundle_pem) {
+    let stored = bundle.and_then(|cm| cm.data.as_ref()).and_then(|d| d.get(CA_BUNDLE)).map(String::as_str);
+    let held = ctx.signer.current();
+    let plan = publication(&ca, stored, held.as_deref(), &ctx.config.ca_policy(), now);
+    if plan.write_bundle {
         let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
         let patch = json!({
             "apiVersion": "v1",
             "kind": "ConfigMap",
             "metadata": { "name": SIGNING_CABUNDLE, "namespace": ctx.config.namespace },
-            "data": { CA_BUNDLE: bundle_pem },
+            "data": { CA_BUNDLE: plan.bundle_pem },
         });
         ctx.metrics.write("configmaps", "apply");
-        api.patch(SIGNING_CABUNDLE, &PatchParams::apply(ann::FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+        api.patch(SIGNING_CABUNDLE, &PatchParams::apply(ann::FIELD_MANAGER).force(), &Patch::Apply(&patch))
+            .await
+            .map_err(Error::WriteBundle)?;
     }
-    let next = [
-        Some(ca.rotation_due(&ctx.config.ca_policy())),
-        ca.next_bundle_change(now).map(|t| t + Duration::from_secs(1)),
-    ]
-    .into_iter()
-    .flatten()
-    .min();
-    let changed = ctx
-        .signer
-        .current()
-        .is_none_or(|held| held.ca.certificate().der != ca.certificate().der || held.bundle_pem != bundle_pem);
-    if changed {
+    if plan.swap_signer {
         ctx.metrics.ca_expiry.set(ca.not_after().unix_timestamp());
         tracing::info!(ca = ca.subject_cn(), not_after = %format_expiry(ca.not_after()), "signer loaded");
         ctx.signer.publish(Signer::new(ca, now));
         ctx.health.set_signer_loaded();
     }
-    Ok(next)
+    Ok(plan.next)
 }
 
 /// A `signing-key` that cannot be used: never overwritten, reported once per version.
