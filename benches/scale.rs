@@ -5,6 +5,8 @@
 //! B4 injection, B5 memory, B6 API economy. Prints a table and writes
 //! target/bench/results.json. Sizes scale with BENCH_SCALE (default 1.0).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -19,9 +21,9 @@ use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
-use service_ca_operator::pki::{self, PrivateKey};
+use service_ca_operator::pki::PrivateKey;
 
-use support::{Env, Operator, eventually, proc_status_kib};
+use support::{Env, Operator, certs, eventually, proc_status_kib};
 
 const CREATE_CONCURRENCY: usize = 32;
 
@@ -207,21 +209,34 @@ async fn count_issued_by(env: &Env, ski: &[u8]) -> usize {
         .list(&ListParams::default().labels("service-ca.operators.openshift.io/managed=true"))
         .await
         .unwrap();
-    list.items
-        .iter()
-        .filter(|s| {
-            let crt = support::data(s, "tls.crt");
-            pki::pem::decode_certificates("tls.crt", crt.as_bytes())
-                .ok()
-                .and_then(|d| pki::CertInfo::parse("tls.crt", d[0].clone()).ok())
-                .is_some_and(|c| c.authority_key_id.as_deref() == Some(ski))
-        })
-        .count()
+    list.items.iter().filter(|s| certs::try_signer_of(&support::data(s, "tls.crt")).as_deref() == Some(ski)).count()
 }
 
-fn ca_ski(secret: &Secret) -> Vec<u8> {
-    let ders = pki::pem::decode_certificates("tls.crt", support::data(secret, "tls.crt").as_bytes()).unwrap();
-    pki::CertInfo::parse("tls.crt", ders[0].clone()).unwrap().subject_key_id.unwrap()
+/// When each serving Secret (by name) first had a certificate.
+type Seen = Arc<Mutex<HashMap<String, Instant>>>;
+
+/// Write counters at one moment: the API server's, per (resource, verb), and the
+/// operator's own total.
+struct WriteCounters {
+    apiserver: BTreeMap<(String, String), u64>,
+    operator: u64,
+}
+
+impl WriteCounters {
+    async fn now(client: &Client, op: &Operator) -> WriteCounters {
+        let apiserver = apiserver_writes(client).await;
+        let operator = operator_writes(&op.admin_get("/metrics").await.unwrap().1);
+        WriteCounters { apiserver, operator }
+    }
+}
+
+/// Memory of the operator process (current, peak) in MiB at the points B5 reports.
+struct MemorySoFar {
+    idle_peak: f64,
+    /// After B2, with every managed Service and Secret: (current, peak).
+    managed: (f64, f64),
+    managed_count: usize,
+    injected_count: usize,
 }
 
 #[tokio::main]
@@ -231,6 +246,36 @@ async fn main() {
     let client = env.client.clone();
     let mut report = Report { rows: Vec::new(), json: serde_json::Map::new() };
     let args: Vec<String> = ["--namespace", &env.op_ns, "--leader-elect=false"].iter().map(|s| s.to_string()).collect();
+    setup(&mut report, cores);
+
+    let op = Operator::start("bench", &args);
+    op.wait_ready(Duration::from_secs(60)).await;
+    let bundle = env.ca_bundle().await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (_, idle_peak) = rss_mib(&op);
+
+    let secrets_seen = first_seen(env.secrets(), "service-ca.operators.openshift.io/managed=true", has_cert);
+    let before_b1 = WriteCounters::now(&client, &op).await;
+    let n1 = b1_time_to_ready(&env, &secrets_seen, &mut report).await;
+    b6_writes_per_certificate(&client, &op, &before_b1, n1, &mut report).await;
+    let (n2, rate) = b2_bulk(&env, &op, &bundle, &secrets_seen, cores, &mut report).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let managed = rss_mib(&op);
+    let n4 = b4_injection(&env, &mut report).await;
+    b3_rotation(&env, n1 + n2, n4, rate, &mut report).await;
+    b6_quiet_window(&client, &op, &mut report).await;
+    let memory = MemorySoFar { idle_peak, managed, managed_count: n1 + n2, injected_count: n4 };
+    b5_memory(&env, op, &args, &memory, &mut report).await;
+
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("results.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&Value::Object(report.json)).unwrap()).unwrap();
+    println!("\nresults written to {}", path.display());
+}
+
+/// Prints and records the setup the figures were measured with.
+fn setup(report: &mut Report, cores: usize) {
     println!(
         "service-ca-operator benchmarks: {cores} CPUs; operator: release build, no selector, controller concurrency 16, \
          key pool {cores}, no client-side rate limit (kube-rs has none); bench client: {CREATE_CONCURRENCY} concurrent creates"
@@ -240,18 +285,11 @@ async fn main() {
         json!({ "cpus": cores, "controller_concurrency": 16, "key_pool": cores, "client_rate_limit": "none",
                 "bench_create_concurrency": CREATE_CONCURRENCY }),
     );
+}
 
-    let op = Operator::start("bench", &args);
-    op.wait_ready(Duration::from_secs(60)).await;
-    let bundle = env.ca_bundle().await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let (_, idle_peak) = rss_mib(&op);
-
-    // B1: one at a time.
-    let secrets_seen = first_seen(env.secrets(), "service-ca.operators.openshift.io/managed=true", has_cert);
+/// B1: time to ready, Services created one at a time. Returns how many.
+async fn b1_time_to_ready(env: &Env, secrets_seen: &Seen, report: &mut Report) -> usize {
     let n1 = scaled(200);
-    let writes_before = apiserver_writes(&client).await;
-    let op_writes_before = operator_writes(&op.admin_get("/metrics").await.unwrap().1);
     let mut latencies = Vec::with_capacity(n1);
     for i in 0..n1 {
         let name = format!("one{i}");
@@ -272,11 +310,20 @@ async fn main() {
     report.row("B1 p95", format!("{:.0} ms", ms(p95)), "");
     report.row("B1 p99", format!("{:.0} ms", ms(p99)), "target <= 300 ms");
     report.json.insert("b1".into(), json!({ "n": n1, "p50_ms": ms(p50), "p95_ms": ms(p95), "p99_ms": ms(p99), "max_ms": ms(*latencies.last().unwrap()) }));
+    n1
+}
 
-    // B6 (part 1): writes per issued certificate, counted by the API server.
+/// B6 (part 1): writes per issued certificate during B1, counted by the API server.
+async fn b6_writes_per_certificate(
+    client: &Client,
+    op: &Operator,
+    before: &WriteCounters,
+    n1: usize,
+    report: &mut Report,
+) {
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let writes = diff(&apiserver_writes(&client).await, &writes_before);
-    let op_writes = operator_writes(&op.admin_get("/metrics").await.unwrap().1) - op_writes_before;
+    let writes = diff(&apiserver_writes(client).await, &before.apiserver);
+    let op_writes = operator_writes(&op.admin_get("/metrics").await.unwrap().1) - before.operator;
     let per = |resource: &str, verb: &str| {
         *writes.get(&(resource.to_string(), verb.to_string())).unwrap_or(&0) as f64 / n1 as f64
     };
@@ -297,7 +344,18 @@ async fn main() {
         json!({ "certificates": n1, "by_resource_verb": writes.iter().map(|((r, v), n)| (format!("{r} {v}"), *n)).collect::<BTreeMap<_, _>>(),
                 "operator_counted_writes": op_writes }),
     );
+}
 
+/// B2: many Services at once, compared with the key-generation limit. Returns (how
+/// many, certificates per second).
+async fn b2_bulk(
+    env: &Env,
+    op: &Operator,
+    bundle: &str,
+    secrets_seen: &Seen,
+    cores: usize,
+    report: &mut Report,
+) -> (usize, f64) {
     // Key-generation limit, measured on the same cores while the cluster is idle, just
     // before and just after B2 (one RSA key takes a random number of prime candidates, so a
     // short sample is noisy); B2 is compared with the mean of the two.
@@ -307,11 +365,10 @@ async fn main() {
     let limit_before = keygen_limit(cores, Duration::from_secs(15));
     processes.push(("bench client", std::process::id()));
 
-    // B2: many at once.
     let n2 = scaled(1000);
     let cpu_before: Vec<f64> = processes.iter().map(|(_, pid)| cpu_seconds(*pid)).collect();
     let started = Instant::now();
-    let created = create_services(&env, "bulk", n2).await;
+    let created = create_services(env, "bulk", n2).await;
     let create_took = started.elapsed();
     eventually(Duration::from_secs(600), "every bulk Secret", || {
         let done = created.keys().all(|k| secrets_seen.lock().unwrap().contains_key(k));
@@ -341,7 +398,7 @@ async fn main() {
             let svc = s.name_any().trim_end_matches("-tls").to_string();
             support::tls::rustls_verify_at(
                 &support::data(s, "tls.crt"),
-                &bundle,
+                bundle,
                 &format!("{svc}.{}.svc", env.ns),
                 SystemTime::now(),
             )
@@ -389,25 +446,23 @@ async fn main() {
                 "ratio": rate / limit, "invalid": invalid, "creation_seconds": create_took.as_secs_f64(),
                 "cpu_seconds": cpu_used.iter().map(|(n, c)| (n.to_string(), *c)).collect::<BTreeMap<_, _>>() }),
     );
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let (rss_managed, peak_managed) = rss_mib(&op);
+    (n2, rate)
+}
 
-    // B4: injection into many ConfigMaps at once.
+/// B4: injection into many ConfigMaps at once. Returns how many.
+async fn b4_injection(env: &Env, report: &mut Report) -> usize {
     let n4 = scaled(1000);
     let cms_seen = first_seen(env.configmaps(), &format!("{}={}", support::RUN_LABEL, env.run), injected);
     let started = Instant::now();
     let cm_created: HashMap<String, Instant> = futures::stream::iter(0..n4)
-        .map(|i| {
-            let env = &env;
-            async move {
-                let mut cm: ConfigMap = serde_json::from_value(json!({})).unwrap();
-                cm.metadata = env.meta(&format!("cm{i}"));
-                cm.metadata.annotations =
-                    Some(BTreeMap::from([("service.beta.openshift.io/inject-cabundle".into(), "true".into())]));
-                let t = Instant::now();
-                env.configmaps().create(&PostParams::default(), &cm).await.unwrap();
-                (format!("cm{i}"), t)
-            }
+        .map(|i| async move {
+            let mut cm: ConfigMap = serde_json::from_value(json!({})).unwrap();
+            cm.metadata = env.meta(&format!("cm{i}"));
+            cm.metadata.annotations =
+                Some(BTreeMap::from([("service.beta.openshift.io/inject-cabundle".into(), "true".into())]));
+            let t = Instant::now();
+            env.configmaps().create(&PostParams::default(), &cm).await.unwrap();
+            (format!("cm{i}"), t)
         })
         .buffer_unordered(CREATE_CONCURRENCY)
         .collect()
@@ -428,25 +483,26 @@ async fn main() {
         json!({ "n": n4, "seconds": (last - started).as_secs_f64(), "p50_ms": ms(percentile(&per_object, 0.5)),
                 "p99_ms": ms(percentile(&per_object, 0.99)) }),
     );
+    n4
+}
 
-    // B3: forced rotation with everything above in place.
-    let n_secrets = n1 + n2;
-    let old_ski = ca_ski(&env.op_secrets().get("signing-key").await.unwrap());
-    let published =
-        || async { env.op_configmaps().get("signing-cabundle").await.unwrap().data.unwrap()["ca-bundle.crt"].clone() };
-    let old_bundle = published().await;
+/// B3: forced rotation with `n_secrets` serving Secrets and `n4` injected ConfigMaps
+/// in place; the re-issue rate is compared with B2's `rate`.
+async fn b3_rotation(env: &Env, n_secrets: usize, n4: usize, rate: f64, report: &mut Report) {
+    let old_ski = certs::ca_ski(&env.op_secrets().get("signing-key").await.unwrap());
+    let old_bundle = env.ca_bundle().await;
     let started = Instant::now();
     let patch =
         json!({ "metadata": { "annotations": { "service-ca.operators.openshift.io/force-rotation": "bench" } } });
     env.op_secrets().patch("signing-key", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     let new_ski = eventually(Duration::from_secs(30), "the rotation", || async {
-        let ski = ca_ski(&env.op_secrets().get("signing-key").await.unwrap());
+        let ski = certs::ca_ski(&env.op_secrets().get("signing-key").await.unwrap());
         (ski != old_ski).then_some(ski)
     })
     .await;
     // The Secret is written before the bundle ConfigMap: wait for the new bundle itself.
     let new_bundle = eventually(Duration::from_secs(30), "the new bundle", || async {
-        let bundle = published().await;
+        let bundle = env.ca_bundle().await;
         (bundle != old_bundle).then_some(bundle)
     })
     .await;
@@ -469,7 +525,7 @@ async fn main() {
                 injected_at = Some(started.elapsed());
             }
         }
-        if reissued_at.is_none() && count_issued_by(&env, &new_ski).await == n_secrets {
+        if reissued_at.is_none() && count_issued_by(env, &new_ski).await == n_secrets {
             reissued_at = Some(started.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -489,16 +545,18 @@ async fn main() {
         json!({ "secrets": n_secrets, "configmaps": n4, "reissued_seconds": reissued.as_secs_f64(),
                 "reinjected_seconds": reinjected.as_secs_f64(), "reissue_rate": n_secrets as f64 / reissued.as_secs_f64() }),
     );
+}
 
-    // B6 (part 2): a quiet minute.
+/// B6 (part 2): writes during a quiet minute (BENCH_QUIET_SECONDS), everything up to
+/// date.
+async fn b6_quiet_window(client: &Client, op: &Operator, report: &mut Report) {
     tokio::time::sleep(Duration::from_secs(10)).await;
     let quiet =
         Duration::from_secs(std::env::var("BENCH_QUIET_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(60));
-    let before = apiserver_writes(&client).await;
-    let op_before = operator_writes(&op.admin_get("/metrics").await.unwrap().1);
+    let before = WriteCounters::now(client, op).await;
     tokio::time::sleep(quiet).await;
-    let quiet_writes = diff(&apiserver_writes(&client).await, &before);
-    let op_quiet = operator_writes(&op.admin_get("/metrics").await.unwrap().1) - op_before;
+    let quiet_writes = diff(&apiserver_writes(client).await, &before.apiserver);
+    let op_quiet = operator_writes(&op.admin_get("/metrics").await.unwrap().1) - before.operator;
     // Resources the operator writes; the API server's own identity Lease renewals
     // (coordination.k8s.io leases, every 10 s) are not the operator's.
     let ours = [
@@ -527,13 +585,18 @@ async fn main() {
     );
     report.json.insert("b6_quiet".into(), json!({ "seconds": quiet.as_secs(), "operator_writes": op_quiet,
         "apiserver_writes": quiet_writes.iter().map(|((r, v), n)| (format!("{r} {v}"), *n)).collect::<BTreeMap<_, _>>() }));
+}
 
-    // B5: memory.
+/// B5: memory, now (everything above in place), with many unrelated objects, and
+/// after a fresh start with all of it present (`op` is stopped and a new operator
+/// started with `args`).
+async fn b5_memory(env: &Env, op: Operator, args: &[String], memory: &MemorySoFar, report: &mut Report) {
+    let client = &env.client;
     let (rss_after_all, peak_after_all) = rss_mib(&op);
     let n_unrelated =
         std::env::var("BENCH_UNRELATED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| scaled(10_000));
     let noise = format!("{}-noise", env.ns);
-    support::create_namespace(&client, &noise).await;
+    support::create_namespace(client, &noise).await;
     let noise_secrets: Api<Secret> = Api::namespaced(client.clone(), &noise);
     let noise_cms: Api<ConfigMap> = Api::namespaced(client.clone(), &noise);
     let blob = ByteString(vec![b'x'; 32 * 1024]);
@@ -567,12 +630,13 @@ async fn main() {
     // A fresh start with everything present: the initial lists are the peak.
     drop(op);
     let restarted = Instant::now();
-    let op2 = Operator::start("bench-restart", &args);
+    let op2 = Operator::start("bench-restart", args);
     op2.wait_ready(Duration::from_secs(120)).await;
     let ready_after = restarted.elapsed();
     tokio::time::sleep(Duration::from_secs(15)).await;
     let (rss_restart, peak_restart) = rss_mib(&op2);
-    let managed = n1 + n2;
+    let MemorySoFar { idle_peak, managed: (rss_managed, peak_managed), managed_count: managed, injected_count: n4 } =
+        *memory;
     println!("\nB5 memory (VmHWM = peak RSS of the operator process, VmRSS = current)");
     report.row("B5 idle (CA loaded, nothing managed): peak", format!("{idle_peak:.1} MiB"), "");
     report.row(
@@ -603,10 +667,4 @@ async fn main() {
                 "unrelated_growth": rss_noise / rss_after_all - 1.0,
                 "restart_peak_mib": peak_restart, "restart_rss_mib": rss_restart, "restart_ready_seconds": ready_after.as_secs_f64() }),
     );
-
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("results.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&Value::Object(report.json)).unwrap()).unwrap();
-    println!("\nresults written to {}", path.display());
 }

@@ -6,6 +6,8 @@
 //! Bounded: FUZZ_CASES cases per target (default 2,000 in `make test`;
 //! `make fuzz` runs 100,000). A failure prints the minimal input that panicked.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -14,7 +16,7 @@ use k8s_openapi::api::core::v1::Service;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use service_ca_operator::annotations as ann;
-use service_ca_operator::config::parse_selector;
+use service_ca_operator::config::{Requirement, parse_selector};
 use service_ca_operator::controllers::ca_bundle;
 use service_ca_operator::controllers::serving_cert::{check_secret_name, failures};
 use service_ca_operator::controllers::serving_secret::wanted;
@@ -23,6 +25,21 @@ use service_ca_operator::pki::{
     ServiceFacts, TLS_CERT, TLS_KEY,
 };
 use time::OffsetDateTime;
+
+/// Whether `labels` satisfy `selector` (an invalid selector matches nothing), as the
+/// API server decides it: the matcher the parser's output is fuzzed through (a test
+/// copy; the operator itself passes its selector to the API server).
+fn selector_matches(selector: &str, labels: &BTreeMap<String, String>) -> bool {
+    let Ok(requirements) = parse_selector(selector) else { return false };
+    requirements.iter().all(|r| match r {
+        Requirement::Equals(k, v) => labels.get(k) == Some(v),
+        Requirement::NotEquals(k, v) => labels.get(k) != Some(v),
+        Requirement::In(k, vs) => labels.get(k).is_some_and(|l| vs.contains(l)),
+        Requirement::NotIn(k, vs) => labels.get(k).is_none_or(|l| !vs.contains(l)),
+        Requirement::Exists(k) => labels.contains_key(k),
+        Requirement::DoesNotExist(k) => !labels.contains_key(k),
+    })
+}
 
 fn cases() -> u32 {
     std::env::var("FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000)
@@ -157,7 +174,7 @@ fn annotation_values_never_panic() {
         let _ = check_secret_name(&name);
         let _ = pki::parse_expiry(&name);
         let _ = parse_selector(&selector);
-        let _ = service_ca_operator::config::selector_matches(&selector, &BTreeMap::new());
+        let _ = selector_matches(&selector, &BTreeMap::new());
         let meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
             name: Some(name),
             annotations: Some(BTreeMap::from([
@@ -168,4 +185,26 @@ fn annotation_values_never_panic() {
         };
         let _ = ca_bundle::mode::<k8s_openapi::api::core::v1::ConfigMap>(&meta);
     });
+}
+
+#[test]
+fn selectors_match_like_the_api_server() {
+    let labels: BTreeMap<String, String> =
+        [("app", "web"), ("tier", "front")].into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+    for (selector, expected) in [
+        ("", true),
+        ("app=web", true),
+        ("app==web,tier=front", true),
+        ("app!=web", false),
+        ("app in (web, api)", true),
+        ("app notin (web)", false),
+        ("tier", true),
+        ("!tier", false),
+        ("missing", false),
+        ("app in (api),tier", false),
+    ] {
+        assert_eq!(selector_matches(selector, &labels), expected, "{selector}");
+    }
+    assert!(parse_selector("app in web").is_err());
+    assert!(parse_selector("a b").is_err());
 }

@@ -3,6 +3,8 @@
 //! That the manifests apply and grant exactly what the code uses is proven on the real
 //! API server in tests/e2e/shipping.rs.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::Path;
 
 use serde_json::Value;

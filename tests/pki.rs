@@ -2,6 +2,8 @@
 //! (SPEC §1, §3.2), rotation with a trust bridge (§3.3), the bundle (§3.4), the
 //! re-issue decision, and real TLS handshakes with rustls, OpenSSL and Go clients.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 #[path = "support/tls.rs"]
 mod tls;
 

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant, SystemTime};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
-use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -18,22 +17,12 @@ use service_ca_operator::pki;
 
 use crate::cluster::{apiservice_json, crd_json, webhook_json};
 use crate::support::tls::{self, TlsServer};
-use crate::support::{Env, PrivateControlPlane, annotation, data, eventually};
+use crate::support::{Env, PrivateControlPlane, annotation, certs, data, eventually};
 
 const T: Duration = Duration::from_secs(30);
 const BETA_NAME: &str = "service.beta.openshift.io/serving-cert-secret-name";
 const BETA_ERR: &str = "service.beta.openshift.io/serving-cert-generation-error";
 const INJECT: &str = "service.beta.openshift.io/inject-cabundle";
-
-fn ca_ski(secret: &Secret) -> Vec<u8> {
-    let ders = pki::pem::decode_certificates("tls.crt", data(secret, "tls.crt").as_bytes()).unwrap();
-    pki::CertInfo::parse("tls.crt", ders[0].clone()).unwrap().subject_key_id.unwrap()
-}
-
-fn leaf_aki(secret: &Secret) -> Vec<u8> {
-    let ders = pki::pem::decode_certificates("tls.crt", data(secret, "tls.crt").as_bytes()).unwrap();
-    pki::CertInfo::parse("tls.crt", ders[0].clone()).unwrap().authority_key_id.unwrap()
-}
 
 async fn error_of(env: &Env, svc: &str) -> String {
     eventually(T, &format!("an error annotation on {svc}"), || async {
@@ -44,12 +33,10 @@ async fn error_of(env: &Env, svc: &str) -> String {
 }
 
 async fn warning_about(env: &Env, ns: &str, name: &str, contains: &str) -> String {
-    let api: Api<Event> = Api::namespaced(env.client.clone(), ns);
     eventually(T, &format!("a Warning Event about {name} containing {contains:?}"), || async {
-        api.list(&ListParams::default()).await.unwrap().items.into_iter().find_map(|e| {
-            let about = e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name);
+        env.events(ns, Some(name), None).await.into_iter().find_map(|e| {
             let note = e.note.clone().unwrap_or_default();
-            (about && e.type_.as_deref() == Some("Warning") && note.contains(contains)).then_some(note)
+            (e.type_.as_deref() == Some("Warning") && note.contains(contains)).then_some(note)
         })
     })
     .await
@@ -63,7 +50,7 @@ async fn kill_9_while_issuing_500_certificates_ends_with_one_secret_each_and_one
     let foreign = env.secrets().create(&PostParams::default(), &foreign).await.unwrap();
     let mut op = env.start_operator(&[]);
     env.ca_bundle().await;
-    let ca_before = ca_ski(&env.op_secrets().get("signing-key").await.unwrap());
+    let ca_before = certs::ca_ski(&env.op_secrets().get("signing-key").await.unwrap());
     let n = 500;
     futures::future::join_all((0..n).map(|i| {
         let env = &env;
@@ -86,10 +73,10 @@ async fn kill_9_while_issuing_500_certificates_ends_with_one_secret_each_and_one
     })
     .await;
     assert_eq!(secrets.len(), n, "exactly one Secret per Service");
-    assert_eq!(ca_ski(&env.op_secrets().get("signing-key").await.unwrap()), ca_before, "still the one CA");
+    assert_eq!(certs::ca_ski(&env.op_secrets().get("signing-key").await.unwrap()), ca_before, "still the one CA");
     let bundle = env.ca_bundle().await;
     for secret in &secrets {
-        assert_eq!(leaf_aki(secret), ca_before);
+        assert_eq!(certs::leaf_aki(secret), ca_before);
         let svc = secret.name_any().trim_end_matches("-tls").to_string();
         tls::rustls_verify_at(&data(secret, "tls.crt"), &bundle, &format!("{svc}.{}.svc", env.ns), SystemTime::now())
             .unwrap();
@@ -590,10 +577,10 @@ async fn user_supplied_rsa_4096_and_ecdsa_cas_are_used_and_rotate_in_kind() {
         let expected_kind =
             if case.starts_with("RSA") { pki::KeyKind::Rsa { bits: 4096 } } else { pki::KeyKind::EcdsaP256 };
         assert_eq!(new_key.kind(), expected_kind, "{case}: rotation keeps the key type");
-        let new_ski = ca_ski(&rotated);
+        let new_ski = certs::ca_ski(&rotated);
         let reissued = eventually(T, "the leaf re-issued", || async {
             let s = env.secrets().get("web-tls").await.unwrap();
-            (leaf_aki(&s) == new_ski).then_some(s)
+            (certs::leaf_aki(&s) == new_ski).then_some(s)
         })
         .await;
         server.reload(&data(&reissued, "tls.crt"), &data(&reissued, "tls.key"));

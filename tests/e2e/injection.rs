@@ -5,10 +5,9 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
 use k8s_openapi::api::core::v1::ConfigMap;
-use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -163,11 +162,8 @@ async fn annotation_values_and_alpha_keys() {
     let yes = configmap(&env, "yes", &[(BETA, "yes")], &[("k", "v")]).await;
     injected_configmap(&env, "upper", &bundle).await;
     injected_configmap(&env, "alpha", &bundle).await;
-    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
     let warning = eventually(T, "a Warning Event for \"yes\"", || async {
-        events.list(&ListParams::default()).await.unwrap().items.into_iter().find(|e| {
-            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("yes") && e.type_.as_deref() == Some("Warning")
-        })
+        env.events(&env.ns, Some("yes"), None).await.into_iter().find(|e| e.type_.as_deref() == Some("Warning"))
     })
     .await;
     assert!(warning.note.unwrap().contains("only \"true\""));

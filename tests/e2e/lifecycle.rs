@@ -8,43 +8,18 @@ use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::api::events::v1::Event;
+use kube::ResourceExt;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, ResourceExt};
 use serde_json::json;
 use service_ca_operator::pki;
 
 use crate::support::tls::{self, TlsServer};
-use crate::support::{Env, data, eventually};
+use crate::support::{Env, certs, data, eventually};
 
 const T: Duration = Duration::from_secs(30);
 
-fn ders(pem: &str) -> Vec<Vec<u8>> {
-    pki::pem::decode_certificates("pem", pem.as_bytes()).unwrap_or_default()
-}
-
-/// Authority key id of the first certificate of a chain: which CA signed the leaf.
-fn signer_of(chain: &str) -> Vec<u8> {
-    pki::CertInfo::parse("tls.crt", ders(chain)[0].clone()).unwrap().authority_key_id.unwrap_or_default()
-}
-
-async fn current_bundle(env: &Env) -> String {
-    env.op_configmaps().get("signing-cabundle").await.unwrap().data.unwrap().remove("ca-bundle.crt").unwrap()
-}
-
 async fn signing_key(env: &Env) -> Secret {
     env.op_secrets().get("signing-key").await.unwrap()
-}
-
-async fn events(env: &Env, ns: &str, reason: &str) -> Vec<Event> {
-    let api: Api<Event> = Api::namespaced(env.client.clone(), ns);
-    api.list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.reason.as_deref() == Some(reason))
-        .collect()
 }
 
 /// A TLS server that follows its Secret like a pod does: it reloads a little while
@@ -96,7 +71,7 @@ async fn handshake_loop(
 ) -> Tally {
     let mut tally = Tally::default();
     while !stop() {
-        let latest = current_bundle(env).await;
+        let latest = env.ca_bundle().await;
         for (server, name) in servers {
             for (fresh, bundle) in [(false, &held), (true, &latest)] {
                 let serving = server.serving.lock().unwrap().clone();
@@ -104,7 +79,7 @@ async fn handshake_loop(
                 tally.handshakes += 1;
                 match result {
                     Ok(()) => {
-                        let new_leaf = newest_ca().is_some_and(|ski| signer_of(&serving) == ski);
+                        let new_leaf = newest_ca().is_some_and(|ski| certs::signer_of(&serving) == ski);
                         let new_bundle = fresh && latest != held;
                         tally.combos.insert((new_leaf, new_bundle));
                     }
@@ -124,10 +99,6 @@ fn all_stacks(port: u16, bundle: &str, name: &str) {
     }
 }
 
-fn ca_ski(secret: &Secret) -> Vec<u8> {
-    pki::CertInfo::parse("tls.crt", ders(&data(secret, "tls.crt"))[0].clone()).unwrap().subject_key_id.unwrap()
-}
-
 #[tokio::test]
 async fn zero_failed_handshakes_through_an_automatic_and_a_forced_rotation() {
     let env = Env::new("ca-zero-downtime").await;
@@ -135,7 +106,7 @@ async fn zero_failed_handshakes_through_an_automatic_and_a_forced_rotation() {
     let _op = env.start_operator(&["--ca-lifetime", "120s", "--ca-rotate-before", "60s"]);
     let b0 = env.ca_bundle().await;
     let created = Instant::now();
-    let ski0 = ca_ski(&signing_key(&env).await);
+    let ski0 = certs::ca_ski(&signing_key(&env).await);
     env.annotated_service("web", "web-tls", false).await;
     env.annotated_service("db", "db-tls", true).await;
     let lag = Duration::from_secs(3);
@@ -149,7 +120,7 @@ async fn zero_failed_handshakes_through_an_automatic_and_a_forced_rotation() {
     let (env_ref, newest_ref) = (&env, newest.clone());
     let watcher = async move {
         loop {
-            let ski = ca_ski(&signing_key(env_ref).await);
+            let ski = certs::ca_ski(&signing_key(env_ref).await);
             if ski != ski0 {
                 *newest_ref.lock().unwrap() = Some(ski);
                 return Instant::now();
@@ -176,18 +147,18 @@ async fn zero_failed_handshakes_through_an_automatic_and_a_forced_rotation() {
     );
     assert!(tally.failures.is_empty(), "failed handshakes: {:?}", tally.failures);
     assert_eq!(tally.combos.len(), 4, "all four {{old, new leaf}} x {{old, new bundle}}: {:?}", tally.combos);
-    let b1 = current_bundle(&env).await;
-    assert_eq!(ders(&b1).len(), 2, "[new CA, X1]");
+    let b1 = env.ca_bundle().await;
+    assert_eq!(certs::ders(&b1).len(), 2, "[new CA, X1]");
     for (server, name) in &servers {
         all_stacks(server.server.port, &b0, name);
         all_stacks(server.server.port, &b1, name);
     }
-    let rotated = events(&env, &env.op_ns, "ServiceCARotated").await;
+    let rotated = env.events(&env.op_ns, None, Some("ServiceCARotated")).await;
     let note = rotated[0].note.clone().unwrap();
     assert!(note.contains("automatic") && note.contains("previous CA stays trusted until"), "{note}");
 
     // Phase 2: a forced rotation, with the post-rotation-1 bundle as the "old" one.
-    let ski1 = ca_ski(&signing_key(&env).await);
+    let ski1 = certs::ca_ski(&signing_key(&env).await);
     let patch =
         json!({ "metadata": { "annotations": { "service-ca.operators.openshift.io/force-rotation": "test-forced" } } });
     env.op_secrets().patch("signing-key", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
@@ -195,7 +166,7 @@ async fn zero_failed_handshakes_through_an_automatic_and_a_forced_rotation() {
     let (env_ref, newest_ref, flag) = (&env, newest.clone(), rotated_at.clone());
     let watch_task = async move {
         loop {
-            let ski = ca_ski(&signing_key(env_ref).await);
+            let ski = certs::ca_ski(&signing_key(env_ref).await);
             if ski != ski1 {
                 *newest_ref.lock().unwrap() = Some(ski);
                 *flag.lock().unwrap() = Some(Instant::now());
@@ -220,15 +191,15 @@ async fn zero_failed_handshakes_through_an_automatic_and_a_forced_rotation() {
         key.annotations().get("service-ca.operators.openshift.io/forced-rotation-reason").map(String::as_str),
         Some("test-forced")
     );
-    let b2 = current_bundle(&env).await;
+    let b2 = env.ca_bundle().await;
     for (server, name) in &servers {
         all_stacks(server.server.port, &b1, name);
         all_stacks(server.server.port, &b2, name);
     }
     // The same reason again does nothing.
-    let cn_ski = ca_ski(&key);
+    let cn_ski = certs::ca_ski(&key);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(ca_ski(&signing_key(&env).await), cn_ski, "one rotation per distinct reason");
+    assert_eq!(certs::ca_ski(&signing_key(&env).await), cn_ski, "one rotation per distinct reason");
 }
 
 #[tokio::test]
@@ -242,21 +213,21 @@ async fn the_oldest_ca_drops_out_when_its_bridge_expires() {
     let chain0 = data(&leaf0, "tls.crt");
     let name = format!("old.{}.svc", env.ns);
     let key0 = signing_key(&env).await;
-    let ca0 = pki::CertInfo::parse("tls.crt", ders(&data(&key0, "tls.crt"))[0].clone()).unwrap();
+    let ca0 = certs::of_secret(&key0);
 
     let b1 = eventually(Duration::from_secs(60), "the automatic rotation", || async {
-        let b = current_bundle(&env).await;
-        (ders(&b).len() == 2).then_some(b)
+        let b = env.ca_bundle().await;
+        (certs::ders(&b).len() == 2).then_some(b)
     })
     .await;
     tls::rustls_verify_at(&chain0, &b1, &name, SystemTime::now()).expect("CA0's leaf trusted through X1");
-    let x1 = pki::CertInfo::parse("x1", ders(&b1)[1].clone()).unwrap();
+    let x1 = pki::CertInfo::parse("x1", certs::ders(&b1)[1].clone()).unwrap();
     assert_eq!(x1.not_after, ca0.not_after, "X1 lasts as long as CA0");
 
     // When X1 expires the operator drops it from the bundle by itself (scheduled).
     let dropped = eventually(Duration::from_secs(40), "X1 left out of the bundle", || async {
-        let b = current_bundle(&env).await;
-        (ders(&b).len() == 1).then_some(b)
+        let b = env.ca_bundle().await;
+        (certs::ders(&b).len() == 1).then_some(b)
     })
     .await;
     let now = time::OffsetDateTime::now_utc();
@@ -268,8 +239,8 @@ async fn the_oldest_ca_drops_out_when_its_bridge_expires() {
         json!({ "metadata": { "annotations": { "service-ca.operators.openshift.io/force-rotation": "second" } } });
     env.op_secrets().patch("signing-key", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     let b2 = eventually(T, "the second rotation", || async {
-        let b = current_bundle(&env).await;
-        (ders(&b).len() == 2 && b != b1).then_some(b)
+        let b = env.ca_bundle().await;
+        (certs::ders(&b).len() == 2 && b != b1).then_some(b)
     })
     .await;
     assert!(tls::rustls_verify_at(&chain0, &b2, &name, SystemTime::now()).is_err(), "two rotations back: not trusted");
@@ -280,9 +251,7 @@ async fn hard_reset_gives_a_new_ca_and_updates_every_secret_and_bundle() {
     let env = Env::new("ca-reset").await;
     let _op = env.start_operator(&[]);
     let old_bundle = env.ca_bundle().await;
-    let old_cn = pki::CertInfo::parse("tls.crt", ders(&data(&signing_key(&env).await, "tls.crt"))[0].clone())
-        .unwrap()
-        .subject_cn;
+    let old_cn = certs::of_secret(&signing_key(&env).await).subject_cn;
     let n = 20;
     for i in 0..n {
         env.annotated_service(&format!("s{i}"), &format!("s{i}-tls"), false).await;
@@ -300,14 +269,14 @@ async fn hard_reset_gives_a_new_ca_and_updates_every_secret_and_bundle() {
     env.op_secrets().delete("signing-key", &DeleteParams::default()).await.unwrap();
     let new_key = eventually(T, "a new signing-key", || async {
         let s = env.op_secrets().get_opt("signing-key").await.unwrap()?;
-        let cn = pki::CertInfo::parse("tls.crt", ders(&data(&s, "tls.crt"))[0].clone()).ok()?.subject_cn;
+        let cn = pki::CertInfo::parse("tls.crt", certs::ders(&data(&s, "tls.crt"))[0].clone()).ok()?.subject_cn;
         (cn != old_cn).then_some(s)
     })
     .await;
     assert!(new_key.data.as_ref().unwrap().get("ca-bundle.crt").is_none(), "a reset has no bridge");
-    let new_ski = ca_ski(&new_key);
+    let new_ski = certs::ca_ski(&new_key);
     let new_bundle = eventually(T, "the new bundle", || async {
-        let b = current_bundle(&env).await;
+        let b = env.ca_bundle().await;
         (b != old_bundle).then_some(b)
     })
     .await;
@@ -318,7 +287,7 @@ async fn hard_reset_gives_a_new_ca_and_updates_every_secret_and_bundle() {
             .await
             .unwrap()
             .items;
-        (items.len() == n && items.iter().all(|s| signer_of(&data(s, "tls.crt")) == new_ski)).then_some(())
+        (items.len() == n && items.iter().all(|s| certs::signer_of(&data(s, "tls.crt")) == new_ski)).then_some(())
     })
     .await;
     eventually(T, "the injected bundle updated", || async {
@@ -338,8 +307,8 @@ async fn hard_reset_gives_a_new_ca_and_updates_every_secret_and_bundle() {
         tls::rustls_verify_at(&data(&secret, "tls.crt"), &old_bundle, &name, SystemTime::now()).is_err(),
         "no bridge after a reset"
     );
-    assert!(!events(&env, &env.op_ns, "ServiceCAReset").await.is_empty());
-    let new_cn = pki::CertInfo::parse("tls.crt", ders(&data(&new_key, "tls.crt"))[0].clone()).unwrap().subject_cn;
+    assert!(!env.events(&env.op_ns, None, Some("ServiceCAReset")).await.is_empty());
+    let new_cn = certs::of_secret(&new_key).subject_cn;
     eventually(T, "signed-by updated", || async {
         let svc = env.services().get("s0").await.unwrap();
         (svc.annotations().get("service.beta.openshift.io/serving-cert-signed-by") == Some(&new_cn)).then_some(())
@@ -354,7 +323,7 @@ async fn operator_killed_during_rotations_never_invents_a_second_ca() {
     env.ca_bundle().await;
     for (round, delay_ms) in [0u64, 30, 60, 100, 150, 250].into_iter().enumerate() {
         let before = signing_key(&env).await;
-        let ski_before = ca_ski(&before);
+        let ski_before = certs::ca_ski(&before);
         let reason = format!("round-{round}");
         let patch =
             json!({ "metadata": { "annotations": { "service-ca.operators.openshift.io/force-rotation": reason } } });
@@ -371,7 +340,7 @@ async fn operator_killed_during_rotations_never_invents_a_second_ca() {
         })
         .await;
         let bundle_field = data(&after, "ca-bundle.crt");
-        let members = ders(&bundle_field);
+        let members = certs::ders(&bundle_field);
         assert_eq!(members.len(), 2, "[new CA, X1]");
         let x1 = pki::CertInfo::parse("x1", members[1].clone()).unwrap();
         assert_eq!(
@@ -379,13 +348,13 @@ async fn operator_killed_during_rotations_never_invents_a_second_ca() {
             Some(ski_before.as_slice()),
             "X1 bridges to the CA from before this round: one rotation, not two"
         );
-        assert_eq!(ders(&data(&after, "tls.crt")).len(), 1);
+        assert_eq!(certs::ders(&data(&after, "tls.crt")).len(), 1);
         eventually(T, "signing-cabundle to match the Secret", || async {
-            (current_bundle(&env).await == bundle_field).then_some(())
+            (env.ca_bundle().await == bundle_field).then_some(())
         })
         .await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert_eq!(ca_ski(&signing_key(&env).await), ca_ski(&after), "no further CA appeared");
+        assert_eq!(certs::ca_ski(&signing_key(&env).await), certs::ca_ski(&after), "no further CA appeared");
     }
 }
 
@@ -412,7 +381,7 @@ async fn unusable_signing_key_is_reported_never_overwritten_and_signing_continue
         }
         let broken = env.op_secrets().replace("signing-key", &PostParams::default(), &broken).await.unwrap();
         let warning = eventually(T, "a SigningKeyInvalid Event", || async {
-            events(&env, &env.op_ns, "SigningKeyInvalid").await.into_iter().find(|e| {
+            env.events(&env.op_ns, None, Some("SigningKeyInvalid")).await.into_iter().find(|e| {
                 e.note.as_deref().is_some_and(|n| n.contains("keeps signing"))
                     && (i == 0 || e.note.as_deref().is_some_and(|n| n.contains("does not belong to the certificate")))
             })
@@ -460,7 +429,7 @@ async fn starting_with_an_unusable_signing_key_is_not_ready_and_creates_nothing(
     .await;
     assert_eq!(status, 503, "{body}");
     eventually(T, "the SigningKeyInvalid Event", || async {
-        events(&env, &env.op_ns, "SigningKeyInvalid")
+        env.events(&env.op_ns, None, Some("SigningKeyInvalid"))
             .await
             .into_iter()
             .find(|e| e.note.as_deref().is_some_and(|n| n.contains("no CA to sign with")))

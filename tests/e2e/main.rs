@@ -2,6 +2,8 @@
 //! kube-apiserver, etcd and kube-controller-manager, the real operator binary, real
 //! TLS handshakes. Run them with `make test`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 #[path = "../support/mod.rs"]
 mod support;
 

@@ -6,55 +6,17 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
-use k8s_openapi::api::events::v1::Event;
+use kube::ResourceExt;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, ResourceExt};
 use serde_json::json;
 use service_ca_operator::pki::{self, CaPolicy, CertificateAuthority, LeafRequest, PrivateKey};
-use x509_parser::prelude::*;
 
 use crate::support::tls::{self, TlsServer};
-use crate::support::{Env, annotation, data, eventually};
+use crate::support::{Env, annotation, certs, data, eventually};
 
 const BETA_NAME: &str = "service.beta.openshift.io/serving-cert-secret-name";
 const ALPHA_NAME: &str = "service.alpha.openshift.io/serving-cert-secret-name";
 const T: Duration = Duration::from_secs(30);
-
-fn leaf_of(secret: &Secret) -> (Vec<String>, i64, Vec<u8>) {
-    let ders = pki::pem::decode_certificates("tls.crt", data(secret, "tls.crt").as_bytes()).unwrap();
-    let (_, cert) = X509Certificate::from_der(&ders[0]).unwrap();
-    let sans = cert
-        .subject_alternative_name()
-        .unwrap()
-        .unwrap()
-        .value
-        .general_names
-        .iter()
-        .map(|n| match n {
-            GeneralName::DNSName(d) => d.to_string(),
-            other => format!("{other:?}"),
-        })
-        .collect();
-    (sans, cert.validity().not_after.timestamp(), cert.raw_serial().to_vec())
-}
-
-async fn ca_cn(env: &Env) -> String {
-    let secret = env.op_secrets().get("signing-key").await.unwrap();
-    let ders = pki::pem::decode_certificates("tls.crt", data(&secret, "tls.crt").as_bytes()).unwrap();
-    let (_, cert) = X509Certificate::from_der(&ders[0]).unwrap();
-    cert.subject().iter_common_name().next().unwrap().as_str().unwrap().to_string()
-}
-
-async fn events_for(env: &Env, name: &str) -> Vec<Event> {
-    let api: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
-    api.list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-        .collect()
-}
 
 async fn service(env: &Env, name: &str) -> Service {
     env.services().get(name).await.unwrap()
@@ -79,7 +41,7 @@ async fn annotated_service_gets_a_correct_secret_and_serves_tls() {
     assert_eq!(annotation(m, "service.beta.openshift.io/originating-service-name"), Some("test1"));
     assert_eq!(annotation(m, "service.beta.openshift.io/originating-service-uid"), svc.metadata.uid.as_deref());
     assert_eq!(annotation(m, "service.alpha.openshift.io/originating-service-uid"), None, "beta Service, beta keys");
-    let (sans, not_after, _) = leaf_of(&secret);
+    let (sans, not_after) = (certs::sans(&secret), certs::not_after(&secret));
     let expiry = pki::format_expiry(::time::OffsetDateTime::from_unix_timestamp(not_after).unwrap());
     assert_eq!(annotation(m, "service.beta.openshift.io/expiry"), Some(expiry.as_str()));
     assert_eq!(annotation(m, "service.alpha.openshift.io/expiry"), Some(expiry.as_str()));
@@ -92,14 +54,14 @@ async fn annotated_service_gets_a_correct_secret_and_serves_tls() {
     assert_eq!(sans, [format!("test1.{ns}.svc"), format!("test1.{ns}.svc.cluster.local")]);
 
     // The Service records its signer.
-    let cn = ca_cn(&env).await;
+    let cn = certs::cn(&env.op_secrets().get("signing-key").await.unwrap());
     let svc = eventually(T, "serving-cert-signed-by", || async {
         let s = service(&env, "test1").await;
         (annotation(&s.metadata, "service.beta.openshift.io/serving-cert-signed-by") == Some(cn.as_str())).then_some(s)
     })
     .await;
     assert_eq!(annotation(&svc.metadata, "service.alpha.openshift.io/serving-cert-signed-by"), Some(cn.as_str()));
-    assert!(events_for(&env, "test1").await.iter().any(|e| e.reason.as_deref() == Some("ServingCertificateIssued")));
+    assert!(!env.events(&env.ns, Some("test1"), Some("ServingCertificateIssued")).await.is_empty());
 
     // A TLS server using the Secret, verified by clients trusting signing-cabundle.
     let server = TlsServer::start(&data(&secret, "tls.crt"), &data(&secret, "tls.key"));
@@ -117,7 +79,7 @@ async fn headless_service_certificate_covers_its_pods() {
     env.annotated_service("web", "web-tls", true).await;
     let secret = env.serving_secret("web-tls", T).await;
     let ns = &env.ns;
-    let (sans, ..) = leaf_of(&secret);
+    let sans = certs::sans(&secret);
     assert_eq!(
         sans,
         [
@@ -179,16 +141,16 @@ async fn foreign_secret_is_never_modified_errors_are_counted_and_capped() {
     // Ours, by reason: the API server's own ClusterIP repair loop may also put a
     // Warning on a Service when the machine is busy.
     let warning = eventually(T, "Warning Event", || async {
-        events_for(&env, "svc")
+        env.events(&env.ns, Some("svc"), Some("ServingCertificateError"))
             .await
             .into_iter()
-            .find(|e| e.type_.as_deref() == Some("Warning") && e.reason.as_deref() == Some("ServingCertificateError"))
+            .find(|e| e.type_.as_deref() == Some("Warning"))
     })
     .await;
     assert!(
         warning.note.as_deref().unwrap_or_default().contains("taken"),
         "{warning:?}\nall events: {:?}",
-        events_for(&env, "svc").await
+        env.events(&env.ns, Some("svc"), None).await
     );
 
     // Consecutive failures count up (retries with backoff: 2 s, 4 s, ...).
@@ -252,7 +214,7 @@ async fn service_turning_headless_gets_a_new_certificate_with_wildcards() {
     let _op = env.start_operator(&[]);
     env.annotated_service("db", "db-tls", false).await;
     let before = env.serving_secret("db-tls", T).await;
-    assert_eq!(leaf_of(&before).0.len(), 2);
+    assert_eq!(certs::sans(&before).len(), 2);
     // clusterIP is immutable: the Service is re-created headless (same name, new UID).
     env.services().delete("db", &DeleteParams::default()).await.unwrap();
     eventually(T, "old Secret garbage-collected", || async {
@@ -262,10 +224,10 @@ async fn service_turning_headless_gets_a_new_certificate_with_wildcards() {
     env.annotated_service("db", "db-tls", true).await;
     let after = eventually(T, "headless certificate", || async {
         let s = env.secrets().get_opt("db-tls").await.unwrap()?;
-        (leaf_of(&s).0.len() == 4).then_some(s)
+        (certs::sans(&s).len() == 4).then_some(s)
     })
     .await;
-    assert!(leaf_of(&after).0[0].starts_with("*.db."));
+    assert!(certs::sans(&after)[0].starts_with("*.db."));
 }
 
 /// Watches a Secret until `check` holds; returns it.
@@ -285,7 +247,7 @@ async fn tampered_missing_or_foreign_signed_data_is_reissued_and_extra_keys_are_
     let _op = env.start_operator(&[]);
     env.annotated_service("app", "app-tls", false).await;
     let original = env.serving_secret("app-tls", T).await;
-    let (_, _, serial0) = leaf_of(&original);
+    let serial0 = certs::serial(&original);
     let valid = |s: &Secret| pki::pem::decode_certificates("tls.crt", data(s, "tls.crt").as_bytes()).is_ok();
 
     // Extra keys go, without a new certificate.
@@ -300,7 +262,7 @@ async fn tampered_missing_or_foreign_signed_data_is_reissued_and_extra_keys_are_
     garbage.insert("tls.crt".into(), ByteString(b"garbage".to_vec()));
     put_data(&env, "app-tls", garbage).await;
     let fixed = secret_until(&env, "app-tls", "garbage replaced", valid).await;
-    let (_, _, serial1) = leaf_of(&fixed);
+    let serial1 = certs::serial(&fixed);
     assert_ne!(serial1, serial0);
 
     // Missing key (the API server insists on the entry for kubernetes.io/tls, so it is
@@ -309,7 +271,7 @@ async fn tampered_missing_or_foreign_signed_data_is_reissued_and_extra_keys_are_
     no_key.insert("tls.key".into(), ByteString(Vec::new()));
     put_data(&env, "app-tls", no_key).await;
     let fixed = secret_until(&env, "app-tls", "key restored", |s| !data(s, "tls.key").is_empty()).await;
-    assert_ne!(leaf_of(&fixed).2, serial1);
+    assert_ne!(certs::serial(&fixed), serial1);
 
     // A well-formed certificate for the right names, from another CA (AKI mismatch).
     let now = ::time::OffsetDateTime::now_utc();
@@ -360,15 +322,15 @@ async fn refresh_happens_at_the_scheduled_moment() {
     let _op = env.start_operator(&["--cert-lifetime", "60s", "--cert-refresh-before", "20s"]);
     env.annotated_service("tick", "tick-tls", false).await;
     let first = env.serving_secret("tick-tls", T).await;
-    let (_, not_after, serial) = leaf_of(&first);
+    let (not_after, serial) = (certs::not_after(&first), certs::serial(&first));
     let due = not_after - 20;
     let second = eventually(Duration::from_secs(70), "the scheduled refresh", || async {
         let s = env.secrets().get("tick-tls").await.unwrap();
-        (leaf_of(&s).2 != serial).then_some(s)
+        (certs::serial(&s) != serial).then_some(s)
     })
     .await;
     let refreshed_at = ::time::OffsetDateTime::now_utc().unix_timestamp();
-    let (_, new_not_after, _) = leaf_of(&second);
+    let new_not_after = certs::not_after(&second);
     // The new certificate's NotBefore is (issuance - 1 s): compare with the due moment.
     let issued_at = new_not_after - 60;
     println!("refresh due at {due}, issued at {issued_at} (observed {refreshed_at}): {} s late", issued_at - due);

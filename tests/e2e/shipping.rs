@@ -119,18 +119,35 @@ fn used_by_operator(since: usize) -> (BTreeSet<Grant>, Vec<String>) {
 
 #[tokio::test]
 async fn manifests_apply_and_the_operator_needs_exactly_the_permissions_they_grant() {
-    // `kubectl apply -k manifests` on the real API server (the Deployment's pods never
-    // run: the test cluster has no nodes, so the operator runs here as the
-    // ServiceAccount the manifests create).
-    // From a clean slate: the operator's own creates (CA, bundle ConfigMap, Lease)
-    // are among the permissions to prove.
+    let audit_start = rbac_clean_slate().await;
+    rbac_apply_manifests();
+    let env = Env::new("rbac-operator").await;
+    let (op, bundle) = rbac_start_operator_as_service_account(&env).await;
+    rbac_serving_certificates(&env).await;
+    let injected = rbac_injection_into_every_kind(&env, &bundle).await;
+    rbac_ca_lifecycle(&env).await;
+    rbac_delete_injection_targets(&env, injected).await;
+    rbac_compare_with_the_audit_log(audit_start);
+    drop(op);
+}
+
+/// RBAC phase 1: from a clean slate, so that the operator's own creates (CA, bundle
+/// ConfigMap, Lease) are among the permissions to prove. Returns where the audit log
+/// stands (what the operator does from here on counts).
+async fn rbac_clean_slate() -> usize {
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(support::client().await);
     let _ = namespaces.delete(NS, &DeleteParams::default()).await;
     eventually(Duration::from_secs(180), "namespace openshift-service-ca gone", || async {
         namespaces.get_opt(NS).await.unwrap().is_none().then_some(())
     })
     .await;
-    let audit_start = audit_log().len();
+    audit_log().len()
+}
+
+/// RBAC phase 2: `kubectl apply -k manifests` on the real API server (the Deployment's
+/// pods never run: the test cluster has no nodes, so the operator runs here as the
+/// ServiceAccount the manifests create).
+fn rbac_apply_manifests() {
     let root = env!("CARGO_MANIFEST_DIR");
     let applied = kubectl(&["apply", "-k", &format!("{root}/manifests")]);
     for kind in [
@@ -145,7 +162,11 @@ async fn manifests_apply_and_the_operator_needs_exactly_the_permissions_they_gra
     ] {
         assert!(applied.contains(kind), "{kind} missing from:\n{applied}");
     }
-    let env = Env::new("rbac-operator").await;
+}
+
+/// RBAC phase 3: the operator, as the manifests' ServiceAccount, with leader
+/// election; returns it once ready, with the bundle it published.
+async fn rbac_start_operator_as_service_account(env: &Env) -> (Operator, String) {
     let token = token_for(&env.client, NS, "service-ca-operator").await;
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("rbac-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -169,8 +190,11 @@ async fn manifests_apply_and_the_operator_needs_exactly_the_permissions_they_gra
         ns_cms.get_opt("signing-cabundle").await.unwrap()?.data?.remove("ca-bundle.crt")
     })
     .await;
+    (op, bundle)
+}
 
-    // Serving certificates: create, then a tidy update.
+/// RBAC phase 4: serving certificates: create, then a tidy update.
+async fn rbac_serving_certificates(env: &Env) {
     env.annotated_service("web", "web-tls", false).await;
     let secret = env.serving_secret("web-tls", T).await;
     let mut extra = secret.clone();
@@ -180,8 +204,19 @@ async fn manifests_apply_and_the_operator_needs_exactly_the_permissions_they_gra
         (env.secrets().get("web-tls").await.unwrap().data?.len() == 2).then_some(())
     })
     .await;
+}
 
-    // Injection into every kind, and a repeated Event (patched, not re-created).
+/// The cluster-scoped injection targets of phase 5, deleted after the CA lifecycle
+/// (which re-injects into them).
+struct InjectionTargets {
+    crd: String,
+    mwc: String,
+    vwc: String,
+}
+
+/// RBAC phase 5: injection into every kind, and a repeated Event (patched, not
+/// re-created).
+async fn rbac_injection_into_every_kind(env: &Env, bundle: &str) -> InjectionTargets {
     let run = env.run.clone();
     let mut cm: ConfigMap = serde_json::from_value(json!({})).unwrap();
     cm.metadata = env.meta("cm");
@@ -258,8 +293,13 @@ async fn manifests_apply_and_the_operator_needs_exactly_the_permissions_they_gra
         env.configmaps().patch("odd", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    InjectionTargets { crd: crd.name_any(), mwc: mwc.name_any(), vwc: vwc.name_any() }
+}
 
-    // CA lifecycle: a forced rotation (update) and a hard reset (create).
+/// RBAC phase 6: CA lifecycle: a forced rotation (update) and a hard reset (create),
+/// until the serving Secret is re-issued.
+async fn rbac_ca_lifecycle(env: &Env) {
+    let ns_cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), NS);
     let ns_secrets: Api<Secret> = Api::namespaced(env.client.clone(), NS);
     let patch =
         json!({ "metadata": { "annotations": { "service-ca.operators.openshift.io/force-rotation": "rbac" } } });
@@ -282,15 +322,23 @@ async fn manifests_apply_and_the_operator_needs_exactly_the_permissions_they_gra
         support::tls::rustls_verify_at(&chain, &b, &format!("web.{}.svc", env.ns), std::time::SystemTime::now()).ok()
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    for name in [crd.name_any()] {
-        crds.delete(&name, &DeleteParams::default()).await.unwrap();
-    }
-    mwcs.delete(&mwc.name_any(), &DeleteParams::default()).await.unwrap();
-    vwcs.delete(&vwc.name_any(), &DeleteParams::default()).await.unwrap();
+}
 
-    // Compare with the audit log: nothing denied, every grant used, nothing used that
-    // is not granted.
+/// RBAC phase 7: the cluster-scoped injection targets go (after a second for the
+/// operator to finish with them).
+async fn rbac_delete_injection_targets(env: &Env, targets: InjectionTargets) {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
+    let mwcs: Api<MutatingWebhookConfiguration> = Api::all(env.client.clone());
+    let vwcs: Api<ValidatingWebhookConfiguration> = Api::all(env.client.clone());
+    crds.delete(&targets.crd, &DeleteParams::default()).await.unwrap();
+    mwcs.delete(&targets.mwc, &DeleteParams::default()).await.unwrap();
+    vwcs.delete(&targets.vwc, &DeleteParams::default()).await.unwrap();
+}
+
+/// RBAC phase 8: compare with the audit log (from `audit_start` on): nothing denied,
+/// every grant used, nothing used that is not granted.
+fn rbac_compare_with_the_audit_log(audit_start: usize) {
     let (used, denied) = used_by_operator(audit_start);
     assert!(denied.is_empty(), "requests denied to the operator: {denied:?}");
     let (cluster, namespaced) = granted();
@@ -300,7 +348,6 @@ async fn manifests_apply_and_the_operator_needs_exactly_the_permissions_they_gra
     println!("operator requests by (group, resource, verb): {used:?}");
     assert!(ungranted.is_empty(), "used but not granted (would fail in a cluster): {ungranted:?}");
     assert!(unused.is_empty(), "granted but never used by the code (remove from the manifests): {unused:?}");
-    drop(op);
 }
 
 #[tokio::test]

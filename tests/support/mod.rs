@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod tls;
 
 use std::collections::BTreeMap;
@@ -16,7 +17,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service};
-use kube::api::{DeleteParams, ObjectMeta, PostParams};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 use serde_json::json;
@@ -277,7 +279,9 @@ impl Env {
         .await
     }
 
-    /// The bundle in `signing-cabundle` once the operator has written it.
+    /// The bundle currently in `signing-cabundle` (`ca-bundle.crt`). Waits (up to
+    /// 30 s) only until the operator has first written it; once it is there this is
+    /// a single read, so it also serves to follow the bundle through rotations.
     pub async fn ca_bundle(&self) -> String {
         let api = self.op_configmaps();
         eventually(Duration::from_secs(30), "signing-cabundle", || {
@@ -285,6 +289,20 @@ impl Env {
             async move { api.get_opt("signing-cabundle").await.ok().flatten()?.data?.remove("ca-bundle.crt") }
         })
         .await
+    }
+
+    /// The Events (events.k8s.io/v1) in `namespace`, optionally only those about the
+    /// object named `regarding` and/or with reason `reason`, in the API server's order.
+    pub async fn events(&self, namespace: &str, regarding: Option<&str>, reason: Option<&str>) -> Vec<Event> {
+        let api: Api<Event> = Api::namespaced(self.client.clone(), namespace);
+        api.list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| regarding.is_none_or(|name| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)))
+            .filter(|e| reason.is_none_or(|reason| e.reason.as_deref() == Some(reason)))
+            .collect()
     }
 }
 
