@@ -20,6 +20,7 @@ test: lint deny controlplane-build
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	python3 scripts/import-cycles.py src
 
 ## Unit and PKI tests only (no cluster).
 unit:

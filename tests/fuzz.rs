@@ -15,15 +15,12 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Service;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-use service_ca_operator::annotations as ann;
 use service_ca_operator::config::{Requirement, parse_selector};
 use service_ca_operator::controllers::ca_bundle;
-use service_ca_operator::controllers::serving_cert::{check_secret_name, failures};
-use service_ca_operator::controllers::serving_secret::wanted;
-use service_ca_operator::pki::{
-    self, CA_BUNDLE, CaPolicy, CertificateAuthority, INTERMEDIATE, LeafPolicy, LeafRequest, PrivateKey, SecretFacts,
-    ServiceFacts, TLS_CERT, TLS_KEY,
-};
+use service_ca_operator::controllers::serving::decision::{self, SecretFacts};
+use service_ca_operator::controllers::serving::{failures, wanted};
+use service_ca_operator::names::{self as ann, CA_BUNDLE, INTERMEDIATE, TLS_CERT, TLS_KEY, check_subdomain};
+use service_ca_operator::pki::{self, CaPolicy, CertificateAuthority, LeafPolicy, LeafRequest, PrivateKey};
 use time::OffsetDateTime;
 
 /// Whether `labels` satisfy `selector` (an invalid selector matches nothing), as the
@@ -66,8 +63,13 @@ fn seeds() -> &'static (BTreeMap<String, Vec<u8>>, String, String) {
             CaPolicy { lifetime: Duration::from_secs(86_400 * 30), rotate_before: Duration::from_secs(86_400) };
         let ca = CertificateAuthority::create(PrivateKey::generate_rsa(2048).unwrap(), now, &policy).unwrap();
         let ca = ca.rotate(PrivateKey::generate_rsa(2048).unwrap(), now, &policy).unwrap();
-        let req =
-            LeafRequest { service: "s", namespace: "n", uid: "u-1", headless: true, cluster_domain: "cluster.local" };
+        let req = LeafRequest {
+            service: "s".into(),
+            namespace: "n".into(),
+            uid: "u-1".into(),
+            headless: true,
+            cluster_domain: "cluster.local".into(),
+        };
         let leaf = ca.issue(&req, &PrivateKey::generate_rsa(2048).unwrap(), now, Duration::from_secs(86_400)).unwrap();
         (ca.to_secret_data(), leaf.chain_pem, leaf.key_pem.to_string())
     })
@@ -137,7 +139,13 @@ fn serving_secret_data_through_the_decision_never_panics() {
         lifetime: Duration::from_secs(86_400),
         refresh_before: Duration::from_secs(3_600),
     };
-    let svc = ServiceFacts { name: "s", namespace: "n", uid: "u-1", headless: true };
+    let svc = LeafRequest {
+        service: "s".into(),
+        namespace: "n".into(),
+        uid: "u-1".into(),
+        headless: true,
+        cluster_domain: "cluster.local".into(),
+    };
     let strategy = (untrusted(chain.into_bytes()), untrusted(key.into_bytes()), ".{0,40}");
     run("serving Secret decision", strategy, |(cert, key, expiry)| {
         let annotations = BTreeMap::from([
@@ -151,7 +159,7 @@ fn serving_secret_data_through_the_decision_never_panics() {
             owner_service_uids: vec!["u-1"],
             labeled: true,
         };
-        let _ = pki::decide(Some(&facts), &svc, &ca, &policy, OffsetDateTime::now_utc());
+        let _ = decision::decide(Some(&facts), &svc, &ca, &policy, OffsetDateTime::now_utc());
     });
 }
 
@@ -171,7 +179,7 @@ fn annotation_values_never_panic() {
         a.insert(ann::BETA.generation_error_num.into(), num);
         let _ = wanted(&svc);
         let _ = failures(&svc);
-        let _ = check_secret_name(&name);
+        let _ = check_subdomain(&name);
         let _ = pki::parse_expiry(&name);
         let _ = parse_selector(&selector);
         let _ = selector_matches(&selector, &BTreeMap::new());

@@ -11,10 +11,10 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use ::time::OffsetDateTime;
-use service_ca_operator::annotations as ann;
+use service_ca_operator::controllers::serving::decision::{Decision, IssueReason, SecretFacts, decide};
+use service_ca_operator::names::{self as ann, CA_BUNDLE, INTERMEDIATE, TLS_CERT, TLS_KEY};
 use service_ca_operator::pki::{
-    CA_BUNDLE, CaPolicy, CertificateAuthority, Decision, INTERMEDIATE, IssueReason, IssuedLeaf, LeafPolicy,
-    LeafRequest, PkiError, PrivateKey, SecretFacts, ServiceFacts, TLS_CERT, TLS_KEY, decide, format_expiry, pem,
+    CaPolicy, CertificateAuthority, IssuedLeaf, LeafPolicy, LeafRequest, PkiError, PrivateKey, format_expiry, pem,
 };
 use x509_parser::oid_registry::{OID_PKCS1_RSAENCRYPTION, OID_PKCS1_SHA256WITHRSA};
 use x509_parser::prelude::*;
@@ -40,8 +40,14 @@ fn new_ca(at: OffsetDateTime) -> CertificateAuthority {
     CertificateAuthority::create(key(), at, &policy()).unwrap()
 }
 
-fn request(headless: bool) -> LeafRequest<'static> {
-    LeafRequest { service: "web", namespace: "shop", uid: UID, headless, cluster_domain: "cluster.local" }
+fn request(headless: bool) -> LeafRequest {
+    LeafRequest {
+        service: "web".into(),
+        namespace: "shop".into(),
+        uid: UID.into(),
+        headless,
+        cluster_domain: "cluster.local".into(),
+    }
 }
 
 fn issue(ca: &CertificateAuthority, headless: bool, at: OffsetDateTime) -> IssuedLeaf {
@@ -202,7 +208,7 @@ fn headless_leaf_adds_wildcards_and_the_wildcard_is_the_cn() {
 
 #[test]
 fn cluster_domain_is_configurable() {
-    let req = LeafRequest { cluster_domain: "corp.example", ..request(false) };
+    let req = LeafRequest { cluster_domain: "corp.example".into(), ..request(false) };
     assert_eq!(req.dns_names(), ["web.shop.svc", "web.shop.svc.corp.example"]);
 }
 
@@ -237,7 +243,7 @@ fn serials_are_unique() {
 #[test]
 fn uid_that_is_not_printable_is_refused() {
     let ca = new_ca(now());
-    let req = LeafRequest { uid: "héllo", ..request(false) };
+    let req = LeafRequest { uid: "héllo".into(), ..request(false) };
     assert_eq!(ca.issue(&req, &key(), now(), LEAF_LIFETIME).unwrap_err(), PkiError::BadServiceUid("héllo".into()));
 }
 
@@ -477,8 +483,8 @@ impl Stored {
     }
 }
 
-fn service(headless: bool) -> ServiceFacts<'static> {
-    ServiceFacts { name: "web", namespace: "shop", uid: UID, headless }
+fn service(headless: bool) -> LeafRequest {
+    request(headless)
 }
 
 fn leaf_policy() -> LeafPolicy {
@@ -494,7 +500,7 @@ fn decision_covers_every_rule_of_spec_section_1() {
     let svc = service(false);
     let p = leaf_policy();
     let refresh_at = leaf.not_after - p.refresh_before;
-    let d = |s: &Stored, svc: &ServiceFacts, when| decide(Some(&s.facts()), svc, &ca, &p, when);
+    let d = |s: &Stored, svc: &LeafRequest, when| decide(Some(&s.facts()), svc, &ca, &p, when);
 
     assert_eq!(decide(None, &svc, &ca, &p, at), Decision::Issue(IssueReason::Absent));
     assert_eq!(d(&good, &svc, at), Decision::Keep { refresh_at: Some(refresh_at) });

@@ -505,8 +505,13 @@ async fn unusable_signing_keys_are_refused_with_clear_messages() {
     )
     .unwrap();
     let leaf_key = pki::PrivateKey::generate_rsa(2048).unwrap();
-    let req =
-        pki::LeafRequest { service: "x", namespace: "y", uid: "z", headless: false, cluster_domain: "cluster.local" };
+    let req = pki::LeafRequest {
+        service: "x".into(),
+        namespace: "y".into(),
+        uid: "z".into(),
+        headless: false,
+        cluster_domain: "cluster.local".into(),
+    };
     let leaf = leaf_ca.issue(&req, &leaf_key, now, Duration::from_secs(3_600)).unwrap();
     let leaf_only =
         pki::pem::encode("CERTIFICATE", &pki::pem::decode_certificates("c", leaf.chain_pem.as_bytes()).unwrap()[0]);

@@ -282,8 +282,13 @@ async fn tampered_missing_or_foreign_signed_data_is_reissued_and_extra_keys_are_
     )
     .unwrap();
     let uid = env.services().get("app").await.unwrap().uid().unwrap();
-    let req =
-        LeafRequest { service: "app", namespace: &env.ns, uid: &uid, headless: false, cluster_domain: "cluster.local" };
+    let req = LeafRequest {
+        service: "app".into(),
+        namespace: env.ns.clone(),
+        uid: uid.clone(),
+        headless: false,
+        cluster_domain: "cluster.local".into(),
+    };
     let key = PrivateKey::generate_rsa(2048).unwrap();
     let impostor = other.issue(&req, &key, now, Duration::from_secs(86_400)).unwrap();
     let impostor_crt = impostor.chain_pem.clone();

@@ -110,10 +110,14 @@ mod tests {
     }
 
     fn secret_of(ca: &CertificateAuthority, annotations: &[(&str, &str)]) -> Secret {
-        let mut secret = Secret::default();
-        secret.data = Some(ca.to_secret_data().into_iter().map(|(k, v)| (k, ByteString(v))).collect());
-        secret.metadata.annotations = Some(annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
-        secret
+        Secret {
+            data: Some(ca.to_secret_data().into_iter().map(|(k, v)| (k, ByteString(v))).collect()),
+            metadata: kube::api::ObjectMeta {
+                annotations: Some(annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                ..Default::default()
+            },
+            ..Secret::default()
+        }
     }
 
     fn new_ca(now: OffsetDateTime) -> CertificateAuthority {
@@ -125,8 +129,10 @@ mod tests {
     fn absent_creates_unusable_refuses() {
         let now = OffsetDateTime::now_utc();
         assert!(matches!(plan(None, &policy(), now), Plan::Create));
-        let mut broken = Secret::default();
-        broken.data = Some(BTreeMap::from([("tls.crt".to_string(), ByteString(b"junk".to_vec()))]));
+        let broken = Secret {
+            data: Some(BTreeMap::from([("tls.crt".to_string(), ByteString(b"junk".to_vec()))])),
+            ..Secret::default()
+        };
         assert!(matches!(plan(Some(&broken), &policy(), now), Plan::Refuse(_)));
     }
 
