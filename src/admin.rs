@@ -29,6 +29,7 @@ pub struct Health {
     caches_synced: AtomicBool,
     api_reachable: AtomicBool,
     signing_key_usable: AtomicBool,
+    rotation_failing: AtomicBool,
 }
 
 impl Default for Health {
@@ -39,6 +40,7 @@ impl Default for Health {
             caches_synced: AtomicBool::new(false),
             api_reachable: AtomicBool::new(true),
             signing_key_usable: AtomicBool::new(true),
+            rotation_failing: AtomicBool::new(false),
         }
     }
 }
@@ -61,6 +63,9 @@ impl Health {
     pub fn set_signing_key_usable(&self, usable: bool) {
         self.signing_key_usable.store(usable, Ordering::Relaxed);
     }
+    pub fn set_rotation_failing(&self, failing: bool) {
+        self.rotation_failing.store(failing, Ordering::Relaxed);
+    }
 
     /// `Ok(note)` when ready, `Err(reasons)` when not.
     pub fn readiness(&self) -> Result<&'static str, Vec<&'static str>> {
@@ -78,10 +83,12 @@ impl Health {
             problems.push("caches not synced yet");
         }
         if problems.is_empty() {
-            if self.signing_key_usable.load(Ordering::Relaxed) {
-                Ok("ok")
-            } else {
+            if !self.signing_key_usable.load(Ordering::Relaxed) {
                 Ok("degraded: signing-key cannot be used; signing with the CA loaded earlier")
+            } else if self.rotation_failing.load(Ordering::Relaxed) {
+                Ok("degraded: the CA is due for rotation but rotating it fails; signing with the current CA")
+            } else {
+                Ok("ok")
             }
         } else {
             Err(problems)

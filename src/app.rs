@@ -37,7 +37,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     let ctx = Arc::new(Context {
         client,
-        keys: KeyPool::new(config.issuance_concurrency(), config.key_buffer),
+        keys: KeyPool::new(config.issuance_concurrency(), config.key_buffer, metrics.keys_generated.clone()),
         signer: SignerHandle::default(),
         metrics,
         health: health.clone(),

@@ -54,8 +54,15 @@ pub struct Metrics {
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub reconcile_duration: Family<ControllerLabels, Histogram>,
     pub certificates_issued: Family<ReasonLabels, Counter>,
+    /// Issued certificates that could not be written, per reason (an alert can use it:
+    /// `certificates_issued` stays flat while these grow).
+    pub issuance_failures: Family<ReasonLabels, Counter>,
+    /// Private keys generated (serving keys, buffered or not, and CA keys).
+    pub keys_generated: Counter,
     pub injections: Family<KindLabels, Counter>,
     pub rotations: Family<KindLabels, Counter>,
+    /// Rotation attempts that failed (an alert can use it).
+    pub rotation_failures: Counter,
     pub api_writes: Family<WriteLabels, Counter>,
 }
 
@@ -102,6 +109,14 @@ impl Metrics {
             "Serving certificates issued, per reason",
             certificates_issued.clone(),
         );
+        let issuance_failures = Family::default();
+        registry.register(
+            "service_ca_certificate_issuance_failures",
+            "Serving certificates issued but not written, per reason (refused, api, pki)",
+            issuance_failures.clone(),
+        );
+        let keys_generated = Counter::default();
+        registry.register("service_ca_keys_generated", "Private keys generated", keys_generated.clone());
         let injections = Family::default();
         registry.register("service_ca_injections", "CA bundle injections written, per kind", injections.clone());
         let rotations = Family::default();
@@ -109,6 +124,12 @@ impl Metrics {
             "service_ca_rotations",
             "CA changes, per kind (automatic, forced, reset, created)",
             rotations.clone(),
+        );
+        let rotation_failures = Counter::default();
+        registry.register(
+            "service_ca_rotation_failures",
+            "CA rotation attempts that failed (the current CA stays in use)",
+            rotation_failures.clone(),
         );
         let api_writes = Family::default();
         registry.register(
@@ -127,8 +148,11 @@ impl Metrics {
             reconcile_errors,
             reconcile_duration,
             certificates_issued,
+            issuance_failures,
+            keys_generated,
             injections,
             rotations,
+            rotation_failures,
             api_writes,
         }
     }

@@ -6,9 +6,11 @@
 //! publishes it here. Every other controller reads a snapshot and subscribes to
 //! changes, so a rotation or reset reaches all of them at once, without a restart.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::Stream;
+use prometheus_client::metrics::counter::Counter;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
@@ -80,7 +82,16 @@ struct PoolInner {
     ready: std::sync::Mutex<Vec<PrivateKey>>,
     buffer: usize,
     refill: tokio::sync::Notify,
+    /// Serving keys signed over but not yet known to be written, by owner (the
+    /// Service UID): a retry after a failed write signs over the same key.
+    parked: std::sync::Mutex<HashMap<String, Arc<PrivateKey>>>,
+    /// Counts every key generated (`service_ca_keys_generated_total`).
+    generated: Counter,
 }
+
+/// At most this many keys stay parked (owners whose writes keep failing); past it new
+/// keys are not parked, and their retries generate fresh keys.
+const MAX_PARKED: usize = 10_000;
 
 /// The nice value of key-generation threads (relative to the process).
 const WORKER_NICENESS: i32 = 10;
@@ -88,13 +99,15 @@ const WORKER_NICENESS: i32 = 10;
 impl KeyPool {
     /// A pool of `concurrency` generators keeping `buffer` keys ready. Must be called
     /// inside the async runtime (the refill runs as a task).
-    pub fn new(concurrency: usize, buffer: usize) -> Self {
+    pub fn new(concurrency: usize, buffer: usize, generated: Counter) -> Self {
         let pool = KeyPool {
             inner: Arc::new(PoolInner {
                 jobs: spawn_workers(concurrency.max(1)),
                 ready: std::sync::Mutex::new(Vec::with_capacity(buffer)),
                 buffer,
                 refill: tokio::sync::Notify::new(),
+                parked: std::sync::Mutex::new(HashMap::new()),
+                generated,
             }),
         };
         if buffer > 0 {
@@ -106,8 +119,8 @@ impl KeyPool {
                         pool.inner.refill.notified().await;
                         continue;
                     }
-                    match pool.run(|| PrivateKey::generate_rsa(2048)).await {
-                        Ok(Ok(key)) => {
+                    match pool.fresh(KeyKind::Rsa { bits: 2048 }).await {
+                        Ok(key) => {
                             if let Ok(mut ready) = pool.inner.ready.lock() {
                                 ready.push(key);
                             }
@@ -130,22 +143,43 @@ impl KeyPool {
         rx.await.map_err(|_| PkiError::KeyGeneration("key generation worker failed".into()))
     }
 
+    /// A freshly generated key of `kind`, on a worker thread.
+    async fn fresh(&self, kind: KeyKind) -> Result<PrivateKey, PkiError> {
+        let key = self.run(move || PrivateKey::generate(kind)).await??;
+        self.inner.generated.inc();
+        tracing::debug!(%kind, "key generated");
+        Ok(key)
+    }
+
     /// Generates a key of `kind` (CA keys: never from the buffer).
     pub async fn generate(&self, kind: KeyKind) -> Result<PrivateKey, PkiError> {
-        self.run(move || PrivateKey::generate(kind)).await?
+        self.fresh(kind).await
     }
 
-    /// An RSA-2048 serving key: a ready one if there is one, else a fresh one.
-    async fn serving_key(&self) -> Result<PrivateKey, PkiError> {
+    /// An RSA-2048 serving key for `owner`: the one parked for it by an earlier
+    /// attempt whose write failed, else a ready one, else a fresh one.
+    async fn serving_key(&self, owner: &str) -> Result<Arc<PrivateKey>, PkiError> {
+        if let Some(key) = self.inner.parked.lock().ok().and_then(|parked| parked.get(owner).cloned()) {
+            tracing::debug!(owner, "signing over the key parked by a failed attempt");
+            return Ok(key);
+        }
         let ready = self.inner.ready.lock().ok().and_then(|mut r| r.pop());
         self.inner.refill.notify_one();
-        match ready {
-            Some(key) => Ok(key),
-            None => self.run(|| PrivateKey::generate_rsa(2048)).await?,
+        let key = Arc::new(match ready {
+            Some(key) => key,
+            None => self.fresh(KeyKind::Rsa { bits: 2048 }).await?,
+        });
+        if let Ok(mut parked) = self.inner.parked.lock()
+            && parked.len() < MAX_PARKED
+        {
+            parked.insert(owner.to_string(), key.clone());
         }
+        Ok(key)
     }
 
-    /// An RSA-2048 key and a serving certificate signed for it.
+    /// A serving certificate for `request`, signed over an RSA-2048 key. The key stays
+    /// parked for the request's Service until [`KeyPool::written`]: a write that fails
+    /// (and is retried later) costs no new key.
     pub async fn issue(
         &self,
         signer: Arc<Signer>,
@@ -154,11 +188,19 @@ impl KeyPool {
     ) -> Result<IssuedLeaf, PkiError> {
         // Checked before a key is spent on it.
         signer.ca.check_unexpired(OffsetDateTime::now_utc())?;
-        let key = self.serving_key().await?;
+        let key = self.serving_key(&request.uid).await?;
         // Signing (~1 ms with ring) also stays off the reactor.
         tokio::task::spawn_blocking(move || signer.ca.issue(&request, &key, OffsetDateTime::now_utc(), lifetime))
             .await
             .map_err(|e| PkiError::Signing(format!("worker failed: {e}")))?
+    }
+
+    /// The certificate issued for the Service with UID `owner` was written: its key is
+    /// no longer needed here.
+    pub fn written(&self, owner: &str) {
+        if let Ok(mut parked) = self.inner.parked.lock() {
+            parked.remove(owner);
+        }
     }
 }
 
@@ -215,7 +257,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn key_generation_runs_at_a_lower_priority_than_the_reactor() {
-        let pool = KeyPool::new(2, 0);
+        let pool = KeyPool::new(2, 0, Counter::default());
         let reactor = current_niceness();
         let worker = pool.run(current_niceness).await.unwrap();
         assert_eq!(worker, (reactor + WORKER_NICENESS).min(19));
@@ -223,7 +265,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_job_is_an_error_and_the_worker_carries_on() {
-        let pool = KeyPool::new(1, 0);
+        let pool = KeyPool::new(1, 0, Counter::default());
         let failed = pool.run(|| panic!("boom")).await;
         assert!(matches!(failed, Err(PkiError::KeyGeneration(_))));
         assert_eq!(pool.run(|| 7).await.unwrap(), 7);

@@ -139,6 +139,11 @@ impl CertificateAuthority {
         {
             return Err(PkiError::NotCa);
         }
+        // A CA that can sign but could never be rotated is refused now, not when its
+        // rotation falls due.
+        if let Err(error) = distinguished_name(&parsed) {
+            return Err(PkiError::CannotRotate(error.to_string()));
+        }
         let public = certificate_public_key(&parsed).ok_or_else(|| {
             PkiError::UnsupportedKey(format!("the CA certificate's key: {}", super::keys::SUPPORTED_KEYS))
         })?;

@@ -55,6 +55,10 @@ pub enum PkiError {
         "{field} {problem}: it is left over from an earlier CA; remove it (or restore the matching tls.crt and tls.key)"
     )]
     Stale { field: &'static str, problem: &'static str },
+    #[error(
+        "the CA could never be rotated ({0}); give it a subject of single-valued PrintableString, IA5String or UTF8String attributes, or delete the Secret for a new CA"
+    )]
+    CannotRotate(String),
     #[error("the Service UID {0:?} cannot be written as an ASN.1 PrintableString")]
     BadServiceUid(String),
     #[error("key generation failed: {0}")]

@@ -525,12 +525,21 @@ async fn unusable_signing_keys_are_refused_with_clear_messages() {
     let (no_ski_crt, no_ski_key) = openssl_ca(&dir.join("noski"), &rsa, &["-addext", "subjectKeyIdentifier=none"]);
     let (small_crt, small_key) = openssl_ca(&dir.join("small"), &["-newkey", "rsa:1024"], &[]);
     let (ed_crt, ed_key) = openssl_ca(&dir.join("ed"), &["-newkey", "ed25519"], &[]);
+    // Signs fine, but rotation could never re-create its subject (issue 14: refused at
+    // load, not when its rotation falls due).
+    let (multi_crt, multi_key) = openssl_ca(&dir.join("multi"), &rsa, &["-subj", "/O=Example/CN=multi+OU=valued"]);
     let cases: Vec<(&str, Vec<u8>, Vec<u8>, &str)> = vec![
         ("not a CA", leaf_only.into_bytes(), leaf.key_pem.as_bytes().to_vec(), "is not a CA"),
         ("expired", expired["tls.crt"].clone(), expired["tls.key"].clone(), "expired at"),
         ("no SubjectKeyIdentifier", no_ski_crt, no_ski_key, "SubjectKeyIdentifier"),
         ("RSA-1024", small_crt, small_key, "RSA-1024: only RSA keys of 2048 to 8192 bits"),
         ("Ed25519", ed_crt, ed_key, "the CA certificate's key: only RSA keys of 2048 to 8192 bits and ECDSA keys"),
+        (
+            "multi-valued RDN",
+            multi_crt,
+            multi_key,
+            "could never be rotated (tls.crt does not hold a valid X.509 certificate: unsupported subject: multi-valued or empty RDN)",
+        ),
     ];
     for (case, crt, key, expected) in cases {
         let env = Env::new("bad-ca").await;

@@ -492,3 +492,13 @@ pub fn data(secret: &Secret, key: &str) -> String {
 pub fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
     meta.annotations.as_ref()?.get(key).map(String::as_str)
 }
+
+/// The sum of every series of a metric in a Prometheus text page whose line starts
+/// with `series` (a name, optionally with the start of its labels, e.g.
+/// `service_ca_api_writes_total{resource="services"`).
+pub fn metric(page: &str, series: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(series) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

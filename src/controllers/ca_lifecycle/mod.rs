@@ -30,8 +30,10 @@ use time::OffsetDateTime;
 use self::plan::{Observed, Plan, publication};
 use super::{Categorised, Context, api_category, is_conflict, post_params, retry_delay, until};
 use crate::metrics::KindLabels;
-use crate::names::{self as ann, CA_BUNDLE, SECRET_TYPE_TLS, SIGNING_CABUNDLE, SIGNING_KEY};
-use crate::pki::{CA_NAME_PREFIX, CertificateAuthority, KeyKind, PkiError, format_expiry};
+use crate::names::{
+    self as ann, CA_BUNDLE, INTERMEDIATE, SECRET_TYPE_TLS, SIGNING_CABUNDLE, SIGNING_KEY, TLS_CERT, TLS_KEY,
+};
+use crate::pki::{CA_NAME_PREFIX, CertificateAuthority, KeyKind, PkiError, PrivateKey, format_expiry};
 use crate::shutdown::Shutdown;
 use crate::signer::Signer;
 
@@ -69,6 +71,10 @@ struct Seen {
     bundle: Observed<ConfigMap>,
     /// resourceVersion of an unusable Secret already reported (one Event per version).
     reported_invalid: Option<String>,
+    /// The key generated for a rotation that failed, kept for the next attempt.
+    spare_key: Option<PrivateKey>,
+    /// The last rotation failure reported (one Event per distinct message).
+    reported_rotation_failure: Option<String>,
 }
 
 /// Runs until `shutdown`.
@@ -160,10 +166,20 @@ async fn reconcile(
         Plan::Rotate { ca, forced } => {
             mark_usable(ctx, seen);
             let Some(secret) = &secret else { return Ok(None) };
-            match rotate(ctx, secret, &ca, forced).await? {
-                Some(rotated) => rotated,
+            match rotate(ctx, secret, &ca, forced, seen).await {
+                Ok(Some((rotated, written))) => {
+                    // Passes before the watch brings our write must not plan from the
+                    // version we just replaced (they would rotate again).
+                    seen.secret = Observed::Present(written);
+                    rotation_recovered(ctx, seen);
+                    rotated
+                }
                 // Someone changed the Secret meanwhile: the watch brings it back to us.
-                None => return Ok(None),
+                Ok(None) => return Ok(None),
+                Err(error) => {
+                    report_rotation_failure(ctx, secret, &error, seen).await;
+                    return Err(error);
+                }
             }
         }
         Plan::Use(ca) => {
@@ -171,7 +187,29 @@ async fn reconcile(
             ca
         }
     };
-    publish(ctx, ca, bundle.as_ref(), now).await
+    publish(ctx, ca, bundle.as_ref(), now, seen).await
+}
+
+/// A rotation that failed: a Warning Event on `signing-key` (once per distinct
+/// failure), the failure metric, and readiness `degraded`; the loop retries with
+/// backoff, signing with the current CA meanwhile.
+async fn report_rotation_failure(ctx: &Context, secret: &Secret, error: &Error, seen: &mut Seen) {
+    ctx.metrics.rotation_failures.inc();
+    ctx.health.set_rotation_failing(true);
+    let note = format!(
+        "Rotating the service CA failed: {error}. The operator keeps signing with the current CA and retries with backoff"
+    );
+    if seen.reported_rotation_failure.as_deref() == Some(note.as_str()) {
+        return;
+    }
+    seen.reported_rotation_failure = Some(note.clone());
+    tracing::error!("{note}");
+    ctx.event(&secret.object_ref(&()), EventType::Warning, "ServiceCARotationFailed", note).await;
+}
+
+fn rotation_recovered(ctx: &Context, seen: &mut Seen) {
+    ctx.health.set_rotation_failing(false);
+    seen.reported_rotation_failure = None;
 }
 
 fn mark_usable(ctx: &Context, seen: &mut Seen) {
@@ -236,19 +274,30 @@ async fn create(ctx: &Context) -> Result<(CertificateAuthority, Secret), Error> 
     Ok((ca, created))
 }
 
-/// Rotation with a bridge; `None` when the Secret changed meanwhile (409).
+/// Rotation with a bridge; the new CA and the Secret as written, or `None` when the
+/// Secret changed meanwhile (409).
 async fn rotate(
     ctx: &Context,
     secret: &Secret,
     ca: &CertificateAuthority,
     forced_reason: Option<String>,
-) -> Result<Option<CertificateAuthority>, Error> {
+    seen: &mut Seen,
+) -> Result<Option<(CertificateAuthority, Secret)>, Error> {
     let now = OffsetDateTime::now_utc();
-    let key = ctx.keys.generate(ca.key_kind()).await.map_err(Error::GenerateKey)?;
+    // A retry after a failed attempt signs with the key generated for it.
+    let key = match seen.spare_key.take() {
+        Some(key) if key.kind() == ca.key_kind() => key,
+        _ => ctx.keys.generate(ca.key_kind()).await.map_err(Error::GenerateKey)?,
+    };
+    seen.spare_key = PrivateKey::from_pem(TLS_KEY, key.to_pem().as_bytes()).ok();
     let rotated = ca.rotate(key, now, &ctx.config.ca_policy()).map_err(Error::BuildCa)?;
     let mut updated = secret.clone();
     updated.metadata.managed_fields = None;
-    updated.data = Some(to_bytestrings(rotated.to_secret_data()));
+    // Data keys of others (a person's notes) stay; ours are replaced.
+    let mut data = secret.data.clone().unwrap_or_default();
+    data.retain(|k, _| ![TLS_CERT, TLS_KEY, CA_BUNDLE, INTERMEDIATE].contains(&k.as_str()));
+    data.extend(to_bytestrings(rotated.to_secret_data()));
+    updated.data = Some(data);
     if let Some(reason) = &forced_reason {
         updated.annotations_mut().insert(ann::FORCED_ROTATION_REASON.into(), reason.clone());
     }
@@ -259,6 +308,7 @@ async fn rotate(
         Err(e) if is_conflict(&e) => return Ok(None),
         Err(e) => return Err(Error::WriteSigningKey(e)),
     };
+    seen.spare_key = None;
     let previous_trusted_until = rotated.next_bundle_change(now).map(format_expiry).unwrap_or_default();
     let (kind, why) = match &forced_reason {
         Some(reason) => ("forced", format!("forced rotation (reason {reason:?})")),
@@ -275,7 +325,7 @@ async fn rotate(
     ctx.metrics.rotations.get_or_create(&KindLabels { kind }).inc();
     tracing::info!("{note}");
     ctx.event(&written.object_ref(&()), EventType::Normal, "ServiceCARotated", note).await;
-    Ok(Some(rotated))
+    Ok(Some((rotated, written)))
 }
 
 /// `signing-cabundle` first, then the in-memory signer; returns the next due moment.
@@ -284,22 +334,51 @@ async fn publish(
     ca: CertificateAuthority,
     bundle: Option<&ConfigMap>,
     now: OffsetDateTime,
+    seen: &mut Seen,
 ) -> Result<Option<OffsetDateTime>, Error> {
     let stored = bundle.and_then(|cm| cm.data.as_ref()).and_then(|d| d.get(CA_BUNDLE)).map(String::as_str);
     let held = ctx.signer.current();
     let plan = publication(&ca, stored, held.as_deref(), &ctx.config.ca_policy(), now);
     if plan.write_bundle {
+        // Guarded like every write of ours: over the version planned from, or created
+        // only if absent. A conflict means another writer (a leader that has not yet
+        // noticed it lost the lease, or a person) moved it: the watch brings it back.
         let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
-        let patch = json!({
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": { "name": SIGNING_CABUNDLE, "namespace": ctx.config.namespace },
-            "data": { CA_BUNDLE: plan.bundle_pem },
-        });
-        ctx.metrics.write("configmaps", "apply");
-        api.patch(SIGNING_CABUNDLE, &PatchParams::apply(ann::FIELD_MANAGER).force(), &Patch::Apply(&patch))
-            .await
-            .map_err(Error::WriteBundle)?;
+        let written = match bundle {
+            Some(current) => {
+                let patch = json!({
+                    "apiVersion": "v1",
+                    "kind": "ConfigMap",
+                    "metadata": {
+                        "name": SIGNING_CABUNDLE,
+                        "namespace": ctx.config.namespace,
+                        "resourceVersion": current.resource_version(),
+                    },
+                    "data": { CA_BUNDLE: plan.bundle_pem },
+                });
+                ctx.metrics.write("configmaps", "apply");
+                api.patch(SIGNING_CABUNDLE, &PatchParams::apply(ann::FIELD_MANAGER).force(), &Patch::Apply(&patch))
+                    .await
+            }
+            None => {
+                let created = ConfigMap {
+                    metadata: ObjectMeta {
+                        name: Some(SIGNING_CABUNDLE.into()),
+                        namespace: Some(ctx.config.namespace.clone()),
+                        ..ObjectMeta::default()
+                    },
+                    data: Some(BTreeMap::from([(CA_BUNDLE.to_string(), plan.bundle_pem.clone())])),
+                    ..ConfigMap::default()
+                };
+                ctx.metrics.write("configmaps", "create");
+                api.create(&post_params(), &created).await
+            }
+        };
+        match written {
+            Ok(written) => seen.bundle = Observed::Present(written),
+            Err(e) if is_conflict(&e) => return Ok(None),
+            Err(e) => return Err(Error::WriteBundle(e)),
+        }
     }
     if plan.swap_signer {
         ctx.metrics.ca_expiry.set(ca.not_after().unix_timestamp());

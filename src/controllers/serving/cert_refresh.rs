@@ -5,7 +5,9 @@
 //! another CA (after a rotation or reset: all Secrets are re-queued at once and the
 //! key pool paces the work), no longer matches the Service's names, or was tampered
 //! with; it strips extra data keys without re-issuing. A Secret whose Service no
-//! longer names it is left alone.
+//! longer names it is released: it keeps its data but loses the managed label, so it
+//! is no longer refreshed, cached or reported as managed. A write the API server
+//! refuses is reported on the Service like any other failure, up to the cap.
 //!
 //! Watch: the managed-Secret cache (metadata only) and the Service cache (see
 //! `ServingWatches`). Plan: [`decide`] on the Secret read whole from the API server.
@@ -16,6 +18,7 @@ use std::sync::Arc;
 
 use futures::Stream;
 use k8s_openapi::api::core::v1::{Secret, Service};
+use kube::api::Patch;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -25,10 +28,11 @@ use time::OffsetDateTime;
 
 use super::decision::{Decision, decide};
 use super::{
-    Content, Error, Wanted, announce_issued, desired, leaf_request, originating_service, secret_facts, secret_ref,
-    wanted,
+    Content, Error, MAX_FAILURES, Wanted, Written, desired, failures, issue, leaf_request, originating_service,
+    report_problem, secret_facts, secret_ref, wanted, write_secret,
 };
-use crate::controllers::{Context, LOOK_AGAIN, drive, is_conflict, is_not_found, until};
+use crate::controllers::{Context, LOOK_AGAIN, drive, is_not_found, patch_params, until};
+use crate::names::MANAGED_LABEL;
 use crate::shutdown::Shutdown;
 
 pub const NAME: &str = "cert-refresh";
@@ -57,16 +61,19 @@ async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Resu
     let ctx = &st.ctx;
     let namespace = meta.namespace().unwrap_or_default();
     let name = meta.name_any();
-    // Gone (garbage collection follows), not annotated any more, or not ours to
-    // manage (selector).
+    // Gone (garbage collection follows), or not ours to manage (selector).
     let Some(svc) = originating_service(meta.as_ref()).and_then(|svc| st.services.get(&svc)) else {
         return Ok(Action::await_change());
     };
-    // The annotation was removed or now names another Secret: leave this one alone.
+    // The annotation was removed or now names another Secret: release this one.
     let family = match wanted(&svc) {
         Wanted::Named { name: wanted_name, family } if wanted_name == name => family,
-        _ => return Ok(Action::await_change()),
+        _ => return release(ctx, &namespace, &name).await,
     };
+    // At the cap, nothing happens until a person edits the Service.
+    if failures(&svc) >= MAX_FAILURES {
+        return Ok(Action::await_change());
+    }
     let Some(signer) = ctx.signer.current() else {
         return Ok(Action::await_change());
     };
@@ -81,30 +88,30 @@ async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Resu
     let policy = ctx.config.leaf_policy();
     let request = leaf_request(&svc, &policy.cluster_domain);
     let now = OffsetDateTime::now_utc();
-    match decide(Some(&secret_facts(&secret)), &request, &signer.ca, &policy, now) {
-        Decision::Foreign(_) => Ok(Action::await_change()),
-        Decision::Keep { refresh_at } => Ok(wake_at(refresh_at)),
+    let (written, refresh_at) = match decide(Some(&secret_facts(&secret)), &request, &signer.ca, &policy, now) {
+        Decision::Foreign(_) => return Ok(Action::await_change()),
+        Decision::Keep { refresh_at } => return Ok(wake_at(refresh_at)),
         Decision::Tidy { extra_keys, expiry, refresh_at } => {
             let desired = desired(Some(&secret), &svc, family, &name, Content::Kept { expiry });
-            if !write(ctx, &desired).await? {
-                return Ok(Action::requeue(LOOK_AGAIN));
-            }
             if !extra_keys.is_empty() {
-                tracing::info!(secret = %secret_ref(&namespace, &name), ?extra_keys, "removed extra data keys");
+                tracing::info!(secret = %secret_ref(&namespace, &name), ?extra_keys, "removing extra data keys");
             }
-            Ok(wake_at(refresh_at))
+            (write_secret(ctx, Some(&secret), desired).await?, refresh_at)
         }
         Decision::Issue(reason) => {
-            let leaf = ctx.keys.issue(signer.clone(), request, policy.lifetime).await.map_err(|source| {
-                Error::IssueLeaf { service: ObjectRef::from_obj(svc.as_ref()).to_string(), source }
-            })?;
-            let desired = desired(Some(&secret), &svc, family, &name, Content::Issued(&leaf));
-            if !write(ctx, &desired).await? {
-                return Ok(Action::requeue(LOOK_AGAIN));
-            }
-            announce_issued(ctx, &svc, &name, &reason, &leaf, &signer.ca).await;
-            Ok(wake_at(policy.refresh_at(leaf.not_after, signer.ca.not_after())))
+            let written = issue(ctx, &svc, family, &name, Some(&secret), &signer, &reason).await?;
+            let refresh_at = match &written {
+                Written::Done { expiry } => policy.refresh_at(*expiry, signer.ca.not_after()),
+                _ => None,
+            };
+            (written, refresh_at)
         }
+    };
+    match written {
+        Written::Done { .. } => Ok(wake_at(refresh_at)),
+        Written::Raced => Ok(Action::requeue(LOOK_AGAIN)),
+        Written::Gone => Ok(Action::await_change()),
+        Written::Refused(message) => report_problem(ctx, NAME, &svc, &message).await,
     }
 }
 
@@ -113,14 +120,18 @@ fn wake_at(at: Option<OffsetDateTime>) -> Action {
     at.map_or_else(Action::await_change, |at| Action::requeue(until(at)))
 }
 
-/// Replaces the Secret; `false` when it changed or went meanwhile (look again).
-async fn write(ctx: &Context, desired: &Secret) -> Result<bool, Error> {
-    match super::replace(ctx, desired).await {
-        Ok(_) => Ok(true),
-        Err(e) if is_conflict(&e) || is_not_found(&e) => Ok(false),
-        Err(source) => Err(Error::WriteSecret {
-            secret: secret_ref(&desired.namespace().unwrap_or_default(), &desired.name_any()),
-            source,
-        }),
+/// The Service no longer names this Secret: it stays (SPEC §1), but without our managed
+/// label, so it leaves the cache, the metrics and every refresh.
+async fn release(ctx: &Context, namespace: &str, name: &str) -> Result<Action, Error> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let patch = serde_json::json!({ "metadata": { "labels": { MANAGED_LABEL: null } } });
+    ctx.metrics.write("secrets", "patch");
+    match api.patch(name, &patch_params(), &Patch::Merge(&patch)).await {
+        Ok(_) => {
+            tracing::info!(secret = %secret_ref(namespace, name), "its Service no longer names it: no longer managed");
+            Ok(Action::await_change())
+        }
+        Err(e) if is_not_found(&e) => Ok(Action::await_change()),
+        Err(source) => Err(Error::WriteSecret { secret: secret_ref(namespace, name), source }),
     }
 }

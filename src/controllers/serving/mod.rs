@@ -25,19 +25,26 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::Patch;
 use kube::core::PartialObjectMeta;
+use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
 use time::OffsetDateTime;
 
 use self::decision::{IssueReason, SecretFacts};
-use super::{Categorised, Context, api_category, cached_metadata_watch, cached_watch, post_params};
+use super::{
+    Categorised, Context, api_category, api_message, cached_metadata_watch, cached_watch, is_conflict, is_not_found,
+    is_refused, patch_params, post_params, retry_delay,
+};
 use crate::admin::Health;
 use crate::metrics::ReasonLabels;
 use crate::names::{self as ann, Family, SECRET_TYPE_TLS, TLS_CERT, TLS_KEY};
 use crate::pki::{CertificateAuthority, IssuedLeaf, LeafRequest, PkiError, format_expiry};
+use crate::signer::Signer;
 
 /// What can fail in the serving controllers: the operation and the object it was for.
 #[derive(Debug, thiserror::Error)]
@@ -128,11 +135,20 @@ impl ServingWatches {
         );
         let (to_cert_refresh, service_changes) = tokio::sync::mpsc::unbounded_channel();
         let (to_serving_cert, secret_changes) = tokio::sync::mpsc::unbounded_channel();
+        let our_secrets = secrets.clone();
         let service_events = service_events.predicate_filter(trigger_hash, Default::default()).inspect(move |event| {
-            if let Ok(svc) = event
-                && let Wanted::Named { name, .. } = wanted(svc)
-            {
-                let _ = to_cert_refresh.send(ObjectRef::new(name).within(&svc.namespace().unwrap_or_default()));
+            let Ok(svc) = event else { return };
+            let namespace = svc.namespace().unwrap_or_default();
+            if let Wanted::Named { name, .. } = wanted(svc) {
+                let _ = to_cert_refresh.send(ObjectRef::new(name).within(&namespace));
+            }
+            // A Secret it named before (the name changed): released by cert-refresh.
+            for secret in our_secrets.state() {
+                if secret.namespace().as_deref() == Some(namespace.as_str())
+                    && originating_service(secret.as_ref()).is_some_and(|s| s.name == svc.name_any())
+                {
+                    let _ = to_cert_refresh.send(ObjectRef::from_obj(secret.as_ref()));
+                }
             }
         });
         let secret_events = secret_events.inspect(move |event| {
@@ -345,25 +361,213 @@ fn is_service_owner(owner: &OwnerReference) -> bool {
     owner.kind == "Service" && owner.api_version == "v1"
 }
 
-/// Creates the Secret; fails with 409 if one of that name appeared meanwhile (it is
-/// then looked at again, never overwritten).
-pub async fn create(ctx: &Context, secret: &Secret) -> Result<Secret, kube::Error> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &secret.namespace().unwrap_or_default());
-    ctx.metrics.write("secrets", "create");
-    api.create(&post_params(), secret).await
+/// How a write of a serving Secret ended.
+#[derive(Debug)]
+pub enum Written {
+    /// The Secret holds the certificate that expires at `expiry`.
+    Done { expiry: OffsetDateTime },
+    /// The Secret changed, appeared or went meanwhile (409/404): look again soon.
+    Raced,
+    /// Its namespace is being deleted: nothing more to do.
+    Gone,
+    /// The API server refused the write (validation, admission policy, quota, RBAC):
+    /// reported on the Service and retried with backoff up to the failure cap.
+    Refused(String),
 }
 
-/// Replaces the Secret, guarded by its resourceVersion: if anyone changed it since it
-/// was read, the write fails with 409 and the change is looked at first.
-pub async fn replace(ctx: &Context, secret: &Secret) -> Result<Secret, kube::Error> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &secret.namespace().unwrap_or_default());
-    ctx.metrics.write("secrets", "update");
-    api.replace(&secret.name_any(), &post_params(), secret).await
+/// Issues a certificate for `svc` and writes it into its Secret `name` (`existing`,
+/// if any), then records the outcome: on success the metric, a log line and a Normal
+/// Event; otherwise the failure metric. A write that fails keeps the key parked in the
+/// pool for the next attempt.
+pub async fn issue(
+    ctx: &Context,
+    svc: &Service,
+    family: Family,
+    name: &str,
+    existing: Option<&Secret>,
+    signer: &Arc<Signer>,
+    reason: &IssueReason,
+) -> Result<Written, Error> {
+    let policy = ctx.config.leaf_policy();
+    let request = leaf_request(svc, &policy.cluster_domain);
+    let owner = request.uid.clone();
+    let failed = |reason: &'static str| {
+        ctx.metrics.issuance_failures.get_or_create(&ReasonLabels { reason }).inc();
+    };
+    let leaf = match ctx.keys.issue(signer.clone(), request, policy.lifetime).await {
+        Ok(leaf) => leaf,
+        Err(source) => {
+            failed("pki");
+            return Err(Error::IssueLeaf { service: ObjectRef::from_obj(svc).to_string(), source });
+        }
+    };
+    let written = write_secret(ctx, existing, desired(existing, svc, family, name, Content::Issued(&leaf))).await;
+    match &written {
+        Ok(Written::Done { .. }) => {
+            ctx.keys.written(&owner);
+            announce_issued(ctx, svc, name, reason, &leaf, &signer.ca).await;
+        }
+        Ok(Written::Raced) => {}
+        Ok(Written::Gone) => ctx.keys.written(&owner),
+        Ok(Written::Refused(_)) => {
+            failed("refused");
+        }
+        Err(_) => {
+            failed("api");
+        }
+    }
+    written
+}
+
+/// Writes `desired` over `existing`: a create when there is none (never over a Secret
+/// that appeared meanwhile), else a replace guarded by the resourceVersion it was read
+/// at — except for an immutable Secret whose data must change, which is deleted
+/// (guarded by its UID and resourceVersion) and created anew as a regular Secret (the
+/// serving-cert controller may re-create it first, as for any deleted Secret).
+pub async fn write_secret(ctx: &Context, existing: Option<&Secret>, mut desired: Secret) -> Result<Written, Error> {
+    let namespace = desired.namespace().unwrap_or_default();
+    let name = desired.name_any();
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let expiry = expiry_of(&desired);
+    let result = match existing {
+        None => {
+            ctx.metrics.write("secrets", "create");
+            api.create(&post_params(), &desired).await
+        }
+        Some(old) if old.immutable == Some(true) && old.data != desired.data => {
+            let preconditions = kube::api::Preconditions { uid: old.uid(), resource_version: old.resource_version() };
+            ctx.metrics.write("secrets", "delete");
+            match api
+                .delete(&name, &kube::api::DeleteParams { preconditions: Some(preconditions), ..Default::default() })
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(secret = %secret_ref(&namespace, &name), "re-creating an immutable Secret to change its data");
+                    desired.metadata.resource_version = None;
+                    desired.metadata.uid = None;
+                    desired.metadata.creation_timestamp = None;
+                    desired.immutable = None;
+                    ctx.metrics.write("secrets", "create");
+                    api.create(&post_params(), &desired).await
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Some(_) => {
+            ctx.metrics.write("secrets", "update");
+            api.replace(&name, &post_params(), &desired).await
+        }
+    };
+    match result {
+        Ok(_) => Ok(Written::Done { expiry }),
+        Err(e) if is_conflict(&e) || is_not_found(&e) => Ok(Written::Raced),
+        // A namespace being deleted refuses new objects: the Service goes with it.
+        Err(e) if api_message(&e).contains("because it is being terminated") => Ok(Written::Gone),
+        Err(e) if is_refused(&e) => Ok(Written::Refused(format!(
+            "the API server refused Secret {}: {}",
+            secret_ref(&namespace, &name),
+            crate::bounded(&api_message(&e))
+        ))),
+        Err(source) => Err(Error::WriteSecret { secret: secret_ref(&namespace, &name), source }),
+    }
+}
+
+/// The expiry annotation we set on a desired Secret.
+fn expiry_of(secret: &Secret) -> OffsetDateTime {
+    secret
+        .annotations()
+        .get(ann::BETA.expiry)
+        .and_then(|v| crate::pki::parse_expiry(v))
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
 /// `namespace/name`, for messages.
 pub fn secret_ref(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
+}
+
+/// Success: `serving-cert-signed-by` = the CA's CN and no error annotations. Written
+/// only when something differs — in the cached Service and, because the cache can lag
+/// a moment behind our own previous write, in a fresh (consistent) read.
+async fn mark_signed(ctx: &Context, svc: &Service, signer: &Signer) -> Result<(), Error> {
+    let ca_cn = signer.ca.subject_cn();
+    let families = [ann::BETA, ann::ALPHA];
+    let up_to_date = |svc: &Service| {
+        let annotations = svc.annotations();
+        families.iter().all(|f: &Family| {
+            annotations.get(f.signed_by).map(String::as_str) == Some(ca_cn)
+                && !annotations.contains_key(f.generation_error)
+                && !annotations.contains_key(f.generation_error_num)
+        })
+    };
+    if up_to_date(svc) {
+        return Ok(());
+    }
+    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
+    let fresh = api
+        .get_opt(&svc.name_any())
+        .await
+        .map_err(|source| Error::ReadService { service: ObjectRef::from_obj(svc).to_string(), source })?;
+    match fresh {
+        Some(fresh) if !up_to_date(&fresh) => {}
+        _ => return Ok(()),
+    }
+    let mut patch = serde_json::Map::new();
+    for f in families {
+        patch.insert(f.signed_by.into(), json!(ca_cn));
+        patch.insert(f.generation_error.into(), json!(null));
+        patch.insert(f.generation_error_num.into(), json!(null));
+    }
+    patch_annotations(ctx, svc, patch).await.map(drop)
+}
+
+/// Failure: error annotations (beta and alpha) with the consecutive count, a Warning
+/// Event, and a retry with backoff — until the count reaches [`MAX_FAILURES`]. A
+/// Service that is gone meanwhile ends the matter.
+async fn report_problem(
+    ctx: &Context,
+    controller: &'static str,
+    svc: &Service,
+    message: &str,
+) -> Result<Action, Error> {
+    let count = failures(svc) + 1;
+    let mut patch = serde_json::Map::new();
+    for f in [ann::BETA, ann::ALPHA] {
+        patch.insert(f.generation_error.into(), json!(message));
+        patch.insert(f.generation_error_num.into(), json!(count.to_string()));
+    }
+    if !patch_annotations(ctx, svc, patch).await? {
+        return Ok(Action::await_change());
+    }
+    let service = ObjectRef::from_obj(svc).to_string();
+    tracing::warn!(%service, failures = count, "serving certificate not issued: {message}");
+    let note = if count >= MAX_FAILURES {
+        format!(
+            "{message}. Stopped retrying after {count} consecutive failures: remove the annotation {} to retry",
+            ann::BETA.generation_error_num
+        )
+    } else {
+        message.to_string()
+    };
+    ctx.event(&svc.object_ref(&()), EventType::Warning, "ServingCertificateError", note).await;
+    ctx.metrics.reconcile_errors.get_or_create(&crate::metrics::ErrorLabels { controller, category: "rejected" }).inc();
+    Ok(if count >= MAX_FAILURES { Action::await_change() } else { Action::requeue(retry_delay(count)) })
+}
+
+/// Merges `annotations` into the Service's; `false` when the Service is gone.
+async fn patch_annotations(
+    ctx: &Context,
+    svc: &Service,
+    annotations: serde_json::Map<String, serde_json::Value>,
+) -> Result<bool, Error> {
+    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
+    let patch = json!({ "metadata": { "annotations": annotations } });
+    ctx.metrics.write("services", "patch");
+    match api.patch(&svc.name_any(), &patch_params(), &Patch::Merge(&patch)).await {
+        Ok(_) => Ok(true),
+        Err(e) if is_not_found(&e) => Ok(false),
+        Err(source) => Err(Error::PatchService { service: ObjectRef::from_obj(svc).to_string(), source }),
+    }
 }
 
 #[cfg(test)]

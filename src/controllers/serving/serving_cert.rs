@@ -12,28 +12,26 @@
 //! Write: create, or replace guarded by resourceVersion. Report: the Service's
 //! annotations, an Event and the metrics.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::Stream;
 use k8s_openapi::api::core::v1::{Secret, Service};
-use kube::api::Patch;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
-use kube::{Api, Resource, ResourceExt};
-use serde_json::json;
+use kube::{Api, ResourceExt};
 use time::OffsetDateTime;
 
 use super::decision::{Decision, decide};
 use super::{
-    Content, Error, MAX_FAILURES, Wanted, announce_issued, desired, failures, leaf_request, secret_facts, secret_ref,
-    wanted,
+    Content, Error, MAX_FAILURES, Wanted, Written, desired, failures, issue, leaf_request, mark_signed, report_problem,
+    secret_facts, secret_ref, wanted, write_secret,
 };
-use crate::controllers::{Context, LOOK_AGAIN, api_message, drive, is_conflict, is_refused, patch_params, retry_delay};
+use crate::controllers::{Context, LOOK_AGAIN, drive};
 use crate::names::{self as ann, Family};
 use crate::shutdown::Shutdown;
-use crate::signer::Signer;
 
 pub const NAME: &str = "serving-cert";
 
@@ -46,10 +44,42 @@ pub async fn run(
     shutdown: Shutdown,
 ) {
     let controller = Controller::for_stream(service_events, services).reconcile_on(secret_changes);
-    drive(controller, NAME, ctx.clone(), shutdown, ctx, reconcile).await;
+    let state = Arc::new(State { ctx: ctx.clone(), terminating: Terminating::default() });
+    drive(controller, NAME, ctx, shutdown, state, reconcile).await;
 }
 
-async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, Error> {
+struct State {
+    ctx: Arc<Context>,
+    terminating: Terminating,
+}
+
+/// Namespaces seen being deleted (a create there was refused for it). While a
+/// namespace is deleted its Secrets often go before its Services; re-issuing each
+/// would spend a key on a Secret that can never be created. Remembered for a minute,
+/// so that a namespace re-created under the same name is served again.
+#[derive(Default)]
+struct Terminating(Mutex<HashMap<String, Instant>>);
+
+/// How long a namespace seen terminating is left alone.
+const TERMINATING_FOR: Duration = Duration::from_secs(60);
+
+impl Terminating {
+    fn note(&self, namespace: &str) {
+        if let Ok(mut seen) = self.0.lock() {
+            seen.retain(|_, at| at.elapsed() < TERMINATING_FOR);
+            seen.insert(namespace.to_string(), Instant::now());
+        }
+    }
+
+    /// How much longer `namespace` is left alone, if it was seen terminating.
+    fn remaining(&self, namespace: &str) -> Option<Duration> {
+        let seen = self.0.lock().ok()?;
+        TERMINATING_FOR.checked_sub(seen.get(namespace)?.elapsed()).filter(|left| !left.is_zero())
+    }
+}
+
+async fn reconcile(svc: Arc<Service>, st: Arc<State>) -> Result<Action, Error> {
+    let ctx = &st.ctx;
     // At the cap, nothing happens until a person edits the Service.
     if failures(&svc) >= MAX_FAILURES {
         return Ok(Action::await_change());
@@ -57,13 +87,16 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, Error
     let (name, family) = match requested_secret(&svc) {
         Ok(Some(requested)) => requested,
         Ok(None) => return Ok(Action::await_change()),
-        Err(problem) => return report_problem(&ctx, &svc, &problem).await,
+        Err(problem) => return report_problem(ctx, NAME, &svc, &problem).await,
     };
     let Some(signer) = ctx.signer.current() else {
         // The CA is not loaded yet; loading it re-triggers every Service.
         return Ok(Action::await_change());
     };
     let namespace = svc.namespace().unwrap_or_default();
+    if let Some(left) = st.terminating.remaining(&namespace) {
+        return Ok(Action::requeue(left));
+    }
     let existing = Api::<Secret>::namespaced(ctx.client.clone(), &namespace)
         .get_opt(name)
         .await
@@ -81,30 +114,30 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, Error
                 secret_ref(&namespace, name),
                 family.serving_cert_secret_name
             );
-            return report_problem(&ctx, &svc, &message).await;
+            return report_problem(ctx, NAME, &svc, &message).await;
         }
         // Labeled Secrets are the cert-refresh controller's to fix; its write brings
         // us back here.
         Decision::Issue(_) if labeled => return Ok(Action::await_change()),
         Decision::Issue(reason) => {
-            let leaf = ctx.keys.issue(signer.clone(), request, policy.lifetime).await.map_err(|source| {
-                Error::IssueLeaf { service: ObjectRef::from_obj(svc.as_ref()).to_string(), source }
-            })?;
-            let secret = desired(existing.as_ref(), &svc, family, name, Content::Issued(&leaf));
-            if let Some(next) = write(&ctx, &svc, &secret, existing.is_some()).await? {
+            let written = issue(ctx, &svc, family, name, existing.as_ref(), &signer, &reason).await?;
+            if matches!(written, Written::Gone) {
+                st.terminating.note(&namespace);
+            }
+            if let Some(next) = settle(ctx, &svc, written).await? {
                 return Ok(next);
             }
-            announce_issued(&ctx, &svc, name, &reason, &leaf, &signer.ca).await;
         }
         Decision::Tidy { expiry, .. } if !labeled => {
             let secret = desired(existing.as_ref(), &svc, family, name, Content::Kept { expiry });
-            if let Some(next) = write(&ctx, &svc, &secret, true).await? {
+            let written = write_secret(ctx, existing.as_ref(), secret).await?;
+            if let Some(next) = settle(ctx, &svc, written).await? {
                 return Ok(next);
             }
         }
         Decision::Tidy { .. } | Decision::Keep { .. } => {}
     }
-    mark_signed(&ctx, &svc, &signer).await?;
+    mark_signed(ctx, &svc, &signer).await?;
     Ok(Action::await_change())
 }
 
@@ -123,103 +156,13 @@ fn requested_secret(svc: &Service) -> Result<Option<(&str, Family)>, String> {
     }
 }
 
-/// Creates or replaces the Secret. `Some(action)` when the write did not happen and the
-/// reconcile ends there: lost a race (look again soon) or refused by the API server
-/// (reported on the Service).
-async fn write(ctx: &Context, svc: &Service, secret: &Secret, exists: bool) -> Result<Option<Action>, Error> {
-    let written = if exists { super::replace(ctx, secret).await } else { super::create(ctx, secret).await };
+/// What follows a write: `None` when it was done (go on), else the end of this pass —
+/// look again soon after a race, or report the refusal on the Service.
+async fn settle(ctx: &Context, svc: &Service, written: Written) -> Result<Option<Action>, Error> {
     match written {
-        Ok(_) => Ok(None),
-        // Someone created or changed it meanwhile: look again.
-        Err(e) if is_conflict(&e) => Ok(Some(Action::requeue(LOOK_AGAIN))),
-        Err(e) if is_refused(&e) => {
-            let message = format!(
-                "the API server refused Secret {}: {}",
-                secret_ref(&secret.namespace().unwrap_or_default(), &secret.name_any()),
-                crate::bounded(&api_message(&e))
-            );
-            report_problem(ctx, svc, &message).await.map(Some)
-        }
-        Err(source) => Err(Error::WriteSecret {
-            secret: secret_ref(&secret.namespace().unwrap_or_default(), &secret.name_any()),
-            source,
-        }),
+        Written::Done { .. } => Ok(None),
+        Written::Raced => Ok(Some(Action::requeue(LOOK_AGAIN))),
+        Written::Gone => Ok(Some(Action::await_change())),
+        Written::Refused(message) => report_problem(ctx, NAME, svc, &message).await.map(Some),
     }
-}
-
-/// Success: `serving-cert-signed-by` = the CA's CN and no error annotations. Written
-/// only when something differs — in the cached Service and, because the cache can lag
-/// a moment behind our own previous write, in a fresh (consistent) read.
-async fn mark_signed(ctx: &Context, svc: &Service, signer: &Signer) -> Result<(), Error> {
-    let ca_cn = signer.ca.subject_cn();
-    let families = [ann::BETA, ann::ALPHA];
-    let up_to_date = |svc: &Service| {
-        let annotations = svc.annotations();
-        families.iter().all(|f: &Family| {
-            annotations.get(f.signed_by).map(String::as_str) == Some(ca_cn)
-                && !annotations.contains_key(f.generation_error)
-                && !annotations.contains_key(f.generation_error_num)
-        })
-    };
-    if up_to_date(svc) {
-        return Ok(());
-    }
-    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
-    let fresh = api
-        .get_opt(&svc.name_any())
-        .await
-        .map_err(|source| Error::ReadService { service: ObjectRef::from_obj(svc).to_string(), source })?;
-    match fresh {
-        Some(fresh) if !up_to_date(&fresh) => {}
-        _ => return Ok(()),
-    }
-    let mut patch = serde_json::Map::new();
-    for f in families {
-        patch.insert(f.signed_by.into(), json!(ca_cn));
-        patch.insert(f.generation_error.into(), json!(null));
-        patch.insert(f.generation_error_num.into(), json!(null));
-    }
-    patch_annotations(ctx, svc, patch).await
-}
-
-/// Failure: error annotations (beta and alpha) with the consecutive count, a Warning
-/// Event, and a retry with backoff — until the count reaches [`MAX_FAILURES`].
-async fn report_problem(ctx: &Context, svc: &Service, message: &str) -> Result<Action, Error> {
-    let count = failures(svc) + 1;
-    let mut patch = serde_json::Map::new();
-    for f in [ann::BETA, ann::ALPHA] {
-        patch.insert(f.generation_error.into(), json!(message));
-        patch.insert(f.generation_error_num.into(), json!(count.to_string()));
-    }
-    patch_annotations(ctx, svc, patch).await?;
-    let service = ObjectRef::from_obj(svc).to_string();
-    tracing::warn!(%service, failures = count, "serving certificate not issued: {message}");
-    let note = if count >= MAX_FAILURES {
-        format!(
-            "{message}. Stopped retrying after {count} consecutive failures: remove the annotation {} to retry",
-            ann::BETA.generation_error_num
-        )
-    } else {
-        message.to_string()
-    };
-    ctx.event(&svc.object_ref(&()), EventType::Warning, "ServingCertificateError", note).await;
-    ctx.metrics
-        .reconcile_errors
-        .get_or_create(&crate::metrics::ErrorLabels { controller: NAME, category: "rejected" })
-        .inc();
-    Ok(if count >= MAX_FAILURES { Action::await_change() } else { Action::requeue(retry_delay(count)) })
-}
-
-async fn patch_annotations(
-    ctx: &Context,
-    svc: &Service,
-    annotations: serde_json::Map<String, serde_json::Value>,
-) -> Result<(), Error> {
-    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
-    let patch = json!({ "metadata": { "annotations": annotations } });
-    ctx.metrics.write("services", "patch");
-    api.patch(&svc.name_any(), &patch_params(), &Patch::Merge(&patch))
-        .await
-        .map_err(|source| Error::PatchService { service: ObjectRef::from_obj(svc).to_string(), source })?;
-    Ok(())
 }
