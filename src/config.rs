@@ -20,14 +20,53 @@ pub struct Cli {
 enum Command {
     /// Run the controller manager (the default).
     Run(Config),
+    /// Report the CA, serving certificates, injected bundles and workloads that need a
+    /// restart; exit status 0 healthy, 3 untrusted or broken, 4 restart needed, 1 error.
+    Inspect(crate::inspect::InspectArgs),
 }
 
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Mode {
+    Run(Config),
+    Inspect(crate::inspect::InspectArgs),
+}
+
+/// The file name under which kubectl finds the binary as a plugin (`kubectl service-ca`).
+pub const KUBECTL_PLUGIN_NAME: &str = "kubectl-service_ca";
+
 impl Cli {
-    /// The run configuration, whether `run` was spelled out or not.
-    pub fn into_config(self) -> Config {
+    /// Parses the process's arguments. Installed as `kubectl-service_ca`, the binary is
+    /// the kubectl plugin `kubectl service-ca`: help names it so, and no arguments at all
+    /// means `inspect` (a plugin should not start an operator by default).
+    pub fn parse_args() -> Cli {
+        let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+        let plugin = args
+            .first()
+            .and_then(|a| std::path::Path::new(a).file_name())
+            .is_some_and(|name| name == KUBECTL_PLUGIN_NAME);
+        if plugin {
+            if args.len() == 1 {
+                args.push("inspect".into());
+            }
+            let matches = <Cli as clap::CommandFactory>::command()
+                .name("kubectl service-ca")
+                .bin_name("kubectl service-ca")
+                .get_matches_from(args);
+            return match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+                Ok(cli) => cli,
+                Err(e) => e.exit(),
+            };
+        }
+        Cli::parse()
+    }
+
+    /// What to do: run (whether `run` was spelled out or not) or inspect.
+    pub fn into_mode(self) -> Mode {
         match self.command {
-            Some(Command::Run(config)) => config,
-            None => self.run,
+            Some(Command::Run(config)) => Mode::Run(config),
+            Some(Command::Inspect(args)) => Mode::Inspect(args),
+            None => Mode::Run(self.run),
         }
     }
 }
@@ -270,7 +309,24 @@ mod tests {
     }
 
     fn parse(args: &[&str]) -> Config {
-        Cli::try_parse_from(args).unwrap().into_config()
+        match Cli::try_parse_from(args).unwrap().into_mode() {
+            Mode::Run(config) => config,
+            Mode::Inspect(_) => panic!("not a run command line: {args:?}"),
+        }
+    }
+
+    #[test]
+    fn inspect_subcommand_parses_kubectl_style_flags() {
+        let Mode::Inspect(a) =
+            Cli::try_parse_from(["x", "inspect", "-n", "shop", "-l", "app=web", "-o", "json"]).unwrap().into_mode()
+        else {
+            panic!("inspect expected")
+        };
+        assert_eq!((a.namespace.as_deref(), a.selector.as_str()), (Some("shop"), "app=web"));
+        assert_eq!(a.output, crate::inspect::Output::Json);
+        assert!(!a.restart && !a.yes);
+        assert!(Cli::try_parse_from(["x", "inspect", "-n", "a", "-A"]).is_err(), "-n and -A conflict");
+        assert!(Cli::try_parse_from(["x", "inspect", "--yes"]).is_err(), "--yes needs --restart");
     }
 
     #[test]

@@ -8,13 +8,15 @@
 //! - [`signer`]: the shared in-memory signer and the key-generation pool;
 //! - [`controllers`]: serving_cert, cert_refresh, ca_bundle, ca_lifecycle;
 //! - [`admin`] and [`metrics`]: probes and Prometheus metrics;
-//! - [`annotations`]: every annotation and label key.
+//! - [`annotations`]: every annotation and label key;
+//! - [`inspect`]: the `inspect` subcommand (a read-only report, and `--restart`).
 
 pub mod admin;
 pub mod annotations;
 pub mod app;
 pub mod config;
 pub mod controllers;
+pub mod inspect;
 pub mod metrics;
 pub mod pki;
 pub mod signer;

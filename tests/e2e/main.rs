@@ -5,9 +5,12 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod chart;
 mod cluster;
 mod faults;
+mod image;
 mod injection;
+mod inspect;
 mod lifecycle;
 mod perf;
 mod serving;
