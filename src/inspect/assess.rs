@@ -614,7 +614,9 @@ fn bundle_status(obj: &InjectedObj, bundle: &[Vec<u8>]) -> BundleStatus {
 /// Workloads whose pods mount a serving Secret or an injected ConfigMap that changed
 /// after the pod started. A serving Secret changed when its leaf was issued (NotBefore
 /// is the issue time minus one second); an injected ConfigMap when the operator's field
-/// manager last wrote it (managedFields time).
+/// manager last wrote it (managedFields time). All of these times are whole seconds, so
+/// a change in the same second as the pod's start counts as after it: when in doubt,
+/// restart.
 fn workloads(snapshot: &Snapshot, rows: &[ServingRow]) -> Vec<WorkloadRow> {
     let mut secret_changed: BTreeMap<(&str, &str), OffsetDateTime> = BTreeMap::new();
     for row in rows {
@@ -634,14 +636,14 @@ fn workloads(snapshot: &Snapshot, rows: &[ServingRow]) -> Vec<WorkloadRow> {
         let mut reasons = Vec::new();
         for name in &pod.secrets {
             if let Some(t) = secret_changed.get(&(pod.namespace.as_str(), name.as_str()))
-                && *t > started
+                && *t >= started
             {
                 reasons.push(format!("Secret {name} re-issued at {}", time_str(*t)));
             }
         }
         for name in &pod.config_maps {
             if let Some(t) = cm_changed.get(&(pod.namespace.as_str(), name.as_str()))
-                && *t > started
+                && *t >= started
             {
                 reasons.push(format!("ConfigMap {name} re-injected at {}", time_str(*t)));
             }

@@ -10,7 +10,7 @@ pub mod assess;
 mod render;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -129,9 +129,15 @@ async fn inspect(args: &InspectArgs) -> anyhow::Result<u8> {
     let client = client(args).await?;
     let snapshot = read(&client, args).await?;
     let report = assess::assess(&snapshot, &args.policy(), OffsetDateTime::now_utc());
-    match args.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Output::Table => print!("{}", render::table(&report)),
+    let text = match args.output {
+        Output::Json => serde_json::to_string_pretty(&report)? + "\n",
+        Output::Table => render::table(&report),
+    };
+    // A closed pipe (`inspect | head`) is not an error worth a panic.
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(report.exit_code()),
+        other => other?,
     }
     let mut code = report.exit_code();
     if args.restart {

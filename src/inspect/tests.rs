@@ -300,3 +300,25 @@ fn the_table_names_every_section() {
         assert!(text.contains(needle), "{needle} missing:\n{text}");
     }
 }
+
+#[test]
+fn a_change_in_the_same_second_as_the_start_counts_as_after_it() {
+    // Seen on the test control plane: a rotation 0.5 s after the pod started, both in
+    // the same whole second of the API's timestamps.
+    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let ca = new_ca(now - DAY);
+    let mut snap = snapshot(&ca, now);
+    snap.services = vec![service("app", "web")];
+    snap.secrets = vec![secret_for(&ca, "app", "web", now)];
+    snap.pods = vec![PodObj {
+        namespace: "app".into(),
+        name: "web-0".into(),
+        start_time: Some(now),
+        secrets: BTreeSet::from(["web-tls".to_string()]),
+        config_maps: BTreeSet::new(),
+        owner: Some(("StatefulSet".into(), "web".into())),
+    }];
+    assert_eq!(assess(&snap, &policy(), now).workloads.len(), 1);
+    snap.pods[0].start_time = Some(now + Duration::from_secs(1));
+    assert!(assess(&snap, &policy(), now).workloads.is_empty());
+}

@@ -44,7 +44,9 @@ fn inspect_with(program: &str, prefix: &[&str], env: &Env, extra: &[&str]) -> (i
 
 fn json_report(env: &Env) -> (i32, Value) {
     let (code, out, err) = inspect(env, &["-o", "json"]);
-    let report = serde_json::from_str(&out).unwrap_or_else(|e| panic!("inspect -o json ({e}):\n{out}\n{err}"));
+    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("inspect -o json ({e}):\n{out}\n{err}"));
+    // What the last poll saw, for a test that times out.
+    eprintln!("inspect exit {code}: {} {}", report["summary"], report["workloads"]);
     (code, report)
 }
 
@@ -213,7 +215,8 @@ async fn inspect_reports_a_foreign_secret_as_an_error_and_fails_without_a_cluste
     env.annotated_service("svc", "taken", false).await;
     let report = eventually(T, "inspect: the Service's error", || async {
         let (code, report) = json_report(&env);
-        (code == 3 && report["serving_certificates"][0]["status"] == "error").then_some(report)
+        let detail = report["serving_certificates"][0]["detail"].as_str().unwrap_or_default().to_string();
+        (code == 3 && detail.contains("taken")).then_some(report)
     })
     .await;
     let detail = report["serving_certificates"][0]["detail"].as_str().unwrap_or_default();
