@@ -42,7 +42,7 @@ cargo fetch --locked --quiet
 # The ordinary way: cargo-deny fetches the advisory database itself.
 if [ -z "${SERVICE_CA_ADVISORY_DB:-}" ] && timeout 60 "$deny" deny fetch db >/dev/null 2>&1; then
   echo "advisory database: fetched (online)" >&2
-  exec "$deny" deny check --disable-fetch all
+  exec "$deny" deny --offline check all
 fi
 
 src=""
