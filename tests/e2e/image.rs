@@ -1,8 +1,9 @@
 //! The container image, built without a Docker engine by scripts/image.sh (`make
 //! image`, which `make test` runs first) and checked here: its layout is the
 //! Dockerfile's (one static binary, non-root numeric user, no shell), its entrypoint
-//! runs inside the image root (`buildah run --isolation chroot`), and the binary taken
-//! out of the image runs the operator against the control plane.
+//! runs inside the image root (`buildah run --isolation chroot`), and the operator runs
+//! from the image against the control plane (`buildah run --network host`, kubeconfig
+//! mounted).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -70,7 +71,7 @@ fn files(root: &Path) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn image_has_the_dockerfile_layout_and_its_binary_runs_the_operator() {
+async fn image_has_the_dockerfile_layout_and_runs_the_operator_from_its_root() {
     // Config: what the Dockerfile's runtime stage says.
     let config: Value = serde_json::from_str(&buildah(&["inspect", "--type", "image", &image()])).unwrap();
     let oci = &config["OCIv1"]["config"];
@@ -93,8 +94,6 @@ async fn image_has_the_dockerfile_layout_and_its_binary_runs_the_operator() {
     let listing = files(&mount);
     assert_eq!(listing, ["service-ca-operator"], "the image holds only the binary");
     assert!(!mount.join("bin/sh").exists());
-    let bin = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("image-binary-{}", std::process::id()));
-    std::fs::copy(mount.join("service-ca-operator"), &bin).unwrap();
     buildah(&["umount", &ctr.0]);
 
     // The entrypoint runs inside the image's root, as its user.
@@ -106,13 +105,41 @@ async fn image_has_the_dockerfile_layout_and_its_binary_runs_the_operator() {
         .unwrap();
     assert!(!no_shell.status.success(), "/bin/sh must not run in the image");
 
-    // The image's binary runs the operator against the control plane.
+    // The operator runs from the image, in its root and as its user, against the
+    // control plane: `buildah run --isolation chroot --network host` with the
+    // kubeconfig mounted read-only.
     let env = Env::new("image").await;
-    let op = Operator::start_program(&bin, "image", &env.operator_args(), &env.kubeconfig);
-    op.wait_ready(T).await;
+    let kube = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("image-kube-{}", env.run));
+    std::fs::create_dir_all(&kube).unwrap();
+    std::fs::copy(&env.kubeconfig, kube.join("kubeconfig")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&kube, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Readable by the image's user 65532 (a test-only copy, removed below).
+    std::fs::set_permissions(kube.join("kubeconfig"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let volume = format!("{}:/kube:ro", kube.display());
+    let mut args: Vec<String> = ["--storage-driver", "vfs", "run", "--isolation", "chroot", "--network", "host"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    args.extend(["-v".into(), volume, "--env".into(), "KUBECONFIG=/kube/kubeconfig".into(), ctr.0.clone()]);
+    args.extend(["--".into(), "/service-ca-operator".into(), "run".into()]);
+    args.extend(env.operator_args());
+    let op = Graceful(Operator::start_program(Path::new("buildah"), "image", &args, &env.kubeconfig));
+    op.0.wait_ready(T).await;
     env.annotated_service("web", "web-tls", false).await;
     let secret = env.serving_secret("web-tls", T).await;
     assert!(crate::support::data(&secret, "tls.crt").contains("BEGIN CERTIFICATE"));
     drop(op);
-    let _ = std::fs::remove_file(&bin);
+    let _ = std::fs::remove_dir_all(&kube);
+}
+
+/// Stops the operator with SIGTERM, which `buildah run` passes on (SIGKILL would kill
+/// buildah and leave the operator running).
+struct Graceful(Operator);
+
+impl Drop for Graceful {
+    fn drop(&mut self) {
+        let status = self.0.stop();
+        eprintln!("operator in the image stopped: {status:?}");
+    }
 }
