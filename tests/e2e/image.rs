@@ -133,8 +133,8 @@ async fn image_has_the_dockerfile_layout_and_runs_the_operator_from_its_root() {
     let _ = std::fs::remove_dir_all(&kube);
 }
 
-/// Stops the operator with SIGTERM, which `buildah run` passes on (SIGKILL would kill
-/// buildah and leave the operator running).
+/// Stops `buildah run` with SIGTERM, on which it kills the operator it runs (a SIGKILL
+/// would give buildah no chance to, and could leave the operator running).
 struct Graceful(Operator);
 
 impl Drop for Graceful {
