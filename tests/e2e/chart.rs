@@ -202,6 +202,8 @@ async fn helm_install_runs_the_operator_as_its_service_account_upgrade_changes_i
     let mut args = flags_from_deployment(&d);
     args.extend(["--namespace".to_string(), env.op_ns.clone()]);
     assert!(args.contains(&"--leader-elect=true".to_string()), "{args:?}");
+    let audit = crate::support::controlplane_dir().join("audit.log");
+    let audit_start = std::fs::metadata(&audit).map(|m| m.len() as usize).unwrap_or(0);
     let mut op = Operator::start_with_kubeconfig("chart", &args, &sa_kubeconfig);
     op.wait_ready(Duration::from_secs(60)).await;
     env.annotated_service("web", "web-tls", false).await;
@@ -217,7 +219,36 @@ async fn helm_install_runs_the_operator_as_its_service_account_upgrade_changes_i
         (data.get("service-ca.crt") == Some(&bundle)).then_some(())
     })
     .await;
+    // A forced rotation: the CA Secret updated, the bundle re-published, the leaf
+    // re-issued, all as the chart's ServiceAccount.
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.op_ns);
+    let patch =
+        json!({ "metadata": { "annotations": { "service-ca.operators.openshift.io/force-rotation": "chart" } } });
+    secrets.patch("signing-key", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.unwrap();
+    eventually(T, "rotated and re-injected", || async {
+        let rotated = env.ca_bundle().await;
+        let data = env.configmaps().get("trust").await.ok()?.data?;
+        (rotated != bundle && data.get("service-ca.crt") == Some(&rotated)).then_some(())
+    })
+    .await;
     op.stop();
+    // Nothing the operator asked for was denied to the chart's ServiceAccount (the
+    // API server's audit log records every request of a service account).
+    let sa = format!("system:serviceaccount:{}:{name}", env.op_ns);
+    let log = std::fs::read(&audit).expect("the control plane's audit log");
+    let log = String::from_utf8_lossy(log.get(audit_start..).unwrap_or_default());
+    let requests: Vec<Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["user"]["username"] == sa.as_str())
+        .collect();
+    assert!(requests.len() > 5, "the audit log shows the operator's requests as {sa}");
+    let denied: Vec<String> = requests
+        .iter()
+        .filter(|e| e["responseStatus"]["code"] == 403)
+        .map(|e| format!("{} {}/{}", e["verb"], e["objectRef"]["resource"], e["objectRef"]["name"]))
+        .collect();
+    assert!(denied.is_empty(), "denied to the chart's ServiceAccount: {denied:?}");
 
     // Upgrade with changed values: the Deployment follows.
     write_values(json!({ "replicas": 3, "operator": {
@@ -236,7 +267,6 @@ async fn helm_install_runs_the_operator_as_its_service_account_upgrade_changes_i
     helm(&["uninstall", "sco", "--namespace", &env.op_ns, "--wait"], Some(&kubeconfig));
     assert!(deployments.get_opt(&name).await.unwrap().is_none());
     assert!(sas.get_opt(&name).await.unwrap().is_none());
-    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.op_ns);
     assert!(secrets.get_opt("signing-key").await.unwrap().is_some(), "helm uninstall kept the CA");
     let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.op_ns);
     assert!(cms.get_opt("signing-cabundle").await.unwrap().is_some());
