@@ -228,3 +228,67 @@ async fn inspect_reports_a_foreign_secret_as_an_error_and_fails_without_a_cluste
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("inspect:"));
 }
+
+/// Writes `ca` as the operator would: `signing-key` first, then `signing-cabundle`.
+async fn publish_ca(env: &Env, ca: &service_ca_operator::pki::CertificateAuthority) {
+    use k8s_openapi::ByteString;
+    let now = time::OffsetDateTime::now_utc();
+    let mut secret = env.op_secrets().get("signing-key").await.unwrap();
+    secret.data = Some(ca.to_secret_data().into_iter().map(|(k, v)| (k, ByteString(v))).collect());
+    env.op_secrets().replace("signing-key", &PostParams::default(), &secret).await.unwrap();
+    let mut cm = env.op_configmaps().get("signing-cabundle").await.unwrap();
+    cm.data = Some(BTreeMap::from([("ca-bundle.crt".to_string(), ca.bundle_pem(now))]));
+    env.op_configmaps().replace("signing-cabundle", &PostParams::default(), &cm).await.unwrap();
+}
+
+#[tokio::test]
+async fn inspect_sees_pending_and_untrusted_certificates_while_the_operator_is_stopped() {
+    use service_ca_operator::pki::{CaPolicy, CertificateAuthority, PrivateKey};
+    let env = Env::new("inspect-states").await;
+    let mut op = env.start_operator(&[]);
+    op.wait_ready(T).await;
+    env.annotated_service("web", "web-tls", false).await;
+    env.serving_secret("web-tls", T).await;
+    op.stop();
+
+    // A rotation the operator has not acted on yet (done here with the operator's own
+    // library, as its CA controller would): the leaf is from the previous CA, still
+    // trusted through the bridge, re-issue pending; exit 0.
+    let now = time::OffsetDateTime::now_utc();
+    let policy =
+        CaPolicy { lifetime: Duration::from_secs(790 * 86_400), rotate_before: Duration::from_secs(395 * 86_400) };
+    let data = env.op_secrets().get("signing-key").await.unwrap().data.unwrap();
+    let current =
+        CertificateAuthority::from_secret_data(&data.into_iter().map(|(k, v)| (k, v.0)).collect(), now).unwrap();
+    let rotated = current.rotate(PrivateKey::generate_rsa(2048).unwrap(), now, &policy).unwrap();
+    publish_ca(&env, &rotated).await;
+    let (code, table, err) = inspect(&env, &[]);
+    println!("{table}");
+    assert_eq!(code, 0, "{table}\n{err}");
+    assert!(
+        table.contains("0 of 1 serving certificates from the current CA; 1 pending re-issue; 0 untrusted"),
+        "{table}"
+    );
+    assert!(table.contains("previous CA (trusted), re-issue pending"), "{table}");
+    assert!(table.contains("trust bridge     live"), "{table}");
+
+    // A brand-new CA (a hard reset) not acted on yet: the leaf is untrusted; exit 3.
+    let reset = CertificateAuthority::create(PrivateKey::generate_rsa(2048).unwrap(), now, &policy).unwrap();
+    publish_ca(&env, &reset).await;
+    let (code, table, _) = inspect(&env, &[]);
+    println!("{table}");
+    assert_eq!(code, 3, "{table}");
+    assert!(
+        table.contains("0 of 1 serving certificates from the current CA; 0 pending re-issue; 1 untrusted"),
+        "{table}"
+    );
+    assert!(table.contains("UNTRUSTED"), "{table}");
+
+    // The operator, back, re-issues: all current again.
+    let _op = env.start_operator(&[]);
+    eventually(T, "inspect: re-issued", || async {
+        let (code, report) = json_report(&env);
+        (code == 0 && report["summary"]["serving_current"] == 1).then_some(())
+    })
+    .await;
+}
