@@ -45,8 +45,12 @@ b config \
   --label org.opencontainers.image.title=service-ca-operator \
   --label org.opencontainers.image.version="$(awk -F'"' '/^version =/ { print $2; exit }' Cargo.toml)" \
   "$ctr"
+old=$(b images --quiet --no-trunc "$image" 2>/dev/null | head -1 || true)
 b commit --quiet --rm "$ctr" "$image" >/dev/null
 trap - EXIT
-size=$(b inspect --format '{{.FromImageID}}' "$image" >/dev/null 2>&1; b images --format '{{.Size}}' "$image" | head -1)
+# The previous build of this name is now untagged: drop it (vfs keeps full copies).
+new=$(b images --quiet --no-trunc "$image" | head -1)
+if [ -n "$old" ] && [ "$old" != "$new" ]; then b rmi "$old" >/dev/null 2>&1 || true; fi
+size=$(b images --format '{{.Size}}' "$image" | head -1)
 echo "built $image ($size) in $(( $(date +%s) - start ))s (cargo $(( built - start ))s, image $(( $(date +%s) - built ))s)" >&2
 echo "$image"
