@@ -4,7 +4,10 @@ CONTROLPLANE_DIR ?= target/controlplane
 # e2e tests mostly wait on the API server: run several at once.
 E2E_THREADS ?= 6
 
-.PHONY: all build test lint unit e2e run controlplane controlplane-build bench fuzz deny fmt
+# The image the tests build and run (scripts/image.sh; buildah, no Docker engine).
+IMAGE ?= localhost/service-ca-operator:dev
+
+.PHONY: all build test lint unit e2e run controlplane controlplane-build helm image bench fuzz deny fmt
 
 all: build
 
@@ -12,10 +15,13 @@ build:
 	$(CARGO) build --release
 
 ## Everything CI checks: format, lints, dependency audit, unit + PKI tests, then the
-## end-to-end tests against a real control plane started for this run.
-test: lint deny controlplane-build
+## end-to-end tests against a real control plane started for this run (including the
+## Helm chart with helm itself, and the image built here and run).
+## Sets itself up: cargo-deny, helm and the control plane are built once and cached in
+## ~/.cache/service-ca-operator.
+test: lint deny controlplane-build helm image
 	$(CARGO) build --tests --bins
-	scripts/with-controlplane.sh $(CARGO) test -- --test-threads $(E2E_THREADS)
+	SERVICE_CA_TEST_IMAGE=$(IMAGE) scripts/with-controlplane.sh $(CARGO) test -- --test-threads $(E2E_THREADS)
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -27,11 +33,19 @@ unit:
 	$(CARGO) test --lib --test pki
 
 ## End-to-end tests only.
-e2e: controlplane-build
-	scripts/with-controlplane.sh $(CARGO) test --test e2e -- --test-threads $(E2E_THREADS)
+e2e: controlplane-build helm image
+	SERVICE_CA_TEST_IMAGE=$(IMAGE) scripts/with-controlplane.sh $(CARGO) test --test e2e -- --test-threads $(E2E_THREADS)
 
 deny:
 	scripts/cargo-deny.sh
+
+## Build (or fetch from the cache) helm, pinned (scripts/helm.sh).
+helm:
+	@scripts/helm.sh >/dev/null
+
+## The container image, without a Docker engine (buildah; FROM scratch, static binary).
+image:
+	scripts/image.sh $(IMAGE)
 
 ## Build (or fetch from the cache) the control-plane harness.
 controlplane-build:

@@ -31,6 +31,7 @@ edges = {m: set() for m in mods}
 for m, p in mods.items():
     src = open(p).read()
     src = re.split(r"#\[cfg\(test\)\]\s*mod tests", src)[0]
+    src = re.sub(r"//[^\n]*", "", src)  # comments name modules without importing them
     for mm in re.finditer(r"\b((?:crate|super|self)(?:::[A-Za-z_][A-Za-z0-9_]*)+)(::\{([^;]*?)\})?", src):
         head = mm.group(1); group = mm.group(3)
         targets = [head]

@@ -1,6 +1,7 @@
 //! Command line and environment: every flag has an environment variable.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -20,14 +21,115 @@ pub struct Cli {
 enum Command {
     /// Run the controller manager (the default).
     Run(Config),
+    /// Report the CA, serving certificates, injected bundles and workloads that need a
+    /// restart; exit status 0 healthy, 3 untrusted or broken, 4 restart needed, 1 error.
+    Inspect(InspectArgs),
 }
 
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Mode {
+    Run(Config),
+    Inspect(InspectArgs),
+}
+
+/// `inspect`'s output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+/// The flags of `inspect`.
+#[derive(Debug, Clone, Args)]
+pub struct InspectArgs {
+    /// Only this namespace (cluster-scoped objects are then left out). Default: all
+    /// namespaces.
+    #[arg(short = 'n', long = "namespace", conflicts_with = "all_namespaces")]
+    pub namespace: Option<String>,
+
+    /// All namespaces (the default; accepted for kubectl habits).
+    #[arg(short = 'A', long = "all-namespaces")]
+    pub all_namespaces: bool,
+
+    /// Label selector for Services and injected objects (kubectl syntax).
+    #[arg(short = 'l', long = "selector", default_value = "")]
+    pub selector: String,
+
+    #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+    pub output: Output,
+
+    /// The operator's namespace (where `signing-key` and `signing-cabundle` live).
+    #[arg(long, env = "SERVICE_CA_NAMESPACE", default_value = "openshift-service-ca")]
+    pub operator_namespace: String,
+
+    /// As the operator's flag: when the CA rotation is due.
+    #[arg(long, env = "SERVICE_CA_CA_ROTATE_BEFORE", default_value = "395d", value_parser = humantime::parse_duration)]
+    pub ca_rotate_before: Duration,
+
+    /// As the operator's flag: serving-certificate lifetime (for the refresh time).
+    #[arg(long, env = "SERVICE_CA_CERT_LIFETIME", default_value = "730d", value_parser = humantime::parse_duration)]
+    pub cert_lifetime: Duration,
+
+    /// As the operator's flag (default: a third of --cert-lifetime, at least 1h, at
+    /// most half of it).
+    #[arg(long, env = "SERVICE_CA_CERT_REFRESH_BEFORE", value_parser = humantime::parse_duration)]
+    pub cert_refresh_before: Option<Duration>,
+
+    /// Roll the listed Deployments, StatefulSets and DaemonSets like `kubectl rollout
+    /// restart`. A dry run unless --yes is given (or confirmed at the prompt when stdin
+    /// is a terminal).
+    #[arg(long)]
+    pub restart: bool,
+
+    /// With --restart: act without asking.
+    #[arg(long, short = 'y', requires = "restart")]
+    pub yes: bool,
+
+    /// Kubeconfig file (default: $KUBECONFIG, then ~/.kube/config, then in-cluster).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Kubeconfig context (default: the current one).
+    #[arg(long)]
+    pub context: Option<String>,
+}
+
+/// The file name under which kubectl finds the binary as a plugin (`kubectl service-ca`).
+pub const KUBECTL_PLUGIN_NAME: &str = "kubectl-service_ca";
+
 impl Cli {
-    /// The run configuration, whether `run` was spelled out or not.
-    pub fn into_config(self) -> Config {
+    /// Parses the process's arguments. Installed as `kubectl-service_ca`, the binary is
+    /// the kubectl plugin `kubectl service-ca`: help names it so, and no arguments at all
+    /// means `inspect` (a plugin should not start an operator by default).
+    pub fn parse_args() -> Cli {
+        let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+        let plugin = args
+            .first()
+            .and_then(|a| std::path::Path::new(a).file_name())
+            .is_some_and(|name| name == KUBECTL_PLUGIN_NAME);
+        if plugin {
+            if args.len() == 1 {
+                args.push("inspect".into());
+            }
+            let matches = <Cli as clap::CommandFactory>::command()
+                .name("kubectl service-ca")
+                .bin_name("kubectl service-ca")
+                .get_matches_from(args);
+            return match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+                Ok(cli) => cli,
+                Err(e) => e.exit(),
+            };
+        }
+        Cli::parse()
+    }
+
+    /// What to do: run (whether `run` was spelled out or not) or inspect.
+    pub fn into_mode(self) -> Mode {
         match self.command {
-            Some(Command::Run(config)) => config,
-            None => self.run,
+            Some(Command::Run(config)) => Mode::Run(config),
+            Some(Command::Inspect(args)) => Mode::Inspect(args),
+            None => Mode::Run(self.run),
         }
     }
 }
@@ -259,7 +361,24 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Config {
-        Cli::try_parse_from(args).unwrap().into_config()
+        match Cli::try_parse_from(args).unwrap().into_mode() {
+            Mode::Run(config) => config,
+            Mode::Inspect(_) => panic!("not a run command line: {args:?}"),
+        }
+    }
+
+    #[test]
+    fn inspect_subcommand_parses_kubectl_style_flags() {
+        let Mode::Inspect(a) =
+            Cli::try_parse_from(["x", "inspect", "-n", "shop", "-l", "app=web", "-o", "json"]).unwrap().into_mode()
+        else {
+            panic!("inspect expected")
+        };
+        assert_eq!((a.namespace.as_deref(), a.selector.as_str()), (Some("shop"), "app=web"));
+        assert_eq!(a.output, Output::Json);
+        assert!(!a.restart && !a.yes);
+        assert!(Cli::try_parse_from(["x", "inspect", "-n", "a", "-A"]).is_err(), "-n and -A conflict");
+        assert!(Cli::try_parse_from(["x", "inspect", "--yes"]).is_err(), "--yes needs --restart");
     }
 
     #[test]

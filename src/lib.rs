@@ -9,12 +9,14 @@
 //! - [`signer`]: the shared in-memory signer and the key-generation pool;
 //! - [`controllers`]: `serving` (serving_cert, cert_refresh), `ca_bundle`,
 //!   `ca_lifecycle`;
-//! - [`admin`] and [`metrics`]: probes and Prometheus metrics.
+//! - [`admin`] and [`metrics`]: probes and Prometheus metrics;
+//! - [`inspect`]: the `inspect` subcommand (a read-only report, and `--restart`).
 
 pub mod admin;
 pub mod app;
 pub mod config;
 pub mod controllers;
+pub mod inspect;
 pub mod metrics;
 pub mod names;
 pub mod pki;

@@ -1,10 +1,12 @@
 //! The `service-ca-operator` binary: parse the command line, set up logging, run.
 
-use clap::Parser;
-use service_ca_operator::config::{Cli, LogFormat};
+use service_ca_operator::config::{Cli, LogFormat, Mode};
 
 fn main() -> std::process::ExitCode {
-    let config = Cli::parse().into_config();
+    let config = match Cli::parse_args().into_mode() {
+        Mode::Run(config) => config,
+        Mode::Inspect(args) => return inspect(args),
+    };
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level).unwrap_or_else(|e| {
         eprintln!("invalid --log-level {:?}: {e}; using info", config.log_level);
         tracing_subscriber::EnvFilter::new("info")
@@ -27,6 +29,17 @@ fn main() -> std::process::ExitCode {
         Err(error) => {
             tracing::error!("{error:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `inspect`: no logging set-up (its output is the report), a small runtime.
+fn inspect(args: service_ca_operator::config::InspectArgs) -> std::process::ExitCode {
+    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => std::process::ExitCode::from(runtime.block_on(service_ca_operator::inspect::run(args))),
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            std::process::ExitCode::from(service_ca_operator::inspect::exit::FAILED)
         }
     }
 }

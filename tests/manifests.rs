@@ -1,5 +1,5 @@
 //! Shipping artefacts checked without a cluster: the Dockerfile's shape (no Docker
-//! engine here to build it), and the manifests' least-privilege and hardening rules.
+//! engine here; the same layout is built with buildah and run by tests/e2e/image.rs), and the manifests' least-privilege and hardening rules.
 //! That the manifests apply and grant exactly what the code uses is proven on the real
 //! API server in tests/e2e/shipping.rs.
 
@@ -25,10 +25,13 @@ fn dockerfile_is_multi_stage_static_non_root_with_the_binary_as_entrypoint() {
     assert!(froms[0].contains(" AS build"), "{froms:?}");
     let runtime = froms.last().unwrap();
     assert!(runtime.contains("distroless/static") || runtime.contains("scratch"), "minimal runtime image: {runtime}");
-    assert!(text.contains("--target x86_64-unknown-linux-musl"), "static (musl) binary");
+    assert!(
+        text.contains("--target x86_64-unknown-linux-gnu") && text.contains("target-feature=+crt-static"),
+        "static binary, built like scripts/image.sh"
+    );
     assert!(text.contains("--locked"), "reproducible: Cargo.lock honoured");
     let last_stage = &text[text.rfind("\nFROM ").unwrap()..];
-    assert!(last_stage.contains("COPY --from=build /service-ca-operator /service-ca-operator"));
+    assert!(last_stage.contains("COPY --from=build --chmod=0755 /service-ca-operator /service-ca-operator"));
     let user = last_stage.lines().find(|l| l.starts_with("USER ")).expect("USER in the runtime stage");
     let uid = user.trim_start_matches("USER ").split(':').next().unwrap();
     assert!(
@@ -127,4 +130,40 @@ fn kustomization_lists_every_manifest() {
     let mut listed_sorted: Vec<String> = listed.iter().map(|s| s.to_string()).collect();
     listed_sorted.sort();
     assert_eq!(listed_sorted, files);
+}
+
+#[test]
+fn chart_values_have_the_binary_defaults() {
+    use clap::Parser;
+    use service_ca_operator::config::{Cli, Mode};
+    let Mode::Run(c) = Cli::try_parse_from(["service-ca-operator"]).unwrap().into_mode() else { panic!("run") };
+    let v = yaml("charts/service-ca-operator/values.yaml");
+    let o = &v["operator"];
+    let duration = |key: &str| humantime::parse_duration(o[key].as_str().unwrap()).unwrap();
+    assert_eq!(duration("caLifetime"), c.ca_lifetime);
+    assert_eq!(duration("caRotateBefore"), c.ca_rotate_before);
+    assert_eq!(duration("certLifetime"), c.cert_lifetime);
+    assert_eq!(duration("leaseDuration"), c.lease_duration);
+    assert!(o["certRefreshBefore"].is_null() && c.cert_refresh_before.is_none());
+    assert!(o["leaseIdentity"].is_null() && c.lease_identity.is_none());
+    assert!(o["maxConcurrentIssuance"].is_null() && c.max_concurrent_issuance.is_none());
+    assert_eq!(o["clusterDomain"], c.cluster_domain.as_str());
+    assert_eq!(o["leaderElect"], c.leader_elect);
+    assert_eq!(o["adminAddr"], c.admin_addr.to_string().as_str());
+    assert_eq!(o["logLevel"], c.log_level.as_str());
+    assert_eq!(o["selector"], c.selector.as_str());
+    assert_eq!(o["keyBuffer"], c.key_buffer as u64);
+    assert_eq!(o["controllerConcurrency"], c.controller_concurrency as u64);
+    // The one deliberate difference: JSON logs in a cluster (the binary prints plain
+    // text for people at a terminal).
+    assert_eq!(o["logFormat"], "json");
+    // Every flag of `run` is a value (by its environment variable in the template).
+    let template = read("charts/service-ca-operator/templates/deployment.yaml");
+    let help = <Cli as clap::CommandFactory>::command();
+    let run = help.find_subcommand("run").unwrap();
+    for arg in run.get_arguments() {
+        let Some(env) = arg.get_env() else { continue };
+        let env = env.to_string_lossy();
+        assert!(template.contains(&*env), "{env} (--{}) is not a chart value", arg.get_id());
+    }
 }

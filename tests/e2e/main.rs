@@ -7,10 +7,13 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod chart;
 mod cluster;
 mod faults;
 mod hardening;
+mod image;
 mod injection;
+mod inspect;
 mod lifecycle;
 mod perf;
 mod serving;

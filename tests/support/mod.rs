@@ -344,12 +344,17 @@ impl Operator {
 
     /// Starts the operator with another identity's kubeconfig.
     pub fn start_with_kubeconfig(test: &str, args: &[String], kubeconfig: &Path) -> Operator {
+        Self::start_program(Path::new(env!("CARGO_BIN_EXE_service-ca-operator")), test, args, kubeconfig)
+    }
+
+    /// Starts another build of the operator (e.g. the binary taken from the image).
+    pub fn start_program(program: &Path, test: &str, args: &[String], kubeconfig: &Path) -> Operator {
         static N: AtomicU32 = AtomicU32::new(0);
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("operator-logs");
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join(format!("{test}-{}-{}.log", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
         let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_service-ca-operator"))
+        let child = Command::new(program)
             .args(args)
             // Port 0: the operator picks a free port and logs it.
             .args(["--admin-addr", "127.0.0.1:0"])

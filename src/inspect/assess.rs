@@ -1,0 +1,680 @@
+//! The pure part of `inspect`: from the objects read from the cluster to a report.
+//! No Kubernetes client here; every rule is testable with hand-made inputs and any
+//! `now`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use serde::Serialize;
+use time::OffsetDateTime;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::names::{self as ann, ALPHA, BETA};
+use crate::pki::{self, CertInfo, CertificateAuthority, LeafPolicy, format_expiry, pem};
+
+/// The operator's settings that decide when things are due (the same defaults as the
+/// operator's flags).
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub ca_rotate_before: Duration,
+    pub leaf: LeafPolicy,
+}
+
+/// `signing-key` as read.
+#[derive(Clone, Debug, Default)]
+pub struct CaSecret {
+    pub data: BTreeMap<String, Vec<u8>>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// A Service (its metadata is enough).
+#[derive(Clone, Debug, Default)]
+pub struct ServiceObj {
+    pub namespace: String,
+    pub name: String,
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// A Secret carrying the operator's managed label.
+#[derive(Clone, Debug, Default)]
+pub struct SecretObj {
+    pub namespace: String,
+    pub name: String,
+    pub annotations: BTreeMap<String, String>,
+    pub data: BTreeMap<String, Vec<u8>>,
+}
+
+/// The five kinds the operator injects into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum Kind {
+    ConfigMap,
+    APIService,
+    CustomResourceDefinition,
+    MutatingWebhookConfiguration,
+    ValidatingWebhookConfiguration,
+}
+
+/// An object annotated for injection.
+#[derive(Clone, Debug)]
+pub struct InjectedObj {
+    pub kind: Kind,
+    /// `None` for cluster-scoped kinds.
+    pub namespace: Option<String>,
+    pub name: String,
+    /// Every injected field (one per webhook entry); empty when the object has no place
+    /// for a bundle (a CRD without a conversion webhook, a webhook configuration without
+    /// entries). `None` for a field that is not set.
+    pub fields: Vec<Option<Vec<u8>>>,
+    /// The legacy ConfigMap: the bundle followed by the cluster's root CA.
+    pub legacy: bool,
+    /// When the operator last wrote it (its field manager's managedFields time).
+    pub changed_at: Option<OffsetDateTime>,
+}
+
+/// A pod, with what it mounts.
+#[derive(Clone, Debug, Default)]
+pub struct PodObj {
+    pub namespace: String,
+    pub name: String,
+    pub start_time: Option<OffsetDateTime>,
+    /// Secrets and ConfigMaps named by its volumes (including projected sources).
+    pub secrets: BTreeSet<String>,
+    pub config_maps: BTreeSet<String>,
+    /// Its controller (kind, name), from ownerReferences.
+    pub owner: Option<(String, String)>,
+}
+
+/// Everything `inspect` read.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub ca: Option<CaSecret>,
+    /// `signing-cabundle`'s `ca-bundle.crt`.
+    pub bundle: Option<Vec<u8>>,
+    pub services: Vec<ServiceObj>,
+    pub secrets: Vec<SecretObj>,
+    /// When false (a label selector was given), managed Secrets whose Service was not
+    /// listed are left out instead of shown as orphans.
+    pub include_orphans: bool,
+    pub injected: Vec<InjectedObj>,
+    pub pods: Vec<PodObj>,
+    /// (namespace, ReplicaSet) → the Deployment that controls it.
+    pub replica_set_owners: BTreeMap<(String, String), String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub now: String,
+    pub ca: CaReport,
+    pub serving_certificates: Vec<ServingRow>,
+    pub injected: Vec<InjectedRow>,
+    pub workloads: Vec<WorkloadRow>,
+    /// Pod certificates (SPEC §5.2) are not implemented by the operator yet.
+    pub pod_certificates: &'static str,
+    pub summary: Summary,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CaReport {
+    /// Why the CA is unusable (missing, cannot be read, expired), if it is.
+    pub error: Option<String>,
+    pub subject: Option<String>,
+    pub key_type: Option<String>,
+    pub not_before: Option<String>,
+    pub not_after: Option<String>,
+    pub rotation_due: Option<String>,
+    /// Whether a trust bridge to a previous CA is live, and until when.
+    pub bridge_live: bool,
+    pub previous_ca_trusted_until: Option<String>,
+    pub forced_rotation_reason: Option<String>,
+    /// A force-rotation value not acted on yet.
+    pub force_rotation_pending: Option<String>,
+    /// Certificates in `signing-cabundle` (0 when it is missing).
+    pub bundle_certificates: usize,
+    pub bundle_problem: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CertStatus {
+    /// Signed by the current CA, trusted by the published bundle.
+    Current,
+    /// Signed by the previous CA, still trusted through the bridge; re-issue pending.
+    PreviousCa,
+    /// Not trusted by the published bundle (e.g. after a hard reset, not re-issued yet).
+    Untrusted,
+    /// Past its NotAfter.
+    Expired,
+    /// No usable certificate: the Service's error annotation, an unreadable Secret, or
+    /// no Secret yet.
+    Error,
+}
+
+impl CertStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CertStatus::Current => "current CA",
+            CertStatus::PreviousCa => "previous CA (trusted)",
+            CertStatus::Untrusted => "UNTRUSTED",
+            CertStatus::Expired => "EXPIRED",
+            CertStatus::Error => "ERROR",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ServingRow {
+    pub namespace: String,
+    pub service: String,
+    pub secret: String,
+    pub key_type: Option<String>,
+    pub signer: Option<String>,
+    pub not_before: Option<String>,
+    pub not_after: Option<String>,
+    pub refresh_at: Option<String>,
+    pub status: CertStatus,
+    pub detail: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BundleStatus {
+    Current,
+    Stale,
+    Missing,
+    NotApplicable,
+}
+
+impl BundleStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BundleStatus::Current => "current",
+            BundleStatus::Stale => "STALE",
+            BundleStatus::Missing => "MISSING",
+            BundleStatus::NotApplicable => "n/a (no place for a bundle)",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct InjectedRow {
+    pub kind: Kind,
+    pub namespace: Option<String>,
+    pub name: String,
+    pub status: BundleStatus,
+    pub changed_at: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkloadRow {
+    pub namespace: String,
+    /// Deployment, StatefulSet or DaemonSet; otherwise the pod's own owner kind (or
+    /// `Pod` for a bare pod), which `--restart` cannot roll.
+    pub kind: String,
+    pub name: String,
+    pub restartable: bool,
+    pub pods: Vec<String>,
+    pub reasons: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Summary {
+    pub serving_total: usize,
+    pub serving_current: usize,
+    pub pending_reissue: usize,
+    pub untrusted: usize,
+    pub errors: usize,
+    pub injected_total: usize,
+    pub injected_current: usize,
+    pub injected_stale: usize,
+    pub workloads_to_restart: usize,
+    pub healthy: bool,
+}
+
+/// Exit status of `inspect`.
+pub mod exit {
+    /// Nothing untrusted or broken, no workload runs with replaced material.
+    pub const OK: u8 = 0;
+    /// `inspect` itself failed (cluster unreachable, permission denied, ...).
+    pub const FAILED: u8 = 1;
+    /// Bad command line (clap's own code).
+    pub const USAGE: u8 = 2;
+    /// Something is untrusted or broken: no usable CA, a certificate not trusted by the
+    /// published bundle, expired, or missing/in error, or an injected bundle that is not
+    /// the current one.
+    pub const BROKEN: u8 = 3;
+    /// Certificates and bundles are fine, but some workloads run with a certificate or
+    /// bundle that changed after they started (restart them: `inspect --restart`).
+    pub const RESTART_NEEDED: u8 = 4;
+}
+
+impl Report {
+    pub fn exit_code(&self) -> u8 {
+        if !self.summary.healthy {
+            exit::BROKEN
+        } else if self.summary.workloads_to_restart > 0 {
+            exit::RESTART_NEEDED
+        } else {
+            exit::OK
+        }
+    }
+
+    /// "1,180 of 1,200 serving certificates from the current CA; 20 pending re-issue; 0 untrusted"
+    pub fn summary_line(&self) -> String {
+        let s = &self.summary;
+        let mut line = format!(
+            "{} of {} serving certificates from the current CA; {} pending re-issue; {} untrusted",
+            thousands(s.serving_current),
+            thousands(s.serving_total),
+            thousands(s.pending_reissue),
+            thousands(s.untrusted)
+        );
+        if s.errors > 0 {
+            line.push_str(&format!("; {} in error", thousands(s.errors)));
+        }
+        line.push_str(&format!(
+            "\n{} of {} injected bundles current; {} stale\n{} workloads to restart",
+            thousands(s.injected_current),
+            thousands(s.injected_total),
+            thousands(s.injected_stale),
+            thousands(s.workloads_to_restart)
+        ));
+        line
+    }
+}
+
+/// 1180 → "1,180".
+pub fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// One certificate as `inspect` shows it.
+#[derive(Clone, Debug)]
+struct Cert {
+    info: CertInfo,
+    key_type: Option<String>,
+    issuer_cn: Option<String>,
+}
+
+fn read_cert(der: Vec<u8>) -> Result<Cert, String> {
+    let (key_type, issuer_cn) = match X509Certificate::from_der(&der) {
+        Ok((_, cert)) => (
+            key_type(&cert),
+            cert.issuer().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_owned),
+        ),
+        Err(_) => (None, None),
+    };
+    let info = CertInfo::parse("tls.crt", der).map_err(|e| e.to_string())?;
+    Ok(Cert { info, key_type, issuer_cn })
+}
+
+/// The certificates of a PEM field, parsed.
+fn read_certs(field: &'static str, bytes: &[u8]) -> Result<Vec<Cert>, String> {
+    pem::decode_certificates(field, bytes).map_err(|e| e.to_string())?.into_iter().map(read_cert).collect()
+}
+
+/// "RSA-2048", "ECDSA P-256" (the operator's own names for key kinds).
+fn key_type(cert: &X509Certificate<'_>) -> Option<String> {
+    use x509_parser::public_key::PublicKey;
+    match cert.public_key().parsed().ok()? {
+        PublicKey::RSA(rsa) => Some(format!("RSA-{}", rsa.key_size())),
+        PublicKey::EC(ec) => Some(format!("ECDSA P-{}", ec.key_size())),
+        _ => Some("other".into()),
+    }
+}
+
+fn time_str(t: OffsetDateTime) -> String {
+    format_expiry(t)
+}
+
+/// The Secret name a Service asks for (beta wins when set and non-empty).
+fn requested_secret(svc: &ServiceObj) -> Option<String> {
+    [BETA.serving_cert_secret_name, ALPHA.serving_cert_secret_name]
+        .iter()
+        .filter_map(|k| svc.annotations.get(*k))
+        .map(|v| v.trim().to_string())
+        .find(|v| !v.is_empty())
+}
+
+fn either<'a>(annotations: &'a BTreeMap<String, String>, beta: &str, alpha: &str) -> Option<&'a String> {
+    annotations.get(beta).or_else(|| annotations.get(alpha)).filter(|v| !v.is_empty())
+}
+
+/// What the published bundle trusts.
+struct Trust {
+    /// SubjectKeyIdentifiers of the unexpired bundle members.
+    keys: BTreeSet<Vec<u8>>,
+    ders: Vec<Vec<u8>>,
+}
+
+pub fn assess(snapshot: &Snapshot, policy: &Policy, now: OffsetDateTime) -> Report {
+    let mut ca_report = CaReport::default();
+    let mut current_ski: Option<Vec<u8>> = None;
+    let mut ca_not_after: Option<OffsetDateTime> = None;
+    let mut secret_bundle: Option<Vec<u8>> = None;
+    match &snapshot.ca {
+        None => ca_report.error = Some("Secret signing-key does not exist: no CA (is the operator running?)".into()),
+        Some(ca) => {
+            ca_report.forced_rotation_reason = ca.annotations.get(ann::FORCED_ROTATION_REASON).cloned();
+            if let Some(asked) = ca.annotations.get(ann::FORCE_ROTATION)
+                && ca_report.forced_rotation_reason.as_ref() != Some(asked)
+            {
+                ca_report.force_rotation_pending = Some(asked.clone());
+            }
+            if let Err(e) = CertificateAuthority::from_secret_data(&ca.data, now) {
+                ca_report.error = Some(format!("signing-key cannot be used: {e}"));
+            }
+            match ca.data.get(ann::TLS_CERT).map(|b| read_certs("tls.crt", b)) {
+                Some(Ok(certs)) if !certs.is_empty() => {
+                    let cert = &certs[0];
+                    ca_report.subject = Some(cert.info.subject_cn.clone());
+                    ca_report.key_type = cert.key_type.clone();
+                    ca_report.not_before = Some(time_str(cert.info.not_before));
+                    ca_report.not_after = Some(time_str(cert.info.not_after));
+                    ca_report.rotation_due = Some(time_str(cert.info.not_after - policy.ca_rotate_before));
+                    current_ski = cert.info.subject_key_id.clone();
+                    ca_not_after = Some(cert.info.not_after);
+                }
+                Some(Err(e)) => ca_report.error = ca_report.error.take().or(Some(e)),
+                _ => {}
+            }
+            secret_bundle = ca.data.get(ann::CA_BUNDLE).or_else(|| ca.data.get(ann::TLS_CERT)).cloned();
+        }
+    }
+
+    // The bundle clients are given: signing-cabundle, else (reported) the Secret's.
+    let bundle_bytes = match &snapshot.bundle {
+        Some(b) => Some(b.clone()),
+        None => {
+            ca_report.bundle_problem = Some("ConfigMap signing-cabundle (ca-bundle.crt) does not exist".into());
+            secret_bundle
+        }
+    };
+    let mut trust = Trust { keys: BTreeSet::new(), ders: Vec::new() };
+    if let Some(bytes) = &bundle_bytes {
+        match read_certs("ca-bundle.crt", bytes) {
+            Ok(certs) => {
+                for c in certs {
+                    if now <= c.info.not_after
+                        && let Some(ski) = &c.info.subject_key_id
+                    {
+                        trust.keys.insert(ski.clone());
+                    }
+                    // The previous CA (X1: its key, re-signed by the new one).
+                    if current_ski.is_some() && c.info.subject_key_id != current_ski && now <= c.info.not_after {
+                        ca_report.bridge_live = true;
+                        let until = time_str(c.info.not_after);
+                        if ca_report.previous_ca_trusted_until.as_ref().is_none_or(|u| *u < until) {
+                            ca_report.previous_ca_trusted_until = Some(until);
+                        }
+                    }
+                    trust.ders.push(c.info.der);
+                }
+                ca_report.bundle_certificates = trust.ders.len();
+            }
+            Err(e) => ca_report.bundle_problem = Some(format!("signing-cabundle cannot be read: {e}")),
+        }
+    }
+    if let Some(ski) = &current_ski
+        && !trust.ders.is_empty()
+        && !trust.keys.contains(ski)
+    {
+        ca_report.bundle_problem = Some("signing-cabundle does not contain the current CA".into());
+    }
+
+    // Serving certificates: one row per Service asking for one, plus orphans.
+    let mut secrets: BTreeMap<(String, String), &SecretObj> =
+        snapshot.secrets.iter().map(|s| ((s.namespace.clone(), s.name.clone()), s)).collect();
+    let mut rows = Vec::new();
+    for svc in &snapshot.services {
+        let Some(secret_name) = requested_secret(svc) else { continue };
+        let error = either(&svc.annotations, BETA.generation_error, ALPHA.generation_error);
+        let secret = secrets.remove(&(svc.namespace.clone(), secret_name.clone()));
+        let mut row = match secret {
+            Some(secret) => serving_row(secret, &trust, current_ski.as_deref(), ca_not_after, policy, now),
+            None => ServingRow {
+                namespace: svc.namespace.clone(),
+                service: svc.name.clone(),
+                secret: secret_name.clone(),
+                key_type: None,
+                signer: None,
+                not_before: None,
+                not_after: None,
+                refresh_at: None,
+                status: CertStatus::Error,
+                detail: Some("no Secret yet".into()),
+            },
+        };
+        row.service = svc.name.clone();
+        if let Some(error) = error {
+            row.status = CertStatus::Error;
+            row.detail = Some(error.clone());
+        }
+        rows.push(row);
+    }
+    if snapshot.include_orphans {
+        for secret in secrets.into_values() {
+            let mut row = serving_row(secret, &trust, current_ski.as_deref(), ca_not_after, policy, now);
+            row.detail = Some(match row.detail.take() {
+                Some(d) => format!("{d}; its Service does not ask for it any more"),
+                None => "its Service does not ask for it any more (not refreshed)".into(),
+            });
+            rows.push(row);
+        }
+    }
+    rows.sort_by(|a, b| (&a.namespace, &a.service, &a.secret).cmp(&(&b.namespace, &b.service, &b.secret)));
+
+    // Injected bundles.
+    let mut injected: Vec<InjectedRow> = snapshot
+        .injected
+        .iter()
+        .map(|obj| InjectedRow {
+            kind: obj.kind,
+            namespace: obj.namespace.clone(),
+            name: obj.name.clone(),
+            status: bundle_status(obj, &trust.ders),
+            changed_at: obj.changed_at.map(time_str),
+        })
+        .collect();
+    injected.sort_by(|a, b| (a.kind, &a.namespace, &a.name).cmp(&(b.kind, &b.namespace, &b.name)));
+
+    let workloads = workloads(snapshot, &rows);
+
+    let mut summary = Summary { serving_total: rows.len(), injected_total: injected.len(), ..Default::default() };
+    for row in &rows {
+        match row.status {
+            CertStatus::Current => summary.serving_current += 1,
+            CertStatus::PreviousCa => summary.pending_reissue += 1,
+            CertStatus::Untrusted | CertStatus::Expired => summary.untrusted += 1,
+            CertStatus::Error => summary.errors += 1,
+        }
+    }
+    for row in &injected {
+        match row.status {
+            BundleStatus::Current | BundleStatus::NotApplicable => summary.injected_current += 1,
+            BundleStatus::Stale | BundleStatus::Missing => summary.injected_stale += 1,
+        }
+    }
+    summary.workloads_to_restart = workloads.len();
+    summary.healthy = ca_report.error.is_none()
+        && ca_report.bundle_problem.is_none()
+        && summary.untrusted == 0
+        && summary.errors == 0
+        && summary.injected_stale == 0;
+
+    Report {
+        now: time_str(now),
+        ca: ca_report,
+        serving_certificates: rows,
+        injected,
+        workloads,
+        pod_certificates: "not inspected: the operator does not issue pod certificates yet (SPEC 5.2)",
+        summary,
+    }
+}
+
+fn serving_row(
+    secret: &SecretObj,
+    trust: &Trust,
+    current_ski: Option<&[u8]>,
+    ca_not_after: Option<OffsetDateTime>,
+    policy: &Policy,
+    now: OffsetDateTime,
+) -> ServingRow {
+    let service = either(&secret.annotations, BETA.originating_service_name, ALPHA.originating_service_name)
+        .cloned()
+        .unwrap_or_default();
+    let mut row = ServingRow {
+        namespace: secret.namespace.clone(),
+        service,
+        secret: secret.name.clone(),
+        key_type: None,
+        signer: None,
+        not_before: None,
+        not_after: None,
+        refresh_at: None,
+        status: CertStatus::Error,
+        detail: None,
+    };
+    let leaf = match secret.data.get(ann::TLS_CERT).map(|b| read_certs("tls.crt", b)) {
+        None => {
+            row.detail = Some("tls.crt is missing".into());
+            return row;
+        }
+        Some(Err(e)) => {
+            row.detail = Some(e);
+            return row;
+        }
+        Some(Ok(certs)) => match certs.into_iter().next() {
+            Some(leaf) => leaf,
+            None => {
+                row.detail = Some("tls.crt holds no certificate".into());
+                return row;
+            }
+        },
+    };
+    row.key_type = leaf.key_type.clone();
+    row.signer = leaf.issuer_cn.clone();
+    row.not_before = Some(time_str(leaf.info.not_before));
+    row.not_after = Some(time_str(leaf.info.not_after));
+    let refresh_at = match ca_not_after {
+        Some(ca) => policy.leaf.refresh_at(leaf.info.not_after, ca),
+        None => Some(leaf.info.not_after - policy.leaf.refresh_before),
+    };
+    row.refresh_at = refresh_at.map(time_str);
+    if !secret.data.contains_key(ann::TLS_KEY) {
+        row.detail = Some("tls.key is missing".into());
+        return row;
+    }
+    let aki = leaf.info.authority_key_id.as_deref();
+    row.status = if now > leaf.info.not_after {
+        CertStatus::Expired
+    } else if aki.is_some() && aki == current_ski && aki.is_some_and(|k| trust.keys.contains(k)) {
+        CertStatus::Current
+    } else if aki.is_some_and(|k| trust.keys.contains(k)) && aki != current_ski {
+        CertStatus::PreviousCa
+    } else {
+        if aki.is_some() && aki == current_ski {
+            row.detail = Some("signed by the current CA, which the published bundle does not contain".into());
+        } else {
+            row.detail = Some("signed by a CA the published bundle does not trust (re-issue pending?)".into());
+        }
+        CertStatus::Untrusted
+    };
+    if row.status == CertStatus::Current && refresh_at.is_some_and(|t| t <= now) {
+        row.detail = Some("refresh due".into());
+    }
+    row
+}
+
+fn bundle_status(obj: &InjectedObj, bundle: &[Vec<u8>]) -> BundleStatus {
+    if obj.fields.is_empty() {
+        return BundleStatus::NotApplicable;
+    }
+    let mut status = BundleStatus::Current;
+    for field in &obj.fields {
+        let Some(bytes) = field else { return BundleStatus::Missing };
+        let ders = pem::decode_certificates("bundle", bytes).unwrap_or_default();
+        let matches =
+            if obj.legacy { ders.len() > bundle.len() && ders[..bundle.len()] == *bundle } else { ders == bundle };
+        if !matches || bundle.is_empty() {
+            status = BundleStatus::Stale;
+        }
+    }
+    status
+}
+
+/// Workloads whose pods mount a serving Secret or an injected ConfigMap that changed
+/// after the pod started. A serving Secret changed when its leaf was issued (NotBefore
+/// is the issue time minus one second); an injected ConfigMap when the operator's field
+/// manager last wrote it (managedFields time). All of these times are whole seconds, so
+/// a change in the same second as the pod's start counts as after it: when in doubt,
+/// restart.
+fn workloads(snapshot: &Snapshot, rows: &[ServingRow]) -> Vec<WorkloadRow> {
+    let mut secret_changed: BTreeMap<(&str, &str), OffsetDateTime> = BTreeMap::new();
+    for row in rows {
+        if let Some(nb) = row.not_before.as_deref().and_then(pki::parse_expiry) {
+            secret_changed.insert((row.namespace.as_str(), row.secret.as_str()), nb + Duration::from_secs(1));
+        }
+    }
+    let mut cm_changed: BTreeMap<(&str, &str), OffsetDateTime> = BTreeMap::new();
+    for obj in &snapshot.injected {
+        if let (Kind::ConfigMap, Some(ns), Some(t)) = (obj.kind, &obj.namespace, obj.changed_at) {
+            cm_changed.insert((ns.as_str(), obj.name.as_str()), t);
+        }
+    }
+    let mut out: BTreeMap<(String, String, String), WorkloadRow> = BTreeMap::new();
+    for pod in &snapshot.pods {
+        let Some(started) = pod.start_time else { continue };
+        let mut reasons = Vec::new();
+        for name in &pod.secrets {
+            if let Some(t) = secret_changed.get(&(pod.namespace.as_str(), name.as_str()))
+                && *t >= started
+            {
+                reasons.push(format!("Secret {name} re-issued at {}", time_str(*t)));
+            }
+        }
+        for name in &pod.config_maps {
+            if let Some(t) = cm_changed.get(&(pod.namespace.as_str(), name.as_str()))
+                && *t >= started
+            {
+                reasons.push(format!("ConfigMap {name} re-injected at {}", time_str(*t)));
+            }
+        }
+        if reasons.is_empty() {
+            continue;
+        }
+        let (kind, name) = match &pod.owner {
+            Some((kind, rs)) if kind == "ReplicaSet" => {
+                match snapshot.replica_set_owners.get(&(pod.namespace.clone(), rs.clone())) {
+                    Some(deployment) => ("Deployment".to_string(), deployment.clone()),
+                    None => (kind.clone(), rs.clone()),
+                }
+            }
+            Some((kind, name)) => (kind.clone(), name.clone()),
+            None => ("Pod".to_string(), pod.name.clone()),
+        };
+        let restartable = matches!(kind.as_str(), "Deployment" | "StatefulSet" | "DaemonSet");
+        let entry = out.entry((pod.namespace.clone(), kind.clone(), name.clone())).or_insert_with(|| WorkloadRow {
+            namespace: pod.namespace.clone(),
+            kind,
+            name,
+            restartable,
+            pods: Vec::new(),
+            reasons: Vec::new(),
+        });
+        entry.pods.push(pod.name.clone());
+        for r in reasons {
+            let r = format!("{r}, after pod {} started at {}", pod.name, time_str(started));
+            entry.reasons.push(r);
+        }
+    }
+    out.into_values().collect()
+}
