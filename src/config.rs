@@ -212,6 +212,10 @@ pub struct Config {
     /// Objects each controller reconciles at once.
     #[arg(long, env = "SERVICE_CA_CONTROLLER_CONCURRENCY", default_value_t = 16)]
     pub controller_concurrency: u16,
+
+    /// How often the progress of a bulk re-issue (after a CA change) is logged.
+    #[arg(long, env = "SERVICE_CA_PROGRESS_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub progress_interval: Duration,
 }
 
 impl Config {

@@ -61,6 +61,9 @@ pub struct Metrics {
     pub keys_generated: Counter,
     pub injections: Family<KindLabels, Counter>,
     pub rotations: Family<KindLabels, Counter>,
+    /// Managed Secrets not yet looked at since the last CA change (0 when none is
+    /// under way).
+    pub reissue_remaining: Gauge,
     /// Rotation attempts that failed (an alert can use it).
     pub rotation_failures: Counter,
     pub api_writes: Family<WriteLabels, Counter>,
@@ -125,6 +128,12 @@ impl Metrics {
             "CA changes, per kind (automatic, forced, reset, created)",
             rotations.clone(),
         );
+        let reissue_remaining = Gauge::default();
+        registry.register(
+            "service_ca_reissue_remaining",
+            "Managed Secrets not yet re-checked (and re-issued where needed) since the last CA change",
+            reissue_remaining.clone(),
+        );
         let rotation_failures = Counter::default();
         registry.register(
             "service_ca_rotation_failures",
@@ -152,6 +161,7 @@ impl Metrics {
             keys_generated,
             injections,
             rotations,
+            reissue_remaining,
             rotation_failures,
             api_writes,
         }

@@ -68,8 +68,10 @@ impl SignerHandle {
 ///
 /// It also keeps a few RSA-2048 keys ready, generated in the background while the
 /// operator is idle, so that a new Service does not wait for key generation (~50 ms,
-/// the floor of a fresh certificate otherwise). Under sustained load the buffer is
-/// empty and the pool runs at the key-generation rate.
+/// the floor of a fresh certificate otherwise). Urgent work (a certificate for a new
+/// Service) goes before bulk work (re-issues after a CA change), and only urgent work
+/// takes ready keys: a Service created during a rotation is served next. Under
+/// sustained load the buffer is empty and the pool runs at the key-generation rate.
 #[derive(Clone)]
 pub struct KeyPool {
     inner: Arc<PoolInner>,
@@ -77,8 +79,69 @@ pub struct KeyPool {
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// Which jobs the key-generation threads take first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priority {
+    /// Somebody is waiting for it: a certificate for a new Service (or a deleted
+    /// Secret), a CA key. Also the only work that may take a ready key.
+    Urgent,
+    /// Bulk work: re-issues after a CA change or refresh, refilling the ready keys.
+    Bulk,
+}
+
+/// The work queue of the key-generation threads: urgent jobs before bulk ones, each in
+/// arrival order. A Service created during a rotation's bulk re-issue is served next.
+#[derive(Default)]
+struct Queue {
+    state: std::sync::Mutex<QueueState>,
+    wake: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    urgent: std::collections::VecDeque<Job>,
+    bulk: std::collections::VecDeque<Job>,
+    closed: bool,
+}
+
+impl Queue {
+    fn push(&self, job: Job, priority: Priority) -> Result<(), PkiError> {
+        let mut state = self.state.lock().map_err(|_| PkiError::KeyGeneration("key pool broken".into()))?;
+        if state.closed {
+            return Err(PkiError::KeyGeneration("key pool closed".into()));
+        }
+        match priority {
+            Priority::Urgent => state.urgent.push_back(job),
+            Priority::Bulk => state.bulk.push_back(job),
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// The next job (urgent first); `None` once the pool is closed.
+    fn next(&self) -> Option<Job> {
+        let mut state = self.state.lock().ok()?;
+        loop {
+            if let Some(job) = state.urgent.pop_front().or_else(|| state.bulk.pop_front()) {
+                return Some(job);
+            }
+            if state.closed {
+                return None;
+            }
+            state = self.wake.wait(state).ok()?;
+        }
+    }
+
+    fn close(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            state.closed = true;
+        }
+        self.wake.notify_all();
+    }
+}
+
 struct PoolInner {
-    jobs: std::sync::mpsc::Sender<Job>,
+    jobs: Arc<Queue>,
     ready: std::sync::Mutex<Vec<PrivateKey>>,
     buffer: usize,
     refill: tokio::sync::Notify,
@@ -119,7 +182,7 @@ impl KeyPool {
                         pool.inner.refill.notified().await;
                         continue;
                     }
-                    match pool.fresh(KeyKind::Rsa { bits: 2048 }).await {
+                    match pool.fresh(KeyKind::Rsa { bits: 2048 }, Priority::Bulk).await {
                         Ok(key) => {
                             if let Ok(mut ready) = pool.inner.ready.lock() {
                                 ready.push(key);
@@ -133,19 +196,23 @@ impl KeyPool {
         pool
     }
 
-    /// Runs `job` on a worker thread (in turn, first come first served).
-    async fn run<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> Result<T, PkiError> {
+    /// Runs `job` on a worker thread (urgent jobs first, then in arrival order).
+    async fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> T + Send + 'static,
+        priority: Priority,
+    ) -> Result<T, PkiError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move || {
             let _ = tx.send(job());
         });
-        self.inner.jobs.send(job).map_err(|_| PkiError::KeyGeneration("key pool closed".into()))?;
+        self.inner.jobs.push(job, priority)?;
         rx.await.map_err(|_| PkiError::KeyGeneration("key generation worker failed".into()))
     }
 
     /// A freshly generated key of `kind`, on a worker thread.
-    async fn fresh(&self, kind: KeyKind) -> Result<PrivateKey, PkiError> {
-        let key = self.run(move || PrivateKey::generate(kind)).await??;
+    async fn fresh(&self, kind: KeyKind, priority: Priority) -> Result<PrivateKey, PkiError> {
+        let key = self.run(move || PrivateKey::generate(kind), priority).await??;
         self.inner.generated.inc();
         tracing::debug!(%kind, "key generated");
         Ok(key)
@@ -153,21 +220,25 @@ impl KeyPool {
 
     /// Generates a key of `kind` (CA keys: never from the buffer).
     pub async fn generate(&self, kind: KeyKind) -> Result<PrivateKey, PkiError> {
-        self.fresh(kind).await
+        self.fresh(kind, Priority::Urgent).await
     }
 
     /// An RSA-2048 serving key for `owner`: the one parked for it by an earlier
-    /// attempt whose write failed, else a ready one, else a fresh one.
-    async fn serving_key(&self, owner: &str) -> Result<Arc<PrivateKey>, PkiError> {
+    /// attempt whose write failed, else (urgent work only) a ready one, else a fresh
+    /// one.
+    async fn serving_key(&self, owner: &str, priority: Priority) -> Result<Arc<PrivateKey>, PkiError> {
         if let Some(key) = self.inner.parked.lock().ok().and_then(|parked| parked.get(owner).cloned()) {
             tracing::debug!(owner, "signing over the key parked by a failed attempt");
             return Ok(key);
         }
-        let ready = self.inner.ready.lock().ok().and_then(|mut r| r.pop());
+        let ready = match priority {
+            Priority::Urgent => self.inner.ready.lock().ok().and_then(|mut r| r.pop()),
+            Priority::Bulk => None,
+        };
         self.inner.refill.notify_one();
         let key = Arc::new(match ready {
             Some(key) => key,
-            None => self.fresh(KeyKind::Rsa { bits: 2048 }).await?,
+            None => self.fresh(KeyKind::Rsa { bits: 2048 }, priority).await?,
         });
         if let Ok(mut parked) = self.inner.parked.lock()
             && parked.len() < MAX_PARKED
@@ -185,10 +256,11 @@ impl KeyPool {
         signer: Arc<Signer>,
         request: LeafRequest,
         lifetime: std::time::Duration,
+        priority: Priority,
     ) -> Result<IssuedLeaf, PkiError> {
         // Checked before a key is spent on it.
         signer.ca.check_unexpired(OffsetDateTime::now_utc())?;
-        let key = self.serving_key(&request.uid).await?;
+        let key = self.serving_key(&request.uid, priority).await?;
         // Signing (~1 ms with ring) also stays off the reactor.
         tokio::task::spawn_blocking(move || signer.ca.issue(&request, &key, OffsetDateTime::now_utc(), lifetime))
             .await
@@ -204,17 +276,14 @@ impl KeyPool {
     }
 }
 
-/// Starts the worker threads; they stop when the returned sender is dropped.
-fn spawn_workers(n: usize) -> std::sync::mpsc::Sender<Job> {
-    let (tx, rx) = std::sync::mpsc::channel::<Job>();
-    let rx = Arc::new(std::sync::Mutex::new(rx));
+/// Starts the worker threads; they stop when the pool is dropped (the queue closes).
+fn spawn_workers(n: usize) -> Arc<Queue> {
+    let queue = Arc::new(Queue::default());
     for i in 0..n {
-        let rx = rx.clone();
+        let queue = queue.clone();
         let spawned = std::thread::Builder::new().name(format!("keygen-{i}")).spawn(move || {
             lower_priority();
-            loop {
-                // The lock is held only while waiting for the next job.
-                let Ok(job) = rx.lock().map_err(drop).and_then(|rx| rx.recv().map_err(drop)) else { return };
+            while let Some(job) = queue.next() {
                 // A panicking job drops its reply channel (the caller sees an error);
                 // the worker carries on.
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
@@ -224,7 +293,13 @@ fn spawn_workers(n: usize) -> std::sync::mpsc::Sender<Job> {
             tracing::error!(%error, "could not start a key-generation thread");
         }
     }
-    tx
+    queue
+}
+
+impl Drop for PoolInner {
+    fn drop(&mut self) {
+        self.jobs.close();
+    }
 }
 
 /// Lowers the calling thread's CPU priority (on Linux the nice value is per thread).
@@ -259,15 +334,15 @@ mod tests {
     async fn key_generation_runs_at_a_lower_priority_than_the_reactor() {
         let pool = KeyPool::new(2, 0, Counter::default());
         let reactor = current_niceness();
-        let worker = pool.run(current_niceness).await.unwrap();
+        let worker = pool.run(current_niceness, Priority::Bulk).await.unwrap();
         assert_eq!(worker, (reactor + WORKER_NICENESS).min(19));
     }
 
     #[tokio::test]
     async fn a_panicking_job_is_an_error_and_the_worker_carries_on() {
         let pool = KeyPool::new(1, 0, Counter::default());
-        let failed = pool.run(|| panic!("boom")).await;
+        let failed = pool.run(|| panic!("boom"), Priority::Bulk).await;
         assert!(matches!(failed, Err(PkiError::KeyGeneration(_))));
-        assert_eq!(pool.run(|| 7).await.unwrap(), 7);
+        assert_eq!(pool.run(|| 7, Priority::Urgent).await.unwrap(), 7);
     }
 }

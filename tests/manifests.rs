@@ -154,6 +154,7 @@ fn chart_values_have_the_binary_defaults() {
     assert_eq!(o["selector"], c.selector.as_str());
     assert_eq!(o["keyBuffer"], c.key_buffer as u64);
     assert_eq!(o["controllerConcurrency"], c.controller_concurrency as u64);
+    assert_eq!(duration("progressInterval"), c.progress_interval);
     // The one deliberate difference: JSON logs in a cluster (the binary prints plain
     // text for people at a terminal).
     assert_eq!(o["logFormat"], "json");

@@ -339,3 +339,33 @@ fn flags_that_can_only_misbehave_are_refused_at_start_up_naming_the_flag() {
         assert!(!stderr.contains("panicked") && !stderr.contains("memory allocation"), "{args:?}: {stderr}");
     }
 }
+
+#[tokio::test]
+async fn memory_does_not_grow_with_what_tenants_put_in_annotations() {
+    let env = Env::new("bigannotations").await;
+    let n = 500;
+    let blob = "x".repeat(200_000);
+    // Created before the operator starts: its first list carries all of it.
+    futures::future::join_all((0..n).map(|i| {
+        let (env, blob) = (&env, &blob);
+        async move {
+            env.service_with(
+                &format!("b{i}"),
+                &[(BETA_NAME, &format!("b{i}-tls")), ("tenant.example/blob", blob)],
+                false,
+            )
+            .await
+        }
+    }))
+    .await;
+    let op = env.start_operator(&[]);
+    let managed = kube::api::ListParams::default().labels("service-ca.operators.openshift.io/managed=true");
+    eventually(Duration::from_secs(180), "all 500 Secrets", || async {
+        (env.secrets().list_metadata(&managed).await.ok()?.items.len() >= n).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let peak = op.peak_rss_kib() as f64 / 1024.0;
+    println!("{n} annotated Services carrying 200 KB each ({} MB in all): operator peak RSS {peak:.1} MiB", n / 5);
+    assert!(peak < 64.0, "peak RSS {peak:.1} MiB with {n} Services of 200 KB each (target < 64 MiB)");
+}

@@ -443,3 +443,33 @@ async fn starting_with_an_unusable_signing_key_is_not_ready_and_creates_nothing(
     env.serving_secret("waiting-tls", T).await;
     op.wait_ready(T).await;
 }
+
+#[tokio::test]
+async fn bulk_reissue_after_a_rotation_reports_progress_with_an_eta() {
+    let env = Env::new("progress").await;
+    // One key at a time, no ready keys: the re-issue takes a few seconds.
+    let op = env.start_operator(&["--progress-interval", "1s", "--max-concurrent-issuance", "1", "--key-buffer", "0"]);
+    let n = 60;
+    for i in 0..n {
+        env.annotated_service(&format!("p{i}"), &format!("p{i}-tls"), false).await;
+    }
+    for i in 0..n {
+        env.serving_secret(&format!("p{i}-tls"), T).await;
+    }
+    let patch =
+        json!({ "metadata": { "annotations": { "service-ca.operators.openshift.io/force-rotation": "progress" } } });
+    env.op_secrets().patch("signing-key", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let finished = format!("re-issue after the CA change: {n} of {n} Secrets done ({n} re-issued) in ");
+    eventually(Duration::from_secs(60), "the re-issue to finish", || async {
+        op.logs().contains(&finished).then_some(())
+    })
+    .await;
+    let lines: Vec<String> =
+        op.logs().lines().filter(|l| l.contains("re-issue after the CA change")).map(str::to_string).collect();
+    for line in &lines {
+        println!("{}", line.split("INFO").last().unwrap_or(line));
+    }
+    assert!(lines.iter().any(|l| l.contains(&format!(" of {n} Secrets done")) && l.contains("ETA")), "{lines:?}");
+    let page = op.admin_get("/metrics").await.unwrap().1;
+    assert!(page.contains("service_ca_reissue_remaining 0"), "nothing left");
+}

@@ -27,6 +27,7 @@ use kube::{Api, ResourceExt};
 use time::OffsetDateTime;
 
 use super::decision::{Decision, decide};
+use super::progress::{self, Progress};
 use super::{
     Content, Error, MAX_FAILURES, Wanted, Written, desired, failures, issue, leaf_request, originating_service,
     report_problem, secret_facts, secret_ref, wanted, write_secret,
@@ -40,6 +41,7 @@ pub const NAME: &str = "cert-refresh";
 struct State {
     ctx: Arc<Context>,
     services: Store<Service>,
+    progress: Arc<Progress>,
 }
 
 /// Runs the controller until `shutdown` (in-flight work finishes first).
@@ -52,9 +54,13 @@ pub async fn run(
     shutdown: Shutdown,
 ) {
     // A Service change (e.g. it became headless) concerns the Secret it names.
+    let progress = Arc::new(Progress::default());
+    let every = ctx.config.progress_interval;
+    let reporter =
+        progress::report(ctx.clone(), secrets.clone(), services.clone(), progress.clone(), every, shutdown.clone());
     let controller = Controller::for_stream(secret_events, secrets).reconcile_on(service_changes);
-    let state = Arc::new(State { ctx: ctx.clone(), services });
-    drive(controller, NAME, ctx, shutdown, state, reconcile).await;
+    let state = Arc::new(State { ctx: ctx.clone(), services, progress });
+    tokio::join!(drive(controller, NAME, ctx, shutdown, state, reconcile), reporter);
 }
 
 async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Result<Action, Error> {
@@ -65,13 +71,19 @@ async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Resu
     let Some(svc) = originating_service(meta.as_ref()).and_then(|svc| st.services.get(&svc)) else {
         return Ok(Action::await_change());
     };
+    // Counted once the Secret is settled for this CA (for the re-issue progress).
+    let settled = |reissued: bool| st.progress.looked_at(secret_ref(&namespace, &name), reissued);
     // The annotation was removed or now names another Secret: release this one.
     let family = match wanted(&svc) {
         Wanted::Named { name: wanted_name, family } if wanted_name == name => family,
-        _ => return release(ctx, &namespace, &name).await,
+        _ => {
+            settled(false);
+            return release(ctx, &namespace, &name).await;
+        }
     };
     // At the cap, nothing happens until a person edits the Service.
     if failures(&svc) >= MAX_FAILURES {
+        settled(false);
         return Ok(Action::await_change());
     }
     let Some(signer) = ctx.signer.current() else {
@@ -88,15 +100,22 @@ async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Resu
     let policy = ctx.config.leaf_policy();
     let request = leaf_request(&svc, &policy.cluster_domain);
     let now = OffsetDateTime::now_utc();
-    let (written, refresh_at) = match decide(Some(&secret_facts(&secret)), &request, &signer.ca, &policy, now) {
-        Decision::Foreign(_) => return Ok(Action::await_change()),
-        Decision::Keep { refresh_at } => return Ok(wake_at(refresh_at)),
+    let (written, refresh_at, reissued) = match decide(Some(&secret_facts(&secret)), &request, &signer.ca, &policy, now)
+    {
+        Decision::Foreign(_) => {
+            settled(false);
+            return Ok(Action::await_change());
+        }
+        Decision::Keep { refresh_at } => {
+            settled(false);
+            return Ok(wake_at(refresh_at));
+        }
         Decision::Tidy { extra_keys, expiry, refresh_at } => {
             let desired = desired(Some(&secret), &svc, family, &name, Content::Kept { expiry });
             if !extra_keys.is_empty() {
                 tracing::info!(secret = %secret_ref(&namespace, &name), ?extra_keys, "removing extra data keys");
             }
-            (write_secret(ctx, Some(&secret), desired).await?, refresh_at)
+            (write_secret(ctx, Some(&secret), desired).await?, refresh_at, false)
         }
         Decision::Issue(reason) => {
             let written = issue(ctx, &svc, family, &name, Some(&secret), &signer, &reason).await?;
@@ -104,14 +123,20 @@ async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Resu
                 Written::Done { expiry } => policy.refresh_at(*expiry, signer.ca.not_after()),
                 _ => None,
             };
-            (written, refresh_at)
+            (written, refresh_at, true)
         }
     };
     match written {
-        Written::Done { .. } => Ok(wake_at(refresh_at)),
+        Written::Done { .. } => {
+            settled(reissued);
+            Ok(wake_at(refresh_at))
+        }
         Written::Raced => Ok(Action::requeue(LOOK_AGAIN)),
         Written::Gone => Ok(Action::await_change()),
-        Written::Refused(message) => report_problem(ctx, NAME, &svc, &message).await,
+        Written::Refused(message) => {
+            settled(false);
+            report_problem(ctx, NAME, &svc, &message).await
+        }
     }
 }
 

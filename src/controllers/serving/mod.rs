@@ -13,6 +13,7 @@
 
 pub mod cert_refresh;
 pub mod decision;
+pub mod progress;
 pub mod serving_cert;
 
 use std::collections::BTreeMap;
@@ -44,7 +45,7 @@ use crate::admin::Health;
 use crate::metrics::ReasonLabels;
 use crate::names::{self as ann, Family, SECRET_TYPE_TLS, TLS_CERT, TLS_KEY};
 use crate::pki::{CertificateAuthority, IssuedLeaf, LeafRequest, PkiError, format_expiry};
-use crate::signer::Signer;
+use crate::signer::{Priority, Signer};
 
 /// What can fail in the serving controllers: the operation and the object it was for.
 #[derive(Debug, thiserror::Error)]
@@ -118,10 +119,12 @@ impl ServingWatches {
     pub fn new(client: &Client, selector: &str, health: Arc<Health>) -> Self {
         let (services, service_events) = cached_watch(
             Api::<Service>::all(client.clone()),
-            watcher::Config::default().labels(selector),
+            // Small list pages: a relist holds one page of whole Services at a time,
+            // whatever else their owners put in them.
+            watcher::Config::default().labels(selector).page_size(LIST_PAGE),
             health.clone(),
             is_annotated,
-            |_| {},
+            trim_service,
         );
         let (secrets, secret_events) = cached_metadata_watch::<Secret>(
             client.clone(),
@@ -171,6 +174,34 @@ impl ServingWatches {
 
 fn receiver_stream<T: Send + 'static>(rx: tokio::sync::mpsc::UnboundedReceiver<T>) -> impl Stream<Item = T> + Send {
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
+}
+
+/// Services per list page when the Service watch (re)lists.
+const LIST_PAGE: u32 = 10;
+
+/// What the serving controllers read of a Service, and nothing else: its identity,
+/// our annotations, and the spec fields that decide its names. Other annotations (a
+/// tenant's 200 KB of JSON), labels, ports and status never stay in memory.
+fn trim_service(svc: &mut Service) {
+    let ours = |key: &str| {
+        [ann::BETA, ann::ALPHA].iter().any(|f| {
+            [f.serving_cert_secret_name, f.signed_by, f.generation_error, f.generation_error_num].contains(&key)
+        })
+    };
+    if let Some(annotations) = svc.metadata.annotations.as_mut() {
+        annotations.retain(|k, _| ours(k));
+    }
+    svc.metadata.labels = None;
+    svc.metadata.owner_references = None;
+    svc.metadata.finalizers = None;
+    svc.status = None;
+    if let Some(spec) = svc.spec.take() {
+        svc.spec = Some(k8s_openapi::api::core::v1::ServiceSpec {
+            cluster_ip: spec.cluster_ip,
+            type_: spec.type_,
+            ..Default::default()
+        });
+    }
 }
 
 /// Whether a Service carries a serving-cert annotation (of any value): the only
@@ -394,7 +425,9 @@ pub async fn issue(
     let failed = |reason: &'static str| {
         ctx.metrics.issuance_failures.get_or_create(&ReasonLabels { reason }).inc();
     };
-    let leaf = match ctx.keys.issue(signer.clone(), request, policy.lifetime).await {
+    // A certificate nobody has yet goes before the bulk re-issue of existing ones.
+    let priority = if *reason == IssueReason::Absent { Priority::Urgent } else { Priority::Bulk };
+    let leaf = match ctx.keys.issue(signer.clone(), request, policy.lifetime, priority).await {
         Ok(leaf) => leaf,
         Err(source) => {
             failed("pki");
@@ -641,6 +674,18 @@ mod tests {
             ("Service", "uid-1", "web")
         );
         assert_eq!(out.type_.as_deref(), Some("kubernetes.io/tls"));
+    }
+
+    #[test]
+    fn the_service_cache_keeps_only_what_the_controllers_read() {
+        let mut service =
+            svc(&[(ann::BETA.serving_cert_secret_name, "tls"), ("tenant/blob", &"x".repeat(200_000))], Some("None"));
+        service.metadata.labels = Some(BTreeMap::from([("app".to_string(), "web".to_string())]));
+        let before = (trigger_hash(&service), leaf_request(&service, "cluster.local"), failures(&service));
+        trim_service(&mut service);
+        assert_eq!(service.annotations().keys().collect::<Vec<_>>(), [ann::BETA.serving_cert_secret_name]);
+        assert!(service.metadata.labels.is_none());
+        assert_eq!((trigger_hash(&service), leaf_request(&service, "cluster.local"), failures(&service)), before);
     }
 
     #[test]
