@@ -472,3 +472,76 @@ async fn admin_endpoints_serve_probes_and_the_spec_metrics() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_paused_leader_that_lost_its_lease_signs_nothing_when_it_resumes() {
+    let env = Env::new("paused").await;
+    let mut args = env.operator_args();
+    args.retain(|a| a != "--leader-elect=false");
+    args.extend(["--leader-elect=true", "--lease-duration", "4s"].map(String::from));
+    let mut a = Operator::start("paused-a", &args);
+    a.wait_ready(T).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut b = Operator::start("paused-b", &args);
+    b.wait_ready(T).await;
+    let n = 10;
+    for i in 0..n {
+        env.annotated_service(&format!("s{i}"), &format!("s{i}-tls"), false).await;
+    }
+    for i in 0..n {
+        env.serving_secret(&format!("s{i}-tls"), T).await;
+    }
+    let (leader, follower) = if standby(&b).await { (&mut a, &mut b) } else { (&mut b, &mut a) };
+    let old_ca = support::certs::ca_ski(&env.op_secrets().get("signing-key").await.unwrap());
+
+    // The leader stops (SIGSTOP: no chance to release anything) ...
+    crate::support::unsafe_free_signal(leader.pid(), "STOP");
+    eventually(Duration::from_secs(30), "the standby to take over", || async {
+        (!standby(follower).await).then_some(())
+    })
+    .await;
+    // ... the new leader hard-resets the CA and re-issues everything ...
+    env.op_secrets().delete("signing-key", &DeleteParams::default()).await.unwrap();
+    let new_ca = eventually(T, "a new CA", || async {
+        let s = env.op_secrets().get_opt("signing-key").await.ok()??;
+        let ski = support::certs::ca_ski(&s);
+        (ski != old_ca).then_some(ski)
+    })
+    .await;
+    for i in 0..n {
+        let name = format!("s{i}-tls");
+        eventually(T, &format!("{name} from the new CA"), || async {
+            (support::certs::leaf_aki(&env.secrets().get(&name).await.ok()?) == new_ca).then_some(())
+        })
+        .await;
+    }
+    // ... and a Service appears that the old leader would also like to serve.
+    env.annotated_service("late", "late-tls", false).await;
+    env.serving_secret("late-tls", T).await;
+
+    // The old leader resumes: it exits without writing, and nothing from the old CA appears.
+    crate::support::unsafe_free_signal(leader.pid(), "CONT");
+    let resumed = Instant::now();
+    while leader.running() {
+        assert!(resumed.elapsed() < T, "the old leader did not exit after it resumed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("the paused leader exited {:?} after it resumed", resumed.elapsed());
+    assert!(leader.logs().contains("lost the leader lease"), "{}", leader.logs());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(support::certs::ca_ski(&env.op_secrets().get("signing-key").await.unwrap()), new_ca, "still the new CA");
+    for name in (0..n).map(|i| format!("s{i}-tls")).chain(["late-tls".to_string()]) {
+        let secret = env.secrets().get(&name).await.unwrap();
+        assert_eq!(support::certs::leaf_aki(&secret), new_ca, "{name}: signed by the new CA only");
+    }
+    let bundle = env.ca_bundle().await;
+    assert_eq!(
+        support::certs::ders(&bundle).len(),
+        1,
+        "the bundle holds the new CA alone (a hard reset has no bridge)"
+    );
+}
+
+async fn standby(op: &Operator) -> bool {
+    op.admin_get("/readyz").await.is_some_and(|(_, body)| body.contains("standby"))
+}
