@@ -338,10 +338,10 @@ fn secret_data_round_trips_byte_for_byte() {
     let rotated = ca.rotate(key(), at, &policy()).unwrap();
     let back = CertificateAuthority::from_secret_data(&rotated.to_secret_data(), at).unwrap();
     assert_eq!(back.to_secret_data(), rotated.to_secret_data());
-    assert_eq!(back.intermediate(), rotated.intermediate());
+    assert_eq!(back.intermediates(), rotated.intermediates());
     // A loaded CA signs like the original: same issuer bytes, same chain shape.
     let leaf = issue(&back, false, at);
-    assert_eq!(ders(&leaf.chain_pem)[1], rotated.intermediate().unwrap().der);
+    assert_eq!(ders(&leaf.chain_pem)[1], rotated.intermediates()[0].der);
 }
 
 #[test]
@@ -765,4 +765,61 @@ fn bench_key_generation_signature_and_issuance() {
     );
     // A gross-regression guard only (the figure is ~50 ms on 2 cores).
     assert!(full < Duration::from_secs(2), "issuance took {full:?}");
+}
+
+#[test]
+fn rotations_seconds_apart_keep_every_bundle_in_its_trust_window_working() {
+    // SPEC §5.3: forced rotations one second apart (a person who rotated twice because
+    // the first "did not seem to work"). Every bundle handed out on the way must verify
+    // every leaf handed out on the way, in every stack.
+    let p = policy();
+    let t0 = now() - 10 * DAY;
+    let ca0 = new_ca(t0);
+    let t1 = now() - Duration::from_secs(2);
+    let ca1 = ca0.rotate(key(), t1, &p).unwrap();
+    let t2 = t1 + Duration::from_secs(1);
+    let ca2 = ca1.rotate(key(), t2, &p).unwrap();
+    let t3 = t2 + Duration::from_secs(1);
+    let ca3 = ca2.rotate(key(), t3, &p).unwrap();
+    let name = "web.shop.svc";
+    let leaves = [
+        ("leaf0", issue(&ca0, false, t0)),
+        ("leaf1", issue(&ca1, false, t1)),
+        ("leaf2", issue(&ca2, false, t2)),
+        ("leaf3", issue(&ca3, false, t3)),
+    ];
+    let at = now();
+    let bundles = [
+        ("bundle0", ca0.bundle_pem(at)),
+        ("bundle1", ca1.bundle_pem(at)),
+        ("bundle2", ca2.bundle_pem(at)),
+        ("bundle3", ca3.bundle_pem(at)),
+    ];
+    assert_eq!(ders(&bundles[3].1).len(), 4, "the newest CA and three bridges (X1s)");
+    assert_eq!(ders(&leaves[3].1.chain_pem).len(), 5, "leaf, three bridges (X2s), CA");
+    let mut checked = 0;
+    for (leaf_name, leaf) in &leaves {
+        let server = TlsServer::start(&leaf.chain_pem, &leaf.key_pem);
+        for (bundle_name, bundle) in &bundles {
+            for (stack, result) in tls::connect_all(server.port, bundle, name) {
+                result.unwrap_or_else(|e| panic!("{stack}: {leaf_name} × {bundle_name}: {e}"));
+                checked += 1;
+            }
+            tls::openssl_verify(&leaf.chain_pem, bundle, name)
+                .unwrap_or_else(|e| panic!("openssl verify {leaf_name} × {bundle_name}: {e}"));
+            tls::go_verify(&leaf.chain_pem, bundle, name)
+                .unwrap_or_else(|e| panic!("go verify {leaf_name} × {bundle_name}: {e}"));
+        }
+    }
+    println!("three rotations a second apart: {checked} handshakes, every leaf × every bundle");
+
+    // The bridges persist through signing-key and stay bounded.
+    let back = CertificateAuthority::from_secret_data(&ca3.to_secret_data(), at).unwrap();
+    assert_eq!(back.intermediates().len(), 3);
+    let mut ca = ca3;
+    for i in 0..service_ca_operator::pki::MAX_BRIDGES + 2 {
+        ca = ca.rotate(key(), t3 + Duration::from_secs(i as u64 + 1), &p).unwrap();
+    }
+    assert_eq!(ca.intermediates().len(), service_ca_operator::pki::MAX_BRIDGES);
+    assert_eq!(ders(&ca.bundle_pem(at)).len(), service_ca_operator::pki::MAX_BRIDGES + 1);
 }

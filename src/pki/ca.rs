@@ -16,6 +16,10 @@ use super::keys::{KeyKind, PrivateKey, certificate_public_key, random_serial};
 use super::{PkiError, pem};
 use crate::names::{CA_BUNDLE, INTERMEDIATE, TLS_CERT, TLS_KEY};
 
+/// The most bridges of each kind (X1 in the bundle, X2 in leaf chains) kept through
+/// rotations in quick succession.
+pub const MAX_BRIDGES: usize = 8;
+
 /// The prefix of the CA's common name; the suffix is the creation time in Unix seconds.
 pub const CA_NAME_PREFIX: &str = "openshift-service-serving-signer@";
 
@@ -88,8 +92,9 @@ pub struct CertificateAuthority {
     issuer: Issuer<'static, KeyPair>,
     /// `ca-bundle.crt` as stored (after a rotation); `None` means "just tls.crt".
     bundle: Option<Vec<CertInfo>>,
-    /// `intermediate-ca.crt`: this CA's certificate signed by the previous CA's key.
-    intermediate: Option<CertInfo>,
+    /// `intermediate-ca.crt`: the bridges X2, newest first: this CA's certificate
+    /// signed by the previous CA's key, then earlier rotations' bridges still valid.
+    intermediates: Vec<CertInfo>,
 }
 
 impl std::fmt::Debug for CertificateAuthority {
@@ -98,7 +103,7 @@ impl std::fmt::Debug for CertificateAuthority {
             .field("subject_cn", &self.cert.subject_cn)
             .field("not_after", &self.cert.not_after)
             .field("key", &self.key)
-            .field("rotated", &self.intermediate.is_some())
+            .field("bridges", &self.intermediates.len())
             .finish()
     }
 }
@@ -111,7 +116,7 @@ impl CertificateAuthority {
         let params = ca_params(dn, now, now + policy.lifetime, KeyIdMethod::Sha256);
         let signing = key.signing_key()?;
         let cert = params.self_signed(&signing).map_err(signing_error)?;
-        Self::assemble(CertInfo::parse(TLS_CERT, cert.der().to_vec())?, key, signing, None, None)
+        Self::assemble(CertInfo::parse(TLS_CERT, cert.der().to_vec())?, key, signing, None, Vec::new())
     }
 
     /// Loads and validates the CA from a `signing-key` Secret's data.
@@ -160,7 +165,15 @@ impl CertificateAuthority {
                     .collect::<Result<Vec<_>, _>>()
             })
             .transpose()?;
-        let intermediate = field(INTERMEDIATE).map(|pem| single_certificate(INTERMEDIATE, pem)).transpose()?;
+        let intermediates = field(INTERMEDIATE)
+            .map(|pem| {
+                pem::decode_certificates(INTERMEDIATE, pem)?
+                    .into_iter()
+                    .map(|der| CertInfo::parse(INTERMEDIATE, der))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?
+            .unwrap_or_default();
         // What a rotation left behind must belong to this CA: a tls.crt/tls.key replaced
         // by hand next to an old bundle would otherwise publish a bundle that does not
         // trust the CA that signs.
@@ -172,7 +185,8 @@ impl CertificateAuthority {
                 problem: "does not contain the CA certificate of tls.crt",
             });
         }
-        if let Some(x2) = &intermediate {
+        // The newest bridge certifies this CA's key; older ones follow it.
+        if let Some(x2) = intermediates.first() {
             let (_, parsed) = X509Certificate::from_der(&x2.der)
                 .map_err(|e| PkiError::BadCertificate { field: INTERMEDIATE, reason: e.to_string() })?;
             if certificate_public_key(&parsed).as_ref() != Some(&public) {
@@ -182,7 +196,7 @@ impl CertificateAuthority {
                 });
             }
         }
-        Self::assemble(cert, key, signing, bundle, intermediate)
+        Self::assemble(cert, key, signing, bundle, intermediates)
     }
 
     fn assemble(
@@ -190,11 +204,11 @@ impl CertificateAuthority {
         key: PrivateKey,
         signing: KeyPair,
         bundle: Option<Vec<CertInfo>>,
-        intermediate: Option<CertInfo>,
+        intermediates: Vec<CertInfo>,
     ) -> Result<Self, PkiError> {
         let issuer = Issuer::from_ca_cert_der(&cert.der.as_slice().into(), signing)
             .map_err(|e| PkiError::BadCertificate { field: TLS_CERT, reason: e.to_string() })?;
-        Ok(CertificateAuthority { cert, key, issuer, bundle, intermediate })
+        Ok(CertificateAuthority { cert, key, issuer, bundle, intermediates })
     }
 
     /// The Secret data that persists this CA (`tls.crt`, `tls.key`, and after a
@@ -209,15 +223,25 @@ impl CertificateAuthority {
                 pem::encode_certificates(bundle.iter().map(|c| c.der.as_slice())).into_bytes(),
             );
         }
-        if let Some(x2) = &self.intermediate {
-            data.insert(INTERMEDIATE.to_string(), x2.pem().into_bytes());
+        if !self.intermediates.is_empty() {
+            data.insert(
+                INTERMEDIATE.to_string(),
+                pem::encode_certificates(self.intermediates.iter().map(|c| c.der.as_slice())).into_bytes(),
+            );
         }
         data
     }
 
     /// Rotation per SPEC §3.3: a new CA with the same subject, signed by `new_key`;
     /// `X1` (this CA re-signed by the new key) joins the bundle, `X2` (the new CA
-    /// signed by this CA's key) becomes the intermediate that new leaves carry.
+    /// signed by this CA's key) becomes the newest bridge that new leaves carry.
+    ///
+    /// Bridges of earlier rotations that are still valid stay (SPEC §5.3): the older
+    /// `X1`s in the bundle, so leaves not re-issued since an earlier CA stay trusted, and
+    /// the older `X2`s after the new one in every leaf chain, so a client holding a
+    /// bundle from before several rotations still reaches the CA it trusts. All CAs
+    /// share one subject; path building follows the key identifiers. At most
+    /// [`MAX_BRIDGES`] of each are kept.
     pub fn rotate(&self, new_key: PrivateKey, now: OffsetDateTime, policy: &CaPolicy) -> Result<Self, PkiError> {
         let (_, current) = X509Certificate::from_der(&self.cert.der)
             .map_err(|e| PkiError::BadCertificate { field: TLS_CERT, reason: e.to_string() })?;
@@ -256,8 +280,11 @@ impl CertificateAuthority {
             x2.signed_by(new_key.public_key(), &self.issuer).map_err(signing_error)?.der().to_vec(),
         )?;
 
-        let bundle = vec![new_cert.clone(), x1];
-        Self::assemble(new_cert, new_key, new_signing, Some(bundle), Some(x2))
+        let older_x1 = self.bundle_certs().filter(|c| c.der != self.cert.der && now < c.not_after).cloned();
+        let bundle = [new_cert.clone(), x1].into_iter().chain(older_x1.take(MAX_BRIDGES - 1)).collect();
+        let older_x2 = self.intermediates.iter().filter(|c| now < c.not_after).cloned();
+        let intermediates = std::iter::once(x2).chain(older_x2.take(MAX_BRIDGES - 1)).collect();
+        Self::assemble(new_cert, new_key, new_signing, Some(bundle), intermediates)
     }
 
     /// The trust bundle (SPEC §3.4): `ca-bundle.crt` when present, else `tls.crt`,
@@ -290,9 +317,9 @@ impl CertificateAuthority {
         &self.cert
     }
 
-    /// The bridge certificate X2, present after a rotation.
-    pub fn intermediate(&self) -> Option<&CertInfo> {
-        self.intermediate.as_ref()
+    /// The bridge certificates X2, newest first (empty before the first rotation).
+    pub fn intermediates(&self) -> &[CertInfo] {
+        &self.intermediates
     }
 
     pub fn key_kind(&self) -> KeyKind {

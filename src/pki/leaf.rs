@@ -121,7 +121,8 @@ impl CertificateAuthority {
         let cert = params.signed_by(key.public_key(), self.issuer()).map_err(|e| PkiError::Signing(e.to_string()))?;
         let leaf = CertInfo::parse("tls.crt", cert.der().to_vec())?;
         let mut chain_pem = leaf.pem();
-        if let Some(x2) = self.intermediate() {
+        // Every bridge still valid, newest first, then the CA (SPEC §1, §5.3).
+        for x2 in self.intermediates().iter().filter(|x2| now <= x2.not_after) {
             chain_pem.push_str(&x2.pem());
         }
         chain_pem.push_str(&self.certificate().pem());

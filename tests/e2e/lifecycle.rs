@@ -341,7 +341,8 @@ async fn operator_killed_during_rotations_never_invents_a_second_ca() {
         .await;
         let bundle_field = data(&after, "ca-bundle.crt");
         let members = certs::ders(&bundle_field);
-        assert_eq!(members.len(), 2, "[new CA, X1]");
+        // [new CA, X1 of this round, X1s of the earlier rounds] (all still valid).
+        assert_eq!(members.len(), (round + 2).min(pki::MAX_BRIDGES + 1), "[new CA, X1, earlier X1s]");
         let x1 = pki::CertInfo::parse("x1", members[1].clone()).unwrap();
         assert_eq!(
             x1.subject_key_id.as_deref(),
@@ -472,4 +473,51 @@ async fn bulk_reissue_after_a_rotation_reports_progress_with_an_eta() {
     assert!(lines.iter().any(|l| l.contains(&format!(" of {n} Secrets done")) && l.contains("ETA")), "{lines:?}");
     let page = op.admin_get("/metrics").await.unwrap().1;
     assert!(page.contains("service_ca_reissue_remaining 0"), "nothing left");
+}
+
+#[tokio::test]
+async fn two_forced_rotations_a_second_apart_keep_the_first_bundle_working() {
+    let env = Env::new("twice").await;
+    let _op = env.start_operator(&[]);
+    let bundle0 = env.ca_bundle().await;
+    env.annotated_service("web", "web-tls", false).await;
+    let leaf0 = env.serving_secret("web-tls", T).await;
+    let name = format!("web.{}.svc", env.ns);
+    let force = |reason: &'static str| {
+        let env = &env;
+        async move {
+            let patch = json!({ "metadata": { "annotations": { "service-ca.operators.openshift.io/force-rotation": reason } } });
+            env.op_secrets().patch("signing-key", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+            eventually(T, reason, || async {
+                let s = env.op_secrets().get("signing-key").await.ok()?;
+                (s.annotations().get("service-ca.operators.openshift.io/forced-rotation-reason").map(String::as_str)
+                    == Some(reason))
+                .then_some(s)
+            })
+            .await
+        }
+    };
+    force("first").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let newest = certs::ca_ski(&force("second").await);
+    let leaf2 = eventually(T, "the leaf from the newest CA", || async {
+        let s = env.secrets().get("web-tls").await.ok()?;
+        (certs::leaf_aki(&s) == newest).then_some(s)
+    })
+    .await;
+    let bundle2 = eventually(T, "the newest bundle", || async {
+        let b = env.ca_bundle().await;
+        (certs::ders(&b).len() == 3).then_some(b)
+    })
+    .await;
+    // A client still holding the bundle from before the first rotation, and one with the
+    // newest bundle talking to a server not yet restarted: every stack verifies.
+    for (case, leaf, bundle) in
+        [("new leaf × first bundle", &leaf2, &bundle0), ("old leaf × newest bundle", &leaf0, &bundle2)]
+    {
+        let server = TlsServer::start(&data(leaf, "tls.crt"), &data(leaf, "tls.key"));
+        for (stack, result) in tls::connect_all(server.port, bundle, &name) {
+            result.unwrap_or_else(|e| panic!("{case}, {stack}: {e}"));
+        }
+    }
 }
