@@ -9,6 +9,7 @@ mod support;
 
 mod cluster;
 mod faults;
+mod gitops;
 mod injection;
 mod lifecycle;
 mod perf;
