@@ -478,3 +478,57 @@ async fn a_legacy_configmap_without_a_root_ca_backs_off_with_one_warning() {
     assert!(warnings[0].series.is_none(), "the Warning was sent again: {:?}", warnings[0].series);
     assert_eq!(cms.get("openshift-service-ca.crt").await.unwrap().resource_version(), legacy.resource_version());
 }
+
+#[tokio::test]
+async fn a_write_the_api_server_cannot_take_backs_off_with_one_warning() {
+    // 2,000 webhook entries: the configuration itself is small enough to store, but a
+    // bundle in every entry is not (the patch is over the API server's request limit,
+    // the object over etcd's). The operator must not come back every few seconds with
+    // the same large patch.
+    let env = Env::new("gitops-large").await;
+    let op = env.start_operator(&[]);
+    env.ca_bundle().await;
+    let run = env.run.clone();
+    let mut cleanup = Cleanup::default();
+    let names: Vec<String> = (0..2000).map(|i| format!("w{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut vwc = annotated(webhook_json("ValidatingWebhookConfiguration", &run, &names));
+    for webhook in vwc["webhooks"].as_array_mut().unwrap() {
+        webhook.as_object_mut().unwrap().remove("rules");
+        webhook["objectSelector"] = json!({ "matchLabels": { "nothing": "matches" } });
+    }
+    let name = vwc["metadata"]["name"].as_str().unwrap().to_string();
+    cleanup.add::<ValidatingWebhookConfiguration>(name.clone());
+    let vwcs = Api::<ValidatingWebhookConfiguration>::all(env.client.clone());
+    let created = vwcs.create(&PostParams::default(), &serde_json::from_value(vwc).unwrap()).await.unwrap();
+
+    let errors = |text: &str| metric(text, "service_ca_reconcile_errors_total", &[("controller", "ca-bundle")]);
+    let writes = |text: &str| {
+        metric(
+            text,
+            "service_ca_api_writes_total",
+            &[("resource", "validatingwebhookconfigurations"), ("verb", "patch")],
+        )
+    };
+    eventually(T, "a failed injection", || async { (errors(&scrape(&op).await) > 0.0).then_some(()) }).await;
+    let text = scrape(&op).await;
+    let (errors_before, writes_before) = (errors(&text), writes(&text));
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let text = scrape(&op).await;
+    let (errors_after, writes_after) = (errors(&text), writes(&text));
+    println!("in 20 s: {} failed attempts, {} patches", errors_after - errors_before, writes_after - writes_before);
+    assert!(errors_after - errors_before <= 5.0, "{errors_before} → {errors_after} errors in 20 s");
+    assert!(writes_after - writes_before <= 5.0, "{writes_before} → {writes_after} patches in 20 s");
+    let warnings: Vec<_> = env
+        .events("default", Some(&name), None)
+        .await
+        .into_iter()
+        .filter(|e| e.type_.as_deref() == Some("Warning"))
+        .collect();
+    println!("{:?}", warnings.iter().map(|w| (&w.reason, &w.note, &w.series)).collect::<Vec<_>>());
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].series.is_none(), "the Warning was sent again: {:?}", warnings[0].series);
+    assert!(warnings[0].note.as_deref().unwrap_or_default().contains("could not inject"), "{warnings:?}");
+    let now = vwcs.get(&name).await.unwrap();
+    assert_eq!(now.resource_version(), created.resource_version(), "nothing was written");
+}

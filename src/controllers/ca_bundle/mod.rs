@@ -120,6 +120,15 @@ fn keep_annotation(key: &str) -> bool {
         || key == ann::INJECT_VULNERABLE_LEGACY_CABUNDLE
 }
 
+/// `namespace/name`, or `name` for a cluster-scoped object.
+fn shown(meta: &ObjectMeta) -> String {
+    let name = meta.name.as_deref().unwrap_or_default();
+    match meta.namespace.as_deref() {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_string(),
+    }
+}
+
 /// Whether `meta` names an object the operator writes for itself (`signing-cabundle`
 /// in its namespace): never an injection target, whatever its annotations say (two
 /// controllers would fight over its `data`).
@@ -222,9 +231,10 @@ async fn inject<K: Target>(obj: Arc<PartialObjectMeta<K>>, state: Arc<Injector>)
     };
     if own_object::<K>(&obj.metadata, &ctx.config.namespace) {
         let note = format!(
-            "{} {object} is written by the operator itself and is never an injection target: nothing is \
-             injected. Remove the inject annotation.",
-            K::KIND
+            "{} {} is written by the operator itself and is never an injection target: nothing is injected. \
+             Remove the inject annotation.",
+            K::KIND,
+            crate::bounded(&shown(&obj.metadata))
         );
         state.warn(&object, &reference, IGNORED, note).await;
         return Ok(Action::await_change());
@@ -242,7 +252,15 @@ async fn inject<K: Target>(obj: Arc<PartialObjectMeta<K>>, state: Arc<Injector>)
         // Retried with the per-object backoff of `drive`; reported once (a transport
         // failure says nothing about the object and is not reported).
         Err(error) if !error.unreachable() => {
-            let note = format!("could not inject the CA bundle: {}", crate::bounded(&error.to_string()));
+            let problem = match error {
+                Error::Write { source, .. } => match super::status_code(source) {
+                    Some(code) => format!("the API server answered {code}: {}", api_message(source)),
+                    None => source.to_string(),
+                },
+                other => other.to_string(),
+            };
+            let note = format!("could not inject the CA bundle: {}", crate::bounded(&problem));
+            tracing::warn!(kind = K::KIND, %object, "{note}");
             state.warn(&object, &reference, FAILED, note).await;
         }
         Err(_) => {}
