@@ -259,8 +259,8 @@ async fn inject<K: Target>(obj: Arc<PartialObjectMeta<K>>, state: Arc<Injector>)
                 },
                 other => other.to_string(),
             };
+            // (`drive` logs every failed attempt.)
             let note = format!("could not inject the CA bundle: {}", crate::bounded(&problem));
-            tracing::warn!(kind = K::KIND, %object, "{note}");
             state.warn(&object, &reference, FAILED, note).await;
         }
         Err(_) => {}
