@@ -221,9 +221,10 @@ async fn inject<K: Target>(obj: Arc<PartialObjectMeta<K>>, state: Arc<Injector>)
         ..Default::default()
     };
     let object = ObjectRef::from_obj(obj.as_ref()).to_string();
-    match warning {
-        Some(warning) => state.warn(&object, &reference, INVALID_ANNOTATION, warning).await,
-        None => state.warned.clear(&object, Some(INVALID_ANNOTATION)),
+    // Sent on every pass, which happens only when a person changed the object (or the
+    // bundle changed): the recorder counts the repeat on the same Event.
+    if let Some(warning) = warning {
+        ctx.event(&reference, EventType::Warning, INVALID_ANNOTATION, warning).await;
     }
     let Some(mode) = mode else {
         state.warned.clear(&object, Some(FAILED));
@@ -399,6 +400,18 @@ mod tests {
         let mut other = own.clone();
         other.name = Some("trust".into());
         assert!(!own_object::<ConfigMap>(&other, "openshift-service-ca"));
+    }
+
+    #[test]
+    fn a_write_that_got_no_answer_backs_off_a_read_that_got_none_retries_soon() {
+        // A patch over the API server's size limit may be cut off before any answer:
+        // it must take the growing backoff, not the quick retry meant for outages.
+        let cut = || kube::Error::Service("connection reset by peer".into());
+        let write = Error::Write { kind: "ValidatingWebhookConfiguration", object: "v".into(), source: cut() };
+        assert!(!write.unreachable());
+        assert_eq!(write.category(), "write");
+        assert!(Error::Read { kind: "ConfigMap", object: "c".into(), source: cut() }.unreachable());
+        assert!(!Error::NoRootCa { namespace: "ns".into() }.unreachable());
     }
 
     #[test]
