@@ -10,6 +10,7 @@ mod support;
 mod chart;
 mod cluster;
 mod faults;
+mod gitops;
 mod hardening;
 mod image;
 mod injection;

@@ -5,15 +5,19 @@
 //! Plan: [`mode`] reads the annotations; [`Target::plan`] (pure, per kind, in
 //! `targets`) compares the full object, read when acting, with the bundle.
 //! Write: only the injected field, guarded by the resourceVersion the plan was made
-//! from. Report: metrics, and a Warning Event when the API server refuses.
+//! from, never as a co-owner that blocks another manager (see `targets`). The
+//! operator's own objects are never targets ([`own_object`]). Report: metrics, and
+//! one Warning Event per distinct problem ([`Warned`]); failures are retried with the
+//! per-object backoff of [`drive`].
 
 mod targets;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
@@ -31,7 +35,7 @@ use super::{
     Categorised, Context, RETRY_REFUSED, api_message, cached_metadata_watch, drive, is_conflict, is_not_found,
     patch_params,
 };
-use crate::names::{self as ann, KUBE_ROOT_CA, KUBE_ROOT_CA_KEY, is_true};
+use crate::names::{self as ann, KUBE_ROOT_CA, KUBE_ROOT_CA_KEY, SIGNING_CABUNDLE, is_true};
 use crate::shutdown::Shutdown;
 
 pub const NAME: &str = "ca-bundle";
@@ -50,23 +54,27 @@ pub enum Error {
     ReadRootCa { namespace: String, source: kube::Error },
     #[error("ConfigMap {namespace}/{KUBE_ROOT_CA} has no {KUBE_ROOT_CA_KEY} yet: the legacy bundle cannot be made")]
     NoRootCa { namespace: String },
+    #[error("encoding the patch for {kind} {object}: {source}")]
+    Encode { kind: &'static str, object: String, source: serde_json::Error },
 }
 
 impl Categorised for Error {
     fn category(&self) -> &'static str {
         match self {
             Error::Read { .. } => "read",
-            Error::Write { .. } => "write",
+            Error::Write { .. } | Error::Encode { .. } => "write",
             Error::ReadRootCa { .. } | Error::NoRootCa { .. } => "legacy-root-ca",
         }
     }
 
     fn unreachable(&self) -> bool {
         match self {
-            Error::Read { source, .. } | Error::Write { source, .. } | Error::ReadRootCa { source, .. } => {
-                !matches!(source, kube::Error::Api(_))
-            }
-            Error::NoRootCa { .. } => false,
+            Error::Read { source, .. } | Error::ReadRootCa { source, .. } => !matches!(source, kube::Error::Api(_)),
+            // The object was read a moment before: a write that gets no answer is more
+            // likely cut off for its own sake (a body over the API server's limit) than
+            // an outage, and must back off like any failing write instead of coming
+            // back every few seconds with the same large patch.
+            Error::Write { .. } | Error::NoRootCa { .. } | Error::Encode { .. } => false,
         }
     }
 }
@@ -112,6 +120,69 @@ fn keep_annotation(key: &str) -> bool {
         || key == ann::INJECT_VULNERABLE_LEGACY_CABUNDLE
 }
 
+/// `namespace/name`, or `name` for a cluster-scoped object.
+fn shown(meta: &ObjectMeta) -> String {
+    let name = meta.name.as_deref().unwrap_or_default();
+    match meta.namespace.as_deref() {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_string(),
+    }
+}
+
+/// Whether `meta` names an object the operator writes for itself (`signing-cabundle`
+/// in its namespace): never an injection target, whatever its annotations say (two
+/// controllers would fight over its `data`).
+pub fn own_object<K: Target>(meta: &ObjectMeta, operator_namespace: &str) -> bool {
+    K::KIND == "ConfigMap"
+        && meta.namespace.as_deref() == Some(operator_namespace)
+        && meta.name.as_deref() == Some(SIGNING_CABUNDLE)
+}
+
+/// The Warnings already published, per (object, reason): the note's digest. A
+/// problem is reported once, not once per reconcile or retry (the Event recorder
+/// would turn each repeat into another write); a different note is a new Event, and
+/// once the problem is gone it may be reported again.
+#[derive(Default)]
+pub struct Warned(Mutex<HashMap<(String, &'static str), u64>>);
+
+impl Warned {
+    /// Records `note` for (`object`, `reason`); true when it was not the last one
+    /// recorded there (so it is to be published).
+    pub fn first(&self, object: &str, reason: &'static str, note: &str) -> bool {
+        use std::hash::{Hash, Hasher};
+        let mut digest = std::collections::hash_map::DefaultHasher::new();
+        note.hash(&mut digest);
+        let digest = digest.finish();
+        match self.0.lock() {
+            Ok(mut seen) => seen.insert((object.to_string(), reason), digest) != Some(digest),
+            Err(_) => true,
+        }
+    }
+
+    /// The problem of `reason` (every reason: `None`) is gone for `object`.
+    pub fn clear(&self, object: &str, reason: Option<&'static str>) {
+        if let Ok(mut seen) = self.0.lock() {
+            seen.retain(|(o, r), _| o != object || reason.is_some_and(|reason| reason != *r));
+        }
+    }
+}
+
+/// What one kind's injector holds: the shared context and the Warnings it sent.
+struct Injector {
+    ctx: Arc<Context>,
+    warned: Warned,
+}
+
+impl Injector {
+    /// Publishes a Warning Event unless this very note was the last one published
+    /// for (`object`, `reason`).
+    async fn warn(&self, object: &str, regarding: &ObjectReference, reason: &'static str, note: String) {
+        if self.warned.first(object, reason, &note) {
+            self.ctx.event(regarding, EventType::Warning, reason, note).await;
+        }
+    }
+}
+
 /// Runs the five injectors until `shutdown`.
 pub async fn run(ctx: Arc<Context>, shutdown: Shutdown) {
     tokio::join!(
@@ -126,12 +197,22 @@ pub async fn run(ctx: Arc<Context>, shutdown: Shutdown) {
 async fn run_kind<K: Target>(ctx: Arc<Context>, shutdown: Shutdown) {
     let config = watcher::Config::default().labels(&ctx.config.selector);
     let (store, stream) = cached_metadata_watch::<K>(ctx.client.clone(), config, ctx.health.clone(), keep_annotation);
-    drive(Controller::for_stream(stream, store), NAME, ctx.clone(), shutdown, ctx, inject::<K>).await;
+    let state = Arc::new(Injector { ctx: ctx.clone(), warned: Warned::default() });
+    drive(Controller::for_stream(stream, store), NAME, ctx, shutdown, state, inject::<K>).await;
 }
 
-async fn inject<K: Target>(obj: Arc<PartialObjectMeta<K>>, ctx: Arc<Context>) -> Result<Action, Error> {
+/// At most this many writes in one pass (inject, then give up ownership); anything
+/// left is seen on the next pass, which our own write triggers.
+const MAX_WRITES: usize = 3;
+
+const INVALID_ANNOTATION: &str = "InvalidInjectAnnotation";
+const FAILED: &str = "CABundleInjectionFailed";
+const IGNORED: &str = "CABundleInjectionIgnored";
+
+async fn inject<K: Target>(obj: Arc<PartialObjectMeta<K>>, state: Arc<Injector>) -> Result<Action, Error> {
+    let ctx = &state.ctx;
     let (mode, warning) = mode::<K>(&obj.metadata);
-    let reference = k8s_openapi::api::core::v1::ObjectReference {
+    let reference = ObjectReference {
         api_version: Some(K::api_version(&()).into_owned()),
         kind: Some(K::KIND.into()),
         name: obj.metadata.name.clone(),
@@ -139,61 +220,131 @@ async fn inject<K: Target>(obj: Arc<PartialObjectMeta<K>>, ctx: Arc<Context>) ->
         uid: obj.metadata.uid.clone(),
         ..Default::default()
     };
+    let object = ObjectRef::from_obj(obj.as_ref()).to_string();
+    // Sent on every pass, which happens only when a person changed the object (or the
+    // bundle changed): the recorder counts the repeat on the same Event.
     if let Some(warning) = warning {
-        ctx.event(&reference, EventType::Warning, "InvalidInjectAnnotation", warning).await;
+        ctx.event(&reference, EventType::Warning, INVALID_ANNOTATION, warning).await;
     }
     let Some(mode) = mode else {
+        state.warned.clear(&object, Some(FAILED));
         return Ok(Action::await_change());
     };
-    let Some(signer) = ctx.signer.current() else {
+    if own_object::<K>(&obj.metadata, &ctx.config.namespace) {
+        let note = format!(
+            "{} {} is written by the operator itself and is never an injection target: nothing is injected. \
+             Remove the inject annotation.",
+            K::KIND,
+            crate::bounded(&shown(&obj.metadata))
+        );
+        state.warn(&object, &reference, IGNORED, note).await;
         return Ok(Action::await_change());
+    }
+    let result = inject_into::<K>(&obj, ctx, mode, &object).await;
+    match &result {
+        Ok(Injected::Done) => state.warned.clear(&object, Some(FAILED)),
+        Ok(Injected::Gone) => state.warned.clear(&object, None),
+        Ok(Injected::Raced) => {}
+        Ok(Injected::Refused(message)) => {
+            let note = format!("could not inject the CA bundle: the API server refused it: {message}");
+            tracing::warn!(kind = K::KIND, %object, "{note}");
+            state.warn(&object, &reference, FAILED, note).await;
+        }
+        // Retried with the per-object backoff of `drive`; reported once (a transport
+        // failure says nothing about the object and is not reported).
+        Err(error) if !error.unreachable() => {
+            let problem = match error {
+                Error::Write { source, .. } => match super::status_code(source) {
+                    Some(code) => format!("the API server answered {code}: {}", api_message(source)),
+                    None => source.to_string(),
+                },
+                other => other.to_string(),
+            };
+            // (`drive` logs every failed attempt.)
+            let note = format!("could not inject the CA bundle: {}", crate::bounded(&problem));
+            state.warn(&object, &reference, FAILED, note).await;
+        }
+        Err(_) => {}
+    }
+    result.map(|outcome| match outcome {
+        Injected::Done | Injected::Gone => Action::await_change(),
+        Injected::Raced => Action::requeue(RACE_LOST),
+        Injected::Refused(_) => Action::requeue(RETRY_REFUSED),
+    })
+}
+
+/// How an injection pass ended (other than in an error to retry with backoff).
+enum Injected {
+    /// The object holds the bundle and nothing of ours blocks other managers.
+    Done,
+    /// The object is gone.
+    Gone,
+    /// The object changed (or went) between read and write: look again soon.
+    Raced,
+    /// The API server refused the write (422): it will refuse it again until a person
+    /// changes something. The API server's message, bounded.
+    Refused(String),
+}
+
+/// Read → plan → write, until the plan asks for nothing (at most [`MAX_WRITES`]).
+async fn inject_into<K: Target>(
+    obj: &PartialObjectMeta<K>,
+    ctx: &Context,
+    mode: Mode,
+    object: &str,
+) -> Result<Injected, Error> {
+    let Some(signer) = ctx.signer.current() else {
+        return Ok(Injected::Done);
     };
     let name = obj.name_any();
-    let object = ObjectRef::from_obj(obj.as_ref()).to_string();
     let api = K::api(ctx.client.clone(), obj.namespace().as_deref());
     let full =
-        api.get_opt(&name).await.map_err(|source| Error::Read { kind: K::KIND, object: object.clone(), source })?;
-    let Some(full) = full else {
-        return Ok(Action::await_change());
+        api.get_opt(&name).await.map_err(|source| Error::Read { kind: K::KIND, object: object.into(), source })?;
+    let Some(mut current) = full else {
+        return Ok(Injected::Gone);
     };
     let value = match mode {
         Mode::Bundle => signer.bundle_pem.clone(),
-        Mode::Legacy => legacy_value(&ctx, &obj.namespace().unwrap_or_default(), &signer.bundle_pem).await?,
+        Mode::Legacy => legacy_value(ctx, &obj.namespace().unwrap_or_default(), &signer.bundle_pem).await?,
     };
-    let Some(write) = full.plan(&value) else {
-        return Ok(Action::await_change());
-    };
-    // The plan was made from this version of the object: it is written only over that
-    // version (a webhook entry removed meanwhile must not come back); otherwise 409 and
-    // a fresh look.
-    let guarded = |mut patch: serde_json::Value| {
-        patch["metadata"]["resourceVersion"] = full.resource_version().into();
-        patch
-    };
-    ctx.metrics.write(K::RESOURCE, "patch");
-    let result = match write {
-        Write::Apply(patch) => {
-            api.patch(&name, &PatchParams::apply(ann::FIELD_MANAGER).force(), &Patch::Apply(guarded(patch))).await
+    for _ in 0..MAX_WRITES {
+        let Some(write) = current.plan(&value) else {
+            break;
+        };
+        let injects = write.injects();
+        // The plan was made from this version of the object: it is written only over
+        // that version (a webhook entry removed meanwhile must not come back);
+        // otherwise 409 and a fresh look.
+        let write = write.guarded(&current.resource_version().unwrap_or_default());
+        ctx.metrics.write(K::RESOURCE, "patch");
+        let result =
+            match write {
+                Write::Apply(patch) => {
+                    api.patch(&name, &PatchParams::apply(ann::FIELD_MANAGER).force(), &Patch::Apply(patch)).await
+                }
+                Write::Merge(patch) => api.patch(&name, &patch_params(), &Patch::Merge(patch)).await,
+                Write::Json(ops) | Write::Disown(ops) => {
+                    let ops = serde_json::from_value(serde_json::Value::Array(ops))
+                        .map_err(|source| Error::Encode { kind: K::KIND, object: object.into(), source })?;
+                    api.patch(&name, &patch_params(), &Patch::<serde_json::Value>::Json(ops)).await
+                }
+            };
+        current = match result {
+            Ok(written) => written,
+            Err(e) if is_conflict(&e) || is_not_found(&e) => return Ok(Injected::Raced),
+            Err(e) if super::status_code(&e) == Some(422) => {
+                return Ok(Injected::Refused(crate::bounded(&api_message(&e)).into_owned()));
+            }
+            Err(source) => return Err(Error::Write { kind: K::KIND, object: object.into(), source }),
+        };
+        if injects {
+            ctx.metrics.injections.get_or_create(&crate::metrics::KindLabels { kind: K::RESOURCE }).inc();
+            tracing::info!(kind = K::KIND, %object, "CA bundle injected");
+        } else {
+            tracing::info!(kind = K::KIND, %object, "dropped our managedFields entry so that we block no other manager");
         }
-        Write::Merge(patch) => api.patch(&name, &patch_params(), &Patch::Merge(guarded(patch))).await,
-    };
-    match result {
-        Ok(_) => {}
-        Err(e) if is_conflict(&e) || is_not_found(&e) => return Ok(Action::requeue(RACE_LOST)),
-        Err(e) if super::status_code(&e) == Some(422) => {
-            let note = format!(
-                "could not inject the CA bundle: the API server refused it: {}",
-                crate::bounded(&api_message(&e))
-            );
-            tracing::warn!(kind = K::KIND, %object, "{note}");
-            ctx.event(&reference, EventType::Warning, "CABundleInjectionFailed", note).await;
-            return Ok(Action::requeue(RETRY_REFUSED));
-        }
-        Err(source) => return Err(Error::Write { kind: K::KIND, object, source }),
     }
-    ctx.metrics.injections.get_or_create(&crate::metrics::KindLabels { kind: K::RESOURCE }).inc();
-    tracing::info!(kind = K::KIND, %object, "CA bundle injected");
-    Ok(Action::await_change())
+    Ok(Injected::Done)
 }
 
 /// The legacy value: the bundle, then the cluster's root CA (`kube-root-ca.crt` of the
@@ -237,6 +388,46 @@ mod tests {
             "alpha not honoured for CRDs"
         );
         assert_eq!(mode::<APIService>(&meta("a", &[(alpha, "true")])).0, Some(Mode::Bundle));
+    }
+
+    #[test]
+    fn the_operators_own_configmap_is_never_a_target() {
+        let mut own = meta(SIGNING_CABUNDLE, &[(ann::BETA.inject_cabundle, "true")]);
+        own.namespace = Some("openshift-service-ca".into());
+        assert!(own_object::<ConfigMap>(&own, "openshift-service-ca"));
+        assert!(!own_object::<ConfigMap>(&own, "elsewhere"), "another instance's namespace: a ConfigMap like any");
+        assert!(!own_object::<APIService>(&own, "openshift-service-ca"));
+        let mut other = own.clone();
+        other.name = Some("trust".into());
+        assert!(!own_object::<ConfigMap>(&other, "openshift-service-ca"));
+    }
+
+    #[test]
+    fn a_write_that_got_no_answer_backs_off_a_read_that_got_none_retries_soon() {
+        // A patch over the API server's size limit may be cut off before any answer:
+        // it must take the growing backoff, not the quick retry meant for outages.
+        let cut = || kube::Error::Service("connection reset by peer".into());
+        let write = Error::Write { kind: "ValidatingWebhookConfiguration", object: "v".into(), source: cut() };
+        assert!(!write.unreachable());
+        assert_eq!(write.category(), "write");
+        assert!(Error::Read { kind: "ConfigMap", object: "c".into(), source: cut() }.unreachable());
+        assert!(!Error::NoRootCa { namespace: "ns".into() }.unreachable());
+    }
+
+    #[test]
+    fn a_warning_is_sent_once_per_distinct_note_until_cleared() {
+        let warned = Warned::default();
+        assert!(warned.first("ConfigMap.v1./cm.ns", "R", "no root CA"));
+        assert!(!warned.first("ConfigMap.v1./cm.ns", "R", "no root CA"), "the same problem again: not re-sent");
+        assert!(warned.first("ConfigMap.v1./other.ns", "R", "no root CA"), "another object");
+        assert!(warned.first("ConfigMap.v1./cm.ns", "S", "no root CA"), "another reason");
+        assert!(warned.first("ConfigMap.v1./cm.ns", "R", "413"), "a different problem");
+        assert!(!warned.first("ConfigMap.v1./cm.ns", "R", "413"));
+        warned.clear("ConfigMap.v1./cm.ns", Some("R"));
+        assert!(warned.first("ConfigMap.v1./cm.ns", "R", "413"), "after it was solved, the problem is new again");
+        assert!(!warned.first("ConfigMap.v1./cm.ns", "S", "no root CA"), "other reasons untouched");
+        warned.clear("ConfigMap.v1./cm.ns", None);
+        assert!(warned.first("ConfigMap.v1./cm.ns", "S", "no root CA"));
     }
 
     #[test]

@@ -1,7 +1,24 @@
 //! The five kinds that can receive the CA bundle (SPEC §2), each with the pure plan of
-//! what to write: a partial object for server-side apply that names only the injected
-//! field (plus the list keys needed to reach it), or nothing when it already holds the
-//! bundle.
+//! what to write: only the injected field, or nothing when it already holds the bundle.
+//!
+//! How each kind is written, so that the operator never becomes a co-owner that stops
+//! another manager (Flux, Argo CD, `kubectl apply --server-side`) from removing what
+//! surrounds the injected field (measured on the real API server, see
+//! `tests/e2e/gitops.rs`):
+//!
+//! - ConfigMap: server-side apply of `data["service-ca.crt"]` (nobody else removes a
+//!   ConfigMap's structure around one data key); a merge patch when other `data` keys
+//!   must go.
+//! - Webhook configurations: a JSON patch per entry (`test` of the entry's name, `add`
+//!   of its `clientConfig.caBundle`). A patch is an Update: our managedFields entry then
+//!   does not stop the applier from removing the entry (a server-side apply does: 422).
+//! - APIService and CRD: a merge patch of the bundle, then our managedFields entry is
+//!   dropped. Even an Update-owned `caBundle` stops the applier from switching a CRD's
+//!   conversion to `None` (422: the webhook block would be left holding our field);
+//!   without the entry the same apply succeeds.
+//!
+//! Every write is sent guarded by the resourceVersion the plan was made from
+//! ([`Write::guarded`]).
 
 use std::fmt::Debug;
 
@@ -9,24 +26,55 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
 use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use crate::names::INJECTED_CONFIGMAP_KEY as CONFIGMAP_KEY;
+use crate::names::{FIELD_MANAGER, INJECTED_CONFIGMAP_KEY as CONFIGMAP_KEY};
 
-/// A write that makes the injected field hold the bundle.
+/// A write that makes the injected field hold the bundle, or that gives up our
+/// ownership of it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Write {
     /// Server-side apply (forced) of this partial object with the operator's field
-    /// manager: only the injected field changes owner and value.
+    /// manager: only the injected field changes owner and value. ConfigMaps only.
     Apply(Value),
-    /// JSON merge patch: used only to remove a ConfigMap's other `data` keys, which
-    /// apply cannot do for fields another manager owns.
-    ///
-    /// Both are sent guarded by the resourceVersion the plan was made from.
+    /// JSON merge patch of the injected field (or a ConfigMap's `data`).
     Merge(Value),
+    /// JSON patch (RFC 6902) operations that inject the bundle.
+    Json(Vec<Value>),
+    /// JSON patch that drops the operator's own managedFields entry (the injected
+    /// value stays, owned by nobody), so that it blocks no other manager.
+    Disown(Vec<Value>),
+}
+
+impl Write {
+    /// The same write, applied only over `resource_version` (otherwise 409): a
+    /// `metadata.resourceVersion` in a merge patch or apply, and a `replace` of it
+    /// first in a JSON patch (a `test` would fail with 422, which means "refused").
+    pub fn guarded(self, resource_version: &str) -> Write {
+        let set = |mut patch: Value| {
+            patch["metadata"]["resourceVersion"] = json!(resource_version);
+            patch
+        };
+        let prepend = |ops: Vec<Value>| {
+            let guard = json!({ "op": "replace", "path": "/metadata/resourceVersion", "value": resource_version });
+            std::iter::once(guard).chain(ops).collect()
+        };
+        match self {
+            Write::Apply(patch) => Write::Apply(set(patch)),
+            Write::Merge(patch) => Write::Merge(set(patch)),
+            Write::Json(ops) => Write::Json(prepend(ops)),
+            Write::Disown(ops) => Write::Disown(prepend(ops)),
+        }
+    }
+
+    /// Whether this write injects (rather than only giving up ownership).
+    pub fn injects(&self) -> bool {
+        !matches!(self, Write::Disown(_))
+    }
 }
 
 pub trait Target: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static {
@@ -36,7 +84,8 @@ pub trait Target: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug 
     const RESOURCE: &'static str;
     /// Whether `service.alpha.openshift.io/inject-cabundle` is honoured too.
     const ALPHA_HONOURED: bool;
-    /// What to write so the object carries `value`; `None` when nothing is needed.
+    /// What to write so the object carries `value` (and we own nothing that blocks
+    /// others); `None` when nothing is needed.
     fn plan(&self, value: &str) -> Option<Write>;
     /// The API for an object of this kind (cluster-scoped unless overridden).
     fn api(client: Client, _namespace: Option<&str>) -> Api<Self> {
@@ -50,6 +99,27 @@ fn b64(value: &str) -> Value {
 
 fn holds(current: Option<&ByteString>, value: &str) -> bool {
     current.is_some_and(|b| b.0 == value.as_bytes())
+}
+
+/// Drops the operator's managedFields entries (only those of server-side apply when
+/// `only_apply`), keeping every other entry as it is. Nothing when we have no such
+/// entry, or when nobody else manages the object (an empty list would not remove
+/// anything, and then we block nobody).
+fn disown(managed: &[ManagedFieldsEntry], only_apply: bool) -> Option<Write> {
+    let ours = |m: &ManagedFieldsEntry| {
+        m.manager.as_deref() == Some(FIELD_MANAGER)
+            && m.subresource.as_deref().is_none_or(str::is_empty)
+            && (!only_apply || m.operation.as_deref() == Some("Apply"))
+    };
+    if !managed.iter().any(ours) {
+        return None;
+    }
+    let others: Vec<&ManagedFieldsEntry> = managed.iter().filter(|m| !ours(m)).collect();
+    if others.is_empty() {
+        return None;
+    }
+    let others = serde_json::to_value(others).ok()?;
+    Some(Write::Disown(vec![json!({ "op": "replace", "path": "/metadata/managedFields", "value": others })]))
 }
 
 impl Target for ConfigMap {
@@ -94,15 +164,10 @@ impl Target for APIService {
     const ALPHA_HONOURED: bool = true;
 
     fn plan(&self, value: &str) -> Option<Write> {
-        if holds(self.spec.as_ref().and_then(|s| s.ca_bundle.as_ref()), value) {
-            return None;
+        if !holds(self.spec.as_ref().and_then(|s| s.ca_bundle.as_ref()), value) {
+            return Some(Write::Merge(json!({ "spec": { "caBundle": b64(value) } })));
         }
-        Some(Write::Apply(json!({
-            "apiVersion": "apiregistration.k8s.io/v1",
-            "kind": "APIService",
-            "metadata": { "name": self.name_any() },
-            "spec": { "caBundle": b64(value) },
-        })))
+        disown(self.managed_fields(), false)
     }
 }
 
@@ -112,43 +177,46 @@ impl Target for CustomResourceDefinition {
     const ALPHA_HONOURED: bool = false;
 
     fn plan(&self, value: &str) -> Option<Write> {
-        let conversion = self.spec.conversion.as_ref()?;
-        if conversion.strategy != "Webhook" {
-            return None;
+        let conversion = self.spec.conversion.as_ref();
+        if conversion.is_some_and(|c| c.strategy == "Webhook") {
+            let current = conversion
+                .and_then(|c| c.webhook.as_ref())
+                .and_then(|w| w.client_config.as_ref())
+                .and_then(|c| c.ca_bundle.as_ref());
+            if !holds(current, value) {
+                return Some(Write::Merge(json!({
+                    "spec": { "conversion": { "webhook": { "clientConfig": { "caBundle": b64(value) } } } },
+                })));
+            }
         }
-        let current =
-            conversion.webhook.as_ref().and_then(|w| w.client_config.as_ref()).and_then(|c| c.ca_bundle.as_ref());
-        if holds(current, value) {
-            return None;
-        }
-        Some(Write::Apply(json!({
-            "apiVersion": "apiextensions.k8s.io/v1",
-            "kind": "CustomResourceDefinition",
-            "metadata": { "name": self.name_any() },
-            "spec": { "conversion": { "webhook": { "clientConfig": { "caBundle": b64(value) } } } },
-        })))
+        // Also when the conversion is no longer a webhook: an entry left from before
+        // still names fields of ours.
+        disown(self.managed_fields(), false)
     }
 }
 
-/// Webhook configurations: every entry, including ones added later.
+/// Webhook configurations: every entry, including ones added later; each entry that
+/// lacks the bundle gets it by index, after a `test` that the index still names the
+/// entry the plan saw. An entry of ours from a server-side apply (earlier versions of
+/// the operator) is dropped.
 fn plan_webhooks<'a>(
-    kind: &str,
-    name: String,
     entries: impl Iterator<Item = (&'a str, Option<&'a ByteString>)>,
+    managed: &[ManagedFieldsEntry],
     value: &str,
 ) -> Option<Write> {
-    let entries: Vec<_> = entries.collect();
-    if entries.iter().all(|(_, current)| holds(*current, value)) {
-        return None;
+    let mut ops = Vec::new();
+    for (i, (name, current)) in entries.enumerate() {
+        if !holds(current, value) {
+            ops.push(json!({ "op": "test", "path": format!("/webhooks/{i}/name"), "value": name }));
+            ops.push(
+                json!({ "op": "add", "path": format!("/webhooks/{i}/clientConfig/caBundle"), "value": b64(value) }),
+            );
+        }
     }
-    let webhooks: Vec<Value> =
-        entries.iter().map(|(name, _)| json!({ "name": name, "clientConfig": { "caBundle": b64(value) } })).collect();
-    Some(Write::Apply(json!({
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": kind,
-        "metadata": { "name": name },
-        "webhooks": webhooks,
-    })))
+    if !ops.is_empty() {
+        return Some(Write::Json(ops));
+    }
+    disown(managed, true)
 }
 
 impl Target for MutatingWebhookConfiguration {
@@ -158,7 +226,7 @@ impl Target for MutatingWebhookConfiguration {
 
     fn plan(&self, value: &str) -> Option<Write> {
         let entries = self.webhooks.iter().flatten().map(|w| (w.name.as_str(), w.client_config.ca_bundle.as_ref()));
-        plan_webhooks(Self::KIND, self.name_any(), entries, value)
+        plan_webhooks(entries, self.managed_fields(), value)
     }
 }
 
@@ -169,7 +237,7 @@ impl Target for ValidatingWebhookConfiguration {
 
     fn plan(&self, value: &str) -> Option<Write> {
         let entries = self.webhooks.iter().flatten().map(|w| (w.name.as_str(), w.client_config.ca_bundle.as_ref()));
-        plan_webhooks(Self::KIND, self.name_any(), entries, value)
+        plan_webhooks(entries, self.managed_fields(), value)
     }
 }
 
@@ -187,6 +255,11 @@ mod tests {
         cm
     }
 
+    fn entry(manager: &str, operation: &str) -> Value {
+        json!({ "manager": manager, "operation": operation, "apiVersion": "v1", "fieldsType": "FieldsV1",
+                "fieldsV1": { "f:spec": {} }, "time": "2026-11-30T12:00:00Z" })
+    }
+
     #[test]
     fn configmap_plans() {
         assert_eq!(configmap(&[(CONFIGMAP_KEY, "B")]).plan("B"), None);
@@ -198,42 +271,110 @@ mod tests {
     }
 
     #[test]
-    fn crd_only_with_webhook_conversion() {
-        let crd: CustomResourceDefinition = serde_json::from_value(json!({
-            "metadata": { "name": "widgets.example.com" },
+    fn guards_name_the_planned_version() {
+        let Write::Merge(v) = Write::Merge(json!({ "spec": {} })).guarded("7") else { panic!() };
+        assert_eq!(v, json!({ "spec": {}, "metadata": { "resourceVersion": "7" } }));
+        let Write::Apply(v) = Write::Apply(json!({ "metadata": { "name": "a" } })).guarded("7") else { panic!() };
+        assert_eq!(v["metadata"], json!({ "name": "a", "resourceVersion": "7" }));
+        let op = json!({ "op": "add", "path": "/x", "value": 1 });
+        let guard = json!({ "op": "replace", "path": "/metadata/resourceVersion", "value": "7" });
+        assert_eq!(Write::Json(vec![op.clone()]).guarded("7"), Write::Json(vec![guard.clone(), op.clone()]));
+        assert_eq!(Write::Disown(vec![op.clone()]).guarded("7"), Write::Disown(vec![guard, op]));
+    }
+
+    fn crd(conversion: Value, managed: &[Value]) -> CustomResourceDefinition {
+        serde_json::from_value(json!({
+            "metadata": { "name": "widgets.example.com", "managedFields": managed },
             "spec": { "group": "example.com", "names": { "plural": "widgets", "kind": "Widget" }, "scope": "Namespaced",
-                      "versions": [], "conversion": { "strategy": "None" } }
+                      "versions": [], "conversion": conversion }
         }))
-        .unwrap();
-        assert_eq!(crd.plan("B"), None);
-        let mut webhook = crd.clone();
-        webhook.spec.conversion = serde_json::from_value(json!({ "strategy": "Webhook",
-            "webhook": { "conversionReviewVersions": ["v1"], "clientConfig": { "url": "https://x" } } }))
-        .unwrap();
-        let Some(Write::Apply(v)) = webhook.plan("B") else { panic!() };
-        assert_eq!(v["spec"], json!({ "conversion": { "webhook": { "clientConfig": { "caBundle": "Qg==" } } } }));
+        .unwrap()
     }
 
     #[test]
-    fn every_webhook_entry_and_nothing_else() {
-        let cfg: ValidatingWebhookConfiguration = serde_json::from_value(json!({
-            "metadata": { "name": "v" },
+    fn crd_is_patched_only_with_webhook_conversion_then_disowned() {
+        let webhook = json!({ "strategy": "Webhook",
+            "webhook": { "conversionReviewVersions": ["v1"], "clientConfig": { "url": "https://x" } } });
+        assert_eq!(crd(json!({ "strategy": "None" }), &[]).plan("B"), None);
+        let Some(Write::Merge(v)) = crd(webhook.clone(), &[entry("gitops", "Apply")]).plan("B") else { panic!() };
+        assert_eq!(v, json!({ "spec": { "conversion": { "webhook": { "clientConfig": { "caBundle": "Qg==" } } } } }));
+
+        // Injected: our Update entry is dropped, every other entry is kept as it was.
+        let mut injected = webhook.clone();
+        injected["webhook"]["clientConfig"]["caBundle"] = json!("Qg==");
+        let managed = [entry("gitops", "Apply"), entry(FIELD_MANAGER, "Update"), entry("kubectl", "Update")];
+        let Some(Write::Disown(ops)) = crd(injected.clone(), &managed).plan("B") else { panic!() };
+        assert_eq!(
+            ops,
+            vec![json!({ "op": "replace", "path": "/metadata/managedFields",
+                         "value": [entry("gitops", "Apply"), entry("kubectl", "Update")] })]
+        );
+        assert_eq!(crd(injected.clone(), &[entry("gitops", "Apply")]).plan("B"), None, "nothing of ours: nothing");
+        assert_eq!(crd(injected, &[entry(FIELD_MANAGER, "Update")]).plan("B"), None, "only ours: nobody is blocked");
+        // A status entry under our name (we never write status) is not ours to drop.
+        let mut status = entry(FIELD_MANAGER, "Update");
+        status["subresource"] = json!("status");
+        assert_eq!(crd(json!({ "strategy": "None" }), &[entry("gitops", "Apply"), status]).plan("B"), None);
+        // Strategy switched to None by someone else: a leftover entry of ours goes too.
+        let left = [entry("gitops", "Apply"), entry(FIELD_MANAGER, "Apply")];
+        assert!(matches!(crd(json!({ "strategy": "None" }), &left).plan("B"), Some(Write::Disown(_))));
+    }
+
+    #[test]
+    fn apiservice_is_patched_then_disowned() {
+        let api = |spec: Value, managed: &[Value]| -> APIService {
+            serde_json::from_value(json!({ "metadata": { "name": "v1.x", "managedFields": managed }, "spec": spec }))
+                .unwrap()
+        };
+        let spec = json!({ "groupPriorityMinimum": 1, "versionPriority": 1 });
+        let Some(Write::Merge(v)) = api(spec.clone(), &[]).plan("B") else { panic!() };
+        assert_eq!(v, json!({ "spec": { "caBundle": "Qg==" } }));
+        let mut injected = spec;
+        injected["caBundle"] = json!("Qg==");
+        let managed = [entry("gitops", "Apply"), entry(FIELD_MANAGER, "Update")];
+        assert!(matches!(api(injected.clone(), &managed).plan("B"), Some(Write::Disown(_))));
+        assert_eq!(api(injected, &managed[..1]).plan("B"), None);
+    }
+
+    fn webhooks(managed: &[Value]) -> ValidatingWebhookConfiguration {
+        serde_json::from_value(json!({
+            "metadata": { "name": "v", "managedFields": managed },
             "webhooks": [
                 { "name": "a.example.com", "clientConfig": { "caBundle": "Qg==" }, "admissionReviewVersions": ["v1"], "sideEffects": "None" },
-                { "name": "b.example.com", "clientConfig": {}, "admissionReviewVersions": ["v1"], "sideEffects": "None" }
+                { "name": "b.example.com", "clientConfig": {}, "admissionReviewVersions": ["v1"], "sideEffects": "None" },
+                { "name": "c.example.com", "clientConfig": { "caBundle": "b2xk" }, "admissionReviewVersions": ["v1"], "sideEffects": "None" }
             ]
         }))
-        .unwrap();
-        let Some(Write::Apply(v)) = cfg.plan("B") else { panic!() };
+        .unwrap()
+    }
+
+    #[test]
+    fn each_webhook_entry_lacking_the_bundle_is_patched_by_index_after_a_test_of_its_name() {
+        let Some(Write::Json(ops)) = webhooks(&[]).plan("B") else { panic!() };
         assert_eq!(
-            v["webhooks"],
-            json!([
-                { "name": "a.example.com", "clientConfig": { "caBundle": "Qg==" } },
-                { "name": "b.example.com", "clientConfig": { "caBundle": "Qg==" } }
-            ])
+            ops,
+            vec![
+                json!({ "op": "test", "path": "/webhooks/1/name", "value": "b.example.com" }),
+                json!({ "op": "add", "path": "/webhooks/1/clientConfig/caBundle", "value": "Qg==" }),
+                json!({ "op": "test", "path": "/webhooks/2/name", "value": "c.example.com" }),
+                json!({ "op": "add", "path": "/webhooks/2/clientConfig/caBundle", "value": "Qg==" }),
+            ]
         );
         let empty: ValidatingWebhookConfiguration =
             serde_json::from_value(json!({ "metadata": { "name": "v" } })).unwrap();
         assert_eq!(empty.plan("B"), None, "no webhooks: nothing to inject");
+    }
+
+    #[test]
+    fn webhook_ownership_from_a_patch_is_kept_from_an_apply_dropped() {
+        let mut done = webhooks(&[entry("gitops", "Apply"), entry(FIELD_MANAGER, "Update")]);
+        for w in done.webhooks.iter_mut().flatten() {
+            w.client_config.ca_bundle = Some(ByteString(b"B".to_vec()));
+        }
+        assert_eq!(done.plan("B"), None, "an Update entry does not block the applier: kept");
+        done.metadata.managed_fields =
+            webhooks(&[entry("gitops", "Apply"), entry(FIELD_MANAGER, "Apply")]).metadata.managed_fields;
+        let Some(Write::Disown(ops)) = done.plan("B") else { panic!() };
+        assert_eq!(ops[0]["value"], json!([entry("gitops", "Apply")]));
     }
 }
