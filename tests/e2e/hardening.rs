@@ -248,6 +248,16 @@ async fn a_deleted_namespace_costs_nothing_once_it_is_gone() {
         namespaces.get_opt(&env.ns).await.unwrap().is_none().then_some(())
     })
     .await;
+    // Work already under way when it went (the deletion's own events) may still finish,
+    // within seconds; what must not happen is retrying for the gone objects.
+    let gone = Instant::now();
+    eventually(Duration::from_secs(15), "the operator to settle", || async {
+        let before = metric(&op.admin_get("/metrics").await?.1, "service_ca_api_writes_total");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        (metric(&op.admin_get("/metrics").await?.1, "service_ca_api_writes_total") == before).then_some(())
+    })
+    .await;
+    println!("settled {:?} after the namespace was gone", gone.elapsed());
     let page = metrics(&op).await;
     let (errors, writes) =
         (metric(&page, "service_ca_reconcile_errors_total"), metric(&page, "service_ca_api_writes_total"));
