@@ -353,9 +353,12 @@ fn flags_that_can_only_misbehave_are_refused_at_start_up_naming_the_flag() {
 #[tokio::test]
 async fn memory_does_not_grow_with_what_tenants_put_in_annotations() {
     let env = Env::new("bigannotations").await;
+    let op = env.start_operator(&[]);
+    env.ca_bundle().await;
     let n = 500;
     let blob = "x".repeat(200_000);
-    // Created before the operator starts: its first list carries all of it.
+    // Annotated while the operator runs: each arrives by watch, is trimmed to what the
+    // controllers read, and only that stays.
     futures::future::join_all((0..n).map(|i| {
         let (env, blob) = (&env, &blob);
         async move {
@@ -368,7 +371,6 @@ async fn memory_does_not_grow_with_what_tenants_put_in_annotations() {
         }
     }))
     .await;
-    let op = env.start_operator(&[]);
     let managed = kube::api::ListParams::default().labels("service-ca.operators.openshift.io/managed=true");
     eventually(Duration::from_secs(180), "all 500 Secrets", || async {
         (env.secrets().list_metadata(&managed).await.ok()?.items.len() >= n).then_some(())

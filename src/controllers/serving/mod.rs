@@ -119,9 +119,7 @@ impl ServingWatches {
     pub fn new(client: &Client, selector: &str, health: Arc<Health>) -> Self {
         let (services, service_events) = cached_watch(
             Api::<Service>::all(client.clone()),
-            // Small list pages: a relist holds one page of whole Services at a time,
-            // whatever else their owners put in them.
-            watcher::Config::default().labels(selector).page_size(LIST_PAGE),
+            watcher::Config::default().labels(selector),
             health.clone(),
             is_annotated,
             trim_service,
@@ -175,9 +173,6 @@ impl ServingWatches {
 fn receiver_stream<T: Send + 'static>(rx: tokio::sync::mpsc::UnboundedReceiver<T>) -> impl Stream<Item = T> + Send {
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
 }
-
-/// Services per list page when the Service watch (re)lists.
-const LIST_PAGE: u32 = 10;
 
 /// What the serving controllers read of a Service, and nothing else: its identity,
 /// our annotations, and the spec fields that decide its names. Other annotations (a
