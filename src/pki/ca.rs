@@ -157,23 +157,9 @@ impl CertificateAuthority {
             return Err(PkiError::KeyMismatch);
         }
         let signing = key.signing_key()?;
-        let bundle = field(CA_BUNDLE)
-            .map(|pem| {
-                pem::decode_certificates(CA_BUNDLE, pem)?
-                    .into_iter()
-                    .map(|der| CertInfo::parse(CA_BUNDLE, der))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .transpose()?;
-        let intermediates = field(INTERMEDIATE)
-            .map(|pem| {
-                pem::decode_certificates(INTERMEDIATE, pem)?
-                    .into_iter()
-                    .map(|der| CertInfo::parse(INTERMEDIATE, der))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .transpose()?
-            .unwrap_or_default();
+        let bundle = field(CA_BUNDLE).map(|pem| certificates(CA_BUNDLE, pem)).transpose()?;
+        let intermediates =
+            field(INTERMEDIATE).map(|pem| certificates(INTERMEDIATE, pem)).transpose()?.unwrap_or_default();
         // What a rotation left behind must belong to this CA: a tls.crt/tls.key replaced
         // by hand next to an old bundle would otherwise publish a bundle that does not
         // trust the CA that signs.
@@ -364,6 +350,11 @@ fn ca_params(
         vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment, KeyUsagePurpose::KeyCertSign];
     params.key_identifier_method = key_id;
     params
+}
+
+/// Every certificate of a PEM field, parsed.
+fn certificates(field: &'static str, pem: &[u8]) -> Result<Vec<CertInfo>, PkiError> {
+    pem::decode_certificates(field, pem)?.into_iter().map(|der| CertInfo::parse(field, der)).collect()
 }
 
 fn single_certificate(field: &'static str, bytes: &[u8]) -> Result<CertInfo, PkiError> {
