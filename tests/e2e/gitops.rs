@@ -23,47 +23,16 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use kube::{Api, Resource, ResourceExt};
-use serde::de::DeserializeOwned;
+use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 
 use crate::cluster::{crd_json, webhook_json};
-use crate::support::{Env, RUN_LABEL, eventually};
+use crate::support::{Cleanup, Env, RUN_LABEL, eventually};
 
 const BETA: &str = "service.beta.openshift.io/inject-cabundle";
 const LEGACY: &str = "service.alpha.openshift.io/inject-vulnerable-legacy-cabundle";
 const OURS: &str = "service-ca-operator";
 const T: Duration = Duration::from_secs(30);
-
-/// Deletes cluster-scoped objects when dropped.
-#[derive(Default)]
-struct Cleanup(Vec<Box<dyn FnOnce() + Send>>);
-
-impl Cleanup {
-    fn add<K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static>(
-        &mut self,
-        name: String,
-    ) {
-        self.0.push(Box::new(move || {
-            let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-                rt.block_on(async {
-                    let api: Api<K> = Api::all(crate::support::client().await);
-                    let _ = api.delete(&name, &DeleteParams::default()).await;
-                });
-            })
-            .join();
-        }));
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for f in self.0.drain(..) {
-            f();
-        }
-    }
-}
 
 fn annotated(mut obj: Value) -> Value {
     obj["metadata"]["annotations"] = json!({ BETA: "true" });
@@ -374,25 +343,9 @@ async fn the_operators_own_signing_cabundle_is_never_an_injection_target() {
     }
     let after = patches(&scrape(&op).await);
     assert_eq!((before, after), (0.0, 0.0), "ConfigMap patches by the operator");
-    let warning = eventually(T, "a Warning Event on signing-cabundle", || async {
-        env.events(&env.op_ns, Some("signing-cabundle"), None)
-            .await
-            .into_iter()
-            .find(|e| e.type_.as_deref() == Some("Warning"))
-    })
-    .await;
+    let warning = env.the_one_warning(&env.op_ns, "signing-cabundle").await;
     println!("{:?}: {:?}", warning.reason, warning.note);
     assert!(warning.note.as_deref().unwrap_or_default().contains("never an injection target"), "{warning:?}");
-
-    // One Warning, sent once (a repeat would be counted in its series).
-    let warnings: Vec<_> = env
-        .events(&env.op_ns, Some("signing-cabundle"), None)
-        .await
-        .into_iter()
-        .filter(|e| e.type_.as_deref() == Some("Warning"))
-        .collect();
-    assert_eq!(warnings.len(), 1, "{warnings:?}");
-    assert!(warnings[0].series.is_none(), "the Warning was sent again: {:?}", warnings[0].series);
     println!("{reads} reads, all intact");
 }
 
@@ -459,23 +412,9 @@ async fn a_legacy_configmap_without_a_root_ca_backs_off_with_one_warning() {
     let after = errors(&scrape(&op).await);
     println!("failed injection attempts in 20 s: {}", after - before);
     assert!(after - before <= 5.0, "{before} → {after} errors in 20 s");
-    let warning = eventually(T, "a Warning Event on the legacy ConfigMap", || async {
-        env.events(&env.ns, Some("openshift-service-ca.crt"), None)
-            .await
-            .into_iter()
-            .find(|e| e.type_.as_deref() == Some("Warning"))
-    })
-    .await;
+    let warning = env.the_one_warning(&env.ns, "openshift-service-ca.crt").await;
     println!("{:?}: {:?}", warning.reason, warning.note);
     assert!(warning.note.as_deref().unwrap_or_default().contains("kube-root-ca.crt"), "{warning:?}");
-    let warnings: Vec<_> = env
-        .events(&env.ns, Some("openshift-service-ca.crt"), None)
-        .await
-        .into_iter()
-        .filter(|e| e.type_.as_deref() == Some("Warning"))
-        .collect();
-    assert_eq!(warnings.len(), 1, "{warnings:?}");
-    assert!(warnings[0].series.is_none(), "the Warning was sent again: {:?}", warnings[0].series);
     assert_eq!(cms.get("openshift-service-ca.crt").await.unwrap().resource_version(), legacy.resource_version());
 }
 
@@ -519,16 +458,9 @@ async fn a_write_the_api_server_cannot_take_backs_off_with_one_warning() {
     println!("in 20 s: {} failed attempts, {} patches", errors_after - errors_before, writes_after - writes_before);
     assert!(errors_after - errors_before <= 5.0, "{errors_before} → {errors_after} errors in 20 s");
     assert!(writes_after - writes_before <= 5.0, "{writes_before} → {writes_after} patches in 20 s");
-    let warnings: Vec<_> = env
-        .events("default", Some(&name), None)
-        .await
-        .into_iter()
-        .filter(|e| e.type_.as_deref() == Some("Warning"))
-        .collect();
-    println!("{:?}", warnings.iter().map(|w| (&w.reason, &w.note, &w.series)).collect::<Vec<_>>());
-    assert_eq!(warnings.len(), 1, "{warnings:?}");
-    assert!(warnings[0].series.is_none(), "the Warning was sent again: {:?}", warnings[0].series);
-    assert!(warnings[0].note.as_deref().unwrap_or_default().contains("could not inject"), "{warnings:?}");
+    let warning = env.the_one_warning("default", &name).await;
+    println!("{:?}: {:?}", warning.reason, warning.note);
+    assert!(warning.note.as_deref().unwrap_or_default().contains("could not inject"), "{warning:?}");
     let now = vwcs.get(&name).await.unwrap();
     assert_eq!(now.resource_version(), created.resource_version(), "nothing was written");
 }

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::cluster::{apiservice_json, crd_json, webhook_json};
-use crate::support::{Env, eventually};
+use crate::support::{Cleanup, Env, eventually};
 
 const BETA: &str = "service.beta.openshift.io/inject-cabundle";
 const ALPHA: &str = "service.alpha.openshift.io/inject-cabundle";
@@ -97,36 +97,6 @@ async fn wait_injected<K: Injected>(api: &Api<K>, name: &str, bundle: &str) -> K
     .await
 }
 
-/// Deletes cluster-scoped test objects when dropped (an unavailable APIService left
-/// behind would stall namespace deletion for every other test).
-struct Cleanup(Vec<Box<dyn FnOnce() + Send>>);
-
-impl Cleanup {
-    fn add<K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static>(
-        &mut self,
-        name: String,
-    ) {
-        self.0.push(Box::new(move || {
-            let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-                rt.block_on(async {
-                    let api: Api<K> = Api::all(crate::support::client().await);
-                    let _ = api.delete(&name, &DeleteParams::default()).await;
-                });
-            })
-            .join();
-        }));
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for f in self.0.drain(..) {
-            f();
-        }
-    }
-}
-
 #[tokio::test]
 async fn configmap_gets_the_bundle_other_data_removed_binary_data_labels_annotations_kept() {
     let env = Env::new("inject-cm").await;
@@ -205,7 +175,7 @@ async fn crd_webhooks_and_apiservice_are_injected_every_entry_including_later_on
     let env = Env::new("inject-kinds").await;
     let _op = env.start_operator(&[]);
     let bundle = env.ca_bundle().await;
-    let mut cleanup = Cleanup(Vec::new());
+    let mut cleanup = Cleanup::default();
     let run = env.run.clone();
 
     let crd: CustomResourceDefinition = create_cluster(&env, crd_json(&run), Some((BETA, "true"))).await;
@@ -227,9 +197,7 @@ async fn crd_webhooks_and_apiservice_are_injected_every_entry_including_later_on
     let injected = wait_injected(&vwc_api, &vwc.name_any(), &bundle).await;
     wait_injected(&Api::<APIService>::all(env.client.clone()), &apis.name_any(), &bundle).await;
     // The APIService points at nothing; remove it at once (see Cleanup).
-    if let Some(delete_apiservice) = cleanup.0.pop() {
-        delete_apiservice();
-    }
+    cleanup.now_the_last();
 
     // A webhook added later gets the bundle too.
     let mut grown = injected.clone();
@@ -247,7 +215,7 @@ async fn crd_without_webhook_conversion_and_alpha_on_webhooks_are_left_alone() {
     let env = Env::new("inject-skip").await;
     let _op = env.start_operator(&[]);
     env.ca_bundle().await;
-    let mut cleanup = Cleanup(Vec::new());
+    let mut cleanup = Cleanup::default();
     let run = env.run.clone();
     let mut plain = crd_json(&run);
     plain["spec"]["conversion"] = json!({ "strategy": "None" });
@@ -279,7 +247,7 @@ async fn tampering_is_undone_others_fields_survive_and_nothing_is_written_when_e
     let env = Env::new("inject-ssa").await;
     let _op = env.start_operator(&[]);
     let bundle = env.ca_bundle().await;
-    let mut cleanup = Cleanup(Vec::new());
+    let mut cleanup = Cleanup::default();
     let run = env.run.clone();
     configmap(&env, "cm", &[(BETA, "true")], &[]).await;
     injected_configmap(&env, "cm", &bundle).await;
@@ -332,7 +300,7 @@ async fn every_kind_is_reinjected_when_the_ca_is_reset() {
     let env = Env::new("inject-reset").await;
     let _op = env.start_operator(&[]);
     let bundle = env.ca_bundle().await;
-    let mut cleanup = Cleanup(Vec::new());
+    let mut cleanup = Cleanup::default();
     let run = env.run.clone();
     configmap(&env, "cm", &[(BETA, "true")], &[]).await;
     let crd: CustomResourceDefinition = create_cluster(&env, crd_json(&run), Some((BETA, "true"))).await;
@@ -399,7 +367,7 @@ async fn the_real_aggregator_trusts_the_injected_bundle_for_an_issued_certificat
         &crate::support::data(&secret, "tls.key"),
         discovery.to_string(),
     );
-    let mut cleanup = Cleanup(Vec::new());
+    let mut cleanup = Cleanup::default();
     let apis = Api::<APIService>::all(env.client.clone());
     let api_service: APIService = serde_json::from_value(json!({
         "metadata": { "name": format!("v1alpha1.{group}"), "labels": { crate::support::RUN_LABEL: env.run },

@@ -291,6 +291,27 @@ impl Env {
         .await
     }
 
+    /// Waits for the Warning Event about `regarding` in `namespace`, and checks it is the
+    /// only one and was sent once (a repeat would be counted in its series).
+    pub async fn the_one_warning(&self, namespace: &str, regarding: &str) -> Event {
+        eventually(Duration::from_secs(30), &format!("a Warning Event on {regarding}"), || async {
+            self.events(namespace, Some(regarding), None)
+                .await
+                .into_iter()
+                .find(|e| e.type_.as_deref() == Some("Warning"))
+        })
+        .await;
+        let warnings: Vec<Event> = self
+            .events(namespace, Some(regarding), None)
+            .await
+            .into_iter()
+            .filter(|e| e.type_.as_deref() == Some("Warning"))
+            .collect();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].series.is_none(), "the Warning was sent again: {:?}", warnings[0].series);
+        warnings.into_iter().next().unwrap()
+    }
+
     /// The Events (events.k8s.io/v1) in `namespace`, optionally only those about the
     /// object named `regarding` and/or with reason `reason`, in the API server's order.
     pub async fn events(&self, namespace: &str, regarding: Option<&str>, reason: Option<&str>) -> Vec<Event> {
@@ -506,4 +527,44 @@ pub fn metric(page: &str, series: &str) -> f64 {
         .filter(|l| l.starts_with(series) && !l.starts_with('#'))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// Deletes cluster-scoped test objects when dropped (an unavailable APIService left
+/// behind would stall namespace deletion for every other test).
+#[derive(Default)]
+pub struct Cleanup(Vec<Box<dyn FnOnce() + Send>>);
+
+impl Cleanup {
+    pub fn add<K>(&mut self, name: String)
+    where
+        K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    {
+        self.0.push(Box::new(move || {
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async {
+                    let api: Api<K> = Api::all(client().await);
+                    let _ = api.delete(&name, &DeleteParams::default()).await;
+                });
+            })
+            .join();
+        }));
+    }
+}
+
+impl Cleanup {
+    /// Deletes the object added last, now.
+    pub fn now_the_last(&mut self) {
+        if let Some(delete) = self.0.pop() {
+            delete();
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for f in self.0.drain(..) {
+            f();
+        }
+    }
 }
