@@ -311,7 +311,7 @@ fn read_cert(der: Vec<u8>) -> Result<Cert, String> {
         ),
         Err(_) => (None, None),
     };
-    let info = CertInfo::parse("tls.crt", der).map_err(|e| e.to_string())?;
+    let info = CertInfo::parse(ann::TLS_CERT, der).map_err(|e| e.to_string())?;
     Ok(Cert { info, key_type, issuer_cn })
 }
 
@@ -371,7 +371,7 @@ pub fn assess(snapshot: &Snapshot, policy: &Policy, now: OffsetDateTime) -> Repo
             if let Err(e) = CertificateAuthority::from_secret_data(&ca.data, now) {
                 ca_report.error = Some(format!("signing-key cannot be used: {e}"));
             }
-            match ca.data.get(ann::TLS_CERT).map(|b| read_certs("tls.crt", b)) {
+            match ca.data.get(ann::TLS_CERT).map(|b| read_certs(ann::TLS_CERT, b)) {
                 Some(Ok(certs)) if !certs.is_empty() => {
                     let cert = &certs[0];
                     ca_report.subject = Some(cert.info.subject_cn.clone());
@@ -399,7 +399,7 @@ pub fn assess(snapshot: &Snapshot, policy: &Policy, now: OffsetDateTime) -> Repo
     };
     let mut trust = Trust { keys: BTreeSet::new(), ders: Vec::new() };
     if let Some(bytes) = &bundle_bytes {
-        match read_certs("ca-bundle.crt", bytes) {
+        match read_certs(ann::CA_BUNDLE, bytes) {
             Ok(certs) => {
                 for c in certs {
                     if now <= c.info.not_after
@@ -543,7 +543,7 @@ fn serving_row(
         status: CertStatus::Error,
         detail: None,
     };
-    let leaf = match secret.data.get(ann::TLS_CERT).map(|b| read_certs("tls.crt", b)) {
+    let leaf = match secret.data.get(ann::TLS_CERT).map(|b| read_certs(ann::TLS_CERT, b)) {
         None => {
             row.detail = Some("tls.crt is missing".into());
             return row;

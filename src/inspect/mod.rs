@@ -25,14 +25,14 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::config::{InspectArgs, Output};
-use crate::names::{self as ann, ALPHA, BETA};
+use crate::controllers::ca_bundle::{Mode, Target, mode};
+use crate::names::{self as ann};
 use crate::pki::LeafPolicy;
 use assess::{CaSecret, InjectedObj, Kind, PodObj, Policy, SecretObj, ServiceObj, Snapshot};
 
 pub use assess::exit;
 
 /// The ConfigMap key injected into annotated ConfigMaps.
-const INJECTED_KEY: &str = "service-ca.crt";
 /// What `kubectl rollout restart` sets on the pod template.
 pub const RESTARTED_AT: &str = "kubectl.kubernetes.io/restartedAt";
 /// Field manager of `inspect --restart`'s patches.
@@ -165,19 +165,9 @@ fn controller(owners: Option<&Vec<OwnerReference>>) -> Option<(String, String)> 
     owners?.iter().find(|o| o.controller == Some(true)).map(|o| (o.kind.clone(), o.name.clone()))
 }
 
-/// Whether the object asks for injection (`alpha_too`: ConfigMaps and APIServices
-/// honour the alpha key).
-fn wants_injection(annotations: &BTreeMap<String, String>, alpha_too: bool) -> bool {
-    ann::is_true(annotations.get(BETA.inject_cabundle))
-        || (alpha_too && ann::is_true(annotations.get(ALPHA.inject_cabundle)))
-}
-
-/// The legacy ConfigMap: that name, the legacy annotation, and no inject key at all.
-fn is_legacy(name: &str, annotations: &BTreeMap<String, String>) -> bool {
-    name == ann::LEGACY_CONFIGMAP_NAME
-        && ann::is_true(annotations.get(ann::INJECT_VULNERABLE_LEGACY_CABUNDLE))
-        && !annotations.contains_key(BETA.inject_cabundle)
-        && !annotations.contains_key(ALPHA.inject_cabundle)
+/// How the object asks for the bundle: the operator's own rule (`ca_bundle::mode`).
+fn injection<K: Target>(meta: &ObjectMeta) -> Option<Mode> {
+    mode::<K>(meta).0
 }
 
 /// When the operator's field manager last wrote the object.
@@ -197,13 +187,16 @@ async fn read(client: &Client, args: &InspectArgs) -> anyhow::Result<Snapshot> {
     let mut snapshot = Snapshot { include_orphans: args.selector.is_empty(), ..Default::default() };
 
     let op_secrets: Api<Secret> = Api::namespaced(client.clone(), &args.operator_namespace);
-    snapshot.ca = op_secrets.get_opt("signing-key").await?.map(|s| CaSecret {
+    snapshot.ca = op_secrets.get_opt(ann::SIGNING_KEY).await?.map(|s| CaSecret {
         data: s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect(),
         annotations: annotations(&s.metadata),
     });
     let op_cms: Api<ConfigMap> = Api::namespaced(client.clone(), &args.operator_namespace);
-    snapshot.bundle =
-        op_cms.get_opt("signing-cabundle").await?.and_then(|c| c.data?.remove("ca-bundle.crt")).map(String::into_bytes);
+    snapshot.bundle = op_cms
+        .get_opt(ann::SIGNING_CABUNDLE)
+        .await?
+        .and_then(|c| c.data?.remove(ann::CA_BUNDLE))
+        .map(String::into_bytes);
 
     // Services: metadata is enough.
     for svc in api::<Service>(client, ns).list_metadata(&labels).await? {
@@ -226,16 +219,13 @@ async fn read(client: &Client, args: &InspectArgs) -> anyhow::Result<Snapshot> {
     // ConfigMaps: metadata of all, bodies of the annotated ones only.
     let cm_api = api::<ConfigMap>(client, ns);
     for meta in cm_api.list_metadata(&labels).await? {
-        let a = annotations(&meta.metadata);
         let name = meta.metadata.name.clone().unwrap_or_default();
-        let legacy = is_legacy(&name, &a);
-        if !legacy && !wants_injection(&a, true) {
-            continue;
-        }
+        let Some(how) = injection::<ConfigMap>(&meta.metadata) else { continue };
+        let legacy = how == Mode::Legacy;
         let namespace = meta.metadata.namespace.clone().unwrap_or_default();
         let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
         let Some(cm) = cms.get_opt(&name).await? else { continue };
-        let field = cm.data.as_ref().and_then(|d| d.get(INJECTED_KEY)).map(|v| v.clone().into_bytes());
+        let field = cm.data.as_ref().and_then(|d| d.get(ann::INJECTED_CONFIGMAP_KEY)).map(|v| v.clone().into_bytes());
         snapshot.injected.push(InjectedObj {
             kind: Kind::ConfigMap,
             namespace: Some(namespace),
@@ -248,14 +238,14 @@ async fn read(client: &Client, args: &InspectArgs) -> anyhow::Result<Snapshot> {
 
     if ns.is_none() {
         for o in Api::<APIService>::all(client.clone()).list(&labels).await? {
-            if !wants_injection(&annotations(&o.metadata), true) {
+            if injection::<APIService>(&o.metadata).is_none() {
                 continue;
             }
             let field = o.spec.as_ref().and_then(|s| s.ca_bundle.as_ref()).map(|b| b.0.clone());
             snapshot.injected.push(injected(Kind::APIService, &o.metadata, vec![field]));
         }
         for o in Api::<CustomResourceDefinition>::all(client.clone()).list(&labels).await? {
-            if !wants_injection(&annotations(&o.metadata), false) {
+            if injection::<CustomResourceDefinition>(&o.metadata).is_none() {
                 continue;
             }
             let conversion = o.spec.conversion.as_ref();
@@ -268,7 +258,7 @@ async fn read(client: &Client, args: &InspectArgs) -> anyhow::Result<Snapshot> {
             snapshot.injected.push(injected(Kind::CustomResourceDefinition, &o.metadata, fields));
         }
         for o in Api::<MutatingWebhookConfiguration>::all(client.clone()).list(&labels).await? {
-            if !wants_injection(&annotations(&o.metadata), false) {
+            if injection::<MutatingWebhookConfiguration>(&o.metadata).is_none() {
                 continue;
             }
             let fields =
@@ -276,7 +266,7 @@ async fn read(client: &Client, args: &InspectArgs) -> anyhow::Result<Snapshot> {
             snapshot.injected.push(injected(Kind::MutatingWebhookConfiguration, &o.metadata, fields));
         }
         for o in Api::<ValidatingWebhookConfiguration>::all(client.clone()).list(&labels).await? {
-            if !wants_injection(&annotations(&o.metadata), false) {
+            if injection::<ValidatingWebhookConfiguration>(&o.metadata).is_none() {
                 continue;
             }
             let fields =
