@@ -1,4 +1,5 @@
-//! Command line and environment: every flag has an environment variable.
+//! Command line and environment: every flag of `run` has an environment variable
+//! (`inspect` reads the policy ones too).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -75,7 +75,7 @@ impl Context {
     }
 
     /// Records a finished reconciliation in the metrics.
-    pub fn observe<E: Categorised>(&self, controller: &'static str, started: Instant, result: Result<(), &E>) {
+    fn observe<E: Categorised>(&self, controller: &'static str, started: Instant, result: Result<(), &E>) {
         let labels = ControllerLabels { controller };
         self.metrics.reconciles.get_or_create(&labels).inc();
         self.metrics.reconcile_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());

@@ -119,7 +119,7 @@ impl CertificateAuthority {
             vec![CustomExtension::from_oid_content(&SERVICE_UID_OID, printable_string(&req.uid)?)];
 
         let cert = params.signed_by(key.public_key(), self.issuer()).map_err(|e| PkiError::Signing(e.to_string()))?;
-        let leaf = CertInfo::parse("tls.crt", cert.der().to_vec())?;
+        let leaf = CertInfo::parse(TLS_CERT, cert.der().to_vec())?;
         let mut chain_pem = leaf.pem();
         // Every bridge still valid, newest first, then the CA (SPEC §1, §5.3).
         for x2 in self.intermediates().iter().filter(|x2| now <= x2.not_after) {

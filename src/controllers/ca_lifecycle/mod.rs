@@ -94,12 +94,12 @@ pub async fn run(ctx: Arc<Context>, shutdown: Shutdown) {
             _ = &mut shutdown => return,
             event = secret_events.next() => match event {
                 Some(Ok(secret)) => { ctx.health.observe_api(true); seen.secret = observed(secret); }
-                Some(Err(error)) => { watch_failed(&ctx, &error).await; continue; }
+                Some(Err(error)) => { watch_failed(&ctx, SIGNING_KEY, &error).await; continue; }
                 None => return,
             },
             event = bundle_events.next() => match event {
                 Some(Ok(cm)) => { ctx.health.observe_api(true); seen.bundle = observed(cm); }
-                Some(Err(error)) => { watch_failed(&ctx, &error).await; continue; }
+                Some(Err(error)) => { watch_failed(&ctx, SIGNING_CABUNDLE, &error).await; continue; }
                 None => return,
             },
             _ = tokio::time::sleep_until(wake) => {}
@@ -133,9 +133,9 @@ fn observed<T>(object: Option<T>) -> Observed<T> {
     object.map_or(Observed::Absent, Observed::Present)
 }
 
-async fn watch_failed(ctx: &Context, error: &watcher::Error) {
+async fn watch_failed(ctx: &Context, object: &str, error: &watcher::Error) {
     ctx.health.observe_api(false);
-    tracing::warn!(%error, "watching {SIGNING_KEY} failed; retrying");
+    tracing::warn!(%error, "watching {object} failed; retrying");
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 

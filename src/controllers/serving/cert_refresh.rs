@@ -53,11 +53,11 @@ pub async fn run(
     service_changes: impl Stream<Item = ObjectRef<PartialObjectMeta<Secret>>> + Send + 'static,
     shutdown: Shutdown,
 ) {
-    // A Service change (e.g. it became headless) concerns the Secret it names.
     let progress = Arc::new(Progress::default());
     let every = ctx.config.progress_interval;
     let reporter =
         progress::report(ctx.clone(), secrets.clone(), services.clone(), progress.clone(), every, shutdown.clone());
+    // A Service change (e.g. it became headless) concerns the Secret it names.
     let controller = Controller::for_stream(secret_events, secrets).reconcile_on(service_changes);
     let state = Arc::new(State { ctx: ctx.clone(), services, progress });
     tokio::join!(drive(controller, NAME, ctx, shutdown, state, reconcile), reporter);

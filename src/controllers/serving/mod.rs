@@ -16,8 +16,8 @@ pub mod decision;
 pub mod progress;
 pub mod serving_cert;
 
-use std::collections::BTreeMap;
 use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
@@ -136,20 +136,22 @@ impl ServingWatches {
         );
         let (to_cert_refresh, service_changes) = tokio::sync::mpsc::unbounded_channel();
         let (to_serving_cert, secret_changes) = tokio::sync::mpsc::unbounded_channel();
-        let our_secrets = secrets.clone();
+        // The Secret each Service named when last seen: when the name changes, the old
+        // Secret goes to cert-refresh, which releases it. (A restart needs no memory:
+        // cert-refresh looks at every managed Secret once after its first list.)
+        let mut named: HashMap<ObjectRef<Service>, String> = HashMap::new();
         let service_events = service_events.predicate_filter(trigger_hash, Default::default()).inspect(move |event| {
             let Ok(svc) = event else { return };
             let namespace = svc.namespace().unwrap_or_default();
-            if let Wanted::Named { name, .. } = wanted(svc) {
-                let _ = to_cert_refresh.send(ObjectRef::new(name).within(&namespace));
-            }
-            // A Secret it named before (the name changed): released by cert-refresh.
-            for secret in our_secrets.state() {
-                if secret.namespace().as_deref() == Some(namespace.as_str())
-                    && originating_service(secret.as_ref()).is_some_and(|s| s.name == svc.name_any())
-                {
-                    let _ = to_cert_refresh.send(ObjectRef::from_obj(secret.as_ref()));
+            let now_named = match wanted(svc) {
+                Wanted::Named { name, .. } => {
+                    let _ = to_cert_refresh.send(ObjectRef::new(name).within(&namespace));
+                    named.insert(ObjectRef::from_obj(svc), name.to_string())
                 }
+                _ => named.remove(&ObjectRef::from_obj(svc)),
+            };
+            if let Some(before) = now_named.filter(|before| Some(before.as_str()) != wanted_name(svc)) {
+                let _ = to_cert_refresh.send(ObjectRef::new(&before).within(&namespace));
             }
         });
         let secret_events = secret_events.inspect(move |event| {
@@ -223,6 +225,14 @@ pub enum Wanted<'a> {
         name: &'a str,
         family: Family,
     },
+}
+
+/// The Secret name the Service asks for, if any.
+fn wanted_name(svc: &Service) -> Option<&str> {
+    match wanted(svc) {
+        Wanted::Named { name, .. } => Some(name),
+        _ => None,
+    }
 }
 
 /// Reads the serving-cert annotation: beta wins when both are set and non-empty.
@@ -373,7 +383,7 @@ pub async fn announce_issued(
         _ => ("re-issued", "ServingCertificateRefreshed"),
     };
     let namespace = svc.namespace().unwrap_or_default();
-    tracing::info!(secret = %format!("{namespace}/{name}"), %reason, "serving certificate {verb}");
+    tracing::info!(secret = %secret_ref(&namespace, name), %reason, "serving certificate {verb}");
     let note = format!(
         "Secret {name} {verb} because {reason}: certificate valid until {}, signed by {}",
         format_expiry(leaf.not_after),

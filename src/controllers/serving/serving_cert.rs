@@ -101,10 +101,10 @@ async fn reconcile(svc: Arc<Service>, st: Arc<State>) -> Result<Action, Error> {
         .get_opt(name)
         .await
         .map_err(|source| Error::ReadSecret { secret: secret_ref(&namespace, name), source })?;
-    let labeled = existing.as_ref().is_some_and(|s| secret_facts(s).labeled);
     let policy = ctx.config.leaf_policy();
     let request = leaf_request(&svc, &policy.cluster_domain);
     let facts = existing.as_ref().map(secret_facts);
+    let labeled = facts.as_ref().is_some_and(|f| f.labeled);
     let decision = decide(facts.as_ref(), &request, &signer.ca, &policy, OffsetDateTime::now_utc());
 
     match decision {
