@@ -7,7 +7,7 @@ E2E_THREADS ?= 6
 # The image the tests build and run (scripts/image.sh; buildah, no Docker engine).
 IMAGE ?= localhost/service-ca-operator:dev
 
-.PHONY: all build test lint unit e2e run controlplane controlplane-build helm image bench fuzz deny fmt
+.PHONY: system-packages all build test lint unit e2e run controlplane controlplane-build helm image bench fuzz deny fmt
 
 all: build
 
@@ -17,11 +17,15 @@ build:
 ## Everything CI checks: format, lints, dependency audit, unit + PKI tests, then the
 ## end-to-end tests against a real control plane started for this run (including the
 ## Helm chart with helm itself, and the image built here and run).
-## Sets itself up: cargo-deny, helm and the control plane are built once and cached in
+## Sets itself up: missing system tools (openssl, buildah, python3, kubectl) with apt;
+## cargo-deny, helm and the control plane built once and cached in
 ## ~/.cache/service-ca-operator.
-test: lint deny controlplane-build helm image
+test: system-packages lint deny controlplane-build helm image
 	$(CARGO) build --tests --bins
 	SERVICE_CA_TEST_IMAGE=$(IMAGE) scripts/with-controlplane.sh $(CARGO) test -- --test-threads $(E2E_THREADS)
+
+system-packages:
+	@scripts/system-packages.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

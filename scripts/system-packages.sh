@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The system tools the tests use that no Rust or Go build provides: OpenSSL's
+# command-line client (interoperability tests), buildah (the image is built and run
+# without Docker), python3 (the import-cycle check) and kubectl (the shipping and GitOps
+# tests drive the cluster with it, as people do). Installs what is missing with apt
+# when run as root; otherwise says what to install.
+set -euo pipefail
+declare -A package=([openssl]=openssl [buildah]=buildah [python3]=python3 [kubectl]=kubectl)
+missing=()
+for tool in openssl buildah python3 kubectl; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("${package[$tool]}")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "installing ${missing[*]} with apt" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null || true
+fi
+still=()
+for tool in openssl buildah python3 kubectl; do command -v "$tool" >/dev/null 2>&1 || still+=("$tool"); done
+if [ ${#still[@]} -gt 0 ]; then
+  echo "make test needs ${still[*]}: install them (Debian: apt-get install ${still[*]}; kubectl: https://kubernetes.io/docs/tasks/tools/)" >&2
+  exit 1
+fi
