@@ -62,11 +62,8 @@ impl Context {
     /// behind an old one, the action carries a short digest of the note: the same
     /// message repeated is counted, a different message is a new Event.
     pub async fn event(&self, regarding: &ObjectReference, type_: EventType, reason: &str, note: String) {
-        use std::hash::{Hash, Hasher};
         let note = crate::bounded_to(&note, 1000).into_owned();
-        let mut digest = std::collections::hash_map::DefaultHasher::new();
-        note.hash(&mut digest);
-        let action = format!("{reason}/{:08x}", digest.finish() as u32);
+        let action = format!("{reason}/{:08x}", digest(&note) as u32);
         let event = Event { type_, reason: reason.into(), note: Some(note), action, secondary: None };
         self.metrics.write("events", "create");
         if let Err(error) = self.recorder.publish(&event, regarding).await {
@@ -95,6 +92,14 @@ impl Context {
         self.observe(controller, started, result.as_ref().map(|_| ()));
         result
     }
+}
+
+/// A short digest of a message, to tell one message from another.
+pub fn digest(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Errors with a bounded category for metrics.

@@ -149,10 +149,7 @@ impl Warned {
     /// Records `note` for (`object`, `reason`); true when it was not the last one
     /// recorded there (so it is to be published).
     pub fn first(&self, object: &str, reason: &'static str, note: &str) -> bool {
-        use std::hash::{Hash, Hasher};
-        let mut digest = std::collections::hash_map::DefaultHasher::new();
-        note.hash(&mut digest);
-        let digest = digest.finish();
+        let digest = super::digest(note);
         match self.0.lock() {
             Ok(mut seen) => seen.insert((object.to_string(), reason), digest) != Some(digest),
             Err(_) => true,
