@@ -17,7 +17,7 @@ build:
 ## Everything CI checks: format, lints, dependency audit, unit + PKI tests, then the
 ## end-to-end tests against a real control plane started for this run (including the
 ## Helm chart with helm itself, and the image built here and run).
-## Sets itself up: missing system tools (openssl, buildah, python3, kubectl) with apt;
+## Sets itself up: missing openssl, buildah and python3 with apt (kubectl must be there);
 ## cargo-deny, helm and the control plane built once and cached in
 ## ~/.cache/service-ca-operator.
 test: system-packages lint deny controlplane-build helm image
