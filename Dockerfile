@@ -20,6 +20,6 @@ RUN CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-stat
 FROM scratch
 COPY --from=build --chmod=0755 /service-ca-operator /service-ca-operator
 USER 65532:65532
-EXPOSE 8080
+EXPOSE 8080 8443
 ENTRYPOINT ["/service-ca-operator"]
 CMD ["run"]

@@ -225,7 +225,7 @@ struct WriteCounters {
 impl WriteCounters {
     async fn now(client: &Client, op: &Operator) -> WriteCounters {
         let apiserver = apiserver_writes(client).await;
-        let operator = operator_writes(&op.admin_get("/metrics").await.unwrap().1);
+        let operator = operator_writes(&op.metrics().await.unwrap().1);
         WriteCounters { apiserver, operator }
     }
 }
@@ -323,7 +323,7 @@ async fn b6_writes_per_certificate(
 ) {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let writes = diff(&apiserver_writes(client).await, &before.apiserver);
-    let op_writes = operator_writes(&op.admin_get("/metrics").await.unwrap().1) - before.operator;
+    let op_writes = operator_writes(&op.metrics().await.unwrap().1) - before.operator;
     let per = |resource: &str, verb: &str| {
         *writes.get(&(resource.to_string(), verb.to_string())).unwrap_or(&0) as f64 / n1 as f64
     };
@@ -556,7 +556,7 @@ async fn b6_quiet_window(client: &Client, op: &Operator, report: &mut Report) {
     let before = WriteCounters::now(client, op).await;
     tokio::time::sleep(quiet).await;
     let quiet_writes = diff(&apiserver_writes(client).await, &before.apiserver);
-    let op_quiet = operator_writes(&op.admin_get("/metrics").await.unwrap().1) - before.operator;
+    let op_quiet = operator_writes(&op.metrics().await.unwrap().1) - before.operator;
     // Resources the operator writes; the API server's own identity Lease renewals
     // (coordination.k8s.io leases, every 10 s) are not the operator's.
     let ours = [

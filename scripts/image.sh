@@ -39,7 +39,7 @@ trap 'b rm "$ctr" >/dev/null 2>&1 || true' EXIT
 b copy --chown 0:0 --chmod 0755 "$ctr" "$bin" /service-ca-operator >/dev/null
 b config \
   --user 65532:65532 \
-  --port 8080/tcp \
+  --port 8080/tcp --port 8443/tcp \
   --entrypoint '["/service-ca-operator"]' \
   --cmd '["run"]' \
   --label org.opencontainers.image.title=service-ca-operator \

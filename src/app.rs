@@ -30,7 +30,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Secrets (by label), shared by the serving-cert and cert-refresh controllers.
     let serving = ServingWatches::new(&client, &config.selector, health.clone());
     let metrics = Arc::new(Metrics::new(Some(serving.secrets.clone())));
-    let admin = start_admin(&config, &health, &metrics, &shutdown).await?;
+    let admin = start_admin(&client, &config, &health, &metrics, &shutdown).await?;
     let recorder = Recorder::new(
         client.clone(),
         Reporter { controller: "service-ca-operator".into(), instance: Some(identity.clone()) },
@@ -78,17 +78,44 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The admin server (/livez, /readyz, /metrics), until shutdown.
+/// The probe and metrics servers, until shutdown.
 async fn start_admin(
+    client: &Client,
     config: &Config,
     health: &Arc<Health>,
     metrics: &Arc<Metrics>,
     shutdown: &Shutdown,
 ) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
-    let listener =
-        admin::bind(config.admin_addr).await.with_context(|| format!("cannot listen on {}", config.admin_addr))?;
-    tracing::info!(addr = %listener.local_addr()?, "admin server listening (/livez, /readyz, /metrics)");
-    Ok(tokio::spawn(admin::serve(listener, health.clone(), metrics.clone(), shutdown.signal())))
+    let bind = |addr| async move { admin::bind(addr).await.with_context(|| format!("cannot listen on {addr}")) };
+    let probes = bind(config.admin_addr).await?;
+    tracing::info!(addr = %probes.local_addr()?, "admin server listening (/livez, /readyz)");
+    let probes = tokio::spawn(admin::serve_probes(probes, health.clone(), shutdown.signal()));
+
+    let listener = bind(config.metrics_addr).await?;
+    let addr = listener.local_addr()?;
+    let metrics = metrics.clone();
+    let served = if config.metrics_secure {
+        let cert = Arc::new(admin::tls::ServedCert::default());
+        tokio::spawn(admin::tls::follow_secret(
+            client.clone(),
+            config.namespace.clone(),
+            config.metrics_cert_secret.clone(),
+            cert.clone(),
+        ));
+        let tls = admin::tls::server_config(cert).context("cannot set up TLS for the metrics server")?;
+        let authorizer = Arc::new(admin::authz::Authorizer::new(client.clone(), admin::METRICS_PATH));
+        tracing::info!(%addr, secure = true, secret = %config.metrics_cert_secret, "metrics server listening (/metrics)");
+        let listener = admin::tls::TlsListener::new(listener, tls)?;
+        tokio::spawn(admin::serve_metrics(listener, metrics, Some(authorizer), shutdown.signal()))
+    } else {
+        tracing::info!(%addr, secure = false, "metrics server listening (/metrics)");
+        tokio::spawn(admin::serve_metrics(listener, metrics, None, shutdown.signal()))
+    };
+    Ok(tokio::spawn(async move {
+        let (probes, served) = tokio::join!(probes, served);
+        probes.map_err(std::io::Error::other)??;
+        served.map_err(std::io::Error::other)?
+    }))
 }
 
 /// The four controllers, until shutdown; readiness learns when the caches are synced.

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::names;
 use crate::pki::{CaPolicy, LeafPolicy};
 
 #[derive(Debug, Parser)]
@@ -182,9 +183,24 @@ pub struct Config {
     #[arg(long, env = "SERVICE_CA_LEASE_IDENTITY")]
     pub lease_identity: Option<String>,
 
-    /// Address of the admin server (/livez, /readyz, /metrics).
+    /// Address of the probe server (/livez, /readyz), plain HTTP for the kubelet.
     #[arg(long, env = "SERVICE_CA_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
     pub admin_addr: SocketAddr,
+
+    /// Address of the metrics server (/metrics).
+    #[arg(long, env = "SERVICE_CA_METRICS_ADDR", default_value = "0.0.0.0:8443")]
+    pub metrics_addr: SocketAddr,
+
+    /// Serve /metrics over TLS, to scrapers whose bearer token is allowed `get` on the
+    /// non-resource URL /metrics (TokenReview + SubjectAccessReview). `false`: plain
+    /// HTTP, open to anyone who reaches the port.
+    #[arg(long, env = "SERVICE_CA_METRICS_SECURE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub metrics_secure: bool,
+
+    /// The Secret in --namespace with the metrics server's certificate: the serving
+    /// Secret this operator issues for its own metrics Service.
+    #[arg(long, env = "SERVICE_CA_METRICS_CERT_SECRET", default_value = names::METRICS_CERT_SECRET)]
+    pub metrics_cert_secret: String,
 
     #[arg(long, env = "SERVICE_CA_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,

@@ -13,6 +13,9 @@ pub const SIGNING_KEY: &str = "signing-key";
 pub const SIGNING_CABUNDLE: &str = "signing-cabundle";
 /// The leader-election Lease.
 pub const LEASE_NAME: &str = "service-ca-operator";
+/// The serving Secret of the operator's own metrics Service (manifests/metrics-service.yaml
+/// asks for it by annotation; the metrics server serves its certificate).
+pub const METRICS_CERT_SECRET: &str = "service-ca-operator-metrics-tls";
 
 // --- Data keys -----------------------------------------------------------------------
 

@@ -150,6 +150,8 @@ fn chart_values_have_the_binary_defaults() {
     assert_eq!(o["clusterDomain"], c.cluster_domain.as_str());
     assert_eq!(o["leaderElect"], c.leader_elect);
     assert_eq!(o["adminAddr"], c.admin_addr.to_string().as_str());
+    assert_eq!(o["metricsAddr"], c.metrics_addr.to_string().as_str());
+    assert_eq!(o["metricsSecure"], c.metrics_secure);
     assert_eq!(o["logLevel"], c.log_level.as_str());
     assert_eq!(o["selector"], c.selector.as_str());
     assert_eq!(o["keyBuffer"], c.key_buffer as u64);

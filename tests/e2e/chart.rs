@@ -150,8 +150,10 @@ fn flags_from_deployment(d: &Deployment) -> Vec<String> {
     for e in container.env.iter().flatten() {
         let Some(value) = &e.value else { continue };
         let flag = match e.name.as_str() {
-            // The test harness picks the admin port and reads plain logs.
-            "SERVICE_CA_ADMIN_ADDR" | "SERVICE_CA_LOG" | "SERVICE_CA_LOG_FORMAT" => continue,
+            // The test harness picks the ports and reads plain logs.
+            "SERVICE_CA_ADMIN_ADDR" | "SERVICE_CA_METRICS_ADDR" | "SERVICE_CA_LOG" | "SERVICE_CA_LOG_FORMAT" => {
+                continue;
+            }
             name => format!("--{}", name.trim_start_matches("SERVICE_CA_").to_lowercase().replace('_', "-")),
         };
         flags.push(format!("{flag}={value}"));

@@ -164,12 +164,12 @@ async fn a_relist_after_an_api_server_restart_reconciles_only_what_changed() {
     }
     // Quiet: the counters stand still for two seconds.
     eventually(T, "the operator to be quiet", || async {
-        let now = reconciles(&op.admin_get("/metrics").await?.1);
+        let now = reconciles(&op.metrics().await?.1);
         tokio::time::sleep(Duration::from_secs(2)).await;
-        (now == reconciles(&op.admin_get("/metrics").await?.1)).then_some(())
+        (now == reconciles(&op.metrics().await?.1)).then_some(())
     })
     .await;
-    let before = reconciles(&op.admin_get("/metrics").await.unwrap().1);
+    let before = reconciles(&op.metrics().await.unwrap().1);
 
     cp.stop_apiserver();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -184,7 +184,7 @@ async fn a_relist_after_an_api_server_restart_reconciles_only_what_changed() {
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     // ... and replayed nothing: none of the n Secrets or n ConfigMaps was looked at again.
-    let after = reconciles(&op.admin_get("/metrics").await.unwrap().1);
+    let after = reconciles(&op.metrics().await.unwrap().1);
     let delta = |c: &str| after.get(c).copied().unwrap_or(0) - before.get(c).copied().unwrap_or(0);
     println!(
         "after the relist of {n} Secrets and {n} ConfigMaps: {} cert-refresh, {} serving-cert, {} ca-bundle reconciles",

@@ -314,7 +314,7 @@ fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 async fn scrape(op: &crate::support::Operator) -> String {
-    op.admin_get("/metrics").await.expect("metrics").1
+    op.metrics().await.expect("metrics").1
 }
 
 #[tokio::test]

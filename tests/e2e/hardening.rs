@@ -23,7 +23,7 @@ const MANAGED: &str = "service-ca.operators.openshift.io/managed";
 const FORCE: &str = "service-ca.operators.openshift.io/force-rotation";
 
 async fn metrics(op: &Operator) -> String {
-    op.admin_get("/metrics").await.expect("the operator's /metrics").1
+    op.metrics().await.expect("the operator's /metrics").1
 }
 
 async fn force_rotation(env: &Env, reason: &str) {
@@ -252,9 +252,9 @@ async fn a_deleted_namespace_costs_nothing_once_it_is_gone() {
     // within seconds; what must not happen is retrying for the gone objects.
     let gone = Instant::now();
     eventually(Duration::from_secs(15), "the operator to settle", || async {
-        let before = metric(&op.admin_get("/metrics").await?.1, "service_ca_api_writes_total");
+        let before = metric(&op.metrics().await?.1, "service_ca_api_writes_total");
         tokio::time::sleep(Duration::from_secs(2)).await;
-        (metric(&op.admin_get("/metrics").await?.1, "service_ca_api_writes_total") == before).then_some(())
+        (metric(&op.metrics().await?.1, "service_ca_api_writes_total") == before).then_some(())
     })
     .await;
     println!("settled {:?} after the namespace was gone", gone.elapsed());
@@ -277,7 +277,7 @@ async fn a_secret_the_service_no_longer_names_is_released_and_notes_survive_a_ro
     env.annotated_service("web", "old-tls", false).await;
     env.serving_secret("old-tls", T).await;
     eventually(T, "the old Secret's expiry series", || async {
-        let page = op.admin_get("/metrics").await?.1;
+        let page = op.metrics().await?.1;
         page.contains("secret=\"old-tls\"").then_some(())
     })
     .await;
@@ -291,7 +291,7 @@ async fn a_secret_the_service_no_longer_names_is_released_and_notes_survive_a_ro
     .await;
     assert!(old.data.as_ref().is_some_and(|d| d.contains_key("tls.crt")), "the old Secret keeps its data");
     eventually(T, "the old Secret's series gone", || async {
-        let page = op.admin_get("/metrics").await?.1;
+        let page = op.metrics().await?.1;
         (!page.contains("secret=\"old-tls\"") && page.contains("secret=\"new-tls\"")).then_some(())
     })
     .await;
@@ -317,7 +317,7 @@ async fn a_failing_rotation_is_reported_once_degrades_readiness_and_costs_one_ke
     let keys_before = metric(&metrics(&op).await, "service_ca_keys_generated_total");
     force_rotation(&env, "blocked").await;
     eventually(Duration::from_secs(40), "three failed attempts", || async {
-        (metric(&op.admin_get("/metrics").await?.1, "service_ca_rotation_failures_total") >= 3.0).then_some(())
+        (metric(&op.metrics().await?.1, "service_ca_rotation_failures_total") >= 3.0).then_some(())
     })
     .await;
     let (status, body) = op.admin_get("/readyz").await.unwrap();

@@ -86,7 +86,10 @@ async fn image_has_the_dockerfile_layout_and_runs_the_operator_from_its_root() {
     assert!(runtime.contains(r#"ENTRYPOINT ["/service-ca-operator"]"#));
     assert_eq!(oci["Cmd"], serde_json::json!(["run"]));
     assert!(runtime.contains(r#"CMD ["run"]"#));
-    assert!(oci["ExposedPorts"].get("8080/tcp").is_some() && runtime.contains("EXPOSE 8080"));
+    for port in ["8080/tcp", "8443/tcp"] {
+        assert!(oci["ExposedPorts"].get(port).is_some(), "{port} not exposed: {}", oci["ExposedPorts"]);
+    }
+    assert!(runtime.contains("EXPOSE 8080 8443"), "{runtime}");
 
     // Contents: the binary and nothing else (no shell, no libraries).
     let ctr = Container::new();

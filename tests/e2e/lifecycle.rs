@@ -389,7 +389,7 @@ async fn unusable_signing_key_is_reported_never_overwritten_and_signing_continue
         })
         .await;
         println!("{case}: {}", warning.note.unwrap());
-        let metrics = op.admin_get("/metrics").await.unwrap().1;
+        let metrics = op.metrics().await.unwrap().1;
         assert!(metrics.contains("service_ca_signing_key_valid 0"), "{case}");
         let (status, body) = op.admin_get("/readyz").await.unwrap();
         assert_eq!(status, 200, "still serving with the held CA");
@@ -407,7 +407,7 @@ async fn unusable_signing_key_is_reported_never_overwritten_and_signing_continue
         fixed.data = good.data.clone();
         env.op_secrets().replace("signing-key", &PostParams::default(), &fixed).await.unwrap();
         eventually(T, "signing_key_valid back to 1", || async {
-            op.admin_get("/metrics").await.filter(|(_, m)| m.contains("service_ca_signing_key_valid 1")).map(|_| ())
+            op.metrics().await.filter(|(_, m)| m.contains("service_ca_signing_key_valid 1")).map(|_| ())
         })
         .await;
     }
@@ -471,7 +471,7 @@ async fn bulk_reissue_after_a_rotation_reports_progress_with_an_eta() {
         println!("{}", line.split("INFO").last().unwrap_or(line));
     }
     assert!(lines.iter().any(|l| l.contains(&format!(" of {n} Secrets done")) && l.contains("ETA")), "{lines:?}");
-    let page = op.admin_get("/metrics").await.unwrap().1;
+    let page = op.metrics().await.unwrap().1;
     assert!(page.contains("service_ca_reissue_remaining 0"), "nothing left");
 }
 

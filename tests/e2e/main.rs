@@ -16,6 +16,7 @@ mod image;
 mod injection;
 mod inspect;
 mod lifecycle;
+mod metrics;
 mod perf;
 mod serving;
 mod shipping;

@@ -124,6 +124,7 @@ async fn manifests_apply_and_the_operator_needs_exactly_the_permissions_they_gra
     let env = Env::new("rbac-operator").await;
     let (op, bundle) = rbac_start_operator_as_service_account(&env).await;
     rbac_serving_certificates(&env).await;
+    rbac_secure_metrics(&env, &op, &bundle).await;
     let injected = rbac_injection_into_every_kind(&env, &bundle).await;
     rbac_ca_lifecycle(&env).await;
     rbac_delete_injection_targets(&env, injected).await;
@@ -159,6 +160,7 @@ fn rbac_apply_manifests() {
         "rolebinding.",
         "deployment.",
         "poddisruptionbudget.",
+        "service/service-ca-operator-metrics",
     ] {
         assert!(applied.contains(kind), "{kind} missing from:\n{applied}");
     }
@@ -179,6 +181,7 @@ async fn rbac_start_operator_as_service_account(env: &Env) -> (Operator, String)
         "--leader-elect=true",
         "--lease-duration",
         "5s",
+        "--metrics-secure=true",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -191,6 +194,21 @@ async fn rbac_start_operator_as_service_account(env: &Env) -> (Operator, String)
     })
     .await;
     (op, bundle)
+}
+
+/// RBAC phase 4b: the metrics server, as shipped: its Service (from the manifests,
+/// labelled for this test's operator) gets its certificate, and a scrape is reviewed
+/// (TokenReview, SubjectAccessReview). The operator's own token may not read /metrics.
+async fn rbac_secure_metrics(env: &Env, op: &Operator, bundle: &str) {
+    kubectl(&["label", "-n", NS, "service/service-ca-operator-metrics", &format!("{RUN_LABEL}={}", env.run)]);
+    let port: u16 = op.metrics_addr.rsplit(':').next().unwrap().parse().unwrap();
+    let name = format!("service-ca-operator-metrics.{NS}.svc");
+    let token = token_for(&env.client, NS, "service-ca-operator").await;
+    let (status, body) = eventually(T, "the metrics server with its issued certificate", || async {
+        crate::support::tls::rustls_https_get(port, bundle, &name, "/metrics", Some(&token)).ok()
+    })
+    .await;
+    assert_eq!(status, 403, "{body}");
 }
 
 /// RBAC phase 4: serving certificates: create, then a tidy update.
@@ -373,8 +391,8 @@ async fn leader_election_one_writer_fast_handover_no_duplicate_issuance() {
         let key = format!("service_ca_api_writes_total{{resource=\"{resource}\",verb=\"{verb}\"}} ");
         metrics.lines().find_map(|l| l.strip_prefix(&key)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
     };
-    let metrics_a = a.admin_get("/metrics").await.unwrap().1;
-    let metrics_b = b.admin_get("/metrics").await.unwrap().1;
+    let metrics_a = a.metrics().await.unwrap().1;
+    let metrics_b = b.metrics().await.unwrap().1;
     let (leader, follower, leader_metrics, follower_metrics) = if writes(&metrics_a, "secrets", "create") > 0 {
         (&mut a, &mut b, metrics_a, metrics_b)
     } else {
@@ -413,7 +431,7 @@ async fn leader_election_one_writer_fast_handover_no_duplicate_issuance() {
 
     // No duplicate issuance: the new leader issued only for the new Service.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let m = follower.admin_get("/metrics").await.unwrap().1;
+    let m = follower.metrics().await.unwrap().1;
     assert_eq!(writes(&m, "secrets", "create"), 1, "{m}");
     assert_eq!(writes(&m, "secrets", "update"), 0, "existing Secrets were not re-issued");
     let managed = env
@@ -467,7 +485,7 @@ async fn admin_endpoints_serve_probes_and_the_spec_metrics() {
     ];
     let secret_series = format!("namespace=\"{}\",secret=\"m-tls\"", env.ns);
     eventually(T, "every metric of SPEC section 4", || async {
-        let (_, m) = op.admin_get("/metrics").await?;
+        let (_, m) = op.metrics().await?;
         (m.contains(&secret_series) && names.iter().all(|n| m.contains(n))).then_some(())
     })
     .await;

@@ -355,6 +355,8 @@ pub async fn create_namespace(client: &Client, name: &str) {
 pub struct Operator {
     child: Option<Child>,
     pub admin: String,
+    /// host:port of the metrics server.
+    pub metrics_addr: String,
     pub log: PathBuf,
 }
 
@@ -377,8 +379,10 @@ impl Operator {
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(program)
             .args(args)
-            // Port 0: the operator picks a free port and logs it.
-            .args(["--admin-addr", "127.0.0.1:0"])
+            // Port 0: the operator picks free ports and logs them.
+            .args(["--admin-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+            // Tests read /metrics in plain HTTP unless they test the secure server.
+            .args((!args.iter().any(|a| a.starts_with("--metrics-secure"))).then_some("--metrics-secure=false"))
             .env("KUBECONFIG", kubeconfig)
             .env(
                 "SERVICE_CA_LOG",
@@ -390,30 +394,34 @@ impl Operator {
             .spawn()
             .expect("start the operator binary");
         eprintln!("operator log: {}", log.display());
-        let mut op = Operator { child: Some(child), admin: String::new(), log };
-        op.admin = op.admin_address();
+        let mut op = Operator { child: Some(child), admin: String::new(), metrics_addr: String::new(), log };
+        op.admin = format!("http://{}", op.announced("admin server listening"));
+        op.metrics_addr = op.announced("metrics server listening");
         op
     }
 
-    /// The admin server's address, from the operator's log line announcing it.
-    fn admin_address(&mut self) -> String {
+    /// The address in the operator's log line announcing one of its servers.
+    fn announced(&mut self, server: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let logs = self.logs();
             if let Some(addr) = logs
                 .lines()
-                .find(|l| l.contains("admin server listening"))
+                .find(|l| l.contains(server))
                 .and_then(|l| l.split("addr=").nth(1))
                 .and_then(|a| a.split_whitespace().next())
             {
-                return format!("http://{}", addr.trim_matches('"'));
+                return addr.trim_matches('"').to_string();
             }
-            assert!(
-                self.running() && Instant::now() < deadline,
-                "the operator did not start its admin server:\n{logs}"
-            );
+            assert!(self.running() && Instant::now() < deadline, "the operator did not log '{server}':\n{logs}");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// `/metrics` from an operator started with the plain metrics server (the default
+    /// in tests); (status, body).
+    pub async fn metrics(&self) -> Option<(u16, String)> {
+        http_get(&format!("http://{}/metrics", self.metrics_addr)).await
     }
 
     pub fn pid(&self) -> u32 {

@@ -139,6 +139,43 @@ pub fn rustls_connect(port: u16, bundle_pem: &str, server_name: &str) -> Result<
     Ok(())
 }
 
+/// rustls client: `GET path` over HTTPS at `port`, trusting only `bundle_pem` and
+/// checking `server_name`, with `token` as the bearer token; (status, body), or why
+/// the handshake or the exchange failed.
+pub fn rustls_https_get(
+    port: u16,
+    bundle_pem: &str,
+    server_name: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(u16, String), String> {
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots(bundle_pem))
+        .with_no_client_auth();
+    let name = ServerName::try_from(server_name.to_string()).map_err(|e| e.to_string())?;
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {server_name}\r\n{auth}Connection: close\r\n\r\n");
+    tls.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
+    let mut response = Vec::new();
+    match tls.read_to_end(&mut response) {
+        Ok(_) => {}
+        // A server that closes without close_notify still sent its whole response.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !response.is_empty() => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    let text = String::from_utf8_lossy(&response).to_string();
+    let status =
+        text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or(format!("no HTTP status in {text:?}"))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
 /// rustls/webpki verification of a presented chain at an arbitrary instant, without a
 /// connection (the same verifier a rustls client runs during the handshake).
 pub fn rustls_verify_at(chain_pem: &str, bundle_pem: &str, server_name: &str, at: SystemTime) -> Result<(), String> {

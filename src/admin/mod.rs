@@ -1,4 +1,9 @@
-//! The admin server: `/livez`, `/readyz`, `/metrics`.
+//! The admin servers: `/livez` and `/readyz` in plain HTTP for the kubelet's probes,
+//! and `/metrics` on its own port, by default over TLS for authorised scrapers only
+//! (`tls`, `authz`).
+
+pub mod authz;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -6,11 +11,12 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
 
+use self::authz::{Authorizer, Verdict};
 use crate::metrics::Metrics;
 
 /// Where this process stands in leader election.
@@ -96,38 +102,73 @@ impl Health {
     }
 }
 
-#[derive(Clone)]
-struct AdminState {
-    health: Arc<Health>,
-    metrics: Arc<Metrics>,
-}
-
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Serves until `shutdown` completes.
-pub async fn serve(
+/// The probe server (`/livez`, `/readyz`), until `shutdown` completes.
+pub async fn serve_probes(
     listener: TcpListener,
     health: Arc<Health>,
-    metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/livez", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_page))
-        .with_state(AdminState { health, metrics });
+    let app = Router::new().route("/livez", get(|| async { "ok\n" })).route("/readyz", get(readyz)).with_state(health);
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
-async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
-    match state.health.readiness() {
+async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    match health.readiness() {
         Ok(note) => (StatusCode::OK, format!("{note}\n")),
         Err(problems) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", problems.join("; "))),
     }
 }
 
-async fn metrics_page(State(state): State<AdminState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render())
+/// The path scrapers ask for, and the non-resource URL they need `get` on.
+pub const METRICS_PATH: &str = "/metrics";
+
+#[derive(Clone)]
+struct MetricsState {
+    metrics: Arc<Metrics>,
+    /// `None`: anyone who reaches the port may read (`--metrics-secure=false`).
+    authorizer: Option<Arc<Authorizer>>,
+}
+
+/// The metrics server on `listener` (TCP, or `tls::TlsListener`), until `shutdown`.
+pub async fn serve_metrics<L: axum::serve::Listener>(
+    listener: L,
+    metrics: Arc<Metrics>,
+    authorizer: Option<Arc<Authorizer>>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()>
+where
+    L::Addr: std::fmt::Debug,
+{
+    let app = Router::new().route(METRICS_PATH, get(metrics_page)).with_state(MetricsState { metrics, authorizer });
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+async fn metrics_page(State(state): State<MetricsState>, headers: HeaderMap) -> Response {
+    if let Some(authorizer) = &state.authorizer {
+        let presented = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        match authorizer.check(presented).await {
+            Ok(Verdict::Allowed) => {}
+            Ok(Verdict::Unauthenticated) => {
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::WWW_AUTHENTICATE, "Bearer")],
+                    "Unauthorized: send the bearer token of a user allowed to get /metrics\n",
+                )
+                    .into_response();
+            }
+            Ok(Verdict::Forbidden(user)) => {
+                return (StatusCode::FORBIDDEN, format!("Forbidden: user \"{user}\" may not get /metrics\n"))
+                    .into_response();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot review a scraper's token");
+                return (StatusCode::SERVICE_UNAVAILABLE, "cannot review the token now; try again\n").into_response();
+            }
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render()).into_response()
 }
