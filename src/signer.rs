@@ -71,10 +71,11 @@ impl SignerHandle {
 /// (~50 ms for RSA-2048, the floor of a fresh certificate otherwise). A kind is in use
 /// when it is the cluster default (what a new Service without the annotation gets) or
 /// was asked for in the last [`IN_USE_FOR`]; the ready keys of a kind nobody asks for
-/// any more are dropped, and none are made for kinds never asked for. Urgent work (a certificate for a new
-/// Service) goes before bulk work (re-issues after a CA change), and only urgent work
-/// takes ready keys: a Service created during a rotation is served next. Under
-/// sustained load the buffer is empty and the pool runs at the key-generation rate.
+/// any more are dropped, and none are made for kinds never asked for. Urgent work (a
+/// certificate for a new Service) goes before bulk work (re-issues after a CA change),
+/// and only urgent work takes ready keys: a Service created during a rotation is served
+/// next. Under sustained load the buffer is empty and the pool runs at the
+/// key-generation rate.
 #[derive(Clone)]
 pub struct KeyPool {
     inner: Arc<PoolInner>,

@@ -437,10 +437,10 @@ pub enum Written {
     Refused(String),
 }
 
-/// Issues a certificate for `request` (the Service `svc` asks for it) and writes it
-/// into its Secret `name` (`existing`, if any), then records the outcome: on success the metric, a log line and a Normal
-/// Event; otherwise the failure metric. A write that fails keeps the key parked in the
-/// pool for the next attempt.
+/// Issues a certificate for `request` (what the Service `svc` asks for) and writes it
+/// into its Secret `name` (`existing`, if any), then records the outcome: on success
+/// the metric, a log line and a Normal Event; otherwise the failure metric. A write
+/// that fails keeps the key parked in the pool for the next attempt.
 #[allow(clippy::too_many_arguments)] // the Service, its request and Secret, the CA, why
 pub async fn issue(
     ctx: &Context,
