@@ -2,8 +2,11 @@
 //! the release build of the operator, run as users run it (no selector).
 //!
 //! B1 time to ready, B2 bulk issuance vs. the key-generation limit, B3 rotation,
-//! B4 injection, B5 memory, B6 API economy. Prints a table and writes
-//! target/bench/results.json. Sizes scale with BENCH_SCALE (default 1.0).
+//! B4 injection, B5 memory, B6 API economy (RSA serving keys, the default); then with
+//! ECDSA serving keys B2-EC and B3-EC (a second operator instance with its own CA) and
+//! B8 scale (10,000 Services). Prints a table and writes target/bench/results.json.
+//! Sizes scale with BENCH_SCALE (default 1.0); BENCH_ONLY=rsa,ec,b8 (any of them)
+//! runs only those parts.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -190,13 +193,18 @@ fn keygen_limit(threads: usize, duration: Duration) -> f64 {
     total as f64 / started.elapsed().as_secs_f64()
 }
 
-async fn create_services(env: &Env, prefix: &str, n: usize) -> HashMap<String, Instant> {
+/// Creates `n` annotated Services `<prefix><i>` (Secret `<prefix><i>-tls`), with the
+/// key-algorithm annotation `algorithm` if given; when each was created.
+async fn create_services(env: &Env, prefix: &str, n: usize, algorithm: Option<&str>) -> HashMap<String, Instant> {
     futures::stream::iter(0..n)
         .map(|i| async move {
             let name = format!("{prefix}{i}");
+            let secret = format!("{name}-tls");
+            let mut annotations = vec![("service.beta.openshift.io/serving-cert-secret-name", secret.as_str())];
+            annotations.extend(algorithm.map(|a| ("service.beta.openshift.io/serving-cert-key-algorithm", a)));
             let started = Instant::now();
-            env.annotated_service(&name, &format!("{name}-tls"), false).await;
-            (format!("{name}-tls"), started)
+            env.service_with(&name, &annotations, false).await;
+            (secret, started)
         })
         .buffer_unordered(CREATE_CONCURRENCY)
         .collect()
@@ -239,15 +247,49 @@ struct MemorySoFar {
     injected_count: usize,
 }
 
+/// The RSA figures the ECDSA rows are compared with.
+struct RsaRates {
+    b2: f64,
+    b3: f64,
+}
+
 #[tokio::main]
 async fn main() {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let part = |name: &str| only.is_empty() || only.split(',').any(|p| p.trim() == name);
+    let mut report = Report { rows: Vec::new(), json: serde_json::Map::new() };
+    setup(&mut report, cores);
+    // Each part's namespaces stay until the end, so that no deletion runs under a later
+    // measurement.
+    let mut envs = Vec::new();
+    let mut rsa = None;
+    if part("rsa") {
+        let (env, rates) = rsa_benchmarks(cores, &mut report).await;
+        envs.push(env);
+        rsa = Some(rates);
+    }
+    if part("ec") {
+        envs.push(ec_benchmarks(rsa.as_ref(), cores, &mut report).await);
+    }
+    if part("b8") {
+        envs.push(b8_scale(cores, &mut report).await);
+    }
+
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("results.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&Value::Object(report.json)).unwrap()).unwrap();
+    println!("\nresults written to {}", path.display());
+    drop(envs);
+}
+
+/// B1 to B6 with RSA serving keys (the default), on an operator run as users run it
+/// (no selector).
+async fn rsa_benchmarks(cores: usize, report: &mut Report) -> (Env, RsaRates) {
     let env = Env::new("bench").await;
     let client = env.client.clone();
-    let mut report = Report { rows: Vec::new(), json: serde_json::Map::new() };
     let args: Vec<String> = ["--namespace", &env.op_ns, "--leader-elect=false"].iter().map(|s| s.to_string()).collect();
-    setup(&mut report, cores);
-
     let op = Operator::start("bench", &args);
     op.wait_ready(Duration::from_secs(60)).await;
     let bundle = env.ca_bundle().await;
@@ -256,22 +298,154 @@ async fn main() {
 
     let secrets_seen = first_seen(env.secrets(), "service-ca.operators.openshift.io/managed=true", has_cert);
     let before_b1 = WriteCounters::now(&client, &op).await;
-    let n1 = b1_time_to_ready(&env, &secrets_seen, &mut report).await;
-    b6_writes_per_certificate(&client, &op, &before_b1, n1, &mut report).await;
-    let (n2, rate) = b2_bulk(&env, &op, &bundle, &secrets_seen, cores, &mut report).await;
+    let n1 = b1_time_to_ready(&env, &secrets_seen, report).await;
+    b6_writes_per_certificate(&client, &op, &before_b1, n1, report).await;
+    let (n2, rate) = b2_bulk(&env, &op, &bundle, &secrets_seen, cores, report).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let managed = rss_mib(&op);
-    let n4 = b4_injection(&env, &mut report).await;
-    b3_rotation(&env, n1 + n2, n4, rate, &mut report).await;
-    b6_quiet_window(&client, &op, &mut report).await;
+    let n4 = b4_injection(&env, "B4", report).await;
+    let b3 = b3_rotation(&env, "B3", (n1 + n2, n4), ("B2 rate", Some(rate)), "", report).await;
+    b6_quiet_window(&client, &op, report).await;
     let memory = MemorySoFar { idle_peak, managed, managed_count: n1 + n2, injected_count: n4 };
-    b5_memory(&env, op, &args, &memory, &mut report).await;
+    b5_memory(&env, op, &args, &memory, report).await;
+    (env, RsaRates { b2: rate, b3 })
+}
 
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("results.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&Value::Object(report.json)).unwrap()).unwrap();
-    println!("\nresults written to {}", path.display());
+/// A rate with its ratio to the rate it is compared with (when that part ran).
+fn times(figure: f64, other: Option<f64>) -> String {
+    match other {
+        Some(other) => format!("{figure:.1}/s vs {other:.1}/s ({:.1}x)", figure / other),
+        None => format!("{figure:.1}/s (the RSA part did not run)"),
+    }
+}
+
+/// B2-EC and B3-EC: B2 and B3 with ECDSA P-256 serving keys (the annotation `ecdsa`),
+/// on a second operator instance with its own CA and a selector, so that nothing of the
+/// RSA part is re-issued.
+async fn ec_benchmarks(rsa: Option<&RsaRates>, cores: usize, report: &mut Report) -> Env {
+    let env = Env::new("bench-ec").await;
+    let op = env.start_operator(&[]);
+    op.wait_ready(Duration::from_secs(60)).await;
+    let bundle = env.ca_bundle().await;
+    let secrets_seen = first_seen(env.secrets(), "service-ca.operators.openshift.io/managed=true", has_cert);
+    let mut processes = control_plane_pids();
+    processes.push(("operator", op.pid()));
+    settle(&processes).await;
+    processes.push(("bench client", std::process::id()));
+
+    let b2 = bulk_issue(&env, &bundle, &secrets_seen, &processes, ("ec", scaled(1000), Some("ecdsa"))).await;
+    println!(
+        "\nB2-EC bulk, ECDSA P-256 ({} Services created at once; creation itself took {:.1?})",
+        b2.n, b2.create_took
+    );
+    report.row(
+        "B2-EC all Secrets valid after",
+        format!("{:.1} s ({} invalid)", b2.total.as_secs_f64(), b2.invalid),
+        "",
+    );
+    report.row("B2-EC certificates per second vs. B2 (RSA)", times(b2.rate, rsa.map(|r| r.b2)), "target >= 5x");
+    let (operator, apiserver) = (b2.cpu_of("operator"), b2.cpu_of("kube-apiserver"));
+    report.row(
+        "B2-EC CPU: operator vs kube-apiserver",
+        format!("{operator:.1} s vs {apiserver:.1} s"),
+        "target operator < kube-apiserver",
+    );
+    b2.report_common("B2-EC", cores, report);
+    report.json.insert("b2_ec".into(), Value::Object(b2.json()));
+
+    // B3-EC: as many Secrets as B3 (B1's and B2's) and as many injected ConfigMaps.
+    let more = bulk_issue(&env, &bundle, &secrets_seen, &processes, ("ecmore", scaled(200), Some("ecdsa"))).await;
+    let n4 = b4_injection(&env, "B4-EC", report).await;
+    b3_rotation(&env, "B3-EC", (b2.n + more.n, n4), ("B3 (RSA)", rsa.map(|r| r.b3)), "target >= 5x", report).await;
+    env
+}
+
+/// B8: scale with cheap keys: 10,000 ECDSA Services on a fresh operator instance (its
+/// own CA): time until every Secret is valid, peak RSS and RSS per managed Service,
+/// then a restart with all of it present: time to ready, and writes (none expected).
+async fn b8_scale(cores: usize, report: &mut Report) -> Env {
+    let env = Env::new("bench-b8").await;
+    let client = env.client.clone();
+    let op = env.start_operator(&[]);
+    op.wait_ready(Duration::from_secs(60)).await;
+    let bundle = env.ca_bundle().await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (idle_rss, _) = rss_mib(&op);
+    let secrets_seen = first_seen(env.secrets(), "service-ca.operators.openshift.io/managed=true", has_cert);
+    let mut processes = control_plane_pids();
+    processes.push(("operator", op.pid()));
+    settle(&processes).await;
+    processes.push(("bench client", std::process::id()));
+
+    let b8 = bulk_issue(&env, &bundle, &secrets_seen, &processes, ("s", scaled(10_000), Some("ecdsa"))).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (rss, peak) = rss_mib(&op);
+    let per_service_kib = (rss - idle_rss) * 1024.0 / b8.n as f64;
+    let at_100k = idle_rss + per_service_kib * 100_000.0 / 1024.0;
+    println!("\nB8 scale ({} ECDSA Services created at once; creation itself took {:.1?})", b8.n, b8.create_took);
+    report.row(
+        "B8 all Secrets valid after",
+        format!("{:.1} s, {:.1}/s ({} invalid)", b8.total.as_secs_f64(), b8.rate, b8.invalid),
+        "",
+    );
+    report.row("B8 operator RSS: peak / current", format!("{peak:.1} / {rss:.1} MiB"), "target peak <= 96 MiB");
+    report.row(
+        "B8 RSS per managed Service (current - idle) / n",
+        format!("{per_service_kib:.2} KiB (idle {idle_rss:.1} MiB; 100,000 Services ~ {at_100k:.0} MiB)"),
+        "",
+    );
+    b8.report_common("B8", cores, report);
+
+    // A restart with everything present.
+    let before = apiserver_writes(&client).await;
+    drop(op);
+    let restarted = Instant::now();
+    let op = env.start_operator(&[]);
+    op.wait_ready(Duration::from_secs(120)).await;
+    let ready = restarted.elapsed();
+    // Until cert-refresh has looked at every Secret once (what a restart costs).
+    let looked = eventually(Duration::from_secs(600), "cert-refresh to look at every Secret", || async {
+        let page = op.metrics().await?.1;
+        let done = support::metric(&page, "service_ca_reconcile_total{controller=\"cert-refresh\"") >= b8.n as f64;
+        done.then(|| restarted.elapsed())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let op_writes = operator_writes(&op.metrics().await.unwrap().1);
+    let ours = ["secrets", "services", "configmaps", "events"];
+    let api_writes: u64 = diff(&apiserver_writes(&client).await, &before)
+        .iter()
+        .filter(|((r, _), _)| ours.contains(&r.as_str()))
+        .map(|(_, n)| n)
+        .sum();
+    let (rss_restart, peak_restart) = rss_mib(&op);
+    report.row(
+        "B8 restart with everything present: ready after",
+        format!("{:.1} s", ready.as_secs_f64()),
+        "target <= 5 s",
+    );
+    report.row("B8 restart: every Secret looked at after", format!("{:.1} s", looked.as_secs_f64()), "");
+    report.row(
+        "B8 restart: writes by the operator / API server writes to Secrets, Services, ConfigMaps, Events",
+        format!("{op_writes} / {api_writes}"),
+        "target 0",
+    );
+    report.row("B8 restart: RSS peak / current", format!("{peak_restart:.1} / {rss_restart:.1} MiB"), "");
+    let mut json = b8.json();
+    json.extend([
+        ("idle_rss_mib".to_string(), json!(idle_rss)),
+        ("rss_mib".to_string(), json!(rss)),
+        ("peak_mib".to_string(), json!(peak)),
+        ("rss_per_service_kib".to_string(), json!(per_service_kib)),
+        ("restart_ready_seconds".to_string(), json!(ready.as_secs_f64())),
+        ("restart_looked_at_all_seconds".to_string(), json!(looked.as_secs_f64())),
+        ("restart_operator_writes".to_string(), json!(op_writes)),
+        ("restart_apiserver_writes".to_string(), json!(api_writes)),
+        ("restart_peak_mib".to_string(), json!(peak_restart)),
+        ("restart_rss_mib".to_string(), json!(rss_restart)),
+    ]);
+    report.json.insert("b8".into(), Value::Object(json));
+    env
 }
 
 /// Prints and records the setup the figures were measured with.
@@ -346,6 +520,111 @@ async fn b6_writes_per_certificate(
     );
 }
 
+/// What one bulk issuance measured: many Services created at once, until every
+/// Secret had a certificate.
+struct Bulk {
+    n: usize,
+    total: Duration,
+    rate: f64,
+    create_took: Duration,
+    /// Created -> Secret with a certificate, sorted.
+    latencies: Vec<Duration>,
+    /// Secrets whose chain does not verify against the bundle for their name.
+    invalid: usize,
+    /// CPU seconds per process during the run.
+    cpu_used: Vec<(&'static str, f64)>,
+}
+
+impl Bulk {
+    fn cpu_of(&self, process: &str) -> f64 {
+        self.cpu_used.iter().find(|(name, _)| *name == process).map_or(f64::NAN, |(_, c)| *c)
+    }
+
+    /// The per-Service latency and CPU rows, prefixed with `label`.
+    fn report_common(&self, label: &str, cores: usize, report: &mut Report) {
+        report.row(
+            &format!("{label} per-Service latency p50 / p99"),
+            format!(
+                "{:.1} s / {:.1} s",
+                percentile(&self.latencies, 0.5).as_secs_f64(),
+                percentile(&self.latencies, 0.99).as_secs_f64()
+            ),
+            "",
+        );
+        let available = self.total.as_secs_f64() * cores as f64;
+        for (name, used) in &self.cpu_used {
+            report.row(
+                &format!("{label} CPU used by {name}"),
+                format!("{used:.1} s ({:.0} % of {cores} CPUs)", used / available * 100.0),
+                "",
+            );
+        }
+    }
+
+    fn json(&self) -> serde_json::Map<String, Value> {
+        json!({ "n": self.n, "seconds": self.total.as_secs_f64(), "certs_per_second": self.rate,
+            "invalid": self.invalid, "creation_seconds": self.create_took.as_secs_f64(),
+            "p50_seconds": percentile(&self.latencies, 0.5).as_secs_f64(), "p99_seconds": percentile(&self.latencies, 0.99).as_secs_f64(),
+            "cpu_seconds": self.cpu_used.iter().map(|(n, c)| (n.to_string(), *c)).collect::<BTreeMap<_, _>>() })
+        .as_object()
+        .cloned()
+        .unwrap()
+    }
+}
+
+/// Creates `n` Services `<prefix><i>` at once (key algorithm `algorithm`, else the
+/// default) and waits until every Secret has a certificate; checks each against
+/// `bundle`. CPU is counted for `processes` (the bench client included).
+async fn bulk_issue(
+    env: &Env,
+    bundle: &str,
+    secrets_seen: &Seen,
+    processes: &[(&'static str, u32)],
+    (prefix, n, algorithm): (&str, usize, Option<&str>),
+) -> Bulk {
+    let cpu_before: Vec<f64> = processes.iter().map(|(_, pid)| cpu_seconds(*pid)).collect();
+    let started = Instant::now();
+    let created = create_services(env, prefix, n, algorithm).await;
+    let create_took = started.elapsed();
+    eventually(Duration::from_secs(1800), "every bulk Secret", || {
+        let done = created.keys().all(|k| secrets_seen.lock().unwrap().contains_key(k));
+        async move { done.then_some(()) }
+    })
+    .await;
+    let last = created.keys().map(|k| secrets_seen.lock().unwrap()[k]).max().unwrap();
+    let total = last - started;
+    let cpu_used: Vec<(&str, f64)> =
+        processes.iter().zip(&cpu_before).map(|((name, pid), before)| (*name, cpu_seconds(*pid) - before)).collect();
+    let mut latencies: Vec<Duration> = created.iter().map(|(k, t)| secrets_seen.lock().unwrap()[k] - *t).collect();
+    latencies.sort();
+    let invalid = invalid_secrets(env, bundle, |name| created.contains_key(name)).await;
+    Bulk { n, total, rate: n as f64 / total.as_secs_f64(), create_took, latencies, invalid, cpu_used }
+}
+
+/// How many of the managed Secrets whose name `pick` selects do not verify against
+/// `bundle` for their Service's name.
+async fn invalid_secrets(env: &Env, bundle: &str, pick: impl Fn(&str) -> bool) -> usize {
+    let all = env
+        .secrets()
+        .list(&ListParams::default().labels("service-ca.operators.openshift.io/managed=true"))
+        .await
+        .unwrap();
+    all.items
+        .iter()
+        .filter(|s| pick(&s.name_any()))
+        .filter(|s| {
+            let svc = s.name_any().trim_end_matches("-tls").to_string();
+            support::tls::rustls_verify_at(
+                &support::data(s, "tls.crt"),
+                bundle,
+                &format!("{svc}.{}.svc", env.ns),
+                SystemTime::now(),
+            )
+            .is_err()
+        })
+        .count()
+}
+
 /// B2: many Services at once, compared with the key-generation limit. Returns (how
 /// many, certificates per second).
 async fn b2_bulk(
@@ -365,48 +644,13 @@ async fn b2_bulk(
     let limit_before = keygen_limit(cores, Duration::from_secs(15));
     processes.push(("bench client", std::process::id()));
 
-    let n2 = scaled(1000);
-    let cpu_before: Vec<f64> = processes.iter().map(|(_, pid)| cpu_seconds(*pid)).collect();
-    let started = Instant::now();
-    let created = create_services(env, "bulk", n2).await;
-    let create_took = started.elapsed();
-    eventually(Duration::from_secs(600), "every bulk Secret", || {
-        let done = created.keys().all(|k| secrets_seen.lock().unwrap().contains_key(k));
-        async move { done.then_some(()) }
-    })
-    .await;
-    let last = created.keys().map(|k| secrets_seen.lock().unwrap()[k]).max().unwrap();
-    let total = last - started;
-    let cpu_used: Vec<(&str, f64)> =
-        processes.iter().zip(&cpu_before).map(|((name, pid), before)| (*name, cpu_seconds(*pid) - before)).collect();
-    let rate = n2 as f64 / total.as_secs_f64();
+    let b2 = bulk_issue(env, bundle, secrets_seen, &processes, ("bulk", scaled(1000), None)).await;
     settle(&processes[..processes.len() - 1]).await;
     let limit_after = keygen_limit(cores, Duration::from_secs(15));
     let limit = (limit_before + limit_after) / 2.0;
-    let mut bulk_lat: Vec<Duration> = created.iter().map(|(k, t)| secrets_seen.lock().unwrap()[k] - *t).collect();
-    bulk_lat.sort();
-    // Every one valid.
-    let all = env
-        .secrets()
-        .list(&ListParams::default().labels("service-ca.operators.openshift.io/managed=true"))
-        .await
-        .unwrap();
-    let invalid = all
-        .items
-        .iter()
-        .filter(|s| {
-            let svc = s.name_any().trim_end_matches("-tls").to_string();
-            support::tls::rustls_verify_at(
-                &support::data(s, "tls.crt"),
-                bundle,
-                &format!("{svc}.{}.svc", env.ns),
-                SystemTime::now(),
-            )
-            .is_err()
-        })
-        .count();
-    println!("\nB2 bulk ({n2} Services created at once; creation itself took {create_took:.1?})");
-    report.row("B2 all Secrets valid after", format!("{:.1} s ({invalid} invalid)", total.as_secs_f64()), "");
+    let (n2, rate) = (b2.n, b2.rate);
+    println!("\nB2 bulk ({n2} Services created at once; creation itself took {:.1?})", b2.create_took);
+    report.row("B2 all Secrets valid after", format!("{:.1} s ({} invalid)", b2.total.as_secs_f64(), b2.invalid), "");
     report.row("B2 certificates per second", format!("{rate:.1}/s"), "");
     report.row(
         &format!("B2 RSA-2048 key-generation limit ({cores} threads, same run)"),
@@ -416,41 +660,25 @@ async fn b2_bulk(
     report.row("B2 ratio to the key-generation limit", format!("{:.0} %", rate / limit * 100.0), "target >= 80 %");
     // What bounds the ratio: the operator turns its own CPU time into certificates at the
     // key-generation rate of one core; the rest of the two cores is the control plane's.
-    let operator_cpu = cpu_used.iter().find(|(name, _)| *name == "operator").map_or(f64::NAN, |(_, c)| *c);
     report.row(
         "B2 certificates per operator CPU-second vs. limit per core",
-        format!("{:.1} vs {:.1}", n2 as f64 / operator_cpu, limit / cores as f64),
+        format!("{:.1} vs {:.1}", n2 as f64 / b2.cpu_of("operator"), limit / cores as f64),
         "",
     );
-    report.row(
-        "B2 per-Service latency p50 / p99",
-        format!(
-            "{:.1} s / {:.1} s",
-            percentile(&bulk_lat, 0.5).as_secs_f64(),
-            percentile(&bulk_lat, 0.99).as_secs_f64()
-        ),
-        "",
-    );
-    let available = total.as_secs_f64() * cores as f64;
-    for (name, used) in &cpu_used {
-        report.row(
-            &format!("B2 CPU used by {name}"),
-            format!("{used:.1} s ({:.0} % of {cores} CPUs)", used / available * 100.0),
-            "",
-        );
-    }
-    report.json.insert(
-        "b2".into(),
-        json!({ "n": n2, "seconds": total.as_secs_f64(), "certs_per_second": rate, "keygen_limit_per_second": limit,
-                "keygen_limit_before": limit_before, "keygen_limit_after": limit_after,
-                "ratio": rate / limit, "invalid": invalid, "creation_seconds": create_took.as_secs_f64(),
-                "cpu_seconds": cpu_used.iter().map(|(n, c)| (n.to_string(), *c)).collect::<BTreeMap<_, _>>() }),
-    );
+    b2.report_common("B2", cores, report);
+    let mut json = b2.json();
+    json.extend([
+        ("keygen_limit_per_second".to_string(), json!(limit)),
+        ("keygen_limit_before".to_string(), json!(limit_before)),
+        ("keygen_limit_after".to_string(), json!(limit_after)),
+        ("ratio".to_string(), json!(rate / limit)),
+    ]);
+    report.json.insert("b2".into(), Value::Object(json));
     (n2, rate)
 }
 
-/// B4: injection into many ConfigMaps at once. Returns how many.
-async fn b4_injection(env: &Env, report: &mut Report) -> usize {
+/// B4: injection into many ConfigMaps at once (reported as `label`). Returns how many.
+async fn b4_injection(env: &Env, label: &str, report: &mut Report) -> usize {
     let n4 = scaled(1000);
     let cms_seen = first_seen(env.configmaps(), &format!("{}={}", support::RUN_LABEL, env.run), injected);
     let started = Instant::now();
@@ -475,11 +703,15 @@ async fn b4_injection(env: &Env, report: &mut Report) -> usize {
     let last = cm_created.keys().map(|k| cms_seen.lock().unwrap()[k]).max().unwrap();
     let mut per_object: Vec<Duration> = cm_created.iter().map(|(k, t)| cms_seen.lock().unwrap()[k] - *t).collect();
     per_object.sort();
-    println!("\nB4 injection ({n4} annotated ConfigMaps created at once)");
-    report.row("B4 all injected after", format!("{:.1} s", (last - started).as_secs_f64()), "");
-    report.row("B4 per object (created -> injected) p50", format!("{:.0} ms", ms(percentile(&per_object, 0.5))), "");
+    println!("\n{label} injection ({n4} annotated ConfigMaps created at once)");
+    report.row(&format!("{label} all injected after"), format!("{:.1} s", (last - started).as_secs_f64()), "");
+    report.row(
+        &format!("{label} per object (created -> injected) p50"),
+        format!("{:.0} ms", ms(percentile(&per_object, 0.5))),
+        "",
+    );
     report.json.insert(
-        "b4".into(),
+        label.to_lowercase().replace(['-', ' '], "_"),
         json!({ "n": n4, "seconds": (last - started).as_secs_f64(), "p50_ms": ms(percentile(&per_object, 0.5)),
                 "p99_ms": ms(percentile(&per_object, 0.99)) }),
     );
@@ -487,8 +719,16 @@ async fn b4_injection(env: &Env, report: &mut Report) -> usize {
 }
 
 /// B3: forced rotation with `n_secrets` serving Secrets and `n4` injected ConfigMaps
-/// in place; the re-issue rate is compared with B2's `rate`.
-async fn b3_rotation(env: &Env, n_secrets: usize, n4: usize, rate: f64, report: &mut Report) {
+/// in place (reported as `label`); the re-issue rate is compared with `compare` (what,
+/// rate). Returns the re-issue rate.
+async fn b3_rotation(
+    env: &Env,
+    label: &str,
+    (n_secrets, n4): (usize, usize),
+    compare: (&str, Option<f64>),
+    target: &str,
+    report: &mut Report,
+) -> f64 {
     let old_ski = certs::ca_ski(&env.op_secrets().get("signing-key").await.unwrap());
     let old_bundle = env.ca_bundle().await;
     let started = Instant::now();
@@ -532,19 +772,24 @@ async fn b3_rotation(env: &Env, n_secrets: usize, n4: usize, rate: f64, report: 
         assert!(started.elapsed() < Duration::from_secs(900), "rotation did not finish");
     }
     let (reissued, reinjected) = (reissued_at.unwrap(), injected_at.unwrap());
-    println!("\nB3 rotation (forced, {n_secrets} serving Secrets, {n4} injected ConfigMaps)");
-    report.row("B3 every bundle re-injected after", format!("{:.1} s", reinjected.as_secs_f64()), "");
-    report.row("B3 every leaf re-issued after", format!("{:.1} s", reissued.as_secs_f64()), "");
+    let reissue_rate = n_secrets as f64 / reissued.as_secs_f64();
+    let invalid = invalid_secrets(env, &new_bundle, |_| true).await;
+    println!("\n{label} rotation (forced, {n_secrets} serving Secrets, {n4} injected ConfigMaps)");
+    report.row(&format!("{label} every bundle re-injected after"), format!("{:.1} s", reinjected.as_secs_f64()), "");
     report.row(
-        "B3 re-issue rate vs. B2 rate",
-        format!("{:.1}/s vs {:.1}/s", n_secrets as f64 / reissued.as_secs_f64(), rate),
+        &format!("{label} every leaf re-issued after"),
+        format!("{:.1} s ({invalid} invalid against the new bundle)", reissued.as_secs_f64()),
         "",
     );
+    let (compare_what, compare_rate) = compare;
+    report.row(&format!("{label} re-issue rate vs. {compare_what}"), times(reissue_rate, compare_rate), target);
     report.json.insert(
-        "b3".into(),
+        label.to_lowercase().replace('-', "_"),
         json!({ "secrets": n_secrets, "configmaps": n4, "reissued_seconds": reissued.as_secs_f64(),
-                "reinjected_seconds": reinjected.as_secs_f64(), "reissue_rate": n_secrets as f64 / reissued.as_secs_f64() }),
+                "reinjected_seconds": reinjected.as_secs_f64(), "reissue_rate": reissue_rate, "invalid": invalid,
+                "compared_with": compare_what, "compared_rate": compare_rate }),
     );
+    reissue_rate
 }
 
 /// B6 (part 2): writes during a quiet minute (BENCH_QUIET_SECONDS), everything up to

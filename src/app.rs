@@ -37,7 +37,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     let ctx = Arc::new(Context {
         client,
-        keys: KeyPool::new(config.issuance_concurrency(), config.key_buffer, metrics.keys_generated.clone()),
+        keys: KeyPool::new(
+            config.issuance_concurrency(),
+            config.key_buffer,
+            config.default_key_algorithm,
+            metrics.keys_generated.clone(),
+        ),
         signer: SignerHandle::default(),
         metrics,
         health: health.clone(),

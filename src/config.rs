@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::names;
-use crate::pki::{CaPolicy, LeafPolicy};
+use crate::pki::{CaPolicy, KeyKind, LeafPolicy};
 
 #[derive(Debug, Parser)]
 #[command(name = "service-ca-operator", version, about, args_conflicts_with_subcommands = true)]
@@ -216,13 +216,24 @@ pub struct Config {
     #[arg(long, env = "SERVICE_CA_SELECTOR", default_value = "")]
     pub selector: String,
 
+    /// The serving key of a Service without the serving-cert-key-algorithm
+    /// annotation: rsa (RSA-2048), ecdsa (P-256), rsa-3072, rsa-4096, ecdsa-p384.
+    /// Changing it re-issues those Services' certificates.
+    #[arg(long, env = "SERVICE_CA_DEFAULT_KEY_ALGORITHM", default_value = "rsa")]
+    pub default_key_algorithm: KeyKind,
+
+    /// The key of a new CA (default RSA-2048). Unset, a rotation keeps the CA's key
+    /// type; set to another type, the next rotation (forced or scheduled) moves to it.
+    #[arg(long, env = "SERVICE_CA_CA_KEY_ALGORITHM")]
+    pub ca_key_algorithm: Option<KeyKind>,
+
     /// Serving certificates generated at once (RSA key generation is CPU-bound).
     /// Default: the number of CPUs.
     #[arg(long, env = "SERVICE_CA_MAX_CONCURRENT_ISSUANCE")]
     pub max_concurrent_issuance: Option<usize>,
 
-    /// RSA-2048 serving keys kept ready (generated in the background when idle), so
-    /// a new Service does not wait for key generation. 0 disables.
+    /// Serving keys kept ready per key algorithm in use (generated in the background
+    /// when idle), so a new Service does not wait for key generation. 0 disables.
     #[arg(long, env = "SERVICE_CA_KEY_BUFFER", default_value_t = 4)]
     pub key_buffer: usize,
 

@@ -42,6 +42,8 @@ pub const SECRET_TYPE_TLS: &str = "kubernetes.io/tls";
 pub struct Family {
     /// On a Service: the name of the serving Secret to create.
     pub serving_cert_secret_name: &'static str,
+    /// On a Service: the kind of key its certificate is for (`rsa`, `ecdsa`, ...).
+    pub serving_cert_key_algorithm: &'static str,
     /// On the serving Secret: the Service it was made for.
     pub originating_service_name: &'static str,
     pub originating_service_uid: &'static str,
@@ -60,6 +62,7 @@ macro_rules! family {
     ($prefix:literal) => {
         Family {
             serving_cert_secret_name: concat!($prefix, "serving-cert-secret-name"),
+            serving_cert_key_algorithm: concat!($prefix, "serving-cert-key-algorithm"),
             originating_service_name: concat!($prefix, "originating-service-name"),
             originating_service_uid: concat!($prefix, "originating-service-uid"),
             expiry: concat!($prefix, "expiry"),

@@ -66,12 +66,16 @@ impl SignerHandle {
 /// injection, probes, metrics — gets the CPU first whenever it needs it, even under a
 /// container CPU limit.
 ///
-/// It also keeps a few RSA-2048 keys ready, generated in the background while the
-/// operator is idle, so that a new Service does not wait for key generation (~50 ms,
-/// the floor of a fresh certificate otherwise). Urgent work (a certificate for a new
-/// Service) goes before bulk work (re-issues after a CA change), and only urgent work
-/// takes ready keys: a Service created during a rotation is served next. Under
-/// sustained load the buffer is empty and the pool runs at the key-generation rate.
+/// It also keeps a few keys ready per key algorithm in use, generated in the background
+/// while the operator is idle, so that a new Service does not wait for key generation
+/// (~50 ms for RSA-2048, the floor of a fresh certificate otherwise). A kind is in use
+/// when it is the cluster default (what a new Service without the annotation gets) or
+/// was asked for in the last [`IN_USE_FOR`]; the ready keys of a kind nobody asks for
+/// any more are dropped, and none are made for kinds never asked for. Urgent work (a
+/// certificate for a new Service) goes before bulk work (re-issues after a CA change),
+/// and only urgent work takes ready keys: a Service created during a rotation is served
+/// next. Under sustained load the buffer is empty and the pool runs at the
+/// key-generation rate.
 #[derive(Clone)]
 pub struct KeyPool {
     inner: Arc<PoolInner>,
@@ -142,7 +146,10 @@ impl Queue {
 
 struct PoolInner {
     jobs: Arc<Queue>,
-    ready: std::sync::Mutex<Vec<PrivateKey>>,
+    /// Keys ready per kind, and when each kind was last asked for (the default kind
+    /// is always in use).
+    ready: std::sync::Mutex<Ready>,
+    default_kind: KeyKind,
     buffer: usize,
     refill: tokio::sync::Notify,
     /// Serving keys signed over but not yet known to be written, by owner (the
@@ -152,6 +159,28 @@ struct PoolInner {
     generated: Counter,
 }
 
+#[derive(Default)]
+struct Ready {
+    keys: HashMap<KeyKind, Vec<PrivateKey>>,
+    asked: HashMap<KeyKind, std::time::Instant>,
+}
+
+impl Ready {
+    /// Forgets kinds nobody asked for within [`IN_USE_FOR`] (and drops their keys);
+    /// then the kind in use with the fewest ready keys, if it has fewer than `buffer`.
+    fn next_to_fill(&mut self, default_kind: KeyKind, buffer: usize) -> Option<KeyKind> {
+        self.asked.retain(|kind, at| *kind == default_kind || at.elapsed() < IN_USE_FOR);
+        self.asked.entry(default_kind).or_insert_with(std::time::Instant::now);
+        let asked = &self.asked;
+        self.keys.retain(|kind, _| asked.contains_key(kind));
+        let count = |kind: &KeyKind| self.keys.get(kind).map_or(0, Vec::len);
+        self.asked.keys().filter(|kind| count(kind) < buffer).min_by_key(|kind| count(kind)).copied()
+    }
+}
+
+/// A key algorithm asked for within this long keeps ready keys.
+pub const IN_USE_FOR: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// At most this many keys stay parked (owners whose writes keep failing); past it new
 /// keys are not parked, and their retries generate fresh keys.
 const MAX_PARKED: usize = 10_000;
@@ -160,13 +189,15 @@ const MAX_PARKED: usize = 10_000;
 const WORKER_NICENESS: i32 = 10;
 
 impl KeyPool {
-    /// A pool of `concurrency` generators keeping `buffer` keys ready. Must be called
-    /// inside the async runtime (the refill runs as a task).
-    pub fn new(concurrency: usize, buffer: usize, generated: Counter) -> Self {
+    /// A pool of `concurrency` generators keeping `buffer` keys ready per kind in use
+    /// (`default_kind` always). Must be called inside the async runtime (the refill
+    /// runs as a task).
+    pub fn new(concurrency: usize, buffer: usize, default_kind: KeyKind, generated: Counter) -> Self {
         let pool = KeyPool {
             inner: Arc::new(PoolInner {
                 jobs: spawn_workers(concurrency.max(1)),
-                ready: std::sync::Mutex::new(Vec::with_capacity(buffer)),
+                ready: std::sync::Mutex::new(Ready::default()),
+                default_kind,
                 buffer,
                 refill: tokio::sync::Notify::new(),
                 parked: std::sync::Mutex::new(HashMap::new()),
@@ -177,15 +208,18 @@ impl KeyPool {
             let pool = pool.clone();
             tokio::spawn(async move {
                 loop {
-                    let have = pool.inner.ready.lock().map(|r| r.len()).unwrap_or(usize::MAX);
-                    if have >= pool.inner.buffer {
-                        pool.inner.refill.notified().await;
+                    let (default_kind, buffer) = (pool.inner.default_kind, pool.inner.buffer);
+                    let kind = pool.inner.ready.lock().ok().and_then(|mut r| r.next_to_fill(default_kind, buffer));
+                    let Some(kind) = kind else {
+                        // Woken by a request, or at the latest when a kind may have gone
+                        // out of use.
+                        let _ = tokio::time::timeout(IN_USE_FOR, pool.inner.refill.notified()).await;
                         continue;
-                    }
-                    match pool.fresh(KeyKind::Rsa { bits: 2048 }, Priority::Bulk).await {
+                    };
+                    match pool.fresh(kind, Priority::Bulk).await {
                         Ok(key) => {
                             if let Ok(mut ready) = pool.inner.ready.lock() {
-                                ready.push(key);
+                                ready.keys.entry(kind).or_default().push(key);
                             }
                         }
                         _ => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
@@ -223,22 +257,31 @@ impl KeyPool {
         self.fresh(kind, Priority::Urgent).await
     }
 
-    /// An RSA-2048 serving key for `owner`: the one parked for it by an earlier
-    /// attempt whose write failed, else (urgent work only) a ready one, else a fresh
-    /// one.
-    async fn serving_key(&self, owner: &str, priority: Priority) -> Result<Arc<PrivateKey>, PkiError> {
-        if let Some(key) = self.inner.parked.lock().ok().and_then(|parked| parked.get(owner).cloned()) {
-            tracing::debug!(owner, "signing over the key parked by a failed attempt");
-            return Ok(key);
+    /// A serving key of `kind` for `owner`: the one parked for it by an earlier
+    /// attempt whose write failed (if of that kind), else (urgent work only) a ready
+    /// one, else a fresh one.
+    async fn serving_key(&self, owner: &str, kind: KeyKind, priority: Priority) -> Result<Arc<PrivateKey>, PkiError> {
+        if let Ok(mut parked) = self.inner.parked.lock()
+            && let Some(key) = parked.get(owner).cloned()
+        {
+            if key.kind() == kind {
+                tracing::debug!(owner, "signing over the key parked by a failed attempt");
+                return Ok(key);
+            }
+            // The Service now asks for another kind of key.
+            parked.remove(owner);
         }
-        let ready = match priority {
-            Priority::Urgent => self.inner.ready.lock().ok().and_then(|mut r| r.pop()),
-            Priority::Bulk => None,
-        };
+        let ready = self.inner.ready.lock().ok().and_then(|mut r| {
+            r.asked.insert(kind, std::time::Instant::now());
+            match priority {
+                Priority::Urgent => r.keys.get_mut(&kind).and_then(Vec::pop),
+                Priority::Bulk => None,
+            }
+        });
         self.inner.refill.notify_one();
         let key = Arc::new(match ready {
             Some(key) => key,
-            None => self.fresh(KeyKind::Rsa { bits: 2048 }, priority).await?,
+            None => self.fresh(kind, priority).await?,
         });
         if let Ok(mut parked) = self.inner.parked.lock()
             && parked.len() < MAX_PARKED
@@ -248,7 +291,8 @@ impl KeyPool {
         Ok(key)
     }
 
-    /// A serving certificate for `request`, signed over an RSA-2048 key. The key stays
+    /// A serving certificate for `request`, signed over a key of the kind it asks
+    /// for. The key stays
     /// parked for the request's Service until [`KeyPool::written`]: a write that fails
     /// (and is retried later) costs no new key.
     pub async fn issue(
@@ -260,7 +304,7 @@ impl KeyPool {
     ) -> Result<IssuedLeaf, PkiError> {
         // Checked before a key is spent on it.
         signer.ca.check_unexpired(OffsetDateTime::now_utc())?;
-        let key = self.serving_key(&request.uid, priority).await?;
+        let key = self.serving_key(&request.uid, request.key, priority).await?;
         // Signing (~1 ms with ring) also stays off the reactor.
         tokio::task::spawn_blocking(move || signer.ca.issue(&request, &key, OffsetDateTime::now_utc(), lifetime))
             .await
@@ -332,15 +376,47 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn key_generation_runs_at_a_lower_priority_than_the_reactor() {
-        let pool = KeyPool::new(2, 0, Counter::default());
+        let pool = KeyPool::new(2, 0, KeyKind::Rsa { bits: 2048 }, Counter::default());
         let reactor = current_niceness();
         let worker = pool.run(current_niceness, Priority::Bulk).await.unwrap();
         assert_eq!(worker, (reactor + WORKER_NICENESS).min(19));
     }
 
+    #[test]
+    fn ready_keys_are_kept_only_for_kinds_in_use() {
+        let rsa = KeyKind::Rsa { bits: 2048 };
+        let mut ready = Ready::default();
+        assert_eq!(ready.next_to_fill(rsa, 2), Some(rsa), "the default kind is always in use");
+        ready.keys.entry(rsa).or_default().push(PrivateKey::generate(KeyKind::EcdsaP256).unwrap());
+        ready.keys.entry(rsa).or_default().push(PrivateKey::generate(KeyKind::EcdsaP256).unwrap());
+        assert_eq!(ready.next_to_fill(rsa, 2), None, "full; no other kind was asked for");
+        ready.asked.insert(KeyKind::EcdsaP384, std::time::Instant::now());
+        assert_eq!(ready.next_to_fill(rsa, 2), Some(KeyKind::EcdsaP384));
+        ready.keys.entry(KeyKind::EcdsaP384).or_default().push(PrivateKey::generate(KeyKind::EcdsaP384).unwrap());
+        let long_ago = std::time::Instant::now().checked_sub(IN_USE_FOR + std::time::Duration::from_secs(1));
+        ready.asked.insert(KeyKind::EcdsaP384, long_ago.unwrap());
+        assert_eq!(ready.next_to_fill(rsa, 2), None);
+        assert!(!ready.keys.contains_key(&KeyKind::EcdsaP384), "keys of a kind nobody asks for are dropped");
+        assert_eq!(ready.keys[&rsa].len(), 2);
+        let mut ec_default = Ready::default();
+        assert_eq!(ec_default.next_to_fill(KeyKind::EcdsaP256, 1), Some(KeyKind::EcdsaP256), "no RSA for nobody");
+    }
+
+    #[tokio::test]
+    async fn a_parked_key_is_used_only_for_its_kind() {
+        let pool = KeyPool::new(1, 0, KeyKind::Rsa { bits: 2048 }, Counter::default());
+        let first = pool.serving_key("uid", KeyKind::EcdsaP256, Priority::Bulk).await.unwrap();
+        let again = pool.serving_key("uid", KeyKind::EcdsaP256, Priority::Bulk).await.unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "a retry signs over the parked key");
+        let other = pool.serving_key("uid", KeyKind::EcdsaP384, Priority::Bulk).await.unwrap();
+        assert_eq!(other.kind(), KeyKind::EcdsaP384);
+        let back = pool.serving_key("uid", KeyKind::EcdsaP384, Priority::Bulk).await.unwrap();
+        assert!(Arc::ptr_eq(&other, &back));
+    }
+
     #[tokio::test]
     async fn a_panicking_job_is_an_error_and_the_worker_carries_on() {
-        let pool = KeyPool::new(1, 0, Counter::default());
+        let pool = KeyPool::new(1, 0, KeyKind::Rsa { bits: 2048 }, Counter::default());
         let failed = pool.run(|| panic!("boom"), Priority::Bulk).await;
         assert!(matches!(failed, Err(PkiError::KeyGeneration(_))));
         assert_eq!(pool.run(|| 7, Priority::Urgent).await.unwrap(), 7);

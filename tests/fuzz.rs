@@ -69,6 +69,7 @@ fn seeds() -> &'static (BTreeMap<String, Vec<u8>>, String, String) {
             uid: "u-1".into(),
             headless: true,
             cluster_domain: "cluster.local".into(),
+            key: service_ca_operator::pki::KeyKind::Rsa { bits: 2048 },
         };
         let leaf = ca.issue(&req, &PrivateKey::generate_rsa(2048).unwrap(), now, Duration::from_secs(86_400)).unwrap();
         (ca.to_secret_data(), leaf.chain_pem, leaf.key_pem.to_string())
@@ -145,6 +146,7 @@ fn serving_secret_data_through_the_decision_never_panics() {
         uid: "u-1".into(),
         headless: true,
         cluster_domain: "cluster.local".into(),
+        key: service_ca_operator::pki::KeyKind::Rsa { bits: 2048 },
     };
     let strategy = (untrusted(chain.into_bytes()), untrusted(key.into_bytes()), ".{0,40}");
     run("serving Secret decision", strategy, |(cert, key, expiry)| {

@@ -157,6 +157,8 @@ fn chart_values_have_the_binary_defaults() {
     assert_eq!(o["keyBuffer"], c.key_buffer as u64);
     assert_eq!(o["controllerConcurrency"], c.controller_concurrency as u64);
     assert_eq!(duration("progressInterval"), c.progress_interval);
+    assert_eq!(o["defaultKeyAlgorithm"].as_str().unwrap().parse(), Ok(c.default_key_algorithm));
+    assert!(o["caKeyAlgorithm"].is_null() && c.ca_key_algorithm.is_none());
     // The one deliberate difference: JSON logs in a cluster (the binary prints plain
     // text for people at a terminal).
     assert_eq!(o["logFormat"], "json");

@@ -38,6 +38,7 @@ fn secret_for(ca: &CertificateAuthority, ns: &str, svc: &str, now: OffsetDateTim
         uid: "uid-1".into(),
         headless: false,
         cluster_domain: "cluster.local".into(),
+        key: crate::pki::KeyKind::Rsa { bits: 2048 },
     };
     let leaf = ca.issue(&req, &PrivateKey::generate_rsa(2048).unwrap(), now, 730 * DAY).unwrap();
     SecretObj {

@@ -113,7 +113,7 @@ impl CertificateAuthority {
     pub fn create(key: PrivateKey, now: OffsetDateTime, policy: &CaPolicy) -> Result<Self, PkiError> {
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, format!("{CA_NAME_PREFIX}{}", now.unix_timestamp()));
-        let params = ca_params(dn, now, now + policy.lifetime, KeyIdMethod::Sha256);
+        let params = ca_params(dn, now, now + policy.lifetime, KeyIdMethod::Sha256, key.kind());
         let signing = key.signing_key()?;
         let cert = params.self_signed(&signing).map_err(signing_error)?;
         Self::assemble(CertInfo::parse(TLS_CERT, cert.der().to_vec())?, key, signing, None, Vec::new())
@@ -236,19 +236,26 @@ impl CertificateAuthority {
         let new_signing = new_key.signing_key()?;
 
         // The new self-signed CA.
-        let new_params = ca_params(subject.clone(), now, now + policy.lifetime, KeyIdMethod::Sha256);
+        let new_kind = new_key.kind();
+        let new_params = ca_params(subject.clone(), now, now + policy.lifetime, KeyIdMethod::Sha256, new_kind);
         let new_cert =
             CertInfo::parse(TLS_CERT, new_params.self_signed(&new_signing).map_err(signing_error)?.der().to_vec())?;
         let new_ski = new_cert.subject_key_id.clone().ok_or(PkiError::MissingSubjectKeyId)?;
-        let new_issuer_params = ca_params(subject.clone(), now, now, KeyIdMethod::PreSpecified(new_ski.clone()));
+        let new_issuer_params =
+            ca_params(subject.clone(), now, now, KeyIdMethod::PreSpecified(new_ski.clone()), new_kind);
         let new_issuer = Issuer::from_params(&new_issuer_params, &new_signing);
 
         // X1: the current CA's certificate re-signed by the new key, so holders of the
         // new bundle trust leaves of the current CA. It stays valid at least for the
         // rotation threshold from now.
         let x1_not_after = self.cert.not_after.max(now + policy.rotate_before);
-        let mut x1 =
-            ca_params(subject.clone(), self.cert.not_before, x1_not_after, KeyIdMethod::PreSpecified(current_ski));
+        let mut x1 = ca_params(
+            subject.clone(),
+            self.cert.not_before,
+            x1_not_after,
+            KeyIdMethod::PreSpecified(current_ski),
+            self.key_kind(),
+        );
         x1.use_authority_key_identifier_extension = true;
         let current_public = SubjectPublicKeyInfo::from_der(current.tbs_certificate.subject_pki.raw)
             .map_err(|e| PkiError::BadCertificate { field: TLS_CERT, reason: e.to_string() })?;
@@ -259,7 +266,8 @@ impl CertificateAuthority {
 
         // X2: the new CA's certificate signed by the current key, so holders of the
         // current bundle trust leaves of the new CA.
-        let mut x2 = ca_params(subject, new_cert.not_before, new_cert.not_after, KeyIdMethod::PreSpecified(new_ski));
+        let mut x2 =
+            ca_params(subject, new_cert.not_before, new_cert.not_after, KeyIdMethod::PreSpecified(new_ski), new_kind);
         x2.use_authority_key_identifier_extension = true;
         let x2 = CertInfo::parse(
             INTERMEDIATE,
@@ -339,6 +347,7 @@ fn ca_params(
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
     key_id: KeyIdMethod,
+    key: KeyKind,
 ) -> CertificateParams {
     let mut params = CertificateParams::default();
     params.distinguished_name = dn;
@@ -346,8 +355,15 @@ fn ca_params(
     params.not_before = not_before - Duration::from_secs(1);
     params.not_after = not_after;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages =
-        vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment, KeyUsagePurpose::KeyCertSign];
+    // keyEncipherment only where the certified key can encipher (RSA).
+    params.key_usages = match key {
+        KeyKind::Rsa { .. } => {
+            vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment, KeyUsagePurpose::KeyCertSign]
+        }
+        KeyKind::EcdsaP256 | KeyKind::EcdsaP384 => {
+            vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyCertSign]
+        }
+    };
     params.key_identifier_method = key_id;
     params
 }

@@ -18,8 +18,10 @@ use zeroize::Zeroizing;
 
 use super::{PkiError, pem};
 
-/// The kinds of key the operator can sign with. New serving keys are always RSA-2048.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The kinds of key the operator can sign with. Serving keys are what the Service's
+/// key-algorithm annotation (or `--default-key-algorithm`) asks for, RSA-2048 unless
+/// told otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KeyKind {
     Rsa { bits: usize },
     EcdsaP256,
@@ -33,6 +35,26 @@ impl KeyKind {
             KeyKind::Rsa { .. } => &PKCS_RSA_SHA256,
             KeyKind::EcdsaP256 => &PKCS_ECDSA_P256_SHA256,
             KeyKind::EcdsaP384 => &PKCS_ECDSA_P384_SHA384,
+        }
+    }
+}
+
+/// The values the key-algorithm annotation and flags accept (any case).
+pub const KEY_ALGORITHMS: &str = "rsa (RSA-2048), ecdsa (P-256), rsa-2048, rsa-3072, rsa-4096, ecdsa-p256, ecdsa-p384";
+
+impl std::str::FromStr for KeyKind {
+    type Err = String;
+
+    /// Reads a key-algorithm value: `rsa`, `ecdsa`, or an explicit size or curve, in
+    /// any case, surrounding whitespace ignored. The error does not echo the value.
+    fn from_str(value: &str) -> Result<Self, String> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "rsa" | "rsa-2048" => Ok(KeyKind::Rsa { bits: 2048 }),
+            "rsa-3072" => Ok(KeyKind::Rsa { bits: 3072 }),
+            "rsa-4096" => Ok(KeyKind::Rsa { bits: 4096 }),
+            "ecdsa" | "ecdsa-p256" => Ok(KeyKind::EcdsaP256),
+            "ecdsa-p384" => Ok(KeyKind::EcdsaP384),
+            _ => Err(format!("not a key algorithm; use one of {KEY_ALGORITHMS}")),
         }
     }
 }
@@ -59,6 +81,18 @@ impl PublicKey {
     pub fn raw(&self) -> &[u8] {
         &self.raw
     }
+
+    /// The kind of key (`None`: an RSA key whose modulus cannot be read).
+    pub fn kind(&self) -> Option<KeyKind> {
+        if self.alg == &PKCS_ECDSA_P256_SHA256 {
+            Some(KeyKind::EcdsaP256)
+        } else if self.alg == &PKCS_ECDSA_P384_SHA384 {
+            Some(KeyKind::EcdsaP384)
+        } else {
+            let rsa = rsa::pkcs1::RsaPublicKeyRef::try_from(self.raw.as_slice()).ok()?;
+            Some(KeyKind::Rsa { bits: bit_length(rsa.modulus.as_bytes()) })
+        }
+    }
 }
 
 impl std::fmt::Debug for PublicKey {
@@ -82,7 +116,8 @@ pub struct PrivateKey {
     /// PKCS#8 DER, the form `ring` signs with.
     pkcs8: Zeroizing<Vec<u8>>,
     /// The PEM written to Secrets: RSA as PKCS#1 (`RSA PRIVATE KEY`, what existing
-    /// consumers of the original system expect), EC as PKCS#8.
+    /// consumers of the original system expect), EC as SEC1 (`EC PRIVATE KEY`, with
+    /// its named curve, what Go's `x509.MarshalECPrivateKey` and OpenSSL write).
     pem: Zeroizing<String>,
     public: PublicKey,
 }
@@ -93,7 +128,7 @@ impl std::fmt::Debug for PrivateKey {
     }
 }
 
-/// What a CA key may be (serving keys are always RSA-2048).
+/// What a CA key may be.
 pub const SUPPORTED_KEYS: &str = "only RSA keys of 2048 to 8192 bits and ECDSA keys on P-256 or P-384 are supported";
 
 const RSA_ENCRYPTION: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
@@ -206,7 +241,10 @@ impl PrivateKey {
             let pair = KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8.as_slice().into(), kind.signature_algorithm())
                 .map_err(|_| PkiError::BadKey { field: "key", reason: "EC key rejected".into() })?;
             let public = PublicKey { alg: kind.signature_algorithm(), raw: pair.public_key_raw().to_vec() };
-            return Ok(PrivateKey { kind, pem: Zeroizing::new(pem::encode("PRIVATE KEY", &pkcs8)), public, pkcs8 });
+            let inner = info.private_key.as_bytes();
+            let sec1 = sec1_with_curve(inner, &curve)
+                .ok_or_else(|| PkiError::BadKey { field: "key", reason: "EC key cannot be re-encoded".into() })?;
+            return Ok(PrivateKey { kind, pem: Zeroizing::new(pem::encode("EC PRIVATE KEY", &sec1)), public, pkcs8 });
         }
         Err(PkiError::UnsupportedKey(SUPPORTED_KEYS.into()))
     }
@@ -301,6 +339,49 @@ fn ec_algorithm_identifier(curve: &[u8]) -> Vec<u8> {
     der(0x30, &[der(0x06, EC_PUBLIC_KEY), der(0x06, curve)].concat())
 }
 
+/// One DER element at the front of `input`: (tag, its content, the whole element, the
+/// rest of `input`).
+type DerElement<'a> = (u8, &'a [u8], &'a [u8], &'a [u8]);
+
+fn der_element(input: &[u8]) -> Option<DerElement<'_>> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, header) = if first < 0x80 {
+        (first as usize, 2)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        (rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | *b as usize), 2 + n)
+    };
+    let end = header.checked_add(len)?;
+    (input.len() >= end).then(|| (tag, &input[header..end], &input[..end], &input[end..]))
+}
+
+/// The SEC1 ECPrivateKey inside a PKCS#8 structure (which leaves the curve to the
+/// AlgorithmIdentifier) with the named curve put back as `parameters [0]`, so that
+/// it stands alone as an `EC PRIVATE KEY`.
+fn sec1_with_curve(inner: &[u8], curve: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    let (0x30, mut body, _, _) = der_element(inner)? else { return None };
+    let mut out = Zeroizing::new(Vec::with_capacity(inner.len() + 16));
+    // version, privateKey, then [0] parameters (ours), then [1] publicKey.
+    for _ in 0..2 {
+        let (_, _, element, rest) = der_element(body)?;
+        out.extend_from_slice(element);
+        body = rest;
+    }
+    out.extend(der(0xa0, &der(0x06, curve)));
+    while !body.is_empty() {
+        let (tag, _, element, rest) = der_element(body)?;
+        if tag != 0xa0 {
+            out.extend_from_slice(element);
+        }
+        body = rest;
+    }
+    Some(Zeroizing::new(der(0x30, &out)))
+}
+
 /// PKCS#8 PrivateKeyInfo { version 0, algorithm, privateKey OCTET STRING }.
 fn wrap_pkcs8(algorithm: &[u8], inner: &[u8]) -> Vec<u8> {
     let version = [0x02, 0x01, 0x00];
@@ -330,10 +411,42 @@ mod tests {
     fn ecdsa_keys_are_generated_and_read_back() {
         for kind in [KeyKind::EcdsaP256, KeyKind::EcdsaP384] {
             let key = PrivateKey::generate(kind).unwrap();
+            assert!(key.to_pem().starts_with("-----BEGIN EC PRIVATE KEY-----\n"), "SEC1");
             let back = PrivateKey::from_pem("tls.key", key.to_pem().as_bytes()).unwrap();
             assert_eq!(back.kind(), kind);
             assert_eq!(back.public_key(), key.public_key());
+            assert_eq!(back.to_pem(), key.to_pem());
+            assert_eq!(key.public_key().kind(), Some(kind));
+            back.signing_key().unwrap();
         }
+    }
+
+    #[test]
+    fn key_algorithm_values_parse_in_any_case() {
+        let table = [
+            ("rsa", KeyKind::Rsa { bits: 2048 }),
+            ("RSA", KeyKind::Rsa { bits: 2048 }),
+            (" rsa-2048 ", KeyKind::Rsa { bits: 2048 }),
+            ("rsa-3072", KeyKind::Rsa { bits: 3072 }),
+            ("Rsa-4096", KeyKind::Rsa { bits: 4096 }),
+            ("ecdsa", KeyKind::EcdsaP256),
+            ("ECDSA", KeyKind::EcdsaP256),
+            ("ecdsa-p256", KeyKind::EcdsaP256),
+            ("ECDSA-P384", KeyKind::EcdsaP384),
+        ];
+        for (value, kind) in table {
+            assert_eq!(value.parse::<KeyKind>(), Ok(kind), "{value}");
+        }
+        for bad in ["", "rsa-1024", "rsa2048", "ec", "ecdsa-p521", "ed25519", "rsa-8192", "secret-value"] {
+            let error = bad.parse::<KeyKind>().unwrap_err();
+            assert_eq!(error, format!("not a key algorithm; use one of {KEY_ALGORITHMS}"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rsa_public_keys_know_their_size() {
+        let key = PrivateKey::generate_rsa(3072).unwrap();
+        assert_eq!(key.public_key().kind(), Some(KeyKind::Rsa { bits: 3072 }));
     }
 
     #[test]

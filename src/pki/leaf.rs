@@ -12,7 +12,7 @@ use zeroize::Zeroizing;
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
 
 use super::ca::{CertInfo, CertificateAuthority};
-use super::keys::{PrivateKey, PublicKey, certificate_public_key, random_serial};
+use super::keys::{KeyKind, PrivateKey, PublicKey, certificate_public_key, random_serial};
 use super::{PkiError, pem};
 use crate::names::TLS_CERT;
 
@@ -29,6 +29,8 @@ pub struct LeafRequest {
     /// `spec.clusterIP: None`: the certificate also covers `*.<svc>.<ns>.svc[.<domain>]`.
     pub headless: bool,
     pub cluster_domain: String,
+    /// The kind of key the certificate is for.
+    pub key: KeyKind,
 }
 
 impl LeafRequest {
@@ -75,7 +77,7 @@ impl LeafPolicy {
 pub struct IssuedLeaf {
     /// `tls.crt`: the leaf, then the bridge X2 (after a rotation), then the CA.
     pub chain_pem: String,
-    /// `tls.key`: PKCS#1 for RSA.
+    /// `tls.key`: PKCS#1 for RSA, SEC1 for ECDSA.
     pub key_pem: Zeroizing<String>,
     pub not_after: OffsetDateTime,
 }
@@ -87,8 +89,10 @@ impl std::fmt::Debug for IssuedLeaf {
 }
 
 impl CertificateAuthority {
-    /// Signs a serving certificate for `req` over `key` (a fresh RSA-2048 key).
-    /// NotAfter is `now + lifetime`, capped at the CA's own NotAfter.
+    /// Signs a serving certificate for `req` over `key` (a fresh key of the kind the
+    /// Service asks for), with the CA key's signature algorithm. NotAfter is `now +
+    /// lifetime`, capped at the CA's own NotAfter. Key usage follows the leaf key:
+    /// keyEncipherment only for RSA (an ECDSA key cannot encipher).
     pub fn issue(
         &self,
         req: &LeafRequest,
@@ -112,7 +116,10 @@ impl CertificateAuthority {
         params.not_before = now - Duration::from_secs(1);
         params.not_after = (now + lifetime).min(self.not_after());
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.key_usages = match key.kind() {
+            KeyKind::Rsa { .. } => vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment],
+            KeyKind::EcdsaP256 | KeyKind::EcdsaP384 => vec![KeyUsagePurpose::DigitalSignature],
+        };
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
         params.custom_extensions =

@@ -12,7 +12,7 @@ mod leaf;
 pub mod pem;
 
 pub use ca::{CA_NAME_PREFIX, CaPolicy, CertInfo, CertificateAuthority, MAX_BRIDGES};
-pub use keys::{KeyKind, PrivateKey, PublicKey, key_matches};
+pub use keys::{KEY_ALGORITHMS, KeyKind, PrivateKey, PublicKey, key_matches};
 pub use leaf::{IssuedLeaf, LeafInfo, LeafPolicy, LeafRequest, SERVICE_UID_OID, format_expiry, parse_expiry};
 
 use time::OffsetDateTime;

@@ -511,6 +511,7 @@ async fn unusable_signing_keys_are_refused_with_clear_messages() {
         uid: "z".into(),
         headless: false,
         cluster_domain: "cluster.local".into(),
+        key: service_ca_operator::pki::KeyKind::Rsa { bits: 2048 },
     };
     let leaf = leaf_ca.issue(&req, &leaf_key, now, Duration::from_secs(3_600)).unwrap();
     let leaf_only =

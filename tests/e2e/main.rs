@@ -7,6 +7,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod algorithms;
 mod chart;
 mod cluster;
 mod faults;

@@ -288,6 +288,7 @@ async fn tampered_missing_or_foreign_signed_data_is_reissued_and_extra_keys_are_
         uid: uid.clone(),
         headless: false,
         cluster_domain: "cluster.local".into(),
+        key: service_ca_operator::pki::KeyKind::Rsa { bits: 2048 },
     };
     let key = PrivateKey::generate_rsa(2048).unwrap();
     let impostor = other.issue(&req, &key, now, Duration::from_secs(86_400)).unwrap();

@@ -300,3 +300,139 @@ pub fn connect_all(port: u16, bundle_pem: &str, server_name: &str) -> [(&'static
         ("go", go_connect(port, bundle_pem, server_name)),
     ]
 }
+
+/// A TLS server in another stack (OpenSSL's `s_server`, or Go's crypto/tls through
+/// tests/tlsclient), loading the chain and key from PEM files the way that stack's
+/// servers do. Killed on drop.
+pub struct ExternalServer {
+    pub stack: &'static str,
+    pub port: u16,
+    child: std::process::Child,
+    dir: PathBuf,
+}
+
+impl ExternalServer {
+    /// `openssl s_server` with the leaf, the rest of the chain and the key.
+    pub fn openssl(chain_pem: &str, key_pem: &str) -> Result<ExternalServer, String> {
+        let dir = scratch_dir();
+        let chain = certs(chain_pem);
+        let leaf = write(&dir, "leaf.pem", &pem_of(&chain[..1]));
+        let rest = write(&dir, "rest.pem", &pem_of(&chain[1..]));
+        let key = write(&dir, "key.pem", key_pem);
+        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        let child = Command::new("openssl")
+            .args(["s_server", "-quiet", "-accept", &format!("127.0.0.1:{port}"), "-cert"])
+            .arg(&leaf)
+            .arg("-cert_chain")
+            .arg(&rest)
+            .arg("-key")
+            .arg(&key)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run openssl s_server: {e}"))?;
+        let mut server = ExternalServer { stack: "openssl s_server", port, child, dir };
+        server.wait_listening()?;
+        Ok(server)
+    }
+
+    /// A Go crypto/tls server (`tls.LoadX509KeyPair`).
+    pub fn go(chain_pem: &str, key_pem: &str) -> Result<ExternalServer, String> {
+        let dir = scratch_dir();
+        let chain = write(&dir, "chain.pem", chain_pem);
+        let key = write(&dir, "key.pem", key_pem);
+        let mut child = Command::new(go_client())
+            .arg("-serve")
+            .arg("-cert")
+            .arg(&chain)
+            .arg("-key")
+            .arg(&key)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run the Go TLS server: {e}"))?;
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("stdout");
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).map_err(|e| e.to_string())?;
+        let port = match line.trim().parse() {
+            Ok(port) => port,
+            Err(_) => {
+                let out = child.wait_with_output().map_err(|e| e.to_string())?;
+                return Err(format!("Go server did not start: {}", String::from_utf8_lossy(&out.stderr)));
+            }
+        };
+        Ok(ExternalServer { stack: "go crypto/tls server", port, child, dir })
+    }
+
+    fn wait_listening(&mut self) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut stderr) = self.child.stderr.take() {
+                    let _ = stderr.read_to_string(&mut err);
+                }
+                return Err(format!("{} exited: {err}", self.stack));
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(format!("{} did not listen on {}", self.stack, self.port))
+    }
+}
+
+impl Drop for ExternalServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// rustls client: only the handshake (for servers that do not write first).
+pub fn rustls_handshake(port: u16, bundle_pem: &str, server_name: &str) -> Result<(), String> {
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots(bundle_pem))
+        .with_no_client_auth();
+    let name = ServerName::try_from(server_name.to_string()).map_err(|e| e.to_string())?;
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// The serving pair loaded as a server by each stack (rustls, OpenSSL, Go), and every
+/// client stack handshaking with each, trusting `bundle_pem`: the failures, as
+/// "server ← client: why" (empty when every one of the 9 handshakes succeeded).
+pub fn serve_in_every_stack(chain_pem: &str, key_pem: &str, bundle_pem: &str, server_name: &str) -> Vec<String> {
+    let mut failures = Vec::new();
+    let rustls_server = TlsServer::start(chain_pem, key_pem);
+    let mut servers: Vec<(&str, u16, Option<ExternalServer>)> = vec![("rustls server", rustls_server.port, None)];
+    for started in [ExternalServer::openssl(chain_pem, key_pem), ExternalServer::go(chain_pem, key_pem)] {
+        match started {
+            Ok(server) => servers.push((server.stack, server.port, Some(server))),
+            Err(e) => failures.push(format!("server did not load the pair: {e}")),
+        }
+    }
+    for (stack, port, _server) in &servers {
+        let clients = [
+            ("rustls", rustls_handshake(*port, bundle_pem, server_name)),
+            ("openssl", openssl_connect(*port, bundle_pem, server_name)),
+            ("go", go_connect(*port, bundle_pem, server_name)),
+        ];
+        for (client, result) in clients {
+            if let Err(e) = result {
+                failures.push(format!("{stack} <- {client}: {e}"));
+            }
+        }
+    }
+    failures
+}

@@ -33,7 +33,7 @@ use crate::metrics::KindLabels;
 use crate::names::{
     self as ann, CA_BUNDLE, INTERMEDIATE, SECRET_TYPE_TLS, SIGNING_CABUNDLE, SIGNING_KEY, TLS_CERT, TLS_KEY,
 };
-use crate::pki::{CA_NAME_PREFIX, CertificateAuthority, KeyKind, PkiError, PrivateKey, format_expiry};
+use crate::pki::{CA_NAME_PREFIX, CertificateAuthority, PkiError, PrivateKey, format_expiry};
 use crate::shutdown::Shutdown;
 use crate::signer::Signer;
 
@@ -231,7 +231,8 @@ async fn create(ctx: &Context) -> Result<(CertificateAuthority, Secret), Error> 
             now = OffsetDateTime::now_utc();
         }
     }
-    let key = ctx.keys.generate(KeyKind::Rsa { bits: 2048 }).await.map_err(Error::GenerateKey)?;
+    let kind = plan::next_key_kind(None, ctx.config.ca_key_algorithm);
+    let key = ctx.keys.generate(kind).await.map_err(Error::GenerateKey)?;
     let ca = CertificateAuthority::create(key, now, &ctx.config.ca_policy()).map_err(Error::BuildCa)?;
     let secret = Secret {
         metadata: ObjectMeta {
@@ -285,9 +286,10 @@ async fn rotate(
 ) -> Result<Option<(CertificateAuthority, Secret)>, Error> {
     let now = OffsetDateTime::now_utc();
     // A retry after a failed attempt signs with the key generated for it.
+    let kind = plan::next_key_kind(Some(ca.key_kind()), ctx.config.ca_key_algorithm);
     let key = match seen.spare_key.take() {
-        Some(key) if key.kind() == ca.key_kind() => key,
-        _ => ctx.keys.generate(ca.key_kind()).await.map_err(Error::GenerateKey)?,
+        Some(key) if key.kind() == kind => key,
+        _ => ctx.keys.generate(kind).await.map_err(Error::GenerateKey)?,
     };
     seen.spare_key = PrivateKey::from_pem(TLS_KEY, key.to_pem().as_bytes()).ok();
     let rotated = ca.rotate(key, now, &ctx.config.ca_policy()).map_err(Error::BuildCa)?;

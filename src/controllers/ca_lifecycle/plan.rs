@@ -9,7 +9,7 @@ use kube::ResourceExt;
 use time::OffsetDateTime;
 
 use crate::names::{FORCE_ROTATION, FORCED_ROTATION_REASON};
-use crate::pki::{CaPolicy, CertificateAuthority, PkiError};
+use crate::pki::{CaPolicy, CertificateAuthority, KeyKind, PkiError};
 use crate::signer::Signer;
 
 /// What the loop has seen of one watched object.
@@ -51,6 +51,13 @@ pub fn plan(secret: Option<&Secret>, policy: &CaPolicy, now: OffsetDateTime) -> 
         return Plan::Rotate { ca, forced };
     }
     Plan::Use(ca)
+}
+
+/// The key of the next CA: `asked` (`--ca-key-algorithm`) when set, else the current
+/// CA's kind (`None` when there is none: a new CA gets RSA-2048). A rotation to another
+/// kind has the same trust bridge as any rotation.
+pub fn next_key_kind(current: Option<KeyKind>, asked: Option<KeyKind>) -> KeyKind {
+    asked.or(current).unwrap_or(KeyKind::Rsa { bits: 2048 })
 }
 
 /// A force-rotation reason not acted on yet.
@@ -151,6 +158,15 @@ mod tests {
         assert!(matches!(plan(Some(&done), &policy(), now), Plan::Use(_)), "each reason rotates once");
         let blank = secret_of(&ca, &[(FORCE_ROTATION, "  ")]);
         assert!(matches!(plan(Some(&blank), &policy(), now), Plan::Use(_)));
+    }
+
+    #[test]
+    fn the_ca_key_kind_is_kept_unless_another_is_asked_for() {
+        let rsa = KeyKind::Rsa { bits: 2048 };
+        assert_eq!(next_key_kind(None, None), rsa, "a new CA: RSA-2048 by default");
+        assert_eq!(next_key_kind(None, Some(KeyKind::EcdsaP256)), KeyKind::EcdsaP256);
+        assert_eq!(next_key_kind(Some(KeyKind::Rsa { bits: 4096 }), None), KeyKind::Rsa { bits: 4096 }, "kept");
+        assert_eq!(next_key_kind(Some(rsa), Some(KeyKind::EcdsaP384)), KeyKind::EcdsaP384, "moved");
     }
 
     #[test]

@@ -29,8 +29,8 @@ use time::OffsetDateTime;
 use super::decision::{Decision, decide};
 use super::progress::{self, Progress};
 use super::{
-    Content, Error, MAX_FAILURES, Wanted, Written, desired, failures, issue, leaf_request, originating_service,
-    report_problem, secret_facts, secret_ref, wanted, write_secret,
+    Content, Error, MAX_FAILURES, Wanted, Written, desired, failures, issue, key_algorithm, leaf_request,
+    originating_service, report_problem, secret_facts, secret_ref, wanted, write_secret,
 };
 use crate::controllers::{Context, LOOK_AGAIN, drive, is_not_found, patch_params, until};
 use crate::names::MANAGED_LABEL;
@@ -86,6 +86,12 @@ async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Resu
         settled(false);
         return Ok(Action::await_change());
     }
+    // An unknown key algorithm is the serving-cert controller's to report; the Secret
+    // stays as it is until the Service is fixed.
+    let Ok(key) = key_algorithm(&svc, ctx.config.default_key_algorithm) else {
+        settled(false);
+        return Ok(Action::await_change());
+    };
     let Some(signer) = ctx.signer.current() else {
         return Ok(Action::await_change());
     };
@@ -98,10 +104,10 @@ async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Resu
     };
 
     let policy = ctx.config.leaf_policy();
-    let request = leaf_request(&svc, &policy.cluster_domain);
+    let request = leaf_request(&svc, &policy.cluster_domain, key);
     let now = OffsetDateTime::now_utc();
-    let (written, refresh_at, reissued) = match decide(Some(&secret_facts(&secret)), &request, &signer.ca, &policy, now)
-    {
+    let decision = decide(Some(&secret_facts(&secret)), &request, &signer.ca, &policy, now);
+    let (written, refresh_at, reissued) = match decision {
         Decision::Foreign(_) => {
             settled(false);
             return Ok(Action::await_change());
@@ -118,7 +124,7 @@ async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Resu
             (write_secret(ctx, Some(&secret), desired).await?, refresh_at, false)
         }
         Decision::Issue(reason) => {
-            let written = issue(ctx, &svc, family, &name, Some(&secret), &signer, &reason).await?;
+            let written = issue(ctx, &svc, request, family, &name, Some(&secret), &signer, &reason).await?;
             let refresh_at = match &written {
                 Written::Done { expiry } => policy.refresh_at(*expiry, signer.ca.not_after()),
                 _ => None,

@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use time::OffsetDateTime;
 
 use crate::names::{self as ann, SECRET_TYPE_TLS, TLS_CERT, TLS_KEY};
-use crate::pki::{CertificateAuthority, LeafInfo, LeafPolicy, LeafRequest, format_expiry, key_matches, parse_expiry};
+use crate::pki::{
+    CertificateAuthority, KeyKind, LeafInfo, LeafPolicy, LeafRequest, format_expiry, key_matches, parse_expiry,
+};
 
 /// What the decision needs to know about the existing Secret.
 #[derive(Clone, Debug)]
@@ -42,6 +44,11 @@ pub enum IssueReason {
     KeyMismatch,
     OtherCa,
     NamesChanged,
+    /// The key is of another kind than the Service (or the default) asks for.
+    KeyAlgorithm {
+        have: KeyKind,
+        want: KeyKind,
+    },
     NoOwnerReference,
     NoExpiry,
     BadExpiry,
@@ -58,6 +65,7 @@ impl IssueReason {
             IssueReason::KeyMismatch => "key-mismatch",
             IssueReason::OtherCa => "ca-changed",
             IssueReason::NamesChanged => "names-changed",
+            IssueReason::KeyAlgorithm { .. } => "key-algorithm",
             IssueReason::NoOwnerReference => "no-owner-reference",
             IssueReason::NoExpiry | IssueReason::BadExpiry => "bad-expiry-annotation",
             IssueReason::DueForRefresh => "refresh",
@@ -74,6 +82,7 @@ impl std::fmt::Display for IssueReason {
             IssueReason::KeyMismatch => f.write_str("tls.key does not belong to tls.crt"),
             IssueReason::OtherCa => f.write_str("the certificate was not signed by the current CA"),
             IssueReason::NamesChanged => f.write_str("the certificate's DNS names differ from the Service's"),
+            IssueReason::KeyAlgorithm { have, want } => write!(f, "the key is {have} and {want} is asked for"),
             IssueReason::NoOwnerReference => f.write_str("the ownerReference to the Service is missing"),
             IssueReason::NoExpiry => f.write_str("the expiry annotation is missing"),
             IssueReason::BadExpiry => f.write_str("the expiry annotation cannot be parsed"),
@@ -143,7 +152,7 @@ fn ownership(secret: &SecretFacts<'_>, uid: &str) -> Result<(), String> {
 }
 
 /// The certificate and key: present, readable, a pair, from the current CA, for the
-/// Service's names.
+/// Service's names, of the kind of key it asks for.
 fn check_certificate(
     secret: &SecretFacts<'_>,
     wanted: &LeafRequest,
@@ -163,6 +172,11 @@ fn check_certificate(
     }
     if leaf.dns_names != wanted.dns_names().into_iter().collect::<BTreeSet<_>>() {
         return Err(IssueReason::NamesChanged);
+    }
+    match leaf.public_key.as_ref().and_then(|pk| pk.kind()) {
+        Some(have) if have == wanted.key => {}
+        // An RSA modulus that cannot be read would not have matched tls.key above.
+        have => return Err(IssueReason::KeyAlgorithm { have: have.unwrap_or(wanted.key), want: wanted.key }),
     }
     Ok(leaf)
 }

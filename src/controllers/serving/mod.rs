@@ -44,7 +44,7 @@ use super::{
 use crate::admin::Health;
 use crate::metrics::ReasonLabels;
 use crate::names::{self as ann, Family, SECRET_TYPE_TLS, TLS_CERT, TLS_KEY};
-use crate::pki::{CertificateAuthority, IssuedLeaf, LeafRequest, PkiError, format_expiry};
+use crate::pki::{CertificateAuthority, IssuedLeaf, KeyKind, LeafRequest, PkiError, format_expiry};
 use crate::signer::{Priority, Signer};
 
 /// What can fail in the serving controllers: the operation and the object it was for.
@@ -182,7 +182,14 @@ fn receiver_stream<T: Send + 'static>(rx: tokio::sync::mpsc::UnboundedReceiver<T
 fn trim_service(svc: &mut Service) {
     let ours = |key: &str| {
         [ann::BETA, ann::ALPHA].iter().any(|f| {
-            [f.serving_cert_secret_name, f.signed_by, f.generation_error, f.generation_error_num].contains(&key)
+            [
+                f.serving_cert_secret_name,
+                f.serving_cert_key_algorithm,
+                f.signed_by,
+                f.generation_error,
+                f.generation_error_num,
+            ]
+            .contains(&key)
         })
     };
     if let Some(annotations) = svc.metadata.annotations.as_mut() {
@@ -248,8 +255,25 @@ pub fn wanted(svc: &Service) -> Wanted<'_> {
     }
 }
 
-/// The certificate a Service asks for (its identity and DNS names).
-pub fn leaf_request(svc: &Service, cluster_domain: &str) -> LeafRequest {
+/// The kind of key a Service asks for: its serving-cert-key-algorithm annotation (beta
+/// wins when both are set and non-empty; an empty one counts as absent), else
+/// `default`. An unknown value is an error to report on the Service (the value is
+/// echoed bounded).
+pub fn key_algorithm(svc: &Service, default: KeyKind) -> Result<KeyKind, String> {
+    let annotations = svc.annotations();
+    let set = [ann::BETA, ann::ALPHA].into_iter().find_map(|f| {
+        let value = annotations.get(f.serving_cert_key_algorithm)?;
+        (!value.trim().is_empty()).then_some((f, value))
+    });
+    let Some((family, value)) = set else { return Ok(default) };
+    value.parse().map_err(|why| {
+        format!("the annotation {} is {:?}: {why}", family.serving_cert_key_algorithm, crate::bounded(value))
+    })
+}
+
+/// The certificate a Service asks for (its identity and DNS names), over a key of
+/// kind `key` (see [`key_algorithm`]).
+pub fn leaf_request(svc: &Service, cluster_domain: &str, key: KeyKind) -> LeafRequest {
     let meta = &svc.metadata;
     LeafRequest {
         service: meta.name.clone().unwrap_or_default(),
@@ -257,6 +281,7 @@ pub fn leaf_request(svc: &Service, cluster_domain: &str) -> LeafRequest {
         uid: meta.uid.clone().unwrap_or_default(),
         headless: svc.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()) == Some("None"),
         cluster_domain: cluster_domain.to_string(),
+        key,
     }
 }
 
@@ -272,6 +297,7 @@ pub fn trigger_hash(svc: &Service) -> Option<u64> {
     let annotations = svc.annotations();
     for f in [ann::BETA, ann::ALPHA] {
         annotations.get(f.serving_cert_secret_name).hash(&mut h);
+        annotations.get(f.serving_cert_key_algorithm).hash(&mut h);
     }
     (failures(svc) >= MAX_FAILURES).hash(&mut h);
     Some(h.finish())
@@ -411,13 +437,15 @@ pub enum Written {
     Refused(String),
 }
 
-/// Issues a certificate for `svc` and writes it into its Secret `name` (`existing`,
-/// if any), then records the outcome: on success the metric, a log line and a Normal
-/// Event; otherwise the failure metric. A write that fails keeps the key parked in the
-/// pool for the next attempt.
+/// Issues a certificate for `request` (what the Service `svc` asks for) and writes it
+/// into its Secret `name` (`existing`, if any), then records the outcome: on success
+/// the metric, a log line and a Normal Event; otherwise the failure metric. A write
+/// that fails keeps the key parked in the pool for the next attempt.
+#[allow(clippy::too_many_arguments)] // the Service, its request and Secret, the CA, why
 pub async fn issue(
     ctx: &Context,
     svc: &Service,
+    request: LeafRequest,
     family: Family,
     name: &str,
     existing: Option<&Secret>,
@@ -425,7 +453,6 @@ pub async fn issue(
     reason: &IssueReason,
 ) -> Result<Written, Error> {
     let policy = ctx.config.leaf_policy();
-    let request = leaf_request(svc, &policy.cluster_domain);
     let owner = request.uid.clone();
     let failed = |reason: &'static str| {
         ctx.metrics.issuance_failures.get_or_create(&ReasonLabels { reason }).inc();
@@ -637,9 +664,40 @@ mod tests {
     }
 
     #[test]
+    fn the_key_algorithm_annotation_picks_the_key_kind() {
+        let rsa = KeyKind::Rsa { bits: 2048 };
+        let key = |annotations: &[(&str, &str)], default| key_algorithm(&svc(annotations, None), default);
+        assert_eq!(key(&[], rsa), Ok(rsa));
+        assert_eq!(key(&[], KeyKind::EcdsaP256), Ok(KeyKind::EcdsaP256), "the cluster default");
+        assert_eq!(key(&[(ann::BETA.serving_cert_key_algorithm, "ECDSA")], rsa), Ok(KeyKind::EcdsaP256));
+        assert_eq!(key(&[(ann::ALPHA.serving_cert_key_algorithm, "rsa-4096")], rsa), Ok(KeyKind::Rsa { bits: 4096 }));
+        let both =
+            [(ann::BETA.serving_cert_key_algorithm, "ecdsa-p384"), (ann::ALPHA.serving_cert_key_algorithm, "rsa")];
+        assert_eq!(key(&both, rsa), Ok(KeyKind::EcdsaP384), "beta wins");
+        let empty_beta =
+            [(ann::BETA.serving_cert_key_algorithm, " "), (ann::ALPHA.serving_cert_key_algorithm, "ecdsa")];
+        assert_eq!(key(&empty_beta, rsa), Ok(KeyKind::EcdsaP256), "an empty value counts as absent");
+        let error = key(&[(ann::BETA.serving_cert_key_algorithm, "dsa")], KeyKind::EcdsaP256).unwrap_err();
+        assert!(error.contains(ann::BETA.serving_cert_key_algorithm) && error.contains("\"dsa\""), "{error}");
+        let long = "x".repeat(100_000);
+        let error = key(&[(ann::BETA.serving_cert_key_algorithm, &long)], rsa).unwrap_err();
+        assert!(error.len() < 600, "the echo is bounded: {} bytes", error.len());
+    }
+
+    #[test]
+    fn the_key_algorithm_annotation_is_cached_and_triggers() {
+        let mut service = svc(&[(ann::BETA.serving_cert_secret_name, "tls")], None);
+        let before = trigger_hash(&service);
+        service.annotations_mut().insert(ann::ALPHA.serving_cert_key_algorithm.into(), "ecdsa".into());
+        assert_ne!(trigger_hash(&service), before);
+        trim_service(&mut service);
+        assert_eq!(key_algorithm(&service, KeyKind::Rsa { bits: 2048 }), Ok(KeyKind::EcdsaP256));
+    }
+
+    #[test]
     fn desired_secret_keeps_what_others_wrote_and_sets_ours() {
         let service = svc(&[(ann::ALPHA.serving_cert_secret_name, "tls")], Some("None"));
-        assert!(leaf_request(&service, "cluster.local").headless);
+        assert!(leaf_request(&service, "cluster.local", KeyKind::Rsa { bits: 2048 }).headless);
         let mut existing = Secret::default();
         existing.metadata.name = Some("tls".into());
         existing.metadata.namespace = Some("shop".into());
@@ -686,11 +744,22 @@ mod tests {
         let mut service =
             svc(&[(ann::BETA.serving_cert_secret_name, "tls"), ("tenant/blob", &"x".repeat(200_000))], Some("None"));
         service.metadata.labels = Some(BTreeMap::from([("app".to_string(), "web".to_string())]));
-        let before = (trigger_hash(&service), leaf_request(&service, "cluster.local"), failures(&service));
+        let before = (
+            trigger_hash(&service),
+            leaf_request(&service, "cluster.local", KeyKind::Rsa { bits: 2048 }),
+            failures(&service),
+        );
         trim_service(&mut service);
         assert_eq!(service.annotations().keys().collect::<Vec<_>>(), [ann::BETA.serving_cert_secret_name]);
         assert!(service.metadata.labels.is_none());
-        assert_eq!((trigger_hash(&service), leaf_request(&service, "cluster.local"), failures(&service)), before);
+        assert_eq!(
+            (
+                trigger_hash(&service),
+                leaf_request(&service, "cluster.local", KeyKind::Rsa { bits: 2048 }),
+                failures(&service)
+            ),
+            before
+        );
     }
 
     #[test]

@@ -26,8 +26,8 @@ use time::OffsetDateTime;
 
 use super::decision::{Decision, decide};
 use super::{
-    Content, Error, MAX_FAILURES, Wanted, Written, desired, failures, issue, leaf_request, mark_signed, report_problem,
-    secret_facts, secret_ref, wanted, write_secret,
+    Content, Error, MAX_FAILURES, Wanted, Written, desired, failures, issue, key_algorithm, leaf_request, mark_signed,
+    report_problem, secret_facts, secret_ref, wanted, write_secret,
 };
 use crate::controllers::{Context, LOOK_AGAIN, drive};
 use crate::names::{self as ann, Family};
@@ -89,6 +89,11 @@ async fn reconcile(svc: Arc<Service>, st: Arc<State>) -> Result<Action, Error> {
         Ok(None) => return Ok(Action::await_change()),
         Err(problem) => return report_problem(ctx, NAME, &svc, &problem).await,
     };
+    // An unknown key algorithm: reported, and nothing is generated or written.
+    let key = match key_algorithm(&svc, ctx.config.default_key_algorithm) {
+        Ok(key) => key,
+        Err(problem) => return report_problem(ctx, NAME, &svc, &problem).await,
+    };
     let Some(signer) = ctx.signer.current() else {
         // The CA is not loaded yet; loading it re-triggers every Service.
         return Ok(Action::await_change());
@@ -102,7 +107,7 @@ async fn reconcile(svc: Arc<Service>, st: Arc<State>) -> Result<Action, Error> {
         .await
         .map_err(|source| Error::ReadSecret { secret: secret_ref(&namespace, name), source })?;
     let policy = ctx.config.leaf_policy();
-    let request = leaf_request(&svc, &policy.cluster_domain);
+    let request = leaf_request(&svc, &policy.cluster_domain, key);
     let facts = existing.as_ref().map(secret_facts);
     let labeled = facts.as_ref().is_some_and(|f| f.labeled);
     let decision = decide(facts.as_ref(), &request, &signer.ca, &policy, OffsetDateTime::now_utc());
@@ -120,7 +125,7 @@ async fn reconcile(svc: Arc<Service>, st: Arc<State>) -> Result<Action, Error> {
         // us back here.
         Decision::Issue(_) if labeled => return Ok(Action::await_change()),
         Decision::Issue(reason) => {
-            let written = issue(ctx, &svc, family, name, existing.as_ref(), &signer, &reason).await?;
+            let written = issue(ctx, &svc, request, family, name, existing.as_ref(), &signer, &reason).await?;
             if matches!(written, Written::Gone) {
                 st.terminating.note(&namespace);
             }
