@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use crate::admin::{self, Health, Role};
 use crate::config::Config;
 use crate::controllers::serving::{ServingWatches, cert_refresh, serving_cert};
-use crate::controllers::{Context, ca_bundle, ca_lifecycle};
+use crate::controllers::{Context, ca_bundle, ca_lifecycle, pod_certs};
 use crate::metrics::Metrics;
 use crate::names::{self as ann, LEASE_NAME};
 use crate::shutdown::Shutdown;
@@ -120,7 +120,12 @@ async fn run_controllers(ctx: Arc<Context>, serving: ServingWatches, shutdown: S
             serving.service_changes,
             shutdown.clone()
         ),
-        ca_bundle::run(ctx.clone(), shutdown),
+        ca_bundle::run(ctx.clone(), shutdown.clone()),
+        async {
+            if ctx.config.pod_certificates {
+                pod_certs::run(ctx.clone(), shutdown).await;
+            }
+        },
         synced,
     );
 }

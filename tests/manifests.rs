@@ -155,6 +155,10 @@ fn chart_values_have_the_binary_defaults() {
     assert_eq!(o["keyBuffer"], c.key_buffer as u64);
     assert_eq!(o["controllerConcurrency"], c.controller_concurrency as u64);
     assert_eq!(duration("progressInterval"), c.progress_interval);
+    assert_eq!(o["podCertificates"], c.pod_certificates);
+    assert_eq!(o["podSignerName"], c.pod_signer_name.as_str());
+    assert_eq!(duration("podCertificateMaxLifetime"), c.pod_certificate_max_lifetime);
+    assert_eq!(duration("podCertificateGrace"), c.pod_certificate_grace);
     // The one deliberate difference: JSON logs in a cluster (the binary prints plain
     // text for people at a terminal).
     assert_eq!(o["logFormat"], "json");

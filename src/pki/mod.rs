@@ -10,10 +10,12 @@ mod ca;
 mod keys;
 mod leaf;
 pub mod pem;
+mod pod;
 
 pub use ca::{CA_NAME_PREFIX, CaPolicy, CertInfo, CertificateAuthority, MAX_BRIDGES};
 pub use keys::{KeyKind, PrivateKey, PublicKey, key_matches};
 pub use leaf::{IssuedLeaf, LeafInfo, LeafPolicy, LeafRequest, SERVICE_UID_OID, format_expiry, parse_expiry};
+pub use pod::{KeyError, PodLeaf, RequestedKey, SUPPORTED_POD_KEYS, leaf_spki, requested_key};
 
 use time::OffsetDateTime;
 
