@@ -17,5 +17,6 @@ mod injection;
 mod inspect;
 mod lifecycle;
 mod perf;
+mod pod_certs;
 mod serving;
 mod shipping;
