@@ -20,11 +20,11 @@ use crate::support::{Cleanup, Env, Operator, RUN_LABEL, eventually};
 
 const T: Duration = Duration::from_secs(30);
 
-/// One test's world: its namespace, a Node, its own signer and its operator.
+/// One test's world: its namespace, its own signer, its operator, and a kubelet.
 struct World {
     env: Env,
     signer: String,
-    node: Node,
+    kubelet: Kubelet,
     op: Operator,
     _cleanup: Cleanup,
 }
@@ -37,46 +37,19 @@ impl World {
         args.extend_from_slice(extra);
         let op = env.start_operator(&args);
         let mut cleanup = Cleanup::default();
-        let nodes: Api<Node> = Api::all(env.client.clone());
-        let node = Node { metadata: ObjectMeta { name: Some(env.run.clone()), ..Default::default() }, ..Default::default() };
-        let node = nodes.create(&PostParams::default(), &node).await.expect("create Node");
-        cleanup.add::<Node>(env.run.clone());
         cleanup.add::<ClusterTrustBundle>(bundle_name(&signer, &env.op_ns));
-        World { env, signer, node, op, _cleanup: cleanup }
+        let kubelet = Kubelet::new(&env).await;
+        World { env, signer, kubelet, op, _cleanup: cleanup }
     }
 
-    /// A Pod bound to the Node, with `app: <app>` (and the test's run label).
     async fn pod(&self, name: &str, app: &str, host: Option<(&str, &str)>) -> Pod {
-        let mut labels = self.env.labels();
-        labels.insert("app".into(), app.into());
-        let mut spec = json!({ "nodeName": self.node.metadata.name, "containers": [{ "name": "main", "image": "none" }] });
-        if let Some((hostname, subdomain)) = host {
-            spec["hostname"] = json!(hostname);
-            spec["subdomain"] = json!(subdomain);
-        }
-        let pod: Pod = serde_json::from_value(json!({
-            "metadata": { "name": name, "namespace": self.env.ns, "labels": labels }, "spec": spec
-        }))
-        .unwrap();
-        let api: Api<Pod> = Api::namespaced(self.env.client.clone(), &self.env.ns);
-        // The namespace's default ServiceAccount may not be there yet.
-        eventually(T, "pod created", || async { api.create(&PostParams::default(), &pod).await.ok() }).await
+        self.kubelet.pod(name, app, host).await
     }
 
-    /// A Service selecting `app: <app>` (no annotation: pod certificates need none).
     async fn service(&self, name: &str, app: &str, headless: bool) -> Service {
-        let mut svc: Service = serde_json::from_value(json!({
-            "spec": { "ports": [{ "port": 443 }], "selector": { "app": app } }
-        }))
-        .unwrap();
-        svc.metadata = self.env.meta(name);
-        if headless {
-            svc.spec.as_mut().unwrap().cluster_ip = Some("None".into());
-        }
-        self.env.services().create(&PostParams::default(), &svc).await.expect("create Service")
+        self.kubelet.service(name, app, headless).await
     }
 
-    /// Creates a request for `pod` as the kubelet would, with `stub` as its PKCS#10.
     async fn request(
         &self,
         name: &str,
@@ -85,10 +58,95 @@ impl World {
         stub: Vec<u8>,
         annotations: Option<BTreeMap<String, String>>,
     ) -> PodCertificateRequest {
-        let sas: Api<ServiceAccount> = Api::namespaced(self.env.client.clone(), &self.env.ns);
-        let sa = eventually(T, "default ServiceAccount", || async { sas.get_opt("default").await.ok().flatten() }).await;
+        self.kubelet.request(name, signer, pod, stub, annotations).await
+    }
+
+    fn requests(&self) -> Api<PodCertificateRequest> {
+        self.kubelet.requests()
+    }
+
+    async fn answered(&self, name: &str, timeout: Duration) -> (String, PodCertificateRequest) {
+        self.kubelet.answered(name, timeout).await
+    }
+
+    async fn issued(&self, name: &str) -> String {
+        self.kubelet.issued(name).await
+    }
+
+    /// The published ClusterTrustBundle's bundle (waits until it exists).
+    async fn trust_bundle(&self) -> String {
+        trust_bundle(&self.env, &self.signer, &self.env.op_ns).await
+    }
+}
+
+/// What the kubelet would do for a test namespace: a Node (deleted at the end), Pods
+/// bound to it, and their PodCertificateRequests.
+pub struct Kubelet {
+    client: kube::Client,
+    ns: String,
+    labels: BTreeMap<String, String>,
+    node: Node,
+    _cleanup: Cleanup,
+}
+
+impl Kubelet {
+    pub async fn new(env: &Env) -> Kubelet {
+        let nodes: Api<Node> = Api::all(env.client.clone());
+        let node =
+            Node { metadata: ObjectMeta { name: Some(env.run.clone()), ..Default::default() }, ..Default::default() };
+        let node = nodes.create(&PostParams::default(), &node).await.expect("create Node");
+        let mut cleanup = Cleanup::default();
+        cleanup.add::<Node>(env.run.clone());
+        Kubelet { client: env.client.clone(), ns: env.ns.clone(), labels: env.labels(), node, _cleanup: cleanup }
+    }
+
+    /// A Pod bound to the Node, with `app: <app>` (and the test's run label).
+    pub async fn pod(&self, name: &str, app: &str, host: Option<(&str, &str)>) -> Pod {
+        let mut labels = self.labels.clone();
+        labels.insert("app".into(), app.into());
+        let mut spec =
+            json!({ "nodeName": self.node.metadata.name, "containers": [{ "name": "main", "image": "none" }] });
+        if let Some((hostname, subdomain)) = host {
+            spec["hostname"] = json!(hostname);
+            spec["subdomain"] = json!(subdomain);
+        }
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": { "name": name, "namespace": self.ns, "labels": labels }, "spec": spec
+        }))
+        .unwrap();
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
+        // The namespace's default ServiceAccount may not be there yet.
+        eventually(T, "pod created", || async { api.create(&PostParams::default(), &pod).await.ok() }).await
+    }
+
+    /// A Service selecting `app: <app>` (no annotation: pod certificates need none).
+    pub async fn service(&self, name: &str, app: &str, headless: bool) -> Service {
+        let mut svc: Service = serde_json::from_value(json!({
+            "metadata": { "name": name, "namespace": self.ns, "labels": self.labels },
+            "spec": { "ports": [{ "port": 443 }], "selector": { "app": app } }
+        }))
+        .unwrap();
+        if headless {
+            svc.spec.as_mut().unwrap().cluster_ip = Some("None".into());
+        }
+        let api: Api<Service> = Api::namespaced(self.client.clone(), &self.ns);
+        api.create(&PostParams::default(), &svc).await.expect("create Service")
+    }
+
+    /// Creates a request for `pod` as the kubelet would, with `stub` as its PKCS#10.
+    pub async fn request(
+        &self,
+        name: &str,
+        signer: &str,
+        pod: &Pod,
+        stub: Vec<u8>,
+        annotations: Option<BTreeMap<String, String>>,
+    ) -> PodCertificateRequest {
+        let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), &self.ns);
+        let sa =
+            eventually(T, "default ServiceAccount", || async { sas.get_opt("default").await.ok().flatten() }).await;
         let pcr: PodCertificateRequest = serde_json::from_value(json!({
-            "metadata": { "name": name, "namespace": self.env.ns },
+            "metadata": { "name": name, "namespace": self.ns },
             "spec": {
                 "signerName": signer,
                 "podName": pod.metadata.name, "podUID": pod.metadata.uid,
@@ -103,12 +161,13 @@ impl World {
         self.requests().create(&PostParams::default(), &pcr).await.expect("create PodCertificateRequest")
     }
 
-    fn requests(&self) -> Api<PodCertificateRequest> {
-        Api::namespaced(self.env.client.clone(), &self.env.ns)
+    pub fn requests(&self) -> Api<PodCertificateRequest> {
+        Api::namespaced(self.client.clone(), &self.ns)
     }
 
-    /// Waits for the request's final condition; returns it with the request.
-    async fn answered(&self, name: &str, timeout: Duration) -> (String, PodCertificateRequest) {
+    /// Waits for the request's final condition; returns it (`<type> <reason>`) with the
+    /// request.
+    pub async fn answered(&self, name: &str, timeout: Duration) -> (String, PodCertificateRequest) {
         let api = self.requests();
         eventually(timeout, &format!("PodCertificateRequest {name} answered"), || async {
             let pcr = api.get(name).await.ok()?;
@@ -118,26 +177,28 @@ impl World {
         .await
     }
 
-    async fn issued(&self, name: &str) -> String {
+    /// Waits for the request to be Issued; returns its chain.
+    pub async fn issued(&self, name: &str) -> String {
         let (condition, pcr) = self.answered(name, T).await;
         assert_eq!(condition, "Issued Issued", "{:?}", pcr.status);
         pcr.status.unwrap().certificate_chain.unwrap()
     }
-
-    /// The published ClusterTrustBundle's bundle (waits until it exists).
-    async fn trust_bundle(&self) -> String {
-        let api: Api<ClusterTrustBundle> = Api::all(self.env.client.clone());
-        let name = bundle_name(&self.signer, &self.env.op_ns);
-        eventually(T, "ClusterTrustBundle", || async { Some(api.get_opt(&name).await.ok()??.spec.trust_bundle) }).await
-    }
 }
 
-fn bundle_name(signer: &str, namespace: &str) -> String {
+/// The bundle of the ClusterTrustBundle `signer` has from the instance in `namespace`
+/// (waits until it exists).
+pub async fn trust_bundle(env: &Env, signer: &str, namespace: &str) -> String {
+    let api: Api<ClusterTrustBundle> = Api::all(env.client.clone());
+    let name = bundle_name(signer, namespace);
+    eventually(T, "ClusterTrustBundle", || async { Some(api.get_opt(&name).await.ok()??.spec.trust_bundle) }).await
+}
+
+pub fn bundle_name(signer: &str, namespace: &str) -> String {
     format!("{}:{namespace}", signer.replace('/', ":"))
 }
 
 /// A fresh key of `alg` and its stub PKCS#10 request (DER), as the kubelet makes them.
-fn key_and_stub(alg: &'static rcgen::SignatureAlgorithm) -> (rcgen::KeyPair, Vec<u8>) {
+pub fn key_and_stub(alg: &'static rcgen::SignatureAlgorithm) -> (rcgen::KeyPair, Vec<u8>) {
     let key = rcgen::KeyPair::generate_for(alg).unwrap();
     let stub = rcgen::CertificateParams::default().serialize_request(&key).unwrap().der().to_vec();
     (key, stub)
@@ -231,7 +292,11 @@ async fn an_issued_pod_certificate_serves_its_service_names_and_the_cluster_trus
             None => key_and_stub(&rcgen::PKCS_ED25519).1,
             Some(bits) => {
                 let rsa = service_ca_operator::pki::PrivateKey::generate_rsa(bits).unwrap();
-                rcgen::CertificateParams::default().serialize_request(&rsa.signing_key().unwrap()).unwrap().der().to_vec()
+                rcgen::CertificateParams::default()
+                    .serialize_request(&rsa.signing_key().unwrap())
+                    .unwrap()
+                    .der()
+                    .to_vec()
             }
         };
         w.request(name, &w.signer, &pod, stub, None).await;
@@ -289,7 +354,10 @@ async fn unsupported_keys_and_unknown_annotations_are_denied_at_once_and_other_s
     let (condition, pcr) = w.answered("p521", T).await;
     assert_eq!(condition, "Denied UnsupportedKeyType");
     let message = &pcr.status.unwrap().conditions.unwrap()[0].message;
-    assert!(message.contains("ECDSA P-521") && message.contains("ECDSA P-256"), "names the key and what works: {message}");
+    assert!(
+        message.contains("ECDSA P-521") && message.contains("ECDSA P-256"),
+        "names the key and what works: {message}"
+    );
     let (condition, _) = w.answered("annotated", T).await;
     assert_eq!(condition, "Denied InvalidUnverifiedUserAnnotations");
     eprintln!("both denied within {:?}", started.elapsed());
@@ -319,7 +387,8 @@ async fn the_trust_bundle_and_new_pod_certificates_follow_a_rotation_and_a_reset
     // Graceful rotation: the bundle gains the new CA; a new certificate is from it;
     // the old certificate still verifies against the new bundle, the new one against
     // the old bundle.
-    let patch = json!({ "metadata": { "annotations": { "service-ca.operators.openshift.io/force-rotation": "pods" } } });
+    let patch =
+        json!({ "metadata": { "annotations": { "service-ca.operators.openshift.io/force-rotation": "pods" } } });
     w.env.op_secrets().patch("signing-key", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     let rotated = Instant::now();
     let bundle = eventually(T, "the bundle after the rotation", || async {
