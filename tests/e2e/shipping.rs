@@ -148,7 +148,7 @@ async fn rbac_clean_slate() -> usize {
     // The ClusterTrustBundle of an earlier run (cluster-scoped): the operator must
     // create it again.
     let bundles: Api<ClusterTrustBundle> = Api::all(support::client().await);
-    let bundle = crate::pod_certs::bundle_name(POD_SIGNER, NS);
+    let bundle = crate::support::pods::bundle_name(POD_SIGNER, NS);
     let _ = bundles.delete(&bundle, &DeleteParams::default()).await;
     eventually(Duration::from_secs(180), "namespace openshift-service-ca gone", || async {
         namespaces.get_opt(NS).await.unwrap().is_none().then_some(())
@@ -312,14 +312,14 @@ async fn rbac_injection_into_every_kind(env: &Env, bundle: &str) -> InjectionTar
 /// RBAC phase 5b: a PodCertificateRequest for the default signer is issued (the API
 /// server checks `sign` on the signer for the status update, and `attest` for the
 /// ClusterTrustBundle the operator created before).
-async fn rbac_pod_certificates(env: &Env) -> crate::pod_certs::Kubelet {
-    let kubelet = crate::pod_certs::Kubelet::new(env).await;
+async fn rbac_pod_certificates(env: &Env) -> crate::support::pods::Kubelet {
+    let kubelet = crate::support::pods::Kubelet::new(env).await;
     kubelet.service("pods", "pods", false).await;
     let pod = kubelet.pod("pod", "pods", None).await;
-    let (_, stub) = crate::pod_certs::key_and_stub(&rcgen::PKCS_ECDSA_P256_SHA256);
+    let (_, stub) = crate::support::pods::key_and_stub(&rcgen::PKCS_ECDSA_P256_SHA256);
     kubelet.request("pod", POD_SIGNER, &pod, stub, None).await;
     let chain = kubelet.issued("pod").await;
-    let bundle = crate::pod_certs::trust_bundle(env, POD_SIGNER, NS).await;
+    let bundle = crate::support::pods::trust_bundle(env, POD_SIGNER, NS).await;
     let name = format!("pods.{}.svc", env.ns);
     support::tls::rustls_verify_at(&chain, &bundle, &name, std::time::SystemTime::now()).unwrap();
     kubelet

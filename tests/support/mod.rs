@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod pods;
 pub mod tls;
 
 use std::collections::BTreeMap;
