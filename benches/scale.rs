@@ -454,8 +454,8 @@ async fn b2_bulk(
 /// makes them, P-256 keys), all issued once the Service appears; the rate next to B2's.
 async fn b7_pod_certificates(env: &Env, b2_rate: f64, report: &mut Report) {
     let n = scaled(1000);
-    let kubelet = support::pods::Kubelet::new(env).await;
     let signer = service_ca_operator::names::POD_SIGNER_NAME;
+    let kubelet = support::pods::Kubelet::new(env, signer).await;
     let created = Instant::now();
     futures::stream::iter(0..n)
         .map(|i| {

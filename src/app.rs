@@ -1,4 +1,4 @@
-//! Wiring: client, caches, signer, leader election, the four controllers, the admin
+//! Wiring: client, caches, signer, leader election, the controllers, the admin
 //! server, and a graceful shutdown.
 
 use std::sync::Arc;
@@ -91,7 +91,7 @@ async fn start_admin(
     Ok(tokio::spawn(admin::serve(listener, health.clone(), metrics.clone(), shutdown.signal())))
 }
 
-/// The four controllers, until shutdown; readiness learns when the caches are synced.
+/// The controllers, until shutdown; readiness learns when the caches are synced.
 async fn run_controllers(ctx: Arc<Context>, serving: ServingWatches, shutdown: Shutdown) {
     let (services, secrets) = (serving.services.clone(), serving.secrets.clone());
     let synced = {

@@ -38,7 +38,7 @@ impl World {
         let op = env.start_operator(&args);
         let mut cleanup = Cleanup::default();
         cleanup.add::<ClusterTrustBundle>(bundle_name(&signer, &env.op_ns));
-        let kubelet = Kubelet::new(&env).await;
+        let kubelet = Kubelet::new(&env, &signer).await;
         World { env, signer, kubelet, op, _cleanup: cleanup }
     }
 
@@ -160,6 +160,14 @@ async fn an_issued_pod_certificate_serves_its_service_names_and_the_cluster_trus
             assert!(result.is_ok(), "{stack} → {name}: {result:?}");
         }
     }
+
+    // Deleted by someone: published again.
+    let name = bundle_name(&w.signer, &w.env.op_ns);
+    api.delete(&name, &DeleteParams::default()).await.unwrap();
+    eventually(T, "the ClusterTrustBundle re-created", || async {
+        api.get_opt(&name).await.unwrap().filter(|b| b.spec.trust_bundle == bundle).map(|_| ())
+    })
+    .await;
 
     // Other key types the kubelet offers.
     for (name, key) in [("ed25519", None), ("rsa3072", Some(3072))] {

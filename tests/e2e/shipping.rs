@@ -313,7 +313,7 @@ async fn rbac_injection_into_every_kind(env: &Env, bundle: &str) -> InjectionTar
 /// server checks `sign` on the signer for the status update, and `attest` for the
 /// ClusterTrustBundle the operator created before).
 async fn rbac_pod_certificates(env: &Env) -> crate::support::pods::Kubelet {
-    let kubelet = crate::support::pods::Kubelet::new(env).await;
+    let kubelet = crate::support::pods::Kubelet::new(env, POD_SIGNER).await;
     kubelet.service("pods", "pods", false).await;
     let pod = kubelet.pod("pod", "pods", None).await;
     let (_, stub) = crate::support::pods::key_and_stub(&rcgen::PKCS_ECDSA_P256_SHA256);

@@ -20,6 +20,8 @@ const T: Duration = Duration::from_secs(30);
 /// What the kubelet would do for a test namespace: a Node (deleted at the end), Pods
 /// bound to it, and their PodCertificateRequests.
 pub struct Kubelet {
+    /// The signer the pods' `podCertificate` volumes ask (the README's Pod spec).
+    signer: String,
     client: kube::Client,
     ns: String,
     labels: BTreeMap<String, String>,
@@ -28,14 +30,21 @@ pub struct Kubelet {
 }
 
 impl Kubelet {
-    pub async fn new(env: &Env) -> Kubelet {
+    pub async fn new(env: &Env, signer: &str) -> Kubelet {
         let nodes: Api<Node> = Api::all(env.client.clone());
         let node =
             Node { metadata: ObjectMeta { name: Some(env.run.clone()), ..Default::default() }, ..Default::default() };
         let node = nodes.create(&PostParams::default(), &node).await.expect("create Node");
         let mut cleanup = Cleanup::default();
         cleanup.add::<Node>(env.run.clone());
-        Kubelet { client: env.client.clone(), ns: env.ns.clone(), labels: env.labels(), node, _cleanup: cleanup }
+        Kubelet {
+            signer: signer.to_string(),
+            client: env.client.clone(),
+            ns: env.ns.clone(),
+            labels: env.labels(),
+            node,
+            _cleanup: cleanup,
+        }
     }
 
     /// A Pod bound to the Node, with `app: <app>` (and the test's run label).

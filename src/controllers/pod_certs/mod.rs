@@ -66,8 +66,22 @@ impl Categorised for Error {
 /// The bundle last published as the ClusterTrustBundle (shared with [`trust_bundle`]).
 pub type Published = Arc<watch::Sender<Option<String>>>;
 
-/// Runs the signer and the bundle publisher until `shutdown`.
+/// Runs the signer and the bundle publisher until `shutdown` — unless the cluster does
+/// not serve the API (before Kubernetes 1.37): then both stay off, with one warning,
+/// and readiness is not affected.
 pub async fn run(ctx: Arc<Context>, shutdown: Shutdown) {
+    let probe = Api::<PodCertificateRequest>::all(ctx.client.clone())
+        .list_metadata(&kube::api::ListParams::default().limit(1))
+        .await;
+    if let Err(error) = probe.as_ref().map(|_| ())
+        && super::is_not_found(error)
+    {
+        tracing::warn!(
+            "this cluster does not serve certificates.k8s.io/v1 PodCertificateRequests (Kubernetes 1.37+): \
+             pod certificates and the ClusterTrustBundle are off (set --pod-certificates=false to silence this)"
+        );
+        return;
+    }
     let published: Published = Arc::new(watch::Sender::new(None));
     tokio::join!(
         sign_requests(ctx.clone(), published.clone(), shutdown.clone()),
