@@ -130,7 +130,11 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result
     let namespace = pcr.namespace().unwrap_or_default();
     let key = format!("{namespace}/{}", pcr.name_any());
     let Some(signer) = ctx.signer.current() else { return Ok(Action::requeue(NOT_YET)) };
-    if !state.services.synced() {
+    // Trust first: the bundle pods trust must hold this CA before a leaf of it is
+    // handed out (the bundle publisher wakes every request when it does). Nothing is
+    // read meanwhile.
+    let bundle_published = state.published.borrow().as_deref() == Some(signer.bundle_pem.as_str());
+    if !bundle_published || !state.services.synced() {
         return Ok(Action::requeue(NOT_YET));
     }
     let pod = match read_pod(ctx, &namespace, &pcr.spec.pod_name).await? {
@@ -173,11 +177,6 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result
         Plan::Deny { reason, message } => final_status("Denied", reason, message, &pcr),
         Plan::Fail { message } => final_status("Failed", "CannotSign", message, &pcr),
         Plan::Issue { names, lifetime, key: public } => {
-            // Trust first: the bundle pods trust must hold this CA before a leaf of it
-            // is handed out (the bundle publisher wakes every request when it is).
-            if state.published.borrow().as_deref() != Some(signer.bundle_pem.as_str()) {
-                return Ok(Action::requeue(NOT_YET));
-            }
             let pod_uid = pcr.spec.pod_uid.clone();
             let signing = signer.clone();
             let leaf = tokio::task::spawn_blocking(move || {
@@ -379,5 +378,36 @@ impl ServiceIndex {
                 futures::future::ready(Some(futures::stream::iter(refs)))
             })
             .flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(ns: &str, name: &str, app: &str) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "namespace": ns, "name": name },
+            "spec": { "selector": { "app": app }, "clusterIP": "None" }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_service_index_follows_the_watch_and_names_the_namespaces_that_changed() {
+        let index = ServiceIndex::default();
+        assert!(!index.synced());
+        index.apply(watcher::Event::Init);
+        index.apply(watcher::Event::InitApply(service("a", "web", "web")));
+        assert!(!index.synced() && index.in_namespace("a").is_empty(), "not before the list is complete");
+        assert_eq!(index.apply(watcher::Event::InitDone), None, "a relist: every namespace");
+        assert!(index.synced());
+        let web = &index.in_namespace("a")["web"];
+        assert!(web.headless && web.selector["app"] == "web");
+        assert_eq!(index.apply(watcher::Event::Apply(service("a", "web", "web"))), Some(vec![]), "nothing changed");
+        assert_eq!(index.apply(watcher::Event::Apply(service("b", "db", "db"))), Some(vec!["b".to_string()]));
+        assert_eq!(index.apply(watcher::Event::Delete(service("a", "web", "web"))), Some(vec!["a".to_string()]));
+        assert!(index.in_namespace("a").is_empty());
+        assert_eq!(index.in_namespace("b").len(), 1);
     }
 }
