@@ -197,7 +197,7 @@ async fn a_request_waits_for_its_service_and_is_denied_when_none_comes_in_the_gr
     let (_, stub) = key_and_stub(&rcgen::PKCS_ECDSA_P256_SHA256);
     w.request("late", &w.signer, &late, stub.clone(), None).await;
     let created = Instant::now();
-    w.request("lonely", &w.signer, &lonely, stub, None).await;
+    let lonely_request = w.request("lonely", &w.signer, &lonely, stub, None).await;
     w.trust_bundle().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pending = w.requests().get("late").await.unwrap();
@@ -215,8 +215,13 @@ async fn a_request_waits_for_its_service_and_is_denied_when_none_comes_in_the_gr
     let denied_after = created.elapsed();
     eprintln!("no Service → Denied after {denied_after:?} (grace 8s)");
     assert_eq!(condition, "Denied NoServiceSelectsPod");
+    // The grace counts from creationTimestamp (whole seconds, so up to a second before
+    // the create call); on the API server's clock it is exact.
     assert!(denied_after >= Duration::from_secs(7), "not before the grace period ended: {denied_after:?}");
-    let message = &pcr.status.unwrap().conditions.unwrap()[0].message;
+    let condition = &pcr.status.as_ref().unwrap().conditions.as_ref().unwrap()[0];
+    let created_at = lonely_request.metadata.creation_timestamp.unwrap().0.as_second();
+    assert!(condition.last_transition_time.0.as_second() - created_at >= 8, "{condition:?}");
+    let message = &condition.message;
     assert!(message.contains("no Service") && message.contains(&w.env.ns), "{message}");
 }
 

@@ -179,12 +179,19 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result
         Plan::Issue { names, lifetime, key: public } => {
             let pod_uid = pcr.spec.pod_uid.clone();
             let signing = signer.clone();
-            let leaf = tokio::task::spawn_blocking(move || {
+            let signed = tokio::task::spawn_blocking(move || {
                 signing.ca.issue_pod_leaf(&names, &pod_uid, &public, OffsetDateTime::now_utc(), lifetime)
             })
             .await
-            .map_err(|e| Error::Sign(PkiError::Signing(format!("worker failed: {e}"))))?
-            .map_err(Error::Sign)?;
+            .map_err(|e| Error::Sign(PkiError::Signing(format!("worker failed: {e}"))))?;
+            // What cannot be signed now never will be (the same names, key and CA).
+            let leaf = match signed {
+                Ok(leaf) => leaf,
+                Err(error) => {
+                    let failed = final_status("Failed", "CannotSign", format!("cannot sign: {error}"), &pcr);
+                    return write_status(ctx, &pcr, failed).await;
+                }
+            };
             let half = (leaf.not_after - leaf.not_before) / 2;
             let mut status = final_status("Issued", "Issued", format!("signed by {}", signer.ca.subject_cn()), &pcr);
             status.certificate_chain = Some(leaf.chain_pem);
