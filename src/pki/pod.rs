@@ -15,10 +15,10 @@ use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, X509CertificationRequest};
 use x509_parser::public_key::PublicKey as ParsedKey;
 
+use super::PkiError;
 use super::ca::{CertInfo, CertificateAuthority};
 use super::keys::random_serial;
 use super::leaf::{SERVICE_UID_OID, printable_string};
-use super::{PkiError, pem};
 use crate::names::TLS_CERT;
 
 /// The key types a pod certificate can be issued for (those the kubelet offers that
@@ -156,17 +156,17 @@ impl CertificateAuthority {
     }
 }
 
-/// Parses a PEM chain's leaf public key, for tests and checks (SubjectPublicKeyInfo DER).
-pub fn leaf_spki(chain_pem: &str) -> Option<Vec<u8>> {
-    let ders = pem::decode_certificates(TLS_CERT, chain_pem.as_bytes()).ok()?;
-    let (_, cert) = x509_parser::prelude::X509Certificate::from_der(ders.first()?).ok()?;
-    Some(cert.tbs_certificate.subject_pki.raw.to_vec())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::{CaPolicy, PrivateKey};
+    use crate::pki::{CaPolicy, PrivateKey, pem};
+
+    /// The SubjectPublicKeyInfo (DER) of a PEM chain's leaf.
+    fn leaf_spki(chain_pem: &str) -> Option<Vec<u8>> {
+        let ders = pem::decode_certificates(TLS_CERT, chain_pem.as_bytes()).ok()?;
+        let (_, cert) = x509_parser::prelude::X509Certificate::from_der(ders.first()?).ok()?;
+        Some(cert.tbs_certificate.subject_pki.raw.to_vec())
+    }
 
     fn csr(alg: &'static rcgen::SignatureAlgorithm) -> (Vec<u8>, Vec<u8>) {
         let pair = rcgen::KeyPair::generate_for(alg).unwrap();
