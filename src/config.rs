@@ -219,8 +219,8 @@ pub struct Config {
     pub progress_interval: Duration,
 
     /// Sign PodCertificateRequests addressed to --pod-signer-name and publish the CA
-    /// bundle as a ClusterTrustBundle for it (needs certificates.k8s.io/v1, Kubernetes
-    /// 1.37+; switch off on older clusters).
+    /// bundle as a ClusterTrustBundle for it (certificates.k8s.io/v1, Kubernetes 1.37+;
+    /// where the cluster does not serve it, this stays off by itself with a warning).
     #[arg(long, env = "SERVICE_CA_POD_CERTIFICATES", default_value_t = true, action = clap::ArgAction::Set)]
     pub pod_certificates: bool,
 

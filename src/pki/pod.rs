@@ -52,6 +52,13 @@ pub enum KeyError {
 
 /// The public key of a stub PKCS#10 request (DER).
 pub fn requested_key(stub_pkcs10: &[u8]) -> Result<RequestedKey, KeyError> {
+    if stub_pkcs10.is_empty() {
+        return Err(KeyError::Unreadable(
+            "it is empty (kubelets before 1.36 send the deprecated pkixPublicKey instead, which \
+             certificates.k8s.io/v1 does not carry; upgrade the kubelet)"
+                .into(),
+        ));
+    }
     let (rest, csr) =
         X509CertificationRequest::from_der(stub_pkcs10).map_err(|e| KeyError::Unreadable(e.to_string()))?;
     if !rest.is_empty() {
@@ -203,6 +210,8 @@ mod tests {
         let der = CertificateParams::default().serialize_request(&rsa.signing_key().unwrap()).unwrap().der().to_vec();
         assert_eq!(requested_key(&der).unwrap().description, "RSA-3072");
         assert!(matches!(requested_key(b"junk"), Err(KeyError::Unreadable(_))));
+        let empty = requested_key(b"").unwrap_err().to_string();
+        assert!(empty.contains("empty") && empty.contains("kubelet"), "{empty}");
     }
 
     #[test]
