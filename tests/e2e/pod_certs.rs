@@ -8,19 +8,19 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
-use k8s_openapi::api::certificates::v1::{ClusterTrustBundle, PodCertificateRequest};
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::certificates::v1::ClusterTrustBundle;
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use serde_json::json;
 
 use crate::support::pods::{Kubelet, bundle_name, key_and_stub, trust_bundle};
 use crate::support::tls::{self, TlsServer, connect_all};
-use crate::support::{Cleanup, Env, Operator, RUN_LABEL, eventually};
+use crate::support::{Cleanup, Env, Operator, eventually};
 
 const T: Duration = Duration::from_secs(30);
 
-/// One test's world: its namespace, its own signer, its operator, and a kubelet.
+/// One test's world: its namespace, its own signer, its operator, and a kubelet (whose
+/// methods it offers).
 struct World {
     env: Env,
     signer: String,
@@ -42,40 +42,16 @@ impl World {
         World { env, signer, kubelet, op, _cleanup: cleanup }
     }
 
-    async fn pod(&self, name: &str, app: &str, host: Option<(&str, &str)>) -> Pod {
-        self.kubelet.pod(name, app, host).await
-    }
-
-    async fn service(&self, name: &str, app: &str, headless: bool) -> Service {
-        self.kubelet.service(name, app, headless).await
-    }
-
-    async fn request(
-        &self,
-        name: &str,
-        signer: &str,
-        pod: &Pod,
-        stub: Vec<u8>,
-        annotations: Option<BTreeMap<String, String>>,
-    ) -> PodCertificateRequest {
-        self.kubelet.request(name, signer, pod, stub, annotations).await
-    }
-
-    fn requests(&self) -> Api<PodCertificateRequest> {
-        self.kubelet.requests()
-    }
-
-    async fn answered(&self, name: &str, timeout: Duration) -> (String, PodCertificateRequest) {
-        self.kubelet.answered(name, timeout).await
-    }
-
-    async fn issued(&self, name: &str) -> String {
-        self.kubelet.issued(name).await
-    }
-
     /// The published ClusterTrustBundle's bundle (waits until it exists).
     async fn trust_bundle(&self) -> String {
         trust_bundle(&self.env, &self.signer, &self.env.op_ns).await
+    }
+}
+
+impl std::ops::Deref for World {
+    type Target = Kubelet;
+    fn deref(&self) -> &Kubelet {
+        &self.kubelet
     }
 }
 
@@ -307,6 +283,4 @@ async fn the_trust_bundle_and_new_pod_certificates_follow_a_rotation_and_a_reset
     let fresh = w.issued("reset").await;
     verify_all(&fresh, &reset_bundle, &name);
     assert!(tls::openssl_verify(&before, &reset_bundle, &name).is_err(), "a reset trusts nothing from before");
-    // The run label keeps the test's objects apart from other tests' operators.
-    assert_eq!(pod.metadata.labels.unwrap().get(RUN_LABEL), Some(&w.env.run));
 }
