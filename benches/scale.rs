@@ -2,7 +2,7 @@
 //! the release build of the operator, run as users run it (no selector).
 //!
 //! B1 time to ready, B2 bulk issuance vs. the key-generation limit, B3 rotation,
-//! B4 injection, B5 memory, B6 API economy (RSA serving keys, the default); then with
+//! B4 injection, B5 memory, B6 API economy, B7 pod certificates (RSA serving keys, the default); then with
 //! ECDSA serving keys B2-EC and B3-EC (a second operator instance with its own CA) and
 //! B8 scale (10,000 Services). Prints a table and writes target/bench/results.json.
 //! Sizes scale with BENCH_SCALE (default 1.0); BENCH_ONLY=rsa,ec,b8 (any of them)
@@ -301,6 +301,7 @@ async fn rsa_benchmarks(cores: usize, report: &mut Report) -> (Env, RsaRates) {
     let n1 = b1_time_to_ready(&env, &secrets_seen, report).await;
     b6_writes_per_certificate(&client, &op, &before_b1, n1, report).await;
     let (n2, rate) = b2_bulk(&env, &op, &bundle, &secrets_seen, cores, report).await;
+    b7_pod_certificates(&env, rate, report).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let managed = rss_mib(&op);
     let n4 = b4_injection(&env, "B4", report).await;
@@ -675,6 +676,58 @@ async fn b2_bulk(
     ]);
     report.json.insert("b2".into(), Value::Object(json));
     (n2, rate)
+}
+
+/// B7: PodCertificateRequests waiting for their Service (one per pod, as the kubelet
+/// makes them, P-256 keys), all issued once the Service appears; the rate next to B2's.
+async fn b7_pod_certificates(env: &Env, b2_rate: f64, report: &mut Report) {
+    let n = scaled(1000);
+    let signer = service_ca_operator::names::POD_SIGNER_NAME;
+    let kubelet = support::pods::Kubelet::new(env, signer).await;
+    let created = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let kubelet = &kubelet;
+            async move {
+                let pod = kubelet.pod(&format!("pod{i}"), "pods", None).await;
+                let (_, stub) = support::pods::key_and_stub(&rcgen::PKCS_ECDSA_P256_SHA256);
+                kubelet.request(&format!("pod{i}"), signer, &pod, stub, None).await;
+            }
+        })
+        .buffer_unordered(CREATE_CONCURRENCY)
+        .collect::<Vec<()>>()
+        .await;
+    let create_took = created.elapsed();
+    // How many requests carry a condition of `type_` (any type: None).
+    let answered = |list: &[k8s_openapi::api::certificates::v1::PodCertificateRequest], type_: Option<&str>| {
+        let conditions = |r: &k8s_openapi::api::certificates::v1::PodCertificateRequest| {
+            r.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default()
+        };
+        list.iter().filter(|r| conditions(r).iter().any(|c| type_.is_none_or(|t| c.type_ == t))).count()
+    };
+    let early = answered(&kubelet.requests().list(&ListParams::default()).await.unwrap().items, None);
+    let started = Instant::now();
+    kubelet.service("pods", "pods", false).await;
+    let issued = eventually(Duration::from_secs(600), "every pod certificate issued", || async {
+        let list = kubelet.requests().list(&ListParams::default()).await.ok()?.items;
+        (answered(&list, None) >= n).then(|| answered(&list, Some("Issued")))
+    })
+    .await;
+    let took = started.elapsed();
+    let rate = n as f64 / took.as_secs_f64();
+    println!("\nB7 pod certificates ({n} pods and requests created in {create_took:.1?}, pending until their Service)");
+    report.row("B7 requests answered before the Service existed", early.to_string(), "0");
+    report.row(
+        "B7 Service created -> every request issued",
+        format!("{:.1} s ({issued} of {n} issued)", took.as_secs_f64()),
+        "",
+    );
+    report.row("B7 pod certificates per second (B2: Service Secrets)", format!("{rate:.1}/s ({b2_rate:.1}/s)"), "");
+    report.json.insert(
+        "b7".into(),
+        json!({ "n": n, "issued": issued, "seconds": took.as_secs_f64(), "certs_per_second": rate,
+                "b2_certs_per_second": b2_rate, "creation_seconds": create_took.as_secs_f64() }),
+    );
 }
 
 /// B4: injection into many ConfigMaps at once (reported as `label`). Returns how many.

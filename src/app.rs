@@ -1,4 +1,4 @@
-//! Wiring: client, caches, signer, leader election, the four controllers, the admin
+//! Wiring: client, caches, signer, leader election, the controllers, the admin
 //! server, and a graceful shutdown.
 
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use crate::admin::{self, Health, Role};
 use crate::config::Config;
 use crate::controllers::serving::{ServingWatches, cert_refresh, serving_cert};
-use crate::controllers::{Context, ca_bundle, ca_lifecycle};
+use crate::controllers::{Context, ca_bundle, ca_lifecycle, pod_certs};
 use crate::metrics::Metrics;
 use crate::names::{self as ann, LEASE_NAME};
 use crate::shutdown::Shutdown;
@@ -123,7 +123,7 @@ async fn start_admin(
     }))
 }
 
-/// The four controllers, until shutdown; readiness learns when the caches are synced.
+/// The controllers, until shutdown; readiness learns when the caches are synced.
 async fn run_controllers(ctx: Arc<Context>, serving: ServingWatches, shutdown: Shutdown) {
     let (services, secrets) = (serving.services.clone(), serving.secrets.clone());
     let synced = {
@@ -152,7 +152,12 @@ async fn run_controllers(ctx: Arc<Context>, serving: ServingWatches, shutdown: S
             serving.service_changes,
             shutdown.clone()
         ),
-        ca_bundle::run(ctx.clone(), shutdown),
+        ca_bundle::run(ctx.clone(), shutdown.clone()),
+        async {
+            if ctx.config.pod_certificates {
+                pod_certs::run(ctx.clone(), shutdown).await;
+            }
+        },
         synced,
     );
 }

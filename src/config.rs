@@ -22,7 +22,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the controller manager (the default).
-    Run(Config),
+    Run(Box<Config>),
     /// Report the CA, serving certificates, injected bundles and workloads that need a
     /// restart; exit status 0 healthy, 3 untrusted or broken, 4 restart needed, 1 error.
     Inspect(InspectArgs),
@@ -31,7 +31,7 @@ enum Command {
 /// What the command line asks for.
 #[derive(Debug)]
 pub enum Mode {
-    Run(Config),
+    Run(Box<Config>),
     Inspect(InspectArgs),
 }
 
@@ -131,7 +131,7 @@ impl Cli {
         match self.command {
             Some(Command::Run(config)) => Mode::Run(config),
             Some(Command::Inspect(args)) => Mode::Inspect(args),
-            None => Mode::Run(self.run),
+            None => Mode::Run(Box::new(self.run)),
         }
     }
 }
@@ -244,6 +244,27 @@ pub struct Config {
     /// How often the progress of a bulk re-issue (after a CA change) is logged.
     #[arg(long, env = "SERVICE_CA_PROGRESS_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub progress_interval: Duration,
+
+    /// Sign PodCertificateRequests addressed to --pod-signer-name and publish the CA
+    /// bundle as a ClusterTrustBundle for it (certificates.k8s.io/v1, Kubernetes 1.37+;
+    /// where the cluster does not serve it, this stays off by itself with a warning).
+    #[arg(long, env = "SERVICE_CA_POD_CERTIFICATES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pod_certificates: bool,
+
+    /// The signer name pods ask for in a `podCertificate` projected volume, and the
+    /// `signerName` of the published ClusterTrustBundle.
+    #[arg(long, env = "SERVICE_CA_POD_SIGNER_NAME", default_value = crate::names::POD_SIGNER_NAME)]
+    pub pod_signer_name: String,
+
+    /// The longest pod certificate issued (a request's maxExpirationSeconds may ask for
+    /// less; the CA's expiry caps it too).
+    #[arg(long, env = "SERVICE_CA_POD_CERTIFICATE_MAX_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub pod_certificate_max_lifetime: Duration,
+
+    /// How long a request whose pod no Service selects stays pending (a Service often
+    /// comes after its pods) before it is denied.
+    #[arg(long, env = "SERVICE_CA_POD_CERTIFICATE_GRACE", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub pod_certificate_grace: Duration,
 }
 
 impl Config {
@@ -287,6 +308,13 @@ impl Config {
         check_dns_domain(&self.cluster_domain).map_err(|why| {
             format!("--cluster-domain {:?} is not a DNS domain: {why}", crate::bounded(&self.cluster_domain))
         })?;
+        check_signer_name(&self.pod_signer_name).map_err(|why| {
+            format!("--pod-signer-name {:?} is not a signer name: {why}", crate::bounded(&self.pod_signer_name))
+        })?;
+        // The API server refuses pod certificates shorter than an hour.
+        if self.pod_certificate_max_lifetime < Duration::from_secs(3600) {
+            return Err("--pod-certificate-max-lifetime must be at least 1h (the API server's minimum)".into());
+        }
         Ok(())
     }
 
@@ -326,6 +354,20 @@ pub fn check_dns_domain(domain: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// A signer name as the API server accepts it: `<domain>/<path>`, the domain a DNS
+/// subdomain outside `kubernetes.io`, and a ClusterTrustBundle name can be made of it.
+pub fn check_signer_name(name: &str) -> Result<(), &'static str> {
+    let (domain, path) = name.split_once('/').ok_or("expected <domain>/<path>")?;
+    check_dns_domain(domain)?;
+    if domain == "kubernetes.io" || domain.ends_with(".kubernetes.io") {
+        return Err("kubernetes.io signer names are reserved for Kubernetes");
+    }
+    if path.is_empty() || path.len() > 200 || path.contains(['/', ':']) {
+        return Err("the path must be non-empty, at most 200 characters, without '/' or ':'");
+    }
+    crate::names::check_subdomain(path)
+}
+
 /// One requirement of a label selector (the kubectl syntax).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Requirement {
@@ -335,6 +377,18 @@ pub enum Requirement {
     NotIn(String, Vec<String>),
     Exists(String),
     DoesNotExist(String),
+}
+
+/// Whether `labels` satisfy every requirement (an empty selector matches everything).
+pub fn selector_matches(requirements: &[Requirement], labels: &std::collections::BTreeMap<String, String>) -> bool {
+    requirements.iter().all(|r| match r {
+        Requirement::Equals(k, v) => labels.get(k) == Some(v),
+        Requirement::NotEquals(k, v) => labels.get(k) != Some(v),
+        Requirement::In(k, vs) => labels.get(k).is_some_and(|l| vs.contains(l)),
+        Requirement::NotIn(k, vs) => labels.get(k).is_none_or(|l| !vs.contains(l)),
+        Requirement::Exists(k) => labels.contains_key(k),
+        Requirement::DoesNotExist(k) => !labels.contains_key(k),
+    })
 }
 
 /// Parses `a=b,c!=d,e,!f,g in (x,y),h notin (z)`; empty means "everything".
@@ -394,7 +448,7 @@ mod tests {
 
     fn parse(args: &[&str]) -> Config {
         match Cli::try_parse_from(args).unwrap().into_mode() {
-            Mode::Run(config) => config,
+            Mode::Run(config) => *config,
             Mode::Inspect(_) => panic!("not a run command line: {args:?}"),
         }
     }
@@ -423,6 +477,9 @@ mod tests {
         assert_eq!(c.cert_refresh_before(), Duration::from_secs(730 * 86_400 / 3));
         assert_eq!(c.cluster_domain, "cluster.local");
         assert!(c.leader_elect);
+        assert!(c.pod_certificates);
+        assert_eq!(c.pod_signer_name, "service-ca.operators.openshift.io/serving");
+        assert_eq!(c.pod_certificate_max_lifetime, Duration::from_secs(86_400));
         assert!(c.validate().is_ok());
     }
 
@@ -461,5 +518,11 @@ mod tests {
             assert!(error.contains(flag), "{args:?}: {error}");
         }
         assert!(parse(&["x", "--cluster-domain", "corp.example"]).validate().is_ok());
+        for bad in ["serving", "kubernetes.io/x", "example.com/", "example.com/a/b", "Example.com/x"] {
+            let error = parse(&["x", "--pod-signer-name", bad]).validate().unwrap_err();
+            assert!(error.contains("--pod-signer-name"), "{bad}: {error}");
+        }
+        let error = parse(&["x", "--pod-certificate-max-lifetime", "30m"]).validate().unwrap_err();
+        assert!(error.contains("--pod-certificate-max-lifetime"), "{error}");
     }
 }

@@ -4,7 +4,7 @@ use service_ca_operator::config::{Cli, LogFormat, Mode};
 
 fn main() -> std::process::ExitCode {
     let config = match Cli::parse_args().into_mode() {
-        Mode::Run(config) => config,
+        Mode::Run(config) => *config,
         Mode::Inspect(args) => return inspect(args),
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level).unwrap_or_else(|e| {

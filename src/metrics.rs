@@ -57,6 +57,8 @@ pub struct Metrics {
     /// Issued certificates that could not be written, per reason (an alert can use it:
     /// `certificates_issued` stays flat while these grow).
     pub issuance_failures: Family<ReasonLabels, Counter>,
+    /// PodCertificateRequests answered, per outcome (issued, denied, failed).
+    pub pod_certificate_requests: Family<ReasonLabels, Counter>,
     /// Private keys generated (serving keys, buffered or not, and CA keys).
     pub keys_generated: Counter,
     pub injections: Family<KindLabels, Counter>,
@@ -118,6 +120,12 @@ impl Metrics {
             "Serving certificates issued but not written, per reason (refused, api, pki)",
             issuance_failures.clone(),
         );
+        let pod_certificate_requests = Family::default();
+        registry.register(
+            "service_ca_pod_certificate_requests",
+            "PodCertificateRequests answered, per outcome (issued, denied, failed)",
+            pod_certificate_requests.clone(),
+        );
         let keys_generated = Counter::default();
         registry.register("service_ca_keys_generated", "Private keys generated", keys_generated.clone());
         let injections = Family::default();
@@ -158,6 +166,7 @@ impl Metrics {
             reconcile_duration,
             certificates_issued,
             issuance_failures,
+            pod_certificate_requests,
             keys_generated,
             injections,
             rotations,

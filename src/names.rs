@@ -93,6 +93,19 @@ pub const FORCED_ROTATION_REASON: &str = "service-ca.operators.openshift.io/forc
 pub const MANAGED_LABEL: &str = "service-ca.operators.openshift.io/managed";
 pub const MANAGED_LABEL_VALUE: &str = "true";
 
+/// The default signer name of PodCertificateRequests the operator signs (and of the
+/// ClusterTrustBundle it publishes).
+pub const POD_SIGNER_NAME: &str = "service-ca.operators.openshift.io/serving";
+/// Labels on the published ClusterTrustBundle: [`MANAGED_LABEL`], and this one with
+/// the operator's namespace, telling instances (and their bundles) apart.
+pub const TRUST_BUNDLE_INSTANCE_LABEL: &str = "service-ca.operators.openshift.io/instance";
+
+/// The ClusterTrustBundle of `signer` published by the instance in `namespace`:
+/// `<signer with '/' as ':'>:<namespace>` (the API server requires the prefix).
+pub fn trust_bundle_name(signer: &str, namespace: &str) -> String {
+    format!("{}:{namespace}", signer.replace('/', ":"))
+}
+
 /// Field manager name for every write (server-side apply and patches).
 pub const FIELD_MANAGER: &str = "service-ca-operator";
 

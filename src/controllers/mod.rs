@@ -11,6 +11,9 @@
 //!   configurations carry the CA bundle.
 //! - [`ca_lifecycle`]: the `signing-key` Secret — create, load, rotate, reset — and the
 //!   shared signer.
+//! - [`pod_certs`]: PodCertificateRequests for the pod signer are signed for the names
+//!   of the Services that select the pod, and the CA bundle is published as a
+//!   ClusterTrustBundle for that signer.
 //!
 //! This module holds what they all share: the [`Context`], the cached watches, the
 //! controller run loop with per-object retry backoff ([`drive`]), and small helpers
@@ -18,6 +21,7 @@
 
 pub mod ca_bundle;
 pub mod ca_lifecycle;
+pub mod pod_certs;
 pub mod serving;
 
 use std::collections::HashMap;
@@ -109,6 +113,16 @@ pub trait Categorised {
     /// backoff says: such an attempt costs nothing and the outage may be over).
     fn unreachable(&self) -> bool {
         false
+    }
+}
+
+/// A bare API error (a single write) is categorised by its status.
+impl Categorised for kube::Error {
+    fn category(&self) -> &'static str {
+        api_category(self)
+    }
+    fn unreachable(&self) -> bool {
+        status_code(self).is_none()
     }
 }
 

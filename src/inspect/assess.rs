@@ -108,7 +108,8 @@ pub struct Report {
     pub serving_certificates: Vec<ServingRow>,
     pub injected: Vec<InjectedRow>,
     pub workloads: Vec<WorkloadRow>,
-    /// Pod certificates (SPEC §5.2) are not implemented by the operator yet.
+    /// Pod certificates (SPEC §5.2) are not inspected: each request is answered once and
+    /// the kubelet holds the result.
     pub pod_certificates: &'static str,
     pub summary: Summary,
 }
@@ -515,7 +516,7 @@ pub fn assess(snapshot: &Snapshot, policy: &Policy, now: OffsetDateTime) -> Repo
         serving_certificates: rows,
         injected,
         workloads,
-        pod_certificates: "not inspected: the operator does not issue pod certificates yet (SPEC 5.2)",
+        pod_certificates: "not inspected: each PodCertificateRequest is answered once and its pod holds the result (kubectl get podcertificaterequests -A); their trust bundle is the ClusterTrustBundle of the pod signer",
         summary,
     }
 }

@@ -138,7 +138,7 @@ impl CertificateAuthority {
 }
 
 /// DER of an ASN.1 PrintableString.
-fn printable_string(value: &str) -> Result<Vec<u8>, PkiError> {
+pub(super) fn printable_string(value: &str) -> Result<Vec<u8>, PkiError> {
     let printable = |c: char| c.is_ascii_alphanumeric() || " '()+,-./:=?".contains(c);
     if value.is_empty() || value.len() > 127 || !value.chars().all(printable) {
         return Err(PkiError::BadServiceUid(value.to_owned()));

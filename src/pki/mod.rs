@@ -1,5 +1,6 @@
 //! Pure certificate logic, with no Kubernetes dependency: the service CA (creation,
-//! loading, rotation with a trust bridge, bundle), serving-certificate issuance, and
+//! loading, rotation with a trust bridge, bundle), serving-certificate issuance (for
+//! Services, and for pods over the key of their request), and
 //! the inspection of an issued certificate. (Whether a serving Secret must be
 //! re-issued is the serving controllers' decision: `controllers::serving::decision`.)
 //!
@@ -10,10 +11,12 @@ mod ca;
 mod keys;
 mod leaf;
 pub mod pem;
+mod pod;
 
 pub use ca::{CA_NAME_PREFIX, CaPolicy, CertInfo, CertificateAuthority, MAX_BRIDGES};
 pub use keys::{KEY_ALGORITHMS, KeyKind, PrivateKey, PublicKey, key_matches};
 pub use leaf::{IssuedLeaf, LeafInfo, LeafPolicy, LeafRequest, SERVICE_UID_OID, format_expiry, parse_expiry};
+pub use pod::{KeyError, PodLeaf, RequestedKey, SUPPORTED_POD_KEYS, requested_key};
 
 use time::OffsetDateTime;
 

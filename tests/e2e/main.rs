@@ -19,5 +19,6 @@ mod inspect;
 mod lifecycle;
 mod metrics;
 mod perf;
+mod pod_certs;
 mod serving;
 mod shipping;

@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
+use k8s_openapi::api::certificates::v1::ClusterTrustBundle;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -21,6 +22,8 @@ use crate::support::{self, Env, Operator, RUN_LABEL, controlplane_dir, eventuall
 
 const T: Duration = Duration::from_secs(30);
 const NS: &str = "openshift-service-ca";
+/// The manifests grant `sign` and `attest` for the default pod signer only.
+const POD_SIGNER: &str = "service-ca.operators.openshift.io/serving";
 const SA: &str = "system:serviceaccount:openshift-service-ca:service-ca-operator";
 
 fn kubectl(args: &[&str]) -> String {
@@ -102,7 +105,10 @@ fn used_by_operator(since: usize) -> (BTreeSet<Grant>, Vec<String>) {
         }
         let object = &entry["objectRef"];
         let group = object["apiGroup"].as_str().unwrap_or("").to_string();
-        let resource = object["resource"].as_str().unwrap_or("").to_string();
+        let resource = match object["subresource"].as_str() {
+            Some(sub) => format!("{}/{sub}", object["resource"].as_str().unwrap_or("")),
+            None => object["resource"].as_str().unwrap_or("").to_string(),
+        };
         let verb = entry["verb"].as_str().unwrap_or("").to_string();
         if entry["responseStatus"]["code"] == 403 {
             denied.push(format!("{verb} {group}/{resource} {}", object["name"]));
@@ -126,8 +132,10 @@ async fn manifests_apply_and_the_operator_needs_exactly_the_permissions_they_gra
     rbac_serving_certificates(&env).await;
     rbac_secure_metrics(&env, &op, &bundle).await;
     let injected = rbac_injection_into_every_kind(&env, &bundle).await;
+    let kubelet = rbac_pod_certificates(&env).await;
     rbac_ca_lifecycle(&env).await;
     rbac_delete_injection_targets(&env, injected).await;
+    drop(kubelet);
     rbac_compare_with_the_audit_log(audit_start);
     drop(op);
 }
@@ -138,6 +146,11 @@ async fn manifests_apply_and_the_operator_needs_exactly_the_permissions_they_gra
 async fn rbac_clean_slate() -> usize {
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(support::client().await);
     let _ = namespaces.delete(NS, &DeleteParams::default()).await;
+    // The ClusterTrustBundle of an earlier run (cluster-scoped): the operator must
+    // create it again.
+    let bundles: Api<ClusterTrustBundle> = Api::all(support::client().await);
+    let bundle = crate::support::pods::bundle_name(POD_SIGNER, NS);
+    let _ = bundles.delete(&bundle, &DeleteParams::default()).await;
     eventually(Duration::from_secs(180), "namespace openshift-service-ca gone", || async {
         namespaces.get_opt(NS).await.unwrap().is_none().then_some(())
     })
@@ -314,6 +327,22 @@ async fn rbac_injection_into_every_kind(env: &Env, bundle: &str) -> InjectionTar
     InjectionTargets { crd: crd.name_any(), mwc: mwc.name_any(), vwc: vwc.name_any() }
 }
 
+/// RBAC phase 5b: a PodCertificateRequest for the default signer is issued (the API
+/// server checks `sign` on the signer for the status update, and `attest` for the
+/// ClusterTrustBundle the operator created before).
+async fn rbac_pod_certificates(env: &Env) -> crate::support::pods::Kubelet {
+    let kubelet = crate::support::pods::Kubelet::new(env, POD_SIGNER).await;
+    kubelet.service("pods", "pods", false).await;
+    let pod = kubelet.pod("pod", "pods", None).await;
+    let (_, stub) = crate::support::pods::key_and_stub(&rcgen::PKCS_ECDSA_P256_SHA256);
+    kubelet.request("pod", POD_SIGNER, &pod, stub, None).await;
+    let chain = kubelet.issued("pod").await;
+    let bundle = crate::support::pods::trust_bundle(env, POD_SIGNER, NS).await;
+    let name = format!("pods.{}.svc", env.ns);
+    support::tls::rustls_verify_at(&chain, &bundle, &name, std::time::SystemTime::now()).unwrap();
+    kubelet
+}
+
 /// RBAC phase 6: CA lifecycle: a forced rotation (update) and a hard reset (create),
 /// until the serving Secret is re-issued.
 async fn rbac_ca_lifecycle(env: &Env) {
@@ -357,7 +386,13 @@ async fn rbac_delete_injection_targets(env: &Env, targets: InjectionTargets) {
 /// RBAC phase 8: compare with the audit log (from `audit_start` on): nothing denied,
 /// every grant used, nothing used that is not granted.
 fn rbac_compare_with_the_audit_log(audit_start: usize) {
-    let (used, denied) = used_by_operator(audit_start);
+    let (mut used, denied) = used_by_operator(audit_start);
+    // `sign` and `attest` on signers are checked inside the API server (no request of
+    // their own in the audit log); phase 5b proved both by succeeding.
+    used.extend([
+        ("certificates.k8s.io".to_string(), "signers".to_string(), "sign".to_string()),
+        ("certificates.k8s.io".to_string(), "signers".to_string(), "attest".to_string()),
+    ]);
     assert!(denied.is_empty(), "requests denied to the operator: {denied:?}");
     let (cluster, namespaced) = granted();
     let all: BTreeSet<Grant> = cluster.union(&namespaced).cloned().collect();

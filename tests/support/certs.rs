@@ -58,7 +58,12 @@ pub fn try_signer_of(chain: &str) -> Option<Vec<u8>> {
 
 /// Runs `f` on the first certificate of a Secret's `tls.crt`, parsed by x509-parser.
 fn with_x509<T>(secret: &Secret, f: impl FnOnce(&X509Certificate<'_>) -> T) -> T {
-    let ders = pki::pem::decode_certificates("tls.crt", data(secret, "tls.crt").as_bytes()).unwrap();
+    with_x509_pem(&data(secret, "tls.crt"), f)
+}
+
+/// Runs `f` on the first certificate of a PEM chain, parsed by x509-parser.
+fn with_x509_pem<T>(pem: &str, f: impl FnOnce(&X509Certificate<'_>) -> T) -> T {
+    let ders = pki::pem::decode_certificates("tls.crt", pem.as_bytes()).unwrap();
     let (_, cert) = X509Certificate::from_der(&ders[0]).unwrap();
     f(&cert)
 }
@@ -72,7 +77,13 @@ pub fn cn(secret: &Secret) -> String {
 /// Subject alternative names of the leaf in a serving Secret, in certificate order
 /// (DNS names as text, other kinds in their debug form).
 pub fn sans(secret: &Secret) -> Vec<String> {
-    with_x509(secret, |cert| {
+    sans_of(&data(secret, "tls.crt"))
+}
+
+/// Subject alternative names of the first certificate of a PEM chain, in certificate
+/// order.
+pub fn sans_of(chain: &str) -> Vec<String> {
+    with_x509_pem(chain, |cert| {
         cert.subject_alternative_name()
             .unwrap()
             .unwrap()

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod pods;
 pub mod tls;
 
 use std::collections::BTreeMap;
@@ -330,15 +331,22 @@ impl Env {
 impl Drop for Env {
     fn drop(&mut self) {
         let names = [self.ns.clone(), self.op_ns.clone()];
+        // The ClusterTrustBundle an operator with the default pod signer published
+        // (cluster-scoped: the namespaces do not take it with them).
+        let bundle =
+            service_ca_operator::names::trust_bundle_name(service_ca_operator::names::POD_SIGNER_NAME, &self.op_ns);
         let kubeconfig = self.kubeconfig.clone();
         // Delete in the background (namespace deletion is asynchronous anyway).
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
             rt.block_on(async {
-                let api: Api<Namespace> = Api::all(client_for(&kubeconfig).await);
+                let client = client_for(&kubeconfig).await;
+                let api: Api<Namespace> = Api::all(client.clone());
                 for name in names {
                     let _ = api.delete(&name, &DeleteParams::background()).await;
                 }
+                let bundles: Api<k8s_openapi::api::certificates::v1::ClusterTrustBundle> = Api::all(client);
+                let _ = bundles.delete(&bundle, &DeleteParams::background()).await;
             });
         })
         .join();

@@ -1,0 +1,420 @@
+//! Pod certificates: the second front door of the same CA.
+//!
+//! - This module signs PodCertificateRequests addressed to `--pod-signer-name` for the
+//!   names of the Services that select the pod. Watch: the requests of that signer not
+//!   answered yet (field selector `spec.signerName`; answered ones leave the cache), and
+//!   an index of Services by namespace (selector and headless only); a Service change
+//!   looks again at the waiting requests of its namespace. Plan: [`plan::plan`] with the
+//!   pod read by name. Write: one status update (Issued, Denied or Failed) guarded by
+//!   resourceVersion. Report: metrics, a Warning Event for Denied and Failed.
+//! - [`trust_bundle`] publishes the CA bundle as a ClusterTrustBundle for that signer.
+//!   A request is signed only once the published bundle is the current signer's, so a
+//!   pod never holds a certificate its peers' bundles do not trust yet.
+
+pub mod plan;
+pub mod trust_bundle;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::certificates::v1::{PodCertificateRequest, PodCertificateRequestStatus};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Resource, ResourceExt};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use self::plan::{IndexedService, Plan, Settings};
+use super::{Categorised, Context, LOOK_AGAIN, WatchBackoff, api_category, api_message, cached_watch, drive};
+use crate::metrics::ReasonLabels;
+use crate::pki::PkiError;
+use crate::shutdown::Shutdown;
+
+pub const NAME: &str = "pod-certs";
+
+/// How soon to look again while the CA or the published bundle is not there yet.
+const NOT_YET: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading pod {0}: {1}")]
+    ReadPod(String, kube::Error),
+    #[error("writing the status of PodCertificateRequest {0}: {1}")]
+    WriteStatus(String, kube::Error),
+    #[error("signing: {0}")]
+    Sign(PkiError),
+}
+
+impl Categorised for Error {
+    fn category(&self) -> &'static str {
+        match self {
+            Error::ReadPod(_, e) | Error::WriteStatus(_, e) => api_category(e),
+            Error::Sign(_) => "pki",
+        }
+    }
+    fn unreachable(&self) -> bool {
+        matches!(self, Error::ReadPod(_, e) | Error::WriteStatus(_, e) if super::status_code(e).is_none())
+    }
+}
+
+/// The bundle last published as the ClusterTrustBundle (shared with [`trust_bundle`]).
+pub type Published = Arc<watch::Sender<Option<String>>>;
+
+/// Runs the signer and the bundle publisher until `shutdown` — unless the cluster does
+/// not serve the API (before Kubernetes 1.37): then both stay off, with one warning,
+/// and readiness is not affected.
+pub async fn run(ctx: Arc<Context>, shutdown: Shutdown) {
+    let probe = Api::<PodCertificateRequest>::all(ctx.client.clone())
+        .list_metadata(&kube::api::ListParams::default().limit(1))
+        .await;
+    if let Err(error) = probe.as_ref().map(|_| ())
+        && super::is_not_found(error)
+    {
+        tracing::warn!(
+            "this cluster does not serve certificates.k8s.io/v1 PodCertificateRequests (Kubernetes 1.37+): \
+             pod certificates and the ClusterTrustBundle are off (set --pod-certificates=false to silence this)"
+        );
+        return;
+    }
+    let published: Published = Arc::new(watch::Sender::new(None));
+    tokio::join!(
+        sign_requests(ctx.clone(), published.clone(), shutdown.clone()),
+        trust_bundle::run(ctx, published, shutdown),
+    );
+}
+
+struct State {
+    ctx: Arc<Context>,
+    services: Arc<ServiceIndex>,
+    published: Published,
+    pods_selector: Vec<crate::config::Requirement>,
+}
+
+async fn sign_requests(ctx: Arc<Context>, published: Published, shutdown: Shutdown) {
+    let signer = &ctx.config.pod_signer_name;
+    let (requests, request_events) = cached_watch(
+        Api::<PodCertificateRequest>::all(ctx.client.clone()),
+        watcher::Config::default().fields(&format!("spec.signerName={signer}")),
+        ctx.health.clone(),
+        |pcr: &PodCertificateRequest| !answered(pcr),
+        |_| {},
+    );
+    let services = Arc::new(ServiceIndex::default());
+    let service_changes = services.clone().follow(&ctx, requests.clone());
+    let published_changes = {
+        let rx = published.subscribe();
+        futures::stream::unfold(rx, |mut rx| async move { rx.changed().await.ok().map(|_| ((), rx)) })
+    };
+    let controller = Controller::for_stream(request_events, requests)
+        .reconcile_on(service_changes)
+        .reconcile_all_on(published_changes);
+    let pods_selector = crate::config::parse_selector(&ctx.config.selector).unwrap_or_default();
+    let state = Arc::new(State { ctx: ctx.clone(), services, published, pods_selector });
+    drive(controller, NAME, ctx, shutdown, state, reconcile).await;
+}
+
+/// Whether the request carries a final condition (Issued, Denied or Failed).
+fn answered(pcr: &PodCertificateRequest) -> bool {
+    let conditions = pcr.status.as_ref().and_then(|s| s.conditions.as_deref()).unwrap_or_default();
+    conditions.iter().any(|c| matches!(c.type_.as_str(), "Issued" | "Denied" | "Failed") && c.status == "True")
+}
+
+async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result<Action, Error> {
+    let ctx = &state.ctx;
+    let namespace = pcr.namespace().unwrap_or_default();
+    let key = format!("{namespace}/{}", pcr.name_any());
+    let Some(signer) = ctx.signer.current() else { return Ok(Action::requeue(NOT_YET)) };
+    // Trust first: the bundle pods trust must hold this CA before a leaf of it is
+    // handed out (the bundle publisher wakes every request when it does). Nothing is
+    // read meanwhile.
+    let bundle_published = state.published.borrow().as_deref() == Some(signer.bundle_pem.as_str());
+    if !bundle_published || !state.services.synced() {
+        return Ok(Action::requeue(NOT_YET));
+    }
+    let pod = match read_pod(ctx, &namespace, &pcr.spec.pod_name).await? {
+        Some(pod) if !crate::config::selector_matches(&state.pods_selector, pod.labels()) => {
+            // Another instance's pod (--selector): not ours to answer.
+            return Ok(Action::await_change());
+        }
+        pod => pod.map(|pod| plan::Pod {
+            uid: pod.uid().unwrap_or_default(),
+            labels: pod.labels().clone(),
+            hostname: pod.spec.as_ref().and_then(|s| s.hostname.clone()),
+            subdomain: pod.spec.as_ref().and_then(|s| s.subdomain.clone()),
+        }),
+    };
+    let now = OffsetDateTime::now_utc();
+    let request = plan::Request {
+        namespace: &namespace,
+        created: pcr.creation_timestamp().map_or(now, |t| time_of(&t)),
+        pod_uid: &pcr.spec.pod_uid,
+        max_expiration_seconds: pcr.spec.max_expiration_seconds,
+        stub_pkcs10: &pcr.spec.stub_pkc_s10_request.0,
+        user_annotations: pcr.spec.unverified_user_annotations.as_ref(),
+        answered: answered(&pcr),
+    };
+    let settings = Settings {
+        now,
+        grace: ctx.config.pod_certificate_grace,
+        // Never longer than the previous CA stays in the bundle after a rotation.
+        max_lifetime: ctx.config.pod_certificate_max_lifetime.min(ctx.config.ca_rotate_before),
+        cluster_domain: &ctx.config.cluster_domain,
+        ca_not_after: signer.ca.not_after(),
+    };
+    let services = state.services.in_namespace(&namespace);
+    let status = match plan::plan(&request, pod.as_ref(), &services, &settings) {
+        Plan::Nothing => return Ok(Action::await_change()),
+        Plan::Wait { until } => {
+            tracing::debug!(request = %key, "no Service selects the pod yet; waiting");
+            return Ok(Action::requeue(super::until(until) + Duration::from_millis(100)));
+        }
+        Plan::Deny { reason, message } => final_status("Denied", reason, message, &pcr),
+        Plan::Fail { message } => final_status("Failed", "CannotSign", message, &pcr),
+        Plan::Issue { names, lifetime, key: public } => {
+            let pod_uid = pcr.spec.pod_uid.clone();
+            let signing = signer.clone();
+            let signed = tokio::task::spawn_blocking(move || {
+                signing.ca.issue_pod_leaf(&names, &pod_uid, &public, OffsetDateTime::now_utc(), lifetime)
+            })
+            .await
+            .map_err(|e| Error::Sign(PkiError::Signing(format!("worker failed: {e}"))))?;
+            // What cannot be signed now never will be (the same names, key and CA).
+            let leaf = match signed {
+                Ok(leaf) => leaf,
+                Err(error) => {
+                    let failed = final_status("Failed", "CannotSign", format!("cannot sign: {error}"), &pcr);
+                    return write_status(ctx, &pcr, failed).await;
+                }
+            };
+            let half = (leaf.not_after - leaf.not_before) / 2;
+            let mut status = final_status("Issued", "Issued", format!("signed by {}", signer.ca.subject_cn()), &pcr);
+            status.certificate_chain = Some(leaf.chain_pem);
+            status.not_before = Some(Time(to_jiff(leaf.not_before)));
+            status.not_after = Some(Time(to_jiff(leaf.not_after)));
+            status.begin_refresh_at = Some(Time(to_jiff(leaf.not_before + half)));
+            status
+        }
+    };
+    write_status(ctx, &pcr, status).await
+}
+
+/// A status with one final condition (`type_` True).
+fn final_status(
+    type_: &str,
+    reason: &str,
+    message: String,
+    pcr: &PodCertificateRequest,
+) -> PodCertificateRequestStatus {
+    PodCertificateRequestStatus {
+        conditions: Some(vec![Condition {
+            type_: type_.into(),
+            status: "True".into(),
+            reason: reason.into(),
+            message: crate::bounded_to(&message, 1000).into_owned(),
+            last_transition_time: Time(k8s_openapi::jiff::Timestamp::now()),
+            observed_generation: pcr.metadata.generation,
+        }]),
+        ..Default::default()
+    }
+}
+
+/// Writes the answer (guarded by the resourceVersion it was planned from) and reports
+/// it. An Issued status the API server refuses becomes Failed with its reason, so no
+/// request is left pending.
+async fn write_status(
+    ctx: &Context,
+    pcr: &PodCertificateRequest,
+    status: PodCertificateRequestStatus,
+) -> Result<Action, Error> {
+    let namespace = pcr.namespace().unwrap_or_default();
+    let name = pcr.name_any();
+    let api: Api<PodCertificateRequest> = Api::namespaced(ctx.client.clone(), &namespace);
+    let condition = status.conditions.as_ref().and_then(|c| c.first()).cloned();
+    let (outcome, reason, message) = match &condition {
+        Some(c) => (c.type_.clone(), c.reason.clone(), c.message.clone()),
+        None => return Ok(Action::await_change()),
+    };
+    let mut answered = pcr.clone();
+    answered.status = Some(status);
+    ctx.metrics.write("podcertificaterequests/status", "update");
+    match api.replace_status(&name, &super::post_params(), &answered).await {
+        Ok(_) => {}
+        Err(e) if super::is_conflict(&e) || super::is_not_found(&e) => return Ok(Action::requeue(LOOK_AGAIN)),
+        Err(e) if outcome == "Issued" && api_category(&e) == "invalid" => {
+            let why = format!("the API server refused the issued certificate: {}", api_message(&e));
+            tracing::warn!(request = %format!("{namespace}/{name}"), %why, "pod certificate refused");
+            let failed = final_status("Failed", "CannotSign", why, pcr);
+            return Box::pin(write_status(ctx, pcr, failed)).await;
+        }
+        Err(e) => return Err(Error::WriteStatus(format!("{namespace}/{name}"), e)),
+    }
+    let label = match outcome.as_str() {
+        "Issued" => "issued",
+        "Denied" => "denied",
+        _ => "failed",
+    };
+    ctx.metrics.pod_certificate_requests.get_or_create(&ReasonLabels { reason: label }).inc();
+    if outcome == "Issued" {
+        tracing::info!(request = %format!("{namespace}/{name}"), pod = %pcr.spec.pod_name, "pod certificate issued");
+    } else {
+        tracing::info!(request = %format!("{namespace}/{name}"), %outcome, %reason, %message, "pod certificate request answered");
+        let note = format!("{outcome} ({reason}): {message}");
+        ctx.event(&pcr.object_ref(&()), EventType::Warning, &format!("PodCertificate{outcome}"), note).await;
+    }
+    Ok(Action::await_change())
+}
+
+/// The pod by name (`None` when it does not exist).
+async fn read_pod(ctx: &Context, namespace: &str, name: &str) -> Result<Option<Pod>, Error> {
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    api.get_opt(name).await.map_err(|e| Error::ReadPod(format!("{namespace}/{name}"), e))
+}
+
+fn time_of(t: &Time) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(t.0.as_second()).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+fn to_jiff(t: OffsetDateTime) -> k8s_openapi::jiff::Timestamp {
+    k8s_openapi::jiff::Timestamp::from_second(t.unix_timestamp()).unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
+}
+
+/// Services by namespace and name — only the selector and whether headless are kept —
+/// so that a request costs no list of Services. Filled by a watch of the Services the
+/// selector (`--selector`) picks.
+#[derive(Default)]
+pub struct ServiceIndex {
+    inner: Mutex<IndexInner>,
+}
+
+#[derive(Default)]
+struct IndexInner {
+    by_namespace: HashMap<String, BTreeMap<String, IndexedService>>,
+    /// A relist in progress (replaces `by_namespace` when done).
+    relist: Option<HashMap<String, BTreeMap<String, IndexedService>>>,
+    synced: bool,
+}
+
+fn indexed(service: &Service) -> IndexedService {
+    let spec = service.spec.as_ref();
+    IndexedService {
+        selector: spec.and_then(|s| s.selector.clone()).unwrap_or_default(),
+        headless: spec.and_then(|s| s.cluster_ip.as_deref()) == Some("None"),
+    }
+}
+
+impl ServiceIndex {
+    pub fn synced(&self) -> bool {
+        self.inner.lock().is_ok_and(|i| i.synced)
+    }
+
+    pub fn in_namespace(&self, namespace: &str) -> BTreeMap<String, IndexedService> {
+        self.inner.lock().ok().and_then(|i| i.by_namespace.get(namespace).cloned()).unwrap_or_default()
+    }
+
+    /// Takes in one watch event; returns the namespaces whose Services changed (`None`:
+    /// all of them, after a relist).
+    fn apply(&self, event: watcher::Event<Service>) -> Option<Vec<String>> {
+        let Ok(mut inner) = self.inner.lock() else { return Some(Vec::new()) };
+        let entry = |s: &Service| (s.namespace().unwrap_or_default(), s.name_any(), indexed(s));
+        match event {
+            watcher::Event::Init => inner.relist = Some(HashMap::new()),
+            watcher::Event::InitApply(s) => {
+                let (ns, name, svc) = entry(&s);
+                inner.relist.get_or_insert_default().entry(ns).or_default().insert(name, svc);
+            }
+            watcher::Event::InitDone => {
+                inner.by_namespace = inner.relist.take().unwrap_or_default();
+                inner.synced = true;
+                return None;
+            }
+            watcher::Event::Apply(s) => {
+                let (ns, name, svc) = entry(&s);
+                let services = inner.by_namespace.entry(ns.clone()).or_default();
+                if services.get(&name) != Some(&svc) {
+                    services.insert(name, svc);
+                    return Some(vec![ns]);
+                }
+            }
+            watcher::Event::Delete(s) => {
+                let (ns, name, _) = entry(&s);
+                let services = inner.by_namespace.entry(ns.clone()).or_default();
+                services.remove(&name);
+                if services.is_empty() {
+                    inner.by_namespace.remove(&ns);
+                }
+                return Some(vec![ns]);
+            }
+        }
+        Some(Vec::new())
+    }
+
+    /// Keeps the index current from a watch; yields the waiting requests to look at
+    /// again when Services of their namespace change.
+    fn follow(
+        self: Arc<Self>,
+        ctx: &Context,
+        requests: Store<PodCertificateRequest>,
+    ) -> impl Stream<Item = ObjectRef<PodCertificateRequest>> + Send + 'static {
+        let health = ctx.health.clone();
+        let config = watcher::Config::default().labels(&ctx.config.selector);
+        watcher(Api::<Service>::all(ctx.client.clone()), config)
+            .backoff(WatchBackoff::default())
+            .filter_map(move |event| {
+                health.observe_api(event.is_ok());
+                let refs = match event {
+                    Ok(event) => match self.apply(event) {
+                        Some(namespaces) => requests
+                            .state()
+                            .iter()
+                            .filter(|r| namespaces.contains(&r.namespace().unwrap_or_default()))
+                            .map(|r| ObjectRef::from_obj(r.as_ref()))
+                            .collect(),
+                        None => requests.state().iter().map(|r| ObjectRef::from_obj(r.as_ref())).collect(),
+                    },
+                    Err(error) => {
+                        tracing::warn!(%error, "watching Services for pod certificates failed; retrying");
+                        Vec::new()
+                    }
+                };
+                futures::future::ready(Some(futures::stream::iter(refs)))
+            })
+            .flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(ns: &str, name: &str, app: &str) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "namespace": ns, "name": name },
+            "spec": { "selector": { "app": app }, "clusterIP": "None" }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_service_index_follows_the_watch_and_names_the_namespaces_that_changed() {
+        let index = ServiceIndex::default();
+        assert!(!index.synced());
+        index.apply(watcher::Event::Init);
+        index.apply(watcher::Event::InitApply(service("a", "web", "web")));
+        assert!(!index.synced() && index.in_namespace("a").is_empty(), "not before the list is complete");
+        assert_eq!(index.apply(watcher::Event::InitDone), None, "a relist: every namespace");
+        assert!(index.synced());
+        let web = &index.in_namespace("a")["web"];
+        assert!(web.headless && web.selector["app"] == "web");
+        assert_eq!(index.apply(watcher::Event::Apply(service("a", "web", "web"))), Some(vec![]), "nothing changed");
+        assert_eq!(index.apply(watcher::Event::Apply(service("b", "db", "db"))), Some(vec!["b".to_string()]));
+        assert_eq!(index.apply(watcher::Event::Delete(service("a", "web", "web"))), Some(vec!["a".to_string()]));
+        assert!(index.in_namespace("a").is_empty());
+        assert_eq!(index.in_namespace("b").len(), 1);
+    }
+}

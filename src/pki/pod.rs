@@ -1,0 +1,227 @@
+//! Pod certificates (PodCertificateRequest, KEP-4317): the key a request asks for,
+//! read from its stub PKCS#10 request, and the leaf the CA issues for it.
+//!
+//! The kubelet makes the private key and sends only a stub CSR signed with it (the API
+//! server has verified that signature); the operator takes the public key from it and
+//! nothing else.
+
+use std::time::Duration;
+
+use rcgen::{
+    CertificateParams, CustomExtension, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose,
+    PublicKeyData, SanType, SubjectPublicKeyInfo,
+};
+use time::OffsetDateTime;
+use x509_parser::prelude::{FromDer, X509CertificationRequest};
+use x509_parser::public_key::PublicKey as ParsedKey;
+
+use super::PkiError;
+use super::ca::{CertInfo, CertificateAuthority};
+use super::keys::random_serial;
+use super::leaf::{SERVICE_UID_OID, printable_string};
+use crate::names::TLS_CERT;
+
+/// The key types a pod certificate can be issued for (those the kubelet offers that
+/// the CA's signing library can write into a certificate).
+pub const SUPPORTED_POD_KEYS: &str = "ECDSA P-256, ECDSA P-384, Ed25519, RSA-3072 or RSA-4096";
+
+/// The public key of a request, ready to be certified.
+pub struct RequestedKey {
+    spki: SubjectPublicKeyInfo,
+    /// e.g. `ECDSA P-256`, for messages.
+    pub description: String,
+}
+
+impl std::fmt::Debug for RequestedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RequestedKey({})", self.description)
+    }
+}
+
+/// Why a request's key cannot be certified.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// A well-formed key of a type the CA cannot certify: the request is denied
+    /// (`UnsupportedKeyType`).
+    #[error("{found} keys are not supported; use {SUPPORTED_POD_KEYS}")]
+    Unsupported { found: String },
+    /// Not a readable PKCS#10 request (the API server should have refused it).
+    #[error("stubPKCS10Request is not a readable PKCS#10 request: {0}")]
+    Unreadable(String),
+}
+
+/// The public key of a stub PKCS#10 request (DER).
+pub fn requested_key(stub_pkcs10: &[u8]) -> Result<RequestedKey, KeyError> {
+    if stub_pkcs10.is_empty() {
+        return Err(KeyError::Unreadable(
+            "it is empty (kubelets before 1.36 send the deprecated pkixPublicKey instead, which \
+             certificates.k8s.io/v1 does not carry; upgrade the kubelet)"
+                .into(),
+        ));
+    }
+    let (rest, csr) =
+        X509CertificationRequest::from_der(stub_pkcs10).map_err(|e| KeyError::Unreadable(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(KeyError::Unreadable("trailing bytes".into()));
+    }
+    let spki = &csr.certification_request_info.subject_pki;
+    let description = describe(spki);
+    let supported = match spki.parsed() {
+        Ok(ParsedKey::RSA(rsa)) => (2048..=8192).contains(&rsa.key_size()),
+        _ => true,
+    };
+    let parsed = SubjectPublicKeyInfo::from_der(spki.raw).ok().filter(|_| supported);
+    match parsed {
+        Some(spki) => Ok(RequestedKey { spki, description }),
+        None => Err(KeyError::Unsupported { found: description }),
+    }
+}
+
+/// A short name of the key type in `spki` (never the key itself).
+fn describe(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> String {
+    use x509_parser::oid_registry::{
+        OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_NIST_EC_P521, OID_PKCS1_RSAENCRYPTION,
+        OID_SIG_ED25519,
+    };
+    let algorithm = &spki.algorithm.algorithm;
+    if *algorithm == OID_PKCS1_RSAENCRYPTION {
+        let bits = spki.parsed().map(|k| k.key_size()).unwrap_or(0);
+        format!("RSA-{bits}")
+    } else if *algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY {
+        let curve = spki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok());
+        match curve {
+            Some(c) if c == OID_EC_P256 => "ECDSA P-256".into(),
+            Some(c) if c == OID_NIST_EC_P384 => "ECDSA P-384".into(),
+            Some(c) if c == OID_NIST_EC_P521 => "ECDSA P-521".into(),
+            Some(c) => crate::bounded(&format!("ECDSA on curve {c}")).into_owned(),
+            None => "ECDSA without a named curve".into(),
+        }
+    } else if *algorithm == OID_SIG_ED25519 {
+        "Ed25519".into()
+    } else {
+        crate::bounded(&format!("key algorithm {algorithm}")).into_owned()
+    }
+}
+
+/// An issued pod certificate: the chain and the leaf's validity, as the request's
+/// status carries them.
+#[derive(Debug)]
+pub struct PodLeaf {
+    /// The leaf, then every bridge X2 still valid, then the CA (the order of a serving
+    /// Secret's `tls.crt`).
+    pub chain_pem: String,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+impl CertificateAuthority {
+    /// Signs a serving certificate for a pod: `names` (the first is also the CN) over
+    /// the request's key, valid for exactly `lifetime` from one second ago — capped at
+    /// the CA's NotAfter — with the pod's UID where a Service's certificate carries the
+    /// Service's.
+    pub fn issue_pod_leaf(
+        &self,
+        names: &[String],
+        pod_uid: &str,
+        key: &RequestedKey,
+        now: OffsetDateTime,
+        lifetime: Duration,
+    ) -> Result<PodLeaf, PkiError> {
+        self.check_unexpired(now)?;
+        let first = names.first().ok_or_else(|| PkiError::Signing("no DNS name to certify".into()))?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, first.clone());
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn;
+        params.subject_alt_names = names
+            .iter()
+            .map(|n| n.clone().try_into().map(SanType::DnsName))
+            .collect::<Result<_, _>>()
+            .map_err(|e: rcgen::Error| PkiError::Signing(format!("invalid DNS name: {e}")))?;
+        params.serial_number = Some(random_serial());
+        // Whole seconds: the request's status repeats these times exactly.
+        let not_before = (now - Duration::from_secs(1)).replace_nanosecond(0).unwrap_or(now);
+        params.not_before = not_before;
+        params.not_after = (not_before + lifetime).min(self.not_after());
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        if key.spki.algorithm() == &rcgen::PKCS_RSA_SHA256 {
+            params.key_usages.push(KeyUsagePurpose::KeyEncipherment);
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.custom_extensions =
+            vec![CustomExtension::from_oid_content(&SERVICE_UID_OID, printable_string(pod_uid)?)];
+        let cert = params.signed_by(&key.spki, self.issuer()).map_err(|e| PkiError::Signing(e.to_string()))?;
+        let leaf = CertInfo::parse(TLS_CERT, cert.der().to_vec())?;
+        let mut chain_pem = leaf.pem();
+        for x2 in self.intermediates().iter().filter(|x2| now <= x2.not_after) {
+            chain_pem.push_str(&x2.pem());
+        }
+        chain_pem.push_str(&self.certificate().pem());
+        Ok(PodLeaf { chain_pem, not_before: leaf.not_before, not_after: leaf.not_after })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{CaPolicy, PrivateKey, pem};
+
+    /// The SubjectPublicKeyInfo (DER) of a PEM chain's leaf.
+    fn leaf_spki(chain_pem: &str) -> Option<Vec<u8>> {
+        let ders = pem::decode_certificates(TLS_CERT, chain_pem.as_bytes()).ok()?;
+        let (_, cert) = x509_parser::prelude::X509Certificate::from_der(ders.first()?).ok()?;
+        Some(cert.tbs_certificate.subject_pki.raw.to_vec())
+    }
+
+    fn csr(alg: &'static rcgen::SignatureAlgorithm) -> (Vec<u8>, Vec<u8>) {
+        let pair = rcgen::KeyPair::generate_for(alg).unwrap();
+        let der = CertificateParams::default().serialize_request(&pair).unwrap().der().to_vec();
+        (der, pair.subject_public_key_info())
+    }
+
+    fn ca() -> CertificateAuthority {
+        let policy =
+            CaPolicy { lifetime: Duration::from_secs(86_400 * 30), rotate_before: Duration::from_secs(86_400) };
+        CertificateAuthority::create(PrivateKey::generate_rsa(2048).unwrap(), OffsetDateTime::now_utc(), &policy)
+            .unwrap()
+    }
+
+    #[test]
+    fn pod_leaves_certify_the_requested_key_for_exactly_the_lifetime() {
+        let ca = ca();
+        let now = OffsetDateTime::now_utc();
+        for alg in [&rcgen::PKCS_ECDSA_P256_SHA256, &rcgen::PKCS_ECDSA_P384_SHA384, &rcgen::PKCS_ED25519] {
+            let (der, spki) = csr(alg);
+            let key = requested_key(&der).unwrap();
+            let names = vec!["web.shop.svc".to_string(), "web.shop.svc.cluster.local".to_string()];
+            let leaf = ca.issue_pod_leaf(&names, "uid-1", &key, now, Duration::from_secs(3600)).unwrap();
+            assert_eq!(leaf_spki(&leaf.chain_pem).unwrap(), spki, "{}", key.description);
+            assert_eq!(leaf.not_after - leaf.not_before, time::Duration::hours(1));
+            assert_eq!(leaf.not_before.nanosecond(), 0);
+            assert_eq!(pem::decode_certificates(TLS_CERT, leaf.chain_pem.as_bytes()).unwrap().len(), 2, "leaf, CA");
+        }
+    }
+
+    #[test]
+    fn rsa_requests_are_read_and_other_keys_named_in_the_refusal() {
+        let rsa = PrivateKey::generate_rsa(3072).unwrap();
+        let der = CertificateParams::default().serialize_request(&rsa.signing_key().unwrap()).unwrap().der().to_vec();
+        assert_eq!(requested_key(&der).unwrap().description, "RSA-3072");
+        assert!(matches!(requested_key(b"junk"), Err(KeyError::Unreadable(_))));
+        let empty = requested_key(b"").unwrap_err().to_string();
+        assert!(empty.contains("empty") && empty.contains("kubelet"), "{empty}");
+    }
+
+    #[test]
+    fn a_leaf_is_capped_at_the_ca_expiry() {
+        let ca = ca();
+        let (der, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let key = requested_key(&der).unwrap();
+        let leaf = ca
+            .issue_pod_leaf(&["a.b.svc".into()], "u", &key, OffsetDateTime::now_utc(), Duration::from_secs(86_400 * 90))
+            .unwrap();
+        assert_eq!(leaf.not_after, ca.not_after());
+    }
+}

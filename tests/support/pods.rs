@@ -1,0 +1,152 @@
+//! What the kubelet does for a pod with a `podCertificate` volume, done by hand (no
+//! kubelet runs on the test control plane): a Node, Pods bound to it, Services that
+//! select them, and PodCertificateRequests with a stub PKCS#10 request signed by the
+//! pod's key. Shared by the end-to-end tests and the bench.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::certificates::v1::{ClusterTrustBundle, PodCertificateRequest};
+use k8s_openapi::api::core::v1::{Node, Pod, Service, ServiceAccount};
+use kube::Api;
+use kube::api::{ObjectMeta, PostParams};
+use serde_json::json;
+
+use super::{Cleanup, Env, eventually};
+
+const T: Duration = Duration::from_secs(30);
+
+/// What the kubelet would do for a test namespace: a Node (deleted at the end), Pods
+/// bound to it, and their PodCertificateRequests.
+pub struct Kubelet {
+    /// The signer the pods' `podCertificate` volumes ask (the README's Pod spec).
+    signer: String,
+    client: kube::Client,
+    ns: String,
+    labels: BTreeMap<String, String>,
+    node: Node,
+    _cleanup: Cleanup,
+}
+
+impl Kubelet {
+    pub async fn new(env: &Env, signer: &str) -> Kubelet {
+        let nodes: Api<Node> = Api::all(env.client.clone());
+        let node =
+            Node { metadata: ObjectMeta { name: Some(env.run.clone()), ..Default::default() }, ..Default::default() };
+        let node = nodes.create(&PostParams::default(), &node).await.expect("create Node");
+        let mut cleanup = Cleanup::default();
+        cleanup.add::<Node>(env.run.clone());
+        Kubelet {
+            signer: signer.to_string(),
+            client: env.client.clone(),
+            ns: env.ns.clone(),
+            labels: env.labels(),
+            node,
+            _cleanup: cleanup,
+        }
+    }
+
+    /// A Pod bound to the Node, with `app: <app>` (and the test's run label).
+    pub async fn pod(&self, name: &str, app: &str, host: Option<(&str, &str)>) -> Pod {
+        let mut labels = self.labels.clone();
+        labels.insert("app".into(), app.into());
+        let mut spec =
+            json!({ "nodeName": self.node.metadata.name, "containers": [{ "name": "main", "image": "none" }] });
+        if let Some((hostname, subdomain)) = host {
+            spec["hostname"] = json!(hostname);
+            spec["subdomain"] = json!(subdomain);
+        }
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": { "name": name, "namespace": self.ns, "labels": labels }, "spec": spec
+        }))
+        .unwrap();
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
+        // The namespace's default ServiceAccount may not be there yet.
+        eventually(T, "pod created", || async { api.create(&PostParams::default(), &pod).await.ok() }).await
+    }
+
+    /// A Service selecting `app: <app>` (no annotation: pod certificates need none).
+    pub async fn service(&self, name: &str, app: &str, headless: bool) -> Service {
+        let mut svc: Service = serde_json::from_value(json!({
+            "metadata": { "name": name, "namespace": self.ns, "labels": self.labels },
+            "spec": { "ports": [{ "port": 443 }], "selector": { "app": app } }
+        }))
+        .unwrap();
+        if headless {
+            svc.spec.as_mut().unwrap().cluster_ip = Some("None".into());
+        }
+        let api: Api<Service> = Api::namespaced(self.client.clone(), &self.ns);
+        api.create(&PostParams::default(), &svc).await.expect("create Service")
+    }
+
+    /// Creates a request for `pod` as the kubelet would, with `stub` as its PKCS#10.
+    pub async fn request(
+        &self,
+        name: &str,
+        signer: &str,
+        pod: &Pod,
+        stub: Vec<u8>,
+        annotations: Option<BTreeMap<String, String>>,
+    ) -> PodCertificateRequest {
+        let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), &self.ns);
+        let sa =
+            eventually(T, "default ServiceAccount", || async { sas.get_opt("default").await.ok().flatten() }).await;
+        let pcr: PodCertificateRequest = serde_json::from_value(json!({
+            "metadata": { "name": name, "namespace": self.ns },
+            "spec": {
+                "signerName": signer,
+                "podName": pod.metadata.name, "podUID": pod.metadata.uid,
+                "serviceAccountName": "default", "serviceAccountUID": sa.metadata.uid,
+                "nodeName": self.node.metadata.name, "nodeUID": self.node.metadata.uid,
+                "maxExpirationSeconds": 3600,
+                "stubPKCS10Request": ByteString(stub),
+                "unverifiedUserAnnotations": annotations,
+            }
+        }))
+        .unwrap();
+        self.requests().create(&PostParams::default(), &pcr).await.expect("create PodCertificateRequest")
+    }
+
+    pub fn requests(&self) -> Api<PodCertificateRequest> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// Waits for the request's final condition; returns it (`<type> <reason>`) with the
+    /// request.
+    pub async fn answered(&self, name: &str, timeout: Duration) -> (String, PodCertificateRequest) {
+        let api = self.requests();
+        eventually(timeout, &format!("PodCertificateRequest {name} answered"), || async {
+            let pcr = api.get(name).await.ok()?;
+            let condition = pcr.status.as_ref()?.conditions.as_ref()?.first()?.clone();
+            Some((format!("{} {}", condition.type_, condition.reason), pcr))
+        })
+        .await
+    }
+
+    /// Waits for the request to be Issued; returns its chain.
+    pub async fn issued(&self, name: &str) -> String {
+        let (condition, pcr) = self.answered(name, T).await;
+        assert_eq!(condition, "Issued Issued", "{:?}", pcr.status);
+        pcr.status.unwrap().certificate_chain.unwrap()
+    }
+}
+
+/// The bundle of the ClusterTrustBundle `signer` has from the instance in `namespace`
+/// (waits until it exists).
+pub async fn trust_bundle(env: &Env, signer: &str, namespace: &str) -> String {
+    let api: Api<ClusterTrustBundle> = Api::all(env.client.clone());
+    let name = bundle_name(signer, namespace);
+    eventually(T, "ClusterTrustBundle", || async { Some(api.get_opt(&name).await.ok()??.spec.trust_bundle) }).await
+}
+
+pub fn bundle_name(signer: &str, namespace: &str) -> String {
+    format!("{}:{namespace}", signer.replace('/', ":"))
+}
+
+/// A fresh key of `alg` and its stub PKCS#10 request (DER), as the kubelet makes them.
+pub fn key_and_stub(alg: &'static rcgen::SignatureAlgorithm) -> (rcgen::KeyPair, Vec<u8>) {
+    let key = rcgen::KeyPair::generate_for(alg).unwrap();
+    let stub = rcgen::CertificateParams::default().serialize_request(&key).unwrap().der().to_vec();
+    (key, stub)
+}
