@@ -320,7 +320,9 @@ impl KeyPool {
     }
 }
 
-/// Starts the worker threads; they stop when the pool is dropped (the queue closes).
+/// Starts the worker threads. They stop when the queue closes, that is when the last
+/// handle to the pool is dropped; the refill task holds one, so in the operator they
+/// live as long as the process.
 fn spawn_workers(n: usize) -> Arc<Queue> {
     let queue = Arc::new(Queue::default());
     for i in 0..n {

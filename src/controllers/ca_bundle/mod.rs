@@ -278,8 +278,9 @@ enum Injected {
     Gone,
     /// The object changed (or went) between read and write: look again soon.
     Raced,
-    /// The API server refused the write (422): it will refuse it again until a person
-    /// changes something. The API server's message, bounded.
+    /// The API server refused the write (422 invalid, 403 admission or RBAC): it will
+    /// refuse it again until a person changes something. The API server's message,
+    /// bounded.
     Refused(String),
 }
 
@@ -329,7 +330,7 @@ async fn inject_into<K: Target>(
         current = match result {
             Ok(written) => written,
             Err(e) if is_conflict(&e) || is_not_found(&e) => return Ok(Injected::Raced),
-            Err(e) if super::status_code(&e) == Some(422) => {
+            Err(e) if super::is_refused(&e) => {
                 return Ok(Injected::Refused(crate::bounded(&api_message(&e)).into_owned()));
             }
             Err(source) => return Err(Error::Write { kind: K::KIND, object: object.into(), source }),
