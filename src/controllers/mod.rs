@@ -278,6 +278,50 @@ pub fn retry_delay(attempt: u32) -> Duration {
     base.mul_f64(0.9 + rand::random::<f64>() * 0.2)
 }
 
+/// How long the first (streaming) list may take before the watch lists instead.
+const FIRST_LIST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The events behind every cache. The first list is a streaming list (KEP-3157): the
+/// objects arrive one by one as watch events and are trimmed as they come, so a start
+/// never holds a whole list response — 500 Services carrying 200 KB of tenant
+/// annotations each would otherwise pass through memory at once (hundreds of MiB, over
+/// the Deployment's limit). From the first error on (an API server restart, an expired
+/// resourceVersion), or when the first list does not complete within
+/// [`FIRST_LIST_TIMEOUT`] (an API server that ignores `sendInitialEvents`), the watch
+/// goes on as list-then-watch: streaming re-lists right after an API server restart
+/// went unanswered on the test control plane (README, *Figures*).
+pub fn watch_events<K>(
+    api: kube::Api<K>,
+    config: watcher::Config,
+) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let streaming = watcher(api.clone(), config.clone().streaming_lists()).boxed();
+    let deadline = tokio::time::Instant::now() + FIRST_LIST_TIMEOUT;
+    let first = futures::stream::unfold((streaming, false), move |(mut events, synced)| async move {
+        let next = if synced {
+            events.next().await
+        } else {
+            tokio::time::timeout_at(deadline, events.next()).await.unwrap_or_else(|_| {
+                tracing::warn!(kind = %K::kind(&()), "the streaming list did not complete; listing instead");
+                None
+            })
+        };
+        match next? {
+            Ok(event) => {
+                let synced = synced || matches!(event, watcher::Event::InitDone);
+                Some((Ok(event), (events, synced)))
+            }
+            Err(error) => {
+                tracing::info!(kind = %K::kind(&()), %error, "watch interrupted; going on with list-then-watch");
+                None
+            }
+        }
+    });
+    first.chain(watcher(api, config))
+}
+
 /// A watch of `api` that feeds a cache (`Store`) and yields the relevant objects it
 /// touched.
 ///
@@ -300,12 +344,14 @@ where
 {
     let (reader, writer) = reflector::store();
     let still_relevant = relevant.clone();
-    let stream = watcher(api, config)
+    let stream = watch_events(api, config)
         .backoff(WatchBackoff::default())
         .inspect(move |event| {
             health.observe_api(event.is_ok());
-            if let Err(error) = event {
-                tracing::warn!(kind = %K::kind(&()), %error, "watch failed; retrying");
+            match event {
+                Err(error) => tracing::warn!(kind = %K::kind(&()), %error, "watch failed; retrying"),
+                Ok(watcher::Event::InitDone) => tracing::debug!(kind = %K::kind(&()), "listed"),
+                Ok(_) => {}
             }
         })
         .filter_map(move |event| {

@@ -176,8 +176,10 @@ async fn a_relist_after_an_api_server_restart_reconciles_only_what_changed() {
     cp.start_apiserver();
     op.wait_ready(Duration::from_secs(90)).await;
     // The relist happened (the test proves nothing otherwise) ...
-    let relisted =
-        |kind: &str| op.logs().lines().any(|l| l.contains(&format!("kind={kind} ")) && l.contains("Expired"));
+    let relisted = |kind: &str| {
+        let listed = format!("listed kind={kind}");
+        op.logs().lines().filter(|l| l.contains(&listed)).count() >= 2
+    };
     eventually(T, "the Secret and ConfigMap watches to relist", || async {
         (relisted("Secret") && relisted("ConfigMap")).then_some(())
     })

@@ -31,7 +31,9 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use self::plan::{IndexedService, Plan, Settings};
-use super::{Categorised, Context, LOOK_AGAIN, WatchBackoff, api_category, api_message, cached_watch, drive};
+use super::{
+    Categorised, Context, LOOK_AGAIN, WatchBackoff, api_category, api_message, cached_watch, drive, watch_events,
+};
 use crate::metrics::ReasonLabels;
 use crate::pki::PkiError;
 use crate::shutdown::Shutdown;
@@ -363,7 +365,7 @@ impl ServiceIndex {
     ) -> impl Stream<Item = ObjectRef<PodCertificateRequest>> + Send + 'static {
         let health = ctx.health.clone();
         let config = watcher::Config::default().labels(&ctx.config.selector);
-        watcher(Api::<Service>::all(ctx.client.clone()), config)
+        watch_events(Api::<Service>::all(ctx.client.clone()), config)
             .backoff(WatchBackoff::default())
             .filter_map(move |event| {
                 health.observe_api(event.is_ok());
