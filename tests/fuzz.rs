@@ -15,7 +15,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Service;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-use service_ca_operator::config::{Requirement, parse_selector};
+use service_ca_operator::config::parse_selector;
 use service_ca_operator::controllers::ca_bundle;
 use service_ca_operator::controllers::serving::decision::{self, SecretFacts};
 use service_ca_operator::controllers::serving::{failures, wanted};
@@ -24,18 +24,11 @@ use service_ca_operator::pki::{self, CaPolicy, CertificateAuthority, LeafPolicy,
 use time::OffsetDateTime;
 
 /// Whether `labels` satisfy `selector` (an invalid selector matches nothing), as the
-/// API server decides it: the matcher the parser's output is fuzzed through (a test
-/// copy; the operator itself passes its selector to the API server).
+/// API server decides it (the operator's own matcher, which also decides which pods
+/// its pod-certificate path serves).
 fn selector_matches(selector: &str, labels: &BTreeMap<String, String>) -> bool {
-    let Ok(requirements) = parse_selector(selector) else { return false };
-    requirements.iter().all(|r| match r {
-        Requirement::Equals(k, v) => labels.get(k) == Some(v),
-        Requirement::NotEquals(k, v) => labels.get(k) != Some(v),
-        Requirement::In(k, vs) => labels.get(k).is_some_and(|l| vs.contains(l)),
-        Requirement::NotIn(k, vs) => labels.get(k).is_none_or(|l| !vs.contains(l)),
-        Requirement::Exists(k) => labels.contains_key(k),
-        Requirement::DoesNotExist(k) => !labels.contains_key(k),
-    })
+    parse_selector(selector)
+        .is_ok_and(|requirements| service_ca_operator::config::selector_matches(&requirements, labels))
 }
 
 fn cases() -> u32 {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use rcgen::{
     CertificateParams, CustomExtension, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose,
-    SanType,
+    PublicKeyData, SanType,
 };
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
@@ -101,10 +101,33 @@ impl CertificateAuthority {
         lifetime: Duration,
     ) -> Result<IssuedLeaf, PkiError> {
         self.check_unexpired(now)?;
-        let names = req.dns_names();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, names[0].clone());
+        let enciphers = matches!(key.kind(), KeyKind::Rsa { .. });
+        let validity = (now - Duration::from_secs(1), now + lifetime);
+        let (leaf, chain_pem) =
+            self.sign_serving_leaf(&req.dns_names(), &req.uid, key.public_key(), enciphers, validity, now)?;
+        Ok(IssuedLeaf { chain_pem, key_pem: Zeroizing::new(key.to_pem().to_owned()), not_after: leaf.not_after })
+    }
+}
 
+impl CertificateAuthority {
+    /// The serving-leaf profile both front doors share: `names` (the first is also the
+    /// CN), serverAuth, digitalSignature (and keyEncipherment when `enciphers`: an RSA
+    /// key), `uid` in the Service-UID extension, valid from `validity.0` to `validity.1`
+    /// capped at the CA's NotAfter, signed over `key` with the CA key's algorithm.
+    /// Returns the leaf and the chain as serving Secrets carry it: the leaf, every bridge
+    /// still valid at `now` (newest first), then the CA (SPEC §1, §5.3).
+    pub(super) fn sign_serving_leaf(
+        &self,
+        names: &[String],
+        uid: &str,
+        key: &impl PublicKeyData,
+        enciphers: bool,
+        validity: (OffsetDateTime, OffsetDateTime),
+        now: OffsetDateTime,
+    ) -> Result<(CertInfo, String), PkiError> {
+        let first = names.first().ok_or_else(|| PkiError::Signing("no DNS name to certify".into()))?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, first.clone());
         let mut params = CertificateParams::default();
         params.distinguished_name = dn;
         params.subject_alt_names = names
@@ -113,27 +136,24 @@ impl CertificateAuthority {
             .collect::<Result<_, _>>()
             .map_err(|e: rcgen::Error| PkiError::Signing(format!("invalid DNS name: {e}")))?;
         params.serial_number = Some(random_serial());
-        params.not_before = now - Duration::from_secs(1);
-        params.not_after = (now + lifetime).min(self.not_after());
+        params.not_before = validity.0;
+        params.not_after = validity.1.min(self.not_after());
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = match key.kind() {
-            KeyKind::Rsa { .. } => vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment],
-            KeyKind::EcdsaP256 | KeyKind::EcdsaP384 => vec![KeyUsagePurpose::DigitalSignature],
-        };
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        if enciphers {
+            params.key_usages.push(KeyUsagePurpose::KeyEncipherment);
+        }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
-        params.custom_extensions =
-            vec![CustomExtension::from_oid_content(&SERVICE_UID_OID, printable_string(&req.uid)?)];
-
-        let cert = params.signed_by(key.public_key(), self.issuer()).map_err(|e| PkiError::Signing(e.to_string()))?;
+        params.custom_extensions = vec![CustomExtension::from_oid_content(&SERVICE_UID_OID, printable_string(uid)?)];
+        let cert = params.signed_by(key, self.issuer()).map_err(|e| PkiError::Signing(e.to_string()))?;
         let leaf = CertInfo::parse(TLS_CERT, cert.der().to_vec())?;
         let mut chain_pem = leaf.pem();
-        // Every bridge still valid, newest first, then the CA (SPEC §1, §5.3).
         for x2 in self.intermediates().iter().filter(|x2| now <= x2.not_after) {
             chain_pem.push_str(&x2.pem());
         }
         chain_pem.push_str(&self.certificate().pem());
-        Ok(IssuedLeaf { chain_pem, key_pem: Zeroizing::new(key.to_pem().to_owned()), not_after: leaf.not_after })
+        Ok((leaf, chain_pem))
     }
 }
 

@@ -7,19 +7,13 @@
 
 use std::time::Duration;
 
-use rcgen::{
-    CertificateParams, CustomExtension, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose,
-    PublicKeyData, SanType, SubjectPublicKeyInfo,
-};
+use rcgen::{PublicKeyData, SubjectPublicKeyInfo};
 use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, X509CertificationRequest};
 use x509_parser::public_key::PublicKey as ParsedKey;
 
 use super::PkiError;
-use super::ca::{CertInfo, CertificateAuthority};
-use super::keys::random_serial;
-use super::leaf::{SERVICE_UID_OID, printable_string};
-use crate::names::TLS_CERT;
+use super::ca::CertificateAuthority;
 
 /// The key types a pod certificate can be issued for (those the kubelet offers that
 /// the CA's signing library can write into a certificate).
@@ -128,37 +122,11 @@ impl CertificateAuthority {
         lifetime: Duration,
     ) -> Result<PodLeaf, PkiError> {
         self.check_unexpired(now)?;
-        let first = names.first().ok_or_else(|| PkiError::Signing("no DNS name to certify".into()))?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, first.clone());
-        let mut params = CertificateParams::default();
-        params.distinguished_name = dn;
-        params.subject_alt_names = names
-            .iter()
-            .map(|n| n.clone().try_into().map(SanType::DnsName))
-            .collect::<Result<_, _>>()
-            .map_err(|e: rcgen::Error| PkiError::Signing(format!("invalid DNS name: {e}")))?;
-        params.serial_number = Some(random_serial());
         // Whole seconds: the request's status repeats these times exactly.
         let not_before = (now - Duration::from_secs(1)).replace_nanosecond(0).unwrap_or(now);
-        params.not_before = not_before;
-        params.not_after = (not_before + lifetime).min(self.not_after());
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        if key.spki.algorithm() == &rcgen::PKCS_RSA_SHA256 {
-            params.key_usages.push(KeyUsagePurpose::KeyEncipherment);
-        }
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.use_authority_key_identifier_extension = true;
-        params.custom_extensions =
-            vec![CustomExtension::from_oid_content(&SERVICE_UID_OID, printable_string(pod_uid)?)];
-        let cert = params.signed_by(&key.spki, self.issuer()).map_err(|e| PkiError::Signing(e.to_string()))?;
-        let leaf = CertInfo::parse(TLS_CERT, cert.der().to_vec())?;
-        let mut chain_pem = leaf.pem();
-        for x2 in self.intermediates().iter().filter(|x2| now <= x2.not_after) {
-            chain_pem.push_str(&x2.pem());
-        }
-        chain_pem.push_str(&self.certificate().pem());
+        let enciphers = key.spki.algorithm() == &rcgen::PKCS_RSA_SHA256;
+        let (leaf, chain_pem) =
+            self.sign_serving_leaf(names, pod_uid, &key.spki, enciphers, (not_before, not_before + lifetime), now)?;
         Ok(PodLeaf { chain_pem, not_before: leaf.not_before, not_after: leaf.not_after })
     }
 }
@@ -166,7 +134,9 @@ impl CertificateAuthority {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::names::TLS_CERT;
     use crate::pki::{CaPolicy, PrivateKey, pem};
+    use rcgen::CertificateParams;
 
     /// The SubjectPublicKeyInfo (DER) of a PEM chain's leaf.
     fn leaf_spki(chain_pem: &str) -> Option<Vec<u8>> {

@@ -122,17 +122,28 @@ fn answer_http(mut tcp: TcpStream, config: Arc<rustls::ServerConfig>, body: &str
     let _ = tls.flush();
 }
 
-/// rustls client: handshake with the server at `port`, trusting `bundle_pem`.
-pub fn rustls_connect(port: u16, bundle_pem: &str, server_name: &str) -> Result<(), String> {
+/// A rustls client connection to 127.0.0.1:`port` that trusts only `bundle_pem` and
+/// checks `server_name` (the handshake happens on first use).
+fn rustls_client(
+    port: u16,
+    bundle_pem: &str,
+    server_name: &str,
+) -> Result<(rustls::ClientConnection, TcpStream), String> {
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots(bundle_pem))
         .with_no_client_auth();
     let name = ServerName::try_from(server_name.to_string()).map_err(|e| e.to_string())?;
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
-    let mut tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
+    let tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
     tcp.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    Ok((conn, tcp))
+}
+
+/// rustls client: handshake with the server at `port`, trusting `bundle_pem`.
+pub fn rustls_connect(port: u16, bundle_pem: &str, server_name: &str) -> Result<(), String> {
+    let (mut conn, mut tcp) = rustls_client(port, bundle_pem, server_name)?;
     let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
     let mut line = [0u8; 3];
     tls.read_exact(&mut line).map_err(|e| e.to_string())?;
@@ -149,15 +160,7 @@ pub fn rustls_https_get(
     path: &str,
     token: Option<&str>,
 ) -> Result<(u16, String), String> {
-    let config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots(bundle_pem))
-        .with_no_client_auth();
-    let name = ServerName::try_from(server_name.to_string()).map_err(|e| e.to_string())?;
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
-    let mut tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    let (mut conn, mut tcp) = rustls_client(port, bundle_pem, server_name)?;
     let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     let request = format!("GET {path} HTTP/1.1\r\nHost: {server_name}\r\n{auth}Connection: close\r\n\r\n");
