@@ -5,14 +5,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use tokio::sync::watch;
 
 use crate::admin::{self, Health, Role};
 use crate::config::Config;
-use crate::controllers::serving::{ServingWatches, cert_refresh, serving_cert};
-use crate::controllers::{Context, ca_bundle, ca_lifecycle, pod_certs};
+use crate::controllers::pod_certs::{self, trust_bundle};
+use crate::controllers::serving::{ServingWatches, cert_refresh, service_key, serving_cert};
+use crate::controllers::sharing::{self, Sharing};
+use crate::controllers::{Context, ca_bundle, ca_lifecycle};
 use crate::metrics::Metrics;
 use crate::names::{self as ann, LEASE_NAME};
 use crate::shutdown::Shutdown;
@@ -35,6 +39,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         client.clone(),
         Reporter { controller: "service-ca-operator".into(), instance: Some(identity.clone()) },
     );
+    let sharing = if config.leader_elect && config.share_issuance { Sharing::new(&identity) } else { Sharing::off() };
     let ctx = Arc::new(Context {
         client,
         keys: KeyPool::new(
@@ -47,40 +52,117 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics,
         health: health.clone(),
         recorder,
+        sharing,
         config,
     });
+    let pods = pod_certs::enabled(&ctx).await;
+    let published = pod_certs::unpublished();
 
-    // Leader election: only the holder of the Lease runs the controllers.
-    let lease = if ctx.config.leader_elect {
-        match lead(&ctx, &identity, &shutdown).await? {
-            Some(lease) => Some(lease),
-            None => return Ok(()), // shut down while waiting
-        }
+    if !ctx.config.leader_elect {
+        health.set_role(Role::Leader);
+        tokio::join!(
+            issue(ctx.clone(), serving, pods, published.clone(), shutdown.clone()),
+            lead(ctx.clone(), pods, published, shutdown.clone()),
+        );
     } else {
-        None
-    };
-    health.set_role(Role::Leader);
-
-    let controllers = run_controllers(ctx.clone(), serving, shutdown.clone());
-    match &lease {
-        None => controllers.await,
-        Some((leader, _)) => {
-            let mut lost = leader.clone();
-            tokio::select! {
-                _ = controllers => {}
-                _ = lost.wait_for(|is_leader| !*is_leader) => {
-                    // Exit at once: only the holder of the lease may write.
-                    anyhow::bail!("lost the leader lease; exiting so that only the leader writes");
-                }
-            }
-        }
-    }
-    if let Some(lease) = lease {
+        let lease = acquire_lease(&ctx, &identity).await?;
+        let result = if ctx.sharing.enabled() {
+            share(&ctx, serving, pods, published, &lease.0, &shutdown).await
+        } else {
+            stand_by(&ctx, serving, pods, published, &lease.0, &shutdown).await
+        };
         release(lease).await;
+        result?;
     }
     let _ = admin.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Issuance shared across replicas: this replica issues its share from the start,
+/// loads the CA as the leader publishes it, and does the leader's work too once it
+/// holds the lease.
+async fn share(
+    ctx: &Arc<Context>,
+    serving: ServingWatches,
+    pods: bool,
+    published: pod_certs::Published,
+    leader: &watch::Receiver<bool>,
+    shutdown: &Shutdown,
+) -> anyhow::Result<()> {
+    ctx.health.set_role(Role::Member);
+    let leading = {
+        let (ctx, published, shutdown, mut elected) =
+            (ctx.clone(), published.clone(), shutdown.clone(), leader.clone());
+        async move {
+            let follow = async {
+                let observe = async {
+                    if pods {
+                        trust_bundle::observe(ctx.clone(), published.clone()).await;
+                    }
+                };
+                tokio::join!(ca_lifecycle::follow(ctx.clone()), observe);
+            };
+            tokio::select! {
+                _ = shutdown.signal() => return,
+                _ = follow => return,
+                result = elected.wait_for(|is_leader| *is_leader) => if result.is_err() { return },
+            }
+            tracing::info!("acquired the leader lease");
+            ctx.health.set_role(Role::Leader);
+            lead(ctx, pods, published, shutdown).await;
+        }
+    };
+    let work = async {
+        tokio::join!(
+            sharing::run(ctx.clone(), ctx.sharing.clone(), shutdown.clone()),
+            issue(ctx.clone(), serving, pods, published.clone(), shutdown.clone()),
+            leading,
+        )
+    };
+    tokio::select! {
+        _ = work => Ok(()),
+        _ = lost(leader.clone()) => {
+            // Exit at once: only the holder of the lease may do the leader's writes.
+            anyhow::bail!("lost the leader lease; exiting so that only the leader writes the CA and the bundles")
+        }
+    }
+}
+
+/// One active replica: waits for the lease, then does everything.
+async fn stand_by(
+    ctx: &Arc<Context>,
+    serving: ServingWatches,
+    pods: bool,
+    published: pod_certs::Published,
+    leader: &watch::Receiver<bool>,
+    shutdown: &Shutdown,
+) -> anyhow::Result<()> {
+    let mut elected = leader.clone();
+    tokio::select! {
+        _ = shutdown.signal() => return Ok(()),
+        result = elected.wait_for(|is_leader| *is_leader) => { result.context("leader election stopped")?; }
+    }
+    tracing::info!("acquired the leader lease");
+    ctx.health.set_role(Role::Leader);
+    let work = async {
+        tokio::join!(
+            issue(ctx.clone(), serving, pods, published.clone(), shutdown.clone()),
+            lead(ctx.clone(), pods, published, shutdown.clone()),
+        )
+    };
+    tokio::select! {
+        _ = work => Ok(()),
+        _ = lost(leader.clone()) => anyhow::bail!("lost the leader lease; exiting so that only the leader writes"),
+    }
+}
+
+/// Resolves when a lease once held is lost.
+async fn lost(mut leader: watch::Receiver<bool>) {
+    if leader.wait_for(|is_leader| *is_leader).await.is_err() {
+        return std::future::pending().await;
+    }
+    let _ = leader.wait_for(|is_leader| !*is_leader).await;
 }
 
 /// The probe and metrics servers, until shutdown.
@@ -123,8 +205,16 @@ async fn start_admin(
     }))
 }
 
-/// The controllers, until shutdown; readiness learns when the caches are synced.
-async fn run_controllers(ctx: Arc<Context>, serving: ServingWatches, shutdown: Shutdown) {
+/// Issuance, shared or not: serving certificates and pod certificates (for the
+/// objects this replica owns), until shutdown; readiness learns when the caches are
+/// synced.
+async fn issue(
+    ctx: Arc<Context>,
+    serving: ServingWatches,
+    pods: bool,
+    published: pod_certs::Published,
+    shutdown: Shutdown,
+) {
     let (services, secrets) = (serving.services.clone(), serving.secrets.clone());
     let synced = {
         let (services, secrets, health) = (services.clone(), secrets.clone(), ctx.health.clone());
@@ -136,7 +226,6 @@ async fn run_controllers(ctx: Arc<Context>, serving: ServingWatches, shutdown: S
         }
     };
     tokio::join!(
-        ca_lifecycle::run(ctx.clone(), shutdown.clone()),
         serving_cert::run(
             ctx.clone(),
             services.clone(),
@@ -148,41 +237,52 @@ async fn run_controllers(ctx: Arc<Context>, serving: ServingWatches, shutdown: S
             ctx.clone(),
             secrets,
             serving.secret_events,
-            services,
+            services.clone(),
             serving.service_changes,
             shutdown.clone()
         ),
-        ca_bundle::run(ctx.clone(), shutdown.clone()),
         async {
-            if ctx.config.pod_certificates {
-                pod_certs::run(ctx.clone(), shutdown).await;
+            if pods {
+                pod_certs::sign_requests(ctx.clone(), published, shutdown.clone()).await;
             }
         },
+        count_owned(ctx.clone(), services, shutdown.clone()),
         synced,
+    );
+}
+
+/// `service_ca_sharing_owned_services`, after every membership change and every 30 s.
+async fn count_owned(ctx: Arc<Context>, services: kube::runtime::reflector::Store<Service>, shutdown: Shutdown) {
+    let mut changes = std::pin::pin!(ctx.sharing.changes());
+    let mut every = tokio::time::interval(Duration::from_secs(30));
+    let mut shutdown = std::pin::pin!(shutdown.signal());
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = changes.next() => {}
+            _ = every.tick() => {}
+        }
+        let owned = services.state().iter().filter(|svc| ctx.sharing.owns(&service_key(svc))).count();
+        ctx.metrics.sharing_owned.set(owned as i64);
+    }
+}
+
+/// The leader's work: the CA, injection, the ClusterTrustBundle, until shutdown.
+async fn lead(ctx: Arc<Context>, pods: bool, published: pod_certs::Published, shutdown: Shutdown) {
+    tokio::join!(
+        ca_lifecycle::run(ctx.clone(), shutdown.clone()),
+        ca_bundle::run(ctx.clone(), shutdown.clone()),
+        async {
+            if pods {
+                trust_bundle::run(ctx.clone(), published, shutdown).await;
+            }
+        },
     );
 }
 
 /// Whether we lead, and the task that keeps the lease.
 type Lease =
     (watch::Receiver<bool>, tokio::task::JoinHandle<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>);
-
-/// Waits for the leader lease; `None` when shutdown came first.
-async fn lead(ctx: &Context, identity: &str, shutdown: &Shutdown) -> anyhow::Result<Option<Lease>> {
-    let (leader, task) = acquire_lease(ctx, identity).await?;
-    let mut waiting = leader.clone();
-    let elected = tokio::select! {
-        _ = shutdown.signal() => false,
-        result = waiting.wait_for(|is_leader| *is_leader) => { result.context("leader election stopped")?; true }
-    };
-    drop(waiting);
-    if !elected {
-        drop(leader);
-        let _ = task.await;
-        return Ok(None);
-    }
-    tracing::info!(%identity, "acquired the leader lease");
-    Ok(Some((leader, task)))
-}
 
 /// Hands the lease back (so a successor need not wait for it to expire).
 async fn release((leader, task): Lease) {

@@ -183,6 +183,13 @@ pub struct Config {
     #[arg(long, env = "SERVICE_CA_LEASE_IDENTITY")]
     pub lease_identity: Option<String>,
 
+    /// Share issuance across the replicas: each signs the Services and pod certificate
+    /// requests it owns (membership Leases, rendezvous hashing), while creating and
+    /// rotating the CA and injecting bundles stay with the leader. Needs --leader-elect.
+    /// `false`: the leader alone works, the other replicas stand by.
+    #[arg(long, env = "SERVICE_CA_SHARE_ISSUANCE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub share_issuance: bool,
+
     /// Address of the probe server (/livez, /readyz), plain HTTP for the kubelet.
     #[arg(long, env = "SERVICE_CA_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
     pub admin_addr: SocketAddr,

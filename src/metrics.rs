@@ -69,6 +69,10 @@ pub struct Metrics {
     /// Rotation attempts that failed (an alert can use it).
     pub rotation_failures: Counter,
     pub api_writes: Family<WriteLabels, Counter>,
+    /// Replicas sharing issuance, as this one sees them (0 when sharing is off).
+    pub sharing_members: Gauge,
+    /// Annotated Services this replica owns (all of them when sharing is off).
+    pub sharing_owned: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -154,6 +158,18 @@ impl Metrics {
             "Writes sent to the API server, per resource and verb",
             api_writes.clone(),
         );
+        let sharing_members = Gauge::default();
+        registry.register(
+            "service_ca_sharing_members",
+            "Replicas sharing issuance, as this one sees them (0: sharing is off)",
+            sharing_members.clone(),
+        );
+        let sharing_owned = Gauge::default();
+        registry.register(
+            "service_ca_sharing_owned_services",
+            "Annotated Services this replica issues for (all of them when sharing is off)",
+            sharing_owned.clone(),
+        );
         if let Some(store) = serving_secrets {
             registry.register_collector(Box::new(ServingCertExpiry(store)));
         }
@@ -173,6 +189,8 @@ impl Metrics {
             reissue_remaining,
             rotation_failures,
             api_writes,
+            sharing_members,
+            sharing_owned,
         }
     }
 

@@ -13,6 +13,10 @@ pub const SIGNING_KEY: &str = "signing-key";
 pub const SIGNING_CABUNDLE: &str = "signing-cabundle";
 /// The leader-election Lease.
 pub const LEASE_NAME: &str = "service-ca-operator";
+/// Label on each replica's membership Lease (issuance shared across replicas).
+pub const MEMBER_LABEL: &str = "service-ca.operators.openshift.io/member";
+/// Prefix of a replica's membership Lease name.
+pub const MEMBER_LEASE_PREFIX: &str = "service-ca-operator-member-";
 /// The serving Secret of the operator's own metrics Service (manifests/metrics-service.yaml
 /// asks for it by annotation; the metrics server serves its certificate).
 pub const METRICS_CERT_SECRET: &str = "service-ca-operator-metrics-tls";

@@ -149,6 +149,7 @@ fn chart_values_have_the_binary_defaults() {
     assert!(o["maxConcurrentIssuance"].is_null() && c.max_concurrent_issuance.is_none());
     assert_eq!(o["clusterDomain"], c.cluster_domain.as_str());
     assert_eq!(o["leaderElect"], c.leader_elect);
+    assert_eq!(o["shareIssuance"], c.share_issuance);
     assert_eq!(o["adminAddr"], c.admin_addr.to_string().as_str());
     assert_eq!(o["metricsAddr"], c.metrics_addr.to_string().as_str());
     assert_eq!(o["metricsSecure"], c.metrics_secure);

@@ -25,6 +25,8 @@ pub enum Role {
     /// Waiting for the lease: healthy, doing nothing.
     Standby = 0,
     Leader = 1,
+    /// Not the leader, but issuing its share (issuance shared across replicas).
+    Member = 2,
 }
 
 /// What `/readyz` reports. Written by the controllers, read by the probe.
@@ -36,6 +38,8 @@ pub struct Health {
     api_reachable: AtomicBool,
     signing_key_usable: AtomicBool,
     rotation_failing: AtomicBool,
+    /// Replicas sharing issuance (0: sharing is off).
+    members: std::sync::atomic::AtomicUsize,
 }
 
 impl Default for Health {
@@ -47,6 +51,7 @@ impl Default for Health {
             api_reachable: AtomicBool::new(true),
             signing_key_usable: AtomicBool::new(true),
             rotation_failing: AtomicBool::new(false),
+            members: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 }
@@ -72,6 +77,9 @@ impl Health {
     pub fn set_rotation_failing(&self, failing: bool) {
         self.rotation_failing.store(failing, Ordering::Relaxed);
     }
+    pub fn set_members(&self, members: usize) {
+        self.members.store(members, Ordering::Relaxed);
+    }
 
     /// `Ok(note)` when ready, `Err(reasons)` when not.
     pub fn readiness(&self) -> Result<&'static str, Vec<&'static str>> {
@@ -88,13 +96,22 @@ impl Health {
         if !self.caches_synced.load(Ordering::Relaxed) {
             problems.push("caches not synced yet");
         }
+        let members = self.members.load(Ordering::Relaxed);
+        let role = self.role.load(Ordering::Relaxed);
+        if role == Role::Member as u8 && members == 0 {
+            problems.push("not yet a member of the replicas sharing issuance");
+        }
         if problems.is_empty() {
             if !self.signing_key_usable.load(Ordering::Relaxed) {
                 Ok("degraded: signing-key cannot be used; signing with the CA loaded earlier")
             } else if self.rotation_failing.load(Ordering::Relaxed) {
                 Ok("degraded: the CA is due for rotation but rotating it fails; signing with the current CA")
-            } else {
+            } else if members == 0 {
                 Ok("ok")
+            } else if role == Role::Leader as u8 {
+                Ok("ok: leader, and issuing its share")
+            } else {
+                Ok("ok: member, issuing its share")
             }
         } else {
             Err(problems)

@@ -23,6 +23,7 @@ pub mod ca_bundle;
 pub mod ca_lifecycle;
 pub mod pod_certs;
 pub mod serving;
+pub mod sharing;
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -56,6 +57,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     pub recorder: Recorder,
+    /// Which objects this replica issues for (all of them unless issuance is shared).
+    pub sharing: Arc<sharing::Sharing>,
 }
 
 impl Context {
@@ -187,15 +190,27 @@ pub const LOOK_AGAIN: Duration = Duration::from_millis(500);
 /// something first, so there is no hurry.
 pub const RETRY_REFUSED: Duration = Duration::from_secs(60);
 
+/// Whether a controller's objects are shared across replicas, and by which key.
+pub enum Shard<K> {
+    /// Singleton work (the leader's): every object.
+    All,
+    /// Issuance: only the objects whose key (`namespace/name` of the Service or request)
+    /// this replica owns (see [`sharing`]).
+    By(fn(&K) -> String),
+}
+
 /// The tail every keyed controller shares: reconcile every object when the signer
 /// changes, the configured concurrency, graceful shutdown, metrics per pass, and a
-/// per-object exponential backoff after errors (see [`Retries`]).
+/// per-object exponential backoff after errors (see [`Retries`]). With
+/// [`Shard::By`], objects another replica owns are skipped (they cost nothing but
+/// their cache entry) and every object is looked at again when the members change.
 pub async fn drive<K, S, E, Fut>(
     controller: Controller<K>,
     name: &'static str,
     ctx: Arc<Context>,
     shutdown: Shutdown,
     state: Arc<S>,
+    shard: Shard<K>,
     reconcile: impl Fn(Arc<K>, Arc<S>) -> Fut + Send + 'static,
 ) where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -204,13 +219,24 @@ pub async fn drive<K, S, E, Fut>(
     Fut: Future<Output = Result<Action, E>> + Send + 'static,
 {
     let retries = Arc::new(Retries::default());
+    let key_of = match shard {
+        Shard::All => None,
+        Shard::By(key_of) => Some(key_of),
+    };
+    let controller = match key_of {
+        Some(_) => controller.reconcile_all_on(ctx.sharing.changes()),
+        None => controller,
+    };
     let run = {
         let (ctx, retries) = (ctx.clone(), retries.clone());
         move |obj: Arc<K>, state: Arc<S>| {
             let key = ObjectRef::from_obj(obj.as_ref()).to_string();
-            let pass = reconcile(obj, state);
+            let owned = key_of.is_none_or(|key_of| ctx.sharing.owns(&key_of(&obj)));
+            let pass = owned.then(|| reconcile(obj, state));
             let (ctx, retries) = (ctx.clone(), retries.clone());
             async move {
+                // Another replica's: nothing to do until it changes or the members do.
+                let Some(pass) = pass else { return Ok(Action::await_change()) };
                 let result = ctx.timed(name, pass).await;
                 if result.is_ok() {
                     retries.forget(&key);

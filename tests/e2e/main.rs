@@ -21,4 +21,5 @@ mod metrics;
 mod perf;
 mod pod_certs;
 mod serving;
+mod sharing;
 mod shipping;

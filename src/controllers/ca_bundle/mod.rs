@@ -32,7 +32,7 @@ use kube::{Api, ResourceExt};
 pub use targets::{Target, Write};
 
 use super::{
-    Categorised, Context, RETRY_REFUSED, api_message, cached_metadata_watch, drive, is_conflict, is_not_found,
+    Categorised, Context, RETRY_REFUSED, Shard, api_message, cached_metadata_watch, drive, is_conflict, is_not_found,
     patch_params,
 };
 use crate::names::{self as ann, KUBE_ROOT_CA, KUBE_ROOT_CA_KEY, SIGNING_CABUNDLE, is_true};
@@ -195,7 +195,7 @@ async fn run_kind<K: Target>(ctx: Arc<Context>, shutdown: Shutdown) {
     let config = watcher::Config::default().labels(&ctx.config.selector);
     let (store, stream) = cached_metadata_watch::<K>(ctx.client.clone(), config, ctx.health.clone(), keep_annotation);
     let state = Arc::new(Injector { ctx: ctx.clone(), warned: Warned::default() });
-    drive(Controller::for_stream(stream, store), NAME, ctx, shutdown, state, inject::<K>).await;
+    drive(Controller::for_stream(stream, store), NAME, ctx, shutdown, state, Shard::All, inject::<K>).await;
 }
 
 /// At most this many writes in one pass (inject, then give up ownership); anything

@@ -129,6 +129,51 @@ pub async fn run(ctx: Arc<Context>, shutdown: Shutdown) {
     }
 }
 
+/// On a replica that is not the leader (issuance shared): loads the signer from
+/// `signing-key` as the leader publishes it, and only once `signing-cabundle` holds
+/// that CA — never signing with a CA clients do not trust yet. Writes nothing; runs
+/// until the watches end (the caller stops it when this replica becomes the leader).
+pub async fn follow(ctx: Arc<Context>) {
+    let namespace = ctx.config.namespace.clone();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let configmaps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut secret_events = watcher::watch_object(secrets, SIGNING_KEY).boxed();
+    let mut bundle_events = watcher::watch_object(configmaps, SIGNING_CABUNDLE).boxed();
+    let (mut secret, mut bundle): (Option<Secret>, Option<ConfigMap>) = (None, None);
+    loop {
+        tokio::select! {
+            event = secret_events.next() => match event {
+                Some(Ok(s)) => secret = s,
+                Some(Err(error)) => { watch_failed(&ctx, SIGNING_KEY, &error).await; continue; }
+                None => return,
+            },
+            event = bundle_events.next() => match event {
+                Some(Ok(cm)) => bundle = cm,
+                Some(Err(error)) => { watch_failed(&ctx, SIGNING_CABUNDLE, &error).await; continue; }
+                None => return,
+            },
+        }
+        ctx.health.observe_api(true);
+        let now = OffsetDateTime::now_utc();
+        let ca = match plan::plan(secret.as_ref(), &ctx.config.ca_policy(), now) {
+            Plan::Use(ca) | Plan::Rotate { ca, .. } => ca,
+            Plan::Create | Plan::Refuse(_) => continue,
+        };
+        let published = bundle.as_ref().and_then(|cm| cm.data.as_ref()).and_then(|d| d.get(CA_BUNDLE));
+        let trusted = published
+            .and_then(|pem| crate::pki::pem::decode_certificates(CA_BUNDLE, pem.as_bytes()).ok())
+            .is_some_and(|ders| ders.iter().any(|der| *der == ca.certificate().der));
+        let held = ctx.signer.current();
+        if !trusted || held.is_some_and(|h| h.ca.certificate().der == ca.certificate().der) {
+            continue;
+        }
+        ctx.metrics.ca_expiry.set(ca.not_after().unix_timestamp());
+        tracing::info!(ca = ca.subject_cn(), "signer loaded as published by the leader");
+        ctx.signer.publish(Signer::new(ca, now));
+        ctx.health.set_signer_loaded();
+    }
+}
+
 fn observed<T>(object: Option<T>) -> Observed<T> {
     object.map_or(Observed::Absent, Observed::Present)
 }

@@ -32,7 +32,7 @@ use tokio::sync::watch;
 
 use self::plan::{IndexedService, Plan, Settings};
 use super::{
-    Categorised, Context, LOOK_AGAIN, WatchBackoff, api_category, api_message, cached_watch, drive, watch_events,
+    Categorised, Context, LOOK_AGAIN, Shard, WatchBackoff, api_category, api_message, cached_watch, drive, watch_events,
 };
 use crate::metrics::ReasonLabels;
 use crate::pki::PkiError;
@@ -68,10 +68,13 @@ impl Categorised for Error {
 /// The bundle last published as the ClusterTrustBundle (shared with [`trust_bundle`]).
 pub type Published = Arc<watch::Sender<Option<String>>>;
 
-/// Runs the signer and the bundle publisher until `shutdown` — unless the cluster does
-/// not serve the API (before Kubernetes 1.37): then both stay off, with one warning,
-/// and readiness is not affected.
-pub async fn run(ctx: Arc<Context>, shutdown: Shutdown) {
+/// Whether the pod path runs: `--pod-certificates` and a cluster that serves the API
+/// (Kubernetes 1.37+; otherwise it stays off, with one warning, and readiness is not
+/// affected).
+pub async fn enabled(ctx: &Context) -> bool {
+    if !ctx.config.pod_certificates {
+        return false;
+    }
     let probe = Api::<PodCertificateRequest>::all(ctx.client.clone())
         .list_metadata(&kube::api::ListParams::default().limit(1))
         .await;
@@ -82,13 +85,14 @@ pub async fn run(ctx: Arc<Context>, shutdown: Shutdown) {
             "this cluster does not serve certificates.k8s.io/v1 PodCertificateRequests (Kubernetes 1.37+): \
              pod certificates and the ClusterTrustBundle are off (set --pod-certificates=false to silence this)"
         );
-        return;
+        return false;
     }
-    let published: Published = Arc::new(watch::Sender::new(None));
-    tokio::join!(
-        sign_requests(ctx.clone(), published.clone(), shutdown.clone()),
-        trust_bundle::run(ctx, published, shutdown),
-    );
+    true
+}
+
+/// The bundle the pod signer may sign under, before anything is published.
+pub fn unpublished() -> Published {
+    Arc::new(watch::Sender::new(None))
 }
 
 struct State {
@@ -98,7 +102,9 @@ struct State {
     pods_selector: Vec<crate::config::Requirement>,
 }
 
-async fn sign_requests(ctx: Arc<Context>, published: Published, shutdown: Shutdown) {
+/// Signs the requests this replica owns until `shutdown`, once `published` (the
+/// ClusterTrustBundle, written by the leader's [`trust_bundle::run`]) holds the CA.
+pub async fn sign_requests(ctx: Arc<Context>, published: Published, shutdown: Shutdown) {
     let signer = &ctx.config.pod_signer_name;
     let (requests, request_events) = cached_watch(
         Api::<PodCertificateRequest>::all(ctx.client.clone()),
@@ -118,7 +124,9 @@ async fn sign_requests(ctx: Arc<Context>, published: Published, shutdown: Shutdo
         .reconcile_all_on(published_changes);
     let pods_selector = crate::config::parse_selector(&ctx.config.selector).unwrap_or_default();
     let state = Arc::new(State { ctx: ctx.clone(), services, published, pods_selector });
-    drive(controller, NAME, ctx, shutdown, state, reconcile).await;
+    let shard =
+        Shard::By(|pcr: &PodCertificateRequest| format!("{}/{}", pcr.namespace().unwrap_or_default(), pcr.name_any()));
+    drive(controller, NAME, ctx, shutdown, state, shard, reconcile).await;
 }
 
 /// Whether the request carries a final condition (Issued, Denied or Failed).

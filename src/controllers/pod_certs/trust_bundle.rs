@@ -102,6 +102,31 @@ pub async fn run(ctx: Arc<Context>, published: Published, shutdown: Shutdown) {
     }
 }
 
+/// On a replica that is not the leader: reports what the leader published (the
+/// object's bundle), so that the pod signer here never signs with a CA pods do not
+/// trust yet. Runs until the watch ends.
+pub async fn observe(ctx: Arc<Context>, published: Published) {
+    let name = ann::trust_bundle_name(&ctx.config.pod_signer_name, &ctx.config.namespace);
+    let api: Api<ClusterTrustBundle> = Api::all(ctx.client.clone());
+    let mut events = watcher::watch_object(api, &name).boxed();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(object) => {
+                let bundle = object.map(|o| o.spec.trust_bundle);
+                published.send_if_modified(|p| {
+                    let changed = *p != bundle;
+                    p.clone_from(&bundle);
+                    changed
+                });
+            }
+            Err(error) => {
+                tracing::warn!(%error, bundle = %name, "watching the ClusterTrustBundle failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
 fn replace(published: &mut Option<String>, bundle: &str) -> bool {
     if published.as_deref() == Some(bundle) {
         return false;

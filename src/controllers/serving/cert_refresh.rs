@@ -32,7 +32,7 @@ use super::{
     Content, Error, MAX_FAILURES, Wanted, Written, desired, failures, issue, key_algorithm, leaf_request,
     originating_service, report_problem, secret_facts, secret_ref, wanted, write_secret,
 };
-use crate::controllers::{Context, LOOK_AGAIN, drive, is_not_found, patch_params, until};
+use crate::controllers::{Context, LOOK_AGAIN, Shard, drive, is_not_found, patch_params, until};
 use crate::names::MANAGED_LABEL;
 use crate::shutdown::Shutdown;
 
@@ -60,7 +60,8 @@ pub async fn run(
     // A Service change (e.g. it became headless) concerns the Secret it names.
     let controller = Controller::for_stream(secret_events, secrets).reconcile_on(service_changes);
     let state = Arc::new(State { ctx: ctx.clone(), services, progress });
-    tokio::join!(drive(controller, NAME, ctx, shutdown, state, reconcile), reporter);
+    let shard = Shard::By(super::secret_key);
+    tokio::join!(drive(controller, NAME, ctx, shutdown, state, shard, reconcile), reporter);
 }
 
 async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Result<Action, Error> {

@@ -215,6 +215,20 @@ pub fn is_annotated(svc: &Service) -> bool {
     [ann::BETA, ann::ALPHA].iter().any(|f| annotations.contains_key(f.serving_cert_secret_name))
 }
 
+/// The sharing key of a Service: `namespace/name`.
+pub fn service_key(svc: &Service) -> String {
+    format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any())
+}
+
+/// The sharing key of a serving Secret: its Service's (so that one replica handles
+/// both), or `namespace/name` of the Secret when it names no Service.
+pub fn secret_key(secret: &PartialObjectMeta<Secret>) -> String {
+    match originating_service(secret) {
+        Some(svc) => format!("{}/{}", svc.namespace.unwrap_or_default(), svc.name),
+        None => format!("{}/{}", secret.namespace().unwrap_or_default(), secret.name_any()),
+    }
+}
+
 /// The Service a serving Secret was made for (from its originating-service-name).
 pub fn originating_service(secret: &impl ResourceExt) -> Option<ObjectRef<Service>> {
     let annotations = secret.annotations();

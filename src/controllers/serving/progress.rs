@@ -87,11 +87,13 @@ pub async fn report(
             continue;
         }
         progress.restart();
-        // The managed Secrets whose Service we serve: each will be looked at again.
+        // The managed Secrets whose Service we serve (and, when issuance is shared,
+        // own): each will be looked at again.
         let total = secrets
             .state()
             .iter()
             .filter(|s| originating_service(s.as_ref()).is_some_and(|svc| services.get(&svc).is_some()))
+            .filter(|s| ctx.sharing.owns(&super::secret_key(s)))
             .count() as u64;
         let started = Instant::now();
         loop {

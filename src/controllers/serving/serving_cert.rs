@@ -29,7 +29,7 @@ use super::{
     Content, Error, MAX_FAILURES, Wanted, Written, desired, failures, issue, key_algorithm, leaf_request, mark_signed,
     report_problem, secret_facts, secret_ref, wanted, write_secret,
 };
-use crate::controllers::{Context, LOOK_AGAIN, drive};
+use crate::controllers::{Context, LOOK_AGAIN, Shard, drive};
 use crate::names::{self as ann, Family};
 use crate::shutdown::Shutdown;
 
@@ -45,7 +45,7 @@ pub async fn run(
 ) {
     let controller = Controller::for_stream(service_events, services).reconcile_on(secret_changes);
     let state = Arc::new(State { ctx: ctx.clone(), terminating: Terminating::default() });
-    drive(controller, NAME, ctx, shutdown, state, reconcile).await;
+    drive(controller, NAME, ctx, shutdown, state, Shard::By(super::service_key), reconcile).await;
 }
 
 struct State {

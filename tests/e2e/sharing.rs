@@ -1,0 +1,312 @@
+//! Every replica signs (issue 17): issuance shared across replicas through membership
+//! Leases and rendezvous hashing, while the CA and injection stay with the leader.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+use crate::support::{Env, Operator, certs, data, eventually, metric};
+
+const T: Duration = Duration::from_secs(60);
+const MANAGED: &str = "service-ca.operators.openshift.io/managed=true";
+
+/// `n` replicas of this test's operator with leader election and shared issuance
+/// (the default), identities r0, r1, …; ECDSA keys keep the machine free for the API
+/// server.
+fn replicas(env: &Env, n: usize, lease: &str) -> Vec<Operator> {
+    (0..n)
+        .map(|i| {
+            let mut args = env.operator_args();
+            args.retain(|a| a != "--leader-elect=false");
+            args.extend(
+                ["--leader-elect=true", "--lease-duration", lease, "--default-key-algorithm", "ecdsa"]
+                    .map(String::from),
+            );
+            args.extend(["--lease-identity".to_string(), format!("r{i}")]);
+            Operator::start_with_kubeconfig(&env.name, &args, &env.kubeconfig)
+        })
+        .collect()
+}
+
+async fn page(op: &Operator) -> String {
+    op.metrics().await.map(|(_, page)| page).unwrap_or_default()
+}
+
+/// Waits until every replica is ready and sees `n` members.
+async fn members(ops: &[Operator], n: usize) {
+    eventually(T, &format!("every replica ready and sharing with {n} members"), || async {
+        for op in ops {
+            let page = op.metrics().await?.1;
+            (metric(&page, "service_ca_sharing_members") == n as f64).then_some(())?;
+            op.admin_get("/readyz").await.filter(|(s, _)| *s == 200)?;
+        }
+        Some(())
+    })
+    .await;
+}
+
+async fn create_services(env: &Env, prefix: &str, n: usize) {
+    futures::stream::iter(0..n)
+        .map(
+            |i| async move { env.annotated_service(&format!("{prefix}{i}"), &format!("{prefix}{i}-tls"), false).await },
+        )
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+}
+
+/// The managed Secrets with a certificate, by name.
+async fn issued(env: &Env) -> Option<BTreeMap<String, Secret>> {
+    let list = env.secrets().list(&ListParams::default().labels(MANAGED)).await.ok()?;
+    Some(
+        list.items
+            .into_iter()
+            .filter(|s| s.data.as_ref().is_some_and(|d| d.contains_key("tls.crt")))
+            .map(|s| (s.name_any(), s))
+            .collect(),
+    )
+}
+
+/// What a watch of the namespace's Secrets saw of each: every distinct `tls.crt` it
+/// ever had (a Secret issued twice would show two), and when it first had one.
+#[derive(Default)]
+struct Recorded {
+    certificates: BTreeMap<String, BTreeSet<String>>,
+    first: BTreeMap<String, Instant>,
+}
+
+fn record_certificates(env: &Env) -> Arc<Mutex<Recorded>> {
+    let seen: Arc<Mutex<Recorded>> = Arc::default();
+    let stream = watcher(env.secrets(), watcher::Config::default()).applied_objects();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(Ok(secret)) = stream.next().await {
+            let crt = data(&secret, "tls.crt");
+            if !crt.is_empty() {
+                let mut record = record.lock().unwrap();
+                record.first.entry(secret.name_any()).or_insert_with(Instant::now);
+                record.certificates.entry(secret.name_any()).or_default().insert(crt);
+            }
+        }
+    });
+    seen
+}
+
+#[tokio::test]
+async fn three_replicas_share_issuance_with_one_write_per_certificate() {
+    let env = Env::new("sharing").await;
+    let ops = replicas(&env, 3, "5s");
+    members(&ops, 3).await;
+    let n = 1000;
+    let started = Instant::now();
+    create_services(&env, "s", n).await;
+    eventually(Duration::from_secs(300), &format!("{n} Secrets"), || async {
+        (issued(&env).await?.len() >= n).then_some(())
+    })
+    .await;
+    let took = started.elapsed();
+    let bundle = env.ca_bundle().await;
+    let secrets = issued(&env).await.unwrap();
+    assert_eq!(secrets.len(), n, "exactly one Secret per Service");
+    let cas: BTreeSet<Vec<u8>> = certs::ders(&bundle).into_iter().filter_map(|d| pki_ski(d)).collect();
+    for secret in secrets.values() {
+        assert!(cas.contains(&certs::leaf_aki(secret)), "{} not signed by a CA in the bundle", secret.name_any());
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut shares = Vec::new();
+    let mut creates = 0.0;
+    for op in &ops {
+        let page = page(op).await;
+        shares.push(metric(&page, "service_ca_certificates_issued_total"));
+        creates += metric(&page, "service_ca_api_writes_total{resource=\"secrets\",verb=\"create\"");
+    }
+    println!(
+        "3 replicas, {n} Services: all valid after {took:.1?}; issued per replica {shares:?}; Secret creates {creates} \
+         incl. signing-key ({:.2} per certificate)",
+        (creates - 1.0) / n as f64
+    );
+    for share in &shares {
+        let fraction = share / n as f64;
+        assert!((0.2333..=0.4333).contains(&fraction), "a replica issued {share} of {n} (target 33 % ± 10 %)");
+    }
+    // The leader also created the CA's own Secret (signing-key).
+    assert_eq!(creates - 1.0, n as f64, "one Secret create per certificate across the replicas");
+}
+
+/// resourceVersion as a number (etcd's revision: the API server's order of writes).
+fn rv(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> u64 {
+    meta.resource_version.as_deref().and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+fn pki_ski(der: Vec<u8>) -> Option<Vec<u8>> {
+    service_ca_operator::pki::CertInfo::parse("bundle", der).ok()?.subject_key_id
+}
+
+/// The replica identities (r0, r1, r2) in `ops` order; the leader's index.
+async fn leader(env: &Env) -> usize {
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.op_ns);
+    let holder =
+        eventually(T, "a leader", || async { leases.get("service-ca-operator").await.ok()?.spec?.holder_identity })
+            .await;
+    holder.trim_start_matches('r').parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_replica_killed_mid_issuance_leaves_its_share_to_the_others_within_the_lease() {
+    let env = Env::new("sharing-kill").await;
+    let lease = Duration::from_secs(4);
+    let mut ops = replicas(&env, 3, "4s");
+    members(&ops, 3).await;
+    let seen = record_certificates(&env);
+    let n = 300;
+    let victim = (leader(&env).await + 1) % 3;
+    // Killed while the Services are still being created and issued for.
+    let created: Arc<Mutex<BTreeMap<String, Instant>>> = Arc::default();
+    let creating = futures::stream::iter(0..n)
+        .map(|i| {
+            let created = created.clone();
+            let env = &env;
+            async move {
+                env.annotated_service(&format!("k{i}"), &format!("k{i}-tls"), false).await;
+                created.lock().unwrap().insert(format!("k{i}-tls"), Instant::now());
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>();
+    let kill = async {
+        eventually(T, "the first Secrets", || async { (issued(&env).await?.len() >= 20).then_some(()) }).await;
+        ops[victim].kill();
+        Instant::now()
+    };
+    let (_, killed) = tokio::join!(creating, kill);
+    eventually(T, &format!("{n} Secrets after the kill"), || async { (issued(&env).await?.len() >= n).then_some(()) })
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let recorded = seen.lock().unwrap();
+    let twice: Vec<&String> =
+        recorded.certificates.iter().filter(|(_, crts)| crts.len() > 1).map(|(name, _)| name).collect();
+    // How long each Service waited for its Secret, counted from the kill at the
+    // earliest (the victim's Services waited for its Lease to expire).
+    let created = created.lock().unwrap();
+    let waits: Vec<Duration> = recorded
+        .first
+        .iter()
+        .filter_map(|(name, seen)| Some(seen.saturating_duration_since((*created.get(name)?).max(killed))))
+        .collect();
+    let longest = waits.iter().max().copied().unwrap_or_default();
+    println!(
+        "replica r{victim} killed (-9) during {n} issuances: longest wait of a Service for its Secret after the kill \
+         {longest:.1?} (lease {lease:?}); {} Services created after the kill",
+        created.values().filter(|t| **t > killed).count()
+    );
+    assert_eq!(recorded.first.len(), n, "every Secret seen");
+    assert!(twice.is_empty(), "issued twice: {twice:?}");
+    assert!(
+        longest <= lease + Duration::from_secs(2),
+        "a Service waited {longest:?} after the kill (lease {lease:?} + 2 s)"
+    );
+    drop((recorded, created));
+    for (i, op) in ops.iter_mut().enumerate() {
+        if i != victim {
+            assert!(op.running(), "replica r{i} must keep running");
+        }
+    }
+}
+
+#[tokio::test]
+async fn after_a_forced_rotation_every_replica_signs_only_with_a_ca_already_in_the_bundle() {
+    let env = Env::new("sharing-rotation").await;
+    let ops = replicas(&env, 3, "5s");
+    members(&ops, 3).await;
+    let n = 90;
+    create_services(&env, "r", n).await;
+    eventually(T, "the Secrets", || async { (issued(&env).await?.len() >= n).then_some(()) }).await;
+
+    // Everything the API server stores, in its order (resourceVersion): each leaf
+    // written is checked against the bundle as it stood at that moment.
+    #[derive(Debug)]
+    enum Written {
+        Bundle(BTreeSet<Vec<u8>>),
+        Leaf(String, Vec<u8>),
+    }
+    let log: Arc<Mutex<Vec<(u64, Written)>>> = Arc::default();
+    let bundles: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.op_ns);
+    let cm_stream =
+        watcher(bundles, watcher::Config::default().fields("metadata.name=signing-cabundle")).applied_objects();
+    let secret_stream = watcher(env.secrets(), watcher::Config::default().labels(MANAGED)).applied_objects();
+    {
+        let log = log.clone();
+        tokio::spawn(async move {
+            let mut s = std::pin::pin!(cm_stream);
+            while let Some(Ok(cm)) = s.next().await {
+                let pem = cm.data.clone().unwrap_or_default().remove("ca-bundle.crt").unwrap_or_default();
+                let skis = certs::ders(&pem).into_iter().filter_map(pki_ski).collect();
+                log.lock().unwrap().push((rv(&cm.metadata), Written::Bundle(skis)));
+            }
+        });
+    }
+    {
+        let log = log.clone();
+        tokio::spawn(async move {
+            let mut s = std::pin::pin!(secret_stream);
+            while let Some(Ok(secret)) = s.next().await {
+                if let Some(aki) = certs::try_signer_of(&data(&secret, "tls.crt")) {
+                    log.lock().unwrap().push((rv(&secret.metadata), Written::Leaf(secret.name_any(), aki)));
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let patch =
+        json!({ "metadata": { "annotations": { "service-ca.operators.openshift.io/force-rotation": "shared" } } });
+    env.op_secrets().patch("signing-key", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let new_ski = eventually(T, "the rotation", || async {
+        let s = env.op_secrets().get("signing-key").await.ok()?;
+        let reason = s.annotations().get("service-ca.operators.openshift.io/forced-rotation-reason").cloned();
+        (reason.as_deref() == Some("shared")).then(|| certs::ca_ski(&s))
+    })
+    .await;
+    eventually(T, "every leaf re-issued by the new CA", || async {
+        let secrets = issued(&env).await?;
+        (secrets.len() >= n && secrets.values().all(|s| certs::leaf_aki(s) == new_ski)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let mut log = std::mem::take(&mut *log.lock().unwrap());
+    log.sort_by_key(|(rv, _)| *rv);
+    let mut bundle = BTreeSet::new();
+    let (mut checked, mut by_new) = (0, 0);
+    for (rv, written) in &log {
+        match written {
+            Written::Bundle(skis) => bundle = skis.clone(),
+            Written::Leaf(name, aki) => {
+                assert!(bundle.contains(aki), "{name} (resourceVersion {rv}) signed by a CA not yet in the bundle");
+                checked += 1;
+                by_new += usize::from(*aki == new_ski);
+            }
+        }
+    }
+    let issued_by: Vec<f64> = {
+        let mut v = Vec::new();
+        for op in &ops {
+            v.push(metric(&page(op).await, "service_ca_certificates_issued_total"));
+        }
+        v
+    };
+    println!(
+        "forced rotation with 3 replicas: {checked} leaves checked against the bundle of their moment ({by_new} by the \
+         new CA); issued per replica {issued_by:?}"
+    );
+    assert!(by_new >= n, "{by_new} leaves by the new CA seen");
+    assert!(issued_by.iter().filter(|&&i| i > n as f64 / 10.0).count() == 3, "every replica re-issued: {issued_by:?}");
+}
