@@ -170,7 +170,7 @@ fn live_members<'a>(leases: impl Iterator<Item = &'a Lease>, now: time::OffsetDa
         else {
             continue;
         };
-        let renewed = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(renewed.0.as_nanosecond()))
+        let renewed = time::OffsetDateTime::from_unix_timestamp_nanos(renewed.0.as_nanosecond())
             .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
         if renewed + Duration::from_secs(seconds.max(0) as u64) > now
             && lease.name_any().starts_with(MEMBER_LEASE_PREFIX)
