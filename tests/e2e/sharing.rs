@@ -117,7 +117,7 @@ async fn three_replicas_share_issuance_with_one_write_per_certificate() {
     let bundle = env.ca_bundle().await;
     let secrets = issued(&env).await.unwrap();
     assert_eq!(secrets.len(), n, "exactly one Secret per Service");
-    let cas: BTreeSet<Vec<u8>> = certs::ders(&bundle).into_iter().filter_map(|d| pki_ski(d)).collect();
+    let cas: BTreeSet<Vec<u8>> = certs::ders(&bundle).into_iter().filter_map(pki_ski).collect();
     for secret in secrets.values() {
         assert!(cas.contains(&certs::leaf_aki(secret)), "{} not signed by a CA in the bundle", secret.name_any());
     }
@@ -309,4 +309,50 @@ async fn after_a_forced_rotation_every_replica_signs_only_with_a_ca_already_in_t
     );
     assert!(by_new >= n, "{by_new} leaves by the new CA seen");
     assert!(issued_by.iter().filter(|&&i| i > n as f64 / 10.0).count() == 3, "every replica re-issued: {issued_by:?}");
+}
+
+#[tokio::test]
+async fn issuance_goes_on_without_a_pause_when_the_leader_is_killed() {
+    let env = Env::new("sharing-leader").await;
+    let lease = Duration::from_secs(4);
+    let mut ops = replicas(&env, 3, "4s");
+    members(&ops, 3).await;
+    let seen = record_certificates(&env);
+    let chief = leader(&env).await;
+    // A Service every 100 ms for 8 s; the leader is killed after 3 s.
+    let n = 80;
+    let creating = async {
+        for i in 0..n {
+            env.annotated_service(&format!("c{i}"), &format!("c{i}-tls"), false).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let kill = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        ops[chief].kill();
+        Instant::now()
+    };
+    let ((), killed) = tokio::join!(creating, kill);
+    eventually(T, &format!("{n} Secrets"), || async { (issued(&env).await?.len() >= n).then_some(()) }).await;
+    // The longest gap between two consecutive issuances from 1 s before the kill until
+    // the end of creation: the others go on signing their shares meanwhile.
+    let mut times: Vec<Instant> = seen.lock().unwrap().first.values().copied().collect();
+    times.sort();
+    let window: Vec<Instant> = times.into_iter().filter(|t| *t + Duration::from_secs(1) >= killed).collect();
+    let gap = window.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+    // The leader's work waits for its Lease to expire, as before: a new leader holds it.
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.op_ns);
+    let successor = eventually(T, "a new leader", || async {
+        let holder = leases.get("service-ca-operator").await.ok()?.spec?.holder_identity?;
+        (holder != format!("r{chief}")).then_some(holder)
+    })
+    .await;
+    println!(
+        "leader r{chief} killed (-9) during issuance: longest gap between consecutive issuances {gap:.1?} \
+         ({} issuances from 1 s before the kill); new leader {successor} after {:.1?} (lease {lease:?})",
+        window.len(),
+        killed.elapsed()
+    );
+    assert!(window.len() > 10, "issuances after the kill: {}", window.len());
+    assert!(gap < Duration::from_secs(2), "issuance paused {gap:?} when the leader was killed");
 }
