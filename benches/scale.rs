@@ -527,7 +527,12 @@ async fn b10_scale_out(report: &mut Report) -> Vec<Env> {
                     ["--leader-elect=true", "--lease-duration", "5s", "--max-concurrent-issuance", "1"]
                         .map(String::from),
                 );
-                args.extend(["--key-buffer".to_string(), "0".to_string(), "--lease-identity".to_string(), format!("r{i}")]);
+                args.extend([
+                    "--key-buffer".to_string(),
+                    "0".to_string(),
+                    "--lease-identity".to_string(),
+                    format!("r{i}"),
+                ]);
                 Operator::start_with_kubeconfig(&env.name, &args, &env.kubeconfig)
             })
             .collect();

@@ -22,9 +22,14 @@ const MANAGED: &str = "service-ca.operators.openshift.io/managed=true";
 /// (the default), identities r0, r1, …; ECDSA keys keep the machine free for the API
 /// server.
 fn replicas(env: &Env, n: usize, lease: &str) -> Vec<Operator> {
+    replicas_with(env, n, lease, &[])
+}
+
+fn replicas_with(env: &Env, n: usize, lease: &str, extra: &[&str]) -> Vec<Operator> {
     (0..n)
         .map(|i| {
             let mut args = env.operator_args();
+            args.extend(extra.iter().map(|a| a.to_string()));
             args.retain(|a| a != "--leader-elect=false");
             args.extend(
                 ["--leader-elect=true", "--lease-duration", lease, "--default-key-algorithm", "ecdsa"]
@@ -355,4 +360,33 @@ async fn issuance_goes_on_without_a_pause_when_the_leader_is_killed() {
     );
     assert!(window.len() > 10, "issuances after the kill: {}", window.len());
     assert!(gap < Duration::from_secs(2), "issuance paused {gap:?} when the leader was killed");
+}
+
+#[tokio::test]
+async fn pod_certificate_requests_are_shared_too() {
+    use crate::support::pods::{Kubelet, bundle_name, key_and_stub};
+    let env = Env::new("sharing-pods").await;
+    let signer = format!("e2e.service-ca.test/{}", env.run);
+    let ops = replicas_with(&env, 3, "5s", &["--pod-signer-name", &signer]);
+    let mut cleanup = crate::support::Cleanup::default();
+    cleanup.add::<k8s_openapi::api::certificates::v1::ClusterTrustBundle>(bundle_name(&signer, &env.op_ns));
+    members(&ops, 3).await;
+    let kubelet = Kubelet::new(&env, &signer).await;
+    kubelet.service("web", "web", false).await;
+    let n = 45;
+    for i in 0..n {
+        let pod = kubelet.pod(&format!("p{i}"), "web", None).await;
+        let (_, stub) = key_and_stub(&rcgen::PKCS_ECDSA_P256_SHA256);
+        kubelet.request(&format!("p{i}"), &signer, &pod, stub, None).await;
+    }
+    for i in 0..n {
+        kubelet.issued(&format!("p{i}")).await;
+    }
+    let mut answered = Vec::new();
+    for op in &ops {
+        answered.push(metric(&page(op).await, "service_ca_pod_certificate_requests_total"));
+    }
+    println!("3 replicas, {n} pod certificate requests: issued per replica {answered:?}");
+    assert_eq!(answered.iter().sum::<f64>(), n as f64, "each request answered once");
+    assert!(answered.iter().all(|a| *a > 0.0), "every replica signs its share: {answered:?}");
 }
