@@ -12,7 +12,6 @@
 //! one conflict. The CA, `signing-key`, `signing-cabundle`, injection and the
 //! ClusterTrustBundle stay with the leader Lease.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -127,7 +126,14 @@ pub async fn run(ctx: Arc<Context>, sharing: Arc<Sharing>, shutdown: Shutdown) {
             _ = tick.tick() => {}
         }
         let now = time::OffsetDateTime::now_utc();
-        let live = live_members(store.state().iter().map(|l| l.as_ref()), now);
+        let leases = store.state();
+        for gone in leases.iter().filter(|l| expired_for(l, now) > FORGET_AFTER) {
+            // A member killed long ago (its Lease was never deleted): cleared by whoever
+            // sees it first; a second attempt finds it gone.
+            let _ = api.delete(&gone.name_any(), &DeleteParams::default()).await;
+            tracing::info!(lease = %gone.name_any(), "cleared the Lease of a member gone for over an hour");
+        }
+        let live = live_members(leases.iter().map(|l| l.as_ref()), now);
         let live = if live.contains(&sharing.me) { live } else { Vec::new() };
         if *sharing.members.borrow() != live {
             tracing::info!(members = ?live, "issuance shared by {} replica(s)", live.len());
@@ -160,25 +166,29 @@ async fn keep(api: &Api<Lease>, name: &str, identity: &str, duration: Duration) 
     }
 }
 
+/// A member Lease expired this long ago is deleted.
+const FORGET_AFTER: Duration = Duration::from_secs(3600);
+
+/// When a member Lease expires: its last renewal plus its duration.
+fn expiry(lease: &Lease) -> Option<time::OffsetDateTime> {
+    let spec = lease.spec.as_ref()?;
+    let renewed = time::OffsetDateTime::from_unix_timestamp_nanos(spec.renew_time.as_ref()?.0.as_nanosecond()).ok()?;
+    Some(renewed + Duration::from_secs(spec.lease_duration_seconds?.max(0) as u64))
+}
+
+/// How long ago a member Lease expired (zero if it has not, or cannot be read).
+fn expired_for(lease: &Lease, now: time::OffsetDateTime) -> Duration {
+    expiry(lease).and_then(|at| Duration::try_from(now - at).ok()).unwrap_or(Duration::ZERO)
+}
+
 /// The identities of the members whose Lease is still valid at `now`, sorted.
 fn live_members<'a>(leases: impl Iterator<Item = &'a Lease>, now: time::OffsetDateTime) -> Vec<String> {
-    let mut live: BTreeMap<String, ()> = BTreeMap::new();
-    for lease in leases {
-        let Some(spec) = &lease.spec else { continue };
-        let (Some(holder), Some(renewed), Some(seconds)) =
-            (&spec.holder_identity, &spec.renew_time, spec.lease_duration_seconds)
-        else {
-            continue;
-        };
-        let renewed = time::OffsetDateTime::from_unix_timestamp_nanos(renewed.0.as_nanosecond())
-            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-        if renewed + Duration::from_secs(seconds.max(0) as u64) > now
-            && lease.name_any().starts_with(MEMBER_LEASE_PREFIX)
-        {
-            live.insert(holder.clone(), ());
-        }
-    }
-    live.into_keys().collect()
+    let live: std::collections::BTreeSet<String> = leases
+        .filter(|lease| lease.name_any().starts_with(MEMBER_LEASE_PREFIX))
+        .filter(|lease| expiry(lease).is_some_and(|at| at > now))
+        .filter_map(|lease| lease.spec.as_ref()?.holder_identity.clone())
+        .collect();
+    live.into_iter().collect()
 }
 
 #[cfg(test)]
@@ -193,7 +203,7 @@ mod tests {
     fn rendezvous_spreads_keys_evenly_and_a_departure_moves_only_its_share() {
         let three = members(3);
         let keys: Vec<String> = (0..3000).map(|i| format!("ns{}/svc{i}", i % 7)).collect();
-        let mut counts = BTreeMap::new();
+        let mut counts = std::collections::BTreeMap::new();
         for key in &keys {
             *counts.entry(owner(&three, key).unwrap()).or_insert(0) += 1;
         }
@@ -228,7 +238,10 @@ mod tests {
             }))
             .unwrap()
         };
-        let leases = [lease("b", 1), lease("a", 5), lease("gone", 30)];
+        let leases = [lease("b", 1), lease("a", 5), lease("gone", 30), lease("long-gone", 7200)];
         assert_eq!(live_members(leases.iter(), now), vec!["a".to_string(), "b".to_string()]);
+        let cleared: Vec<String> =
+            leases.iter().filter(|l| expired_for(l, now) > FORGET_AFTER).map(|l| l.name_any()).collect();
+        assert_eq!(cleared, vec![lease_name("long-gone")], "only a Lease expired for over an hour is cleared");
     }
 }
