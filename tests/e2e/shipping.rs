@@ -238,6 +238,9 @@ async fn rbac_serving_certificates(env: &Env) {
         (env.secrets().get("web-tls").await.unwrap().data?.len() == 2).then_some(())
     })
     .await;
+    // A user freezes it: the rotation of phase 6 re-creates it (delete, then create).
+    let patch = json!({ "immutable": true });
+    env.secrets().patch("web-tls", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
 }
 
 /// The cluster-scoped injection targets of phase 5, deleted after the CA lifecycle
