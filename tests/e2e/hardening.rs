@@ -195,6 +195,12 @@ async fn refused_writes_are_reported_backed_off_capped_and_cost_no_new_keys() {
         (error_count(&env, "web").await >= 10).then_some(())
     })
     .await;
+    // The tenth failure's Warning (written after the count) is the last write.
+    eventually(T, "the Warning that retrying stopped", || async {
+        let events = env.events(&env.ns, Some("web"), Some("ServingCertificateError")).await;
+        events.iter().any(|e| e.note.as_deref().is_some_and(|n| n.contains("Stopped retrying"))).then_some(())
+    })
+    .await;
     let writes = metric(&metrics(&op).await, "service_ca_api_writes_total");
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(metric(&metrics(&op).await, "service_ca_api_writes_total"), writes, "no write after the cap");
