@@ -217,11 +217,17 @@ async fn issue(
 ) {
     let (services, secrets) = (serving.services.clone(), serving.secrets.clone());
     let synced = {
-        let (services, secrets, health) = (services.clone(), secrets.clone(), ctx.health.clone());
+        let (services, secrets, health, stop) =
+            (services.clone(), secrets.clone(), ctx.health.clone(), shutdown.clone());
         async move {
-            if services.wait_until_ready().await.is_ok() && secrets.wait_until_ready().await.is_ok() {
-                health.set_caches_synced();
-                tracing::info!("caches synced");
+            let ready = async { services.wait_until_ready().await.is_ok() && secrets.wait_until_ready().await.is_ok() };
+            // A stop before the first lists completed ends the watches: they never will.
+            tokio::select! {
+                _ = stop.signal() => {}
+                true = ready => {
+                    health.set_caches_synced();
+                    tracing::info!("caches synced");
+                }
             }
         }
     };
