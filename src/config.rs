@@ -65,18 +65,10 @@ pub struct InspectArgs {
     #[arg(long, env = "SERVICE_CA_NAMESPACE", default_value = "openshift-service-ca")]
     pub operator_namespace: String,
 
-    /// As the operator's flag: when the CA rotation is due.
-    #[arg(long, env = "SERVICE_CA_CA_ROTATE_BEFORE", default_value = "395d", value_parser = humantime::parse_duration)]
-    pub ca_rotate_before: Duration,
-
-    /// As the operator's flag: serving-certificate lifetime (for the refresh time).
-    #[arg(long, env = "SERVICE_CA_CERT_LIFETIME", default_value = "730d", value_parser = humantime::parse_duration)]
-    pub cert_lifetime: Duration,
-
-    /// As the operator's flag (default: a third of --cert-lifetime, at least 1h, at
-    /// most half of it).
-    #[arg(long, env = "SERVICE_CA_CERT_REFRESH_BEFORE", value_parser = humantime::parse_duration)]
-    pub cert_refresh_before: Option<Duration>,
+    /// The operator's certificate policy (the same flags and variables), to judge when
+    /// rotations and refreshes are due.
+    #[command(flatten)]
+    pub policy: PolicyFlags,
 
     /// Roll the listed Deployments, StatefulSets and DaemonSets like `kubectl rollout
     /// restart`. A dry run unless --yes is given (or confirmed at the prompt when stdin
@@ -142,17 +134,9 @@ pub enum LogFormat {
     Json,
 }
 
+/// The certificate-policy flags `run` and `inspect` share.
 #[derive(Debug, Clone, Args)]
-pub struct Config {
-    /// Namespace of the operator: holds the `signing-key` Secret, the
-    /// `signing-cabundle` ConfigMap and the leader-election Lease.
-    #[arg(long, env = "SERVICE_CA_NAMESPACE", default_value = "openshift-service-ca")]
-    pub namespace: String,
-
-    /// Validity of a new CA certificate.
-    #[arg(long, env = "SERVICE_CA_CA_LIFETIME", default_value = "790d", value_parser = humantime::parse_duration)]
-    pub ca_lifetime: Duration,
-
+pub struct PolicyFlags {
     /// Rotate the CA when less than this is left; also the minimum time the previous
     /// CA stays trusted after a rotation.
     #[arg(long, env = "SERVICE_CA_CA_ROTATE_BEFORE", default_value = "395d", value_parser = humantime::parse_duration)]
@@ -166,6 +150,28 @@ pub struct Config {
     /// --cert-lifetime, at least 1h, at most half of --cert-lifetime.
     #[arg(long, env = "SERVICE_CA_CERT_REFRESH_BEFORE", value_parser = humantime::parse_duration)]
     pub cert_refresh_before: Option<Duration>,
+}
+
+impl PolicyFlags {
+    /// `--cert-refresh-before`, or its default for `--cert-lifetime`.
+    pub fn cert_refresh_before(&self) -> Duration {
+        self.cert_refresh_before.unwrap_or_else(|| LeafPolicy::default_refresh_before(self.cert_lifetime))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Namespace of the operator: holds the `signing-key` Secret, the
+    /// `signing-cabundle` ConfigMap and the leader-election Lease.
+    #[arg(long, env = "SERVICE_CA_NAMESPACE", default_value = "openshift-service-ca")]
+    pub namespace: String,
+
+    /// Validity of a new CA certificate.
+    #[arg(long, env = "SERVICE_CA_CA_LIFETIME", default_value = "790d", value_parser = humantime::parse_duration)]
+    pub ca_lifetime: Duration,
+
+    #[command(flatten)]
+    pub policy: PolicyFlags,
 
     /// DNS domain of the cluster, used in the `<svc>.<ns>.svc.<domain>` name.
     #[arg(long, env = "SERVICE_CA_CLUSTER_DOMAIN", default_value = "cluster.local")]
@@ -280,23 +286,23 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         // X.509 dates end in 9999; a century is more than any CA needs.
         let century = Duration::from_secs(100 * 365 * 86_400);
-        for (flag, value) in [("--ca-lifetime", self.ca_lifetime), ("--cert-lifetime", self.cert_lifetime)] {
+        for (flag, value) in [("--ca-lifetime", self.ca_lifetime), ("--cert-lifetime", self.policy.cert_lifetime)] {
             if value > century {
                 return Err(format!("{flag} ({}) must be at most 100 years", humantime::format_duration(value)));
             }
         }
-        if self.ca_rotate_before >= self.ca_lifetime {
+        if self.policy.ca_rotate_before >= self.ca_lifetime {
             return Err(format!(
                 "--ca-rotate-before ({}) must be shorter than --ca-lifetime ({})",
-                humantime::format_duration(self.ca_rotate_before),
+                humantime::format_duration(self.policy.ca_rotate_before),
                 humantime::format_duration(self.ca_lifetime)
             ));
         }
-        if self.cert_refresh_before() >= self.cert_lifetime {
+        if self.cert_refresh_before() >= self.policy.cert_lifetime {
             return Err(format!(
                 "--cert-refresh-before ({}) must be shorter than --cert-lifetime ({})",
                 humantime::format_duration(self.cert_refresh_before()),
-                humantime::format_duration(self.cert_lifetime)
+                humantime::format_duration(self.policy.cert_lifetime)
             ));
         }
         parse_selector(&self.selector).map_err(|e| format!("--selector {:?}: {e}", self.selector))?;
@@ -326,17 +332,17 @@ impl Config {
     }
 
     pub fn cert_refresh_before(&self) -> Duration {
-        self.cert_refresh_before.unwrap_or_else(|| LeafPolicy::default_refresh_before(self.cert_lifetime))
+        self.policy.cert_refresh_before()
     }
 
     pub fn ca_policy(&self) -> CaPolicy {
-        CaPolicy { lifetime: self.ca_lifetime, rotate_before: self.ca_rotate_before }
+        CaPolicy { lifetime: self.ca_lifetime, rotate_before: self.policy.ca_rotate_before }
     }
 
     pub fn leaf_policy(&self) -> LeafPolicy {
         LeafPolicy {
             cluster_domain: self.cluster_domain.clone(),
-            lifetime: self.cert_lifetime,
+            lifetime: self.policy.cert_lifetime,
             refresh_before: self.cert_refresh_before(),
         }
     }
@@ -479,8 +485,8 @@ mod tests {
         let c = parse(&["service-ca-operator"]);
         assert_eq!(c.namespace, "openshift-service-ca");
         assert_eq!(c.ca_lifetime, Duration::from_secs(790 * 86_400));
-        assert_eq!(c.ca_rotate_before, Duration::from_secs(395 * 86_400));
-        assert_eq!(c.cert_lifetime, Duration::from_secs(730 * 86_400));
+        assert_eq!(c.policy.ca_rotate_before, Duration::from_secs(395 * 86_400));
+        assert_eq!(c.policy.cert_lifetime, Duration::from_secs(730 * 86_400));
         assert_eq!(c.cert_refresh_before(), Duration::from_secs(730 * 86_400 / 3));
         assert_eq!(c.cluster_domain, "cluster.local");
         assert!(c.leader_elect);
@@ -493,12 +499,12 @@ mod tests {
     #[test]
     fn run_subcommand_and_human_durations() {
         let c = parse(&["service-ca-operator", "run", "--cert-lifetime", "90s", "--leader-elect=false"]);
-        assert_eq!(c.cert_lifetime, Duration::from_secs(90));
+        assert_eq!(c.policy.cert_lifetime, Duration::from_secs(90));
         assert_eq!(c.cert_refresh_before(), Duration::from_secs(45));
         assert!(!c.leader_elect);
         let c = parse(&["service-ca-operator", "--ca-lifetime", "30d", "--ca-rotate-before", "12h 30m"]);
         assert_eq!(c.ca_lifetime, Duration::from_secs(30 * 86_400));
-        assert_eq!(c.ca_rotate_before, Duration::from_secs(45_000));
+        assert_eq!(c.policy.ca_rotate_before, Duration::from_secs(45_000));
     }
 
     #[test]

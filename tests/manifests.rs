@@ -148,10 +148,10 @@ fn chart_values_have_the_binary_defaults() {
     let o = &v["operator"];
     let duration = |key: &str| humantime::parse_duration(o[key].as_str().unwrap()).unwrap();
     assert_eq!(duration("caLifetime"), c.ca_lifetime);
-    assert_eq!(duration("caRotateBefore"), c.ca_rotate_before);
-    assert_eq!(duration("certLifetime"), c.cert_lifetime);
+    assert_eq!(duration("caRotateBefore"), c.policy.ca_rotate_before);
+    assert_eq!(duration("certLifetime"), c.policy.cert_lifetime);
     assert_eq!(duration("leaseDuration"), c.lease_duration);
-    assert!(o["certRefreshBefore"].is_null() && c.cert_refresh_before.is_none());
+    assert!(o["certRefreshBefore"].is_null() && c.policy.cert_refresh_before.is_none());
     assert!(o["leaseIdentity"].is_null() && c.lease_identity.is_none());
     assert!(o["maxConcurrentIssuance"].is_null() && c.max_concurrent_issuance.is_none());
     assert_eq!(o["clusterDomain"], c.cluster_domain.as_str());

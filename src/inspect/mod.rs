@@ -40,11 +40,14 @@ const RESTART_MANAGER: &str = "service-ca-inspect";
 
 impl InspectArgs {
     fn policy(&self) -> Policy {
-        let refresh_before =
-            self.cert_refresh_before.unwrap_or_else(|| LeafPolicy::default_refresh_before(self.cert_lifetime));
+        let flags = &self.policy;
         Policy {
-            ca_rotate_before: self.ca_rotate_before,
-            leaf: LeafPolicy { cluster_domain: String::new(), lifetime: self.cert_lifetime, refresh_before },
+            ca_rotate_before: flags.ca_rotate_before,
+            leaf: LeafPolicy {
+                cluster_domain: String::new(),
+                lifetime: flags.cert_lifetime,
+                refresh_before: flags.cert_refresh_before(),
+            },
         }
     }
 }

@@ -173,7 +173,7 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result
         now,
         grace: ctx.config.pod_certificate_grace,
         // Never longer than the previous CA stays in the bundle after a rotation.
-        max_lifetime: ctx.config.pod_certificate_max_lifetime.min(ctx.config.ca_rotate_before),
+        max_lifetime: ctx.config.pod_certificate_max_lifetime.min(ctx.config.policy.ca_rotate_before),
         cluster_domain: &ctx.config.cluster_domain,
         ca_not_after: signer.ca.not_after(),
     };
