@@ -66,10 +66,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     } else {
         let lease = acquire_lease(&ctx, &identity).await?;
-        let result = if ctx.sharing.enabled() {
-            share(&ctx, serving, pods, published, &lease.0, &shutdown).await
-        } else {
-            stand_by(&ctx, serving, pods, published, &lease.0, &shutdown).await
+        let result = tokio::select! {
+            result = with_lease(ctx.clone(), serving, pods, published, lease.0.clone(), shutdown.clone()) => result,
+            // Exit at once: only the holder of the lease may do the leader's writes.
+            _ = lost(lease.0.clone()) => Err(anyhow::anyhow!(
+                "lost the leader lease; exiting so that only the leader writes the CA and the bundles"
+            )),
         };
         release(lease).await;
         result?;
@@ -79,81 +81,74 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Issuance shared across replicas: this replica issues its share from the start,
-/// loads the CA as the leader publishes it, and does the leader's work too once it
-/// holds the lease.
-async fn share(
-    ctx: &Arc<Context>,
+/// With leader election. Issuance shared (`--share-issuance`): this replica issues its
+/// share from the start, follows the CA and the trust bundle as the leader publishes
+/// them, and does the leader's work once it holds the lease. Not shared: it stands by,
+/// then does everything once elected.
+async fn with_lease(
+    ctx: Arc<Context>,
     serving: ServingWatches,
     pods: bool,
     published: pod_certs::Published,
-    leader: &watch::Receiver<bool>,
-    shutdown: &Shutdown,
+    leader: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    ctx.health.set_role(Role::Member);
-    let leading = {
-        let (ctx, published, shutdown, mut elected) =
-            (ctx.clone(), published.clone(), shutdown.clone(), leader.clone());
-        async move {
-            let follow = async {
-                let observe = async {
-                    if pods {
-                        trust_bundle::observe(ctx.clone(), published.clone()).await;
-                    }
-                };
-                tokio::join!(ca_lifecycle::follow(ctx.clone()), observe);
-            };
-            tokio::select! {
-                _ = shutdown.signal() => return,
-                _ = follow => return,
-                result = elected.wait_for(|is_leader| *is_leader) => if result.is_err() { return },
+    let shared = ctx.sharing.enabled();
+    ctx.health.set_role(if shared { Role::Member } else { Role::Standby });
+    let (now, once_elected) = if shared { (Some(serving), None) } else { (None, Some(serving)) };
+    let issuing = async {
+        if let Some(serving) = now {
+            tokio::join!(
+                sharing::run(ctx.clone(), ctx.sharing.clone(), shutdown.clone()),
+                issue(ctx.clone(), serving, pods, published.clone(), shutdown.clone()),
+            );
+        }
+    };
+    let leading = async {
+        if !elected(&ctx, pods, &published, leader, &shutdown).await? {
+            return Ok(());
+        }
+        tracing::info!("acquired the leader lease");
+        ctx.health.set_role(Role::Leader);
+        let late = async {
+            if let Some(serving) = once_elected {
+                issue(ctx.clone(), serving, pods, published.clone(), shutdown.clone()).await;
             }
-            tracing::info!("acquired the leader lease");
-            ctx.health.set_role(Role::Leader);
-            lead(ctx, pods, published, shutdown).await;
-        }
+        };
+        tokio::join!(lead(ctx.clone(), pods, published.clone(), shutdown.clone()), late);
+        Ok::<_, anyhow::Error>(())
     };
-    let work = async {
-        tokio::join!(
-            sharing::run(ctx.clone(), ctx.sharing.clone(), shutdown.clone()),
-            issue(ctx.clone(), serving, pods, published.clone(), shutdown.clone()),
-            leading,
-        )
-    };
-    tokio::select! {
-        _ = work => Ok(()),
-        _ = lost(leader.clone()) => {
-            // Exit at once: only the holder of the lease may do the leader's writes.
-            anyhow::bail!("lost the leader lease; exiting so that only the leader writes the CA and the bundles")
-        }
-    }
+    tokio::join!(issuing, leading).1
 }
 
-/// One active replica: waits for the lease, then does everything.
-async fn stand_by(
+/// Waits for the leader lease (`false`: shutdown came first). Meanwhile a member
+/// loads the CA, and learns the published trust bundle, as the leader writes them.
+async fn elected(
     ctx: &Arc<Context>,
-    serving: ServingWatches,
     pods: bool,
-    published: pod_certs::Published,
-    leader: &watch::Receiver<bool>,
+    published: &pod_certs::Published,
+    mut leader: watch::Receiver<bool>,
     shutdown: &Shutdown,
-) -> anyhow::Result<()> {
-    let mut elected = leader.clone();
-    tokio::select! {
-        _ = shutdown.signal() => return Ok(()),
-        result = elected.wait_for(|is_leader| *is_leader) => { result.context("leader election stopped")?; }
-    }
-    tracing::info!("acquired the leader lease");
-    ctx.health.set_role(Role::Leader);
-    let work = async {
-        tokio::join!(
-            issue(ctx.clone(), serving, pods, published.clone(), shutdown.clone()),
-            lead(ctx.clone(), pods, published, shutdown.clone()),
-        )
+) -> anyhow::Result<bool> {
+    let follow = async {
+        if !ctx.sharing.enabled() {
+            return std::future::pending().await;
+        }
+        let observe = async {
+            if pods {
+                trust_bundle::observe(ctx.clone(), published.clone()).await;
+            }
+        };
+        tokio::join!(ca_lifecycle::follow(ctx.clone()), observe);
     };
     tokio::select! {
-        _ = work => Ok(()),
-        _ = lost(leader.clone()) => anyhow::bail!("lost the leader lease; exiting so that only the leader writes"),
+        _ = shutdown.signal() => Ok(false),
+        // The watches end only with the process.
+        _ = follow => Ok(false),
+        result = leader.wait_for(|is_leader| *is_leader) => {
+            result.context("leader election stopped")?;
+            Ok(true)
+        }
     }
 }
 
