@@ -521,18 +521,9 @@ async fn b10_scale_out(report: &mut Report) -> Vec<Env> {
         let env = Env::new(&format!("bench-b10-{replicas}")).await;
         let ops: Vec<Operator> = (0..replicas)
             .map(|i| {
-                let mut args = env.operator_args();
-                args.retain(|a| a != "--leader-elect=false");
-                args.extend(
-                    ["--leader-elect=true", "--lease-duration", "5s", "--max-concurrent-issuance", "1"]
-                        .map(String::from),
-                );
-                args.extend([
-                    "--key-buffer".to_string(),
-                    "0".to_string(),
-                    "--lease-identity".to_string(),
-                    format!("r{i}"),
-                ]);
+                let identity = format!("r{i}");
+                let extra = ["--max-concurrent-issuance", "1", "--key-buffer", "0", "--lease-identity", &identity];
+                let args = env.leader_elect_args("5s", &extra);
                 Operator::start_with_kubeconfig(&env.name, &args, &env.kubeconfig)
             })
             .collect();

@@ -31,6 +31,18 @@ fn selector_matches(selector: &str, labels: &BTreeMap<String, String>) -> bool {
         .is_ok_and(|requirements| service_ca_operator::config::selector_matches(&requirements, labels))
 }
 
+/// The leaf request of Service `n/s` (headless) both fuzzed Secrets are made for.
+fn service_s() -> LeafRequest {
+    LeafRequest {
+        service: "s".into(),
+        namespace: "n".into(),
+        uid: "u-1".into(),
+        headless: true,
+        cluster_domain: "cluster.local".into(),
+        key: service_ca_operator::pki::KeyKind::Rsa { bits: 2048 },
+    }
+}
+
 fn cases() -> u32 {
     std::env::var("FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000)
 }
@@ -56,14 +68,7 @@ fn seeds() -> &'static (BTreeMap<String, Vec<u8>>, String, String) {
             CaPolicy { lifetime: Duration::from_secs(86_400 * 30), rotate_before: Duration::from_secs(86_400) };
         let ca = CertificateAuthority::create(PrivateKey::generate_rsa(2048).unwrap(), now, &policy).unwrap();
         let ca = ca.rotate(PrivateKey::generate_rsa(2048).unwrap(), now, &policy).unwrap();
-        let req = LeafRequest {
-            service: "s".into(),
-            namespace: "n".into(),
-            uid: "u-1".into(),
-            headless: true,
-            cluster_domain: "cluster.local".into(),
-            key: service_ca_operator::pki::KeyKind::Rsa { bits: 2048 },
-        };
+        let req = service_s();
         let leaf = ca.issue(&req, &PrivateKey::generate_rsa(2048).unwrap(), now, Duration::from_secs(86_400)).unwrap();
         (ca.to_secret_data(), leaf.chain_pem, leaf.key_pem.to_string())
     })
@@ -133,14 +138,7 @@ fn serving_secret_data_through_the_decision_never_panics() {
         lifetime: Duration::from_secs(86_400),
         refresh_before: Duration::from_secs(3_600),
     };
-    let svc = LeafRequest {
-        service: "s".into(),
-        namespace: "n".into(),
-        uid: "u-1".into(),
-        headless: true,
-        cluster_domain: "cluster.local".into(),
-        key: service_ca_operator::pki::KeyKind::Rsa { bits: 2048 },
-    };
+    let svc = service_s();
     let strategy = (untrusted(chain.into_bytes()), untrusted(key.into_bytes()), ".{0,40}");
     run("serving Secret decision", strategy, |(cert, key, expiry)| {
         let annotations = BTreeMap::from([

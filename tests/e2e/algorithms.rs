@@ -12,7 +12,7 @@ use service_ca_operator::pki::{KeyKind, PrivateKey};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::support::tls::{self, TlsServer};
-use crate::support::{Env, Operator, annotation, certs, data, eventually, metric};
+use crate::support::{Env, annotation, certs, data, eventually, metric};
 
 const T: Duration = Duration::from_secs(30);
 const BETA_NAME: &str = "service.beta.openshift.io/serving-cert-secret-name";
@@ -53,10 +53,6 @@ async fn secret_with_key(env: &Env, name: &str, kind: KeyKind) -> Secret {
 async fn annotate_service(env: &Env, name: &str, annotations: serde_json::Value) {
     let patch = json!({ "metadata": { "annotations": annotations } });
     env.services().patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-}
-
-async fn metrics(op: &Operator) -> String {
-    op.metrics().await.expect("the operator's /metrics").1
 }
 
 /// Every issued pair is served by rustls, OpenSSL and Go, each reached by all three
@@ -125,7 +121,7 @@ async fn an_invalid_value_is_reported_and_nothing_is_generated_or_written() {
     })
     .await;
     assert!(env.secrets().get_opt("web-tls").await.unwrap().is_none(), "no Secret for an invalid value");
-    assert_eq!(metric(&metrics(&op).await, "service_ca_keys_generated_total"), 1.0, "the CA key only");
+    assert_eq!(metric(&op.metrics_page().await, "service_ca_keys_generated_total"), 1.0, "the CA key only");
 
     // Fixed: the Secret appears and the error annotations go.
     annotate_service(&env, "web", json!({ BETA_ALG: "ecdsa" })).await;
@@ -181,7 +177,7 @@ async fn changing_the_default_reissues_the_services_without_the_annotation() {
     assert_served_everywhere(&env, &plain, "plain", &bundle);
     // Settled: the Service that names its algorithm kept its certificate.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let page = metrics(&op).await;
+    let page = op.metrics_page().await;
     assert_eq!(metric(&page, "service_ca_certificates_issued_total{reason=\"key-algorithm\"}"), 1.0, "{page}");
     let still = env.secrets().get("pinned-tls").await.unwrap();
     assert_eq!(certs::serial(&still), certs::serial(&pinned), "an annotated Service is not re-issued");

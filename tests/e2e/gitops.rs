@@ -313,10 +313,6 @@ fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-async fn scrape(op: &crate::support::Operator) -> String {
-    op.metrics().await.expect("metrics").1
-}
-
 #[tokio::test]
 async fn the_operators_own_signing_cabundle_is_never_an_injection_target() {
     let env = Env::new("gitops-own").await;
@@ -330,7 +326,7 @@ async fn the_operators_own_signing_cabundle_is_never_an_injection_target() {
     // every read.
     let patches =
         |text: &str| metric(text, "service_ca_api_writes_total", &[("resource", "configmaps"), ("verb", "patch")]);
-    let before = patches(&scrape(&op).await);
+    let before = patches(&op.metrics_page().await);
     let started = Instant::now();
     let mut reads = 0;
     while started.elapsed() < Duration::from_secs(5) {
@@ -341,7 +337,7 @@ async fn the_operators_own_signing_cabundle_is_never_an_injection_target() {
         reads += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let after = patches(&scrape(&op).await);
+    let after = patches(&op.metrics_page().await);
     assert_eq!((before, after), (0.0, 0.0), "ConfigMap patches by the operator");
     let warning = env.the_one_warning(&env.op_ns, "signing-cabundle").await;
     println!("{:?}: {:?}", warning.reason, warning.note);
@@ -404,12 +400,12 @@ async fn a_legacy_configmap_without_a_root_ca_backs_off_with_one_warning() {
     let op = env.start_operator(&[]);
     env.ca_bundle().await;
     let errors = |text: &str| metric(text, "service_ca_reconcile_errors_total", &[("controller", "ca-bundle")]);
-    eventually(T, "a failed injection", || async { (errors(&scrape(&op).await) > 0.0).then_some(()) }).await;
+    eventually(T, "a failed injection", || async { (errors(&op.metrics_page().await) > 0.0).then_some(()) }).await;
 
     // 20 seconds: retries 2 s, 4 s, 8 s … apart, so at most 5 failed attempts.
-    let before = errors(&scrape(&op).await);
+    let before = errors(&op.metrics_page().await);
     tokio::time::sleep(Duration::from_secs(20)).await;
-    let after = errors(&scrape(&op).await);
+    let after = errors(&op.metrics_page().await);
     println!("failed injection attempts in 20 s: {}", after - before);
     assert!(after - before <= 5.0, "{before} → {after} errors in 20 s");
     let warning = env.the_one_warning(&env.ns, "openshift-service-ca.crt").await;
@@ -449,11 +445,11 @@ async fn a_write_the_api_server_cannot_take_backs_off_with_one_warning() {
             &[("resource", "validatingwebhookconfigurations"), ("verb", "patch")],
         )
     };
-    eventually(T, "a failed injection", || async { (errors(&scrape(&op).await) > 0.0).then_some(()) }).await;
-    let text = scrape(&op).await;
+    eventually(T, "a failed injection", || async { (errors(&op.metrics_page().await) > 0.0).then_some(()) }).await;
+    let text = op.metrics_page().await;
     let (errors_before, writes_before) = (errors(&text), writes(&text));
     tokio::time::sleep(Duration::from_secs(20)).await;
-    let text = scrape(&op).await;
+    let text = op.metrics_page().await;
     let (errors_after, writes_after) = (errors(&text), writes(&text));
     println!("in 20 s: {} failed attempts, {} patches", errors_after - errors_before, writes_after - writes_before);
     assert!(errors_after - errors_before <= 5.0, "{errors_before} → {errors_after} errors in 20 s");

@@ -12,7 +12,7 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
-use crate::support::{Env, Operator, annotation, certs, eventually, metric};
+use crate::support::{Env, annotation, certs, eventually, metric};
 
 const T: Duration = Duration::from_secs(30);
 const BETA_NAME: &str = "service.beta.openshift.io/serving-cert-secret-name";
@@ -21,10 +21,6 @@ const BETA_ERR_NUM: &str = "service.beta.openshift.io/serving-cert-generation-er
 const ALPHA_ERR_NUM: &str = "service.alpha.openshift.io/serving-cert-generation-error-num";
 const MANAGED: &str = "service-ca.operators.openshift.io/managed";
 const FORCE: &str = "service-ca.operators.openshift.io/force-rotation";
-
-async fn metrics(op: &Operator) -> String {
-    op.metrics().await.expect("the operator's /metrics").1
-}
 
 async fn force_rotation(env: &Env, reason: &str) {
     let patch = json!({ "metadata": { "annotations": { FORCE: reason } } });
@@ -62,7 +58,7 @@ async fn immutable_managed_secrets_are_recreated_through_a_rotation_without_star
         let patch = json!({ "immutable": true });
         env.secrets().patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     }
-    let keys_before = metric(&metrics(&op).await, "service_ca_keys_generated_total");
+    let keys_before = metric(&op.metrics_page().await, "service_ca_keys_generated_total");
     force_rotation(&env, "frozen").await;
     let new_ski = certs::ca_ski(&rotated(&env, "frozen").await);
 
@@ -97,7 +93,7 @@ async fn immutable_managed_secrets_are_recreated_through_a_rotation_without_star
     }
     // Quiet afterwards: every key was spent once.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let page = metrics(&op).await;
+    let page = op.metrics_page().await;
     let keys = metric(&page, "service_ca_keys_generated_total") - keys_before;
     println!(
         "{n} immutable Secrets through a forced rotation: new Service's Secret after {fresh:?}, when \
@@ -170,7 +166,7 @@ async fn refused_writes_are_reported_backed_off_capped_and_cost_no_new_keys() {
     force_rotation(&env, "refused").await;
     rotated(&env, "refused").await;
     eventually(T, "the first reported failure", || async { (error_count(&env, "web").await >= 1).then_some(()) }).await;
-    let keys_at_first = metric(&metrics(&op).await, "service_ca_keys_generated_total");
+    let keys_at_first = metric(&op.metrics_page().await, "service_ca_keys_generated_total");
     // Backoff 2 s, 4 s: two more reported failures about 6 s later.
     eventually(Duration::from_secs(40), "three reported failures", || async {
         (error_count(&env, "web").await >= 3).then_some(())
@@ -181,7 +177,7 @@ async fn refused_writes_are_reported_backed_off_capped_and_cost_no_new_keys() {
     assert!(message.contains("frozen by policy"), "{message}");
     let warnings = env.events(&env.ns, Some("web"), Some("ServingCertificateError")).await;
     assert!(!warnings.is_empty(), "a Warning Event on the Service");
-    let page = metrics(&op).await;
+    let page = op.metrics_page().await;
     let keys = metric(&page, "service_ca_keys_generated_total") - keys_at_first;
     let failures = metric(&page, "service_ca_certificate_issuance_failures_total{reason=\"refused\"");
     println!("{failures} refused attempts; the retries after the first cost {keys} keys");
@@ -201,9 +197,9 @@ async fn refused_writes_are_reported_backed_off_capped_and_cost_no_new_keys() {
         events.iter().any(|e| e.note.as_deref().is_some_and(|n| n.contains("Stopped retrying"))).then_some(())
     })
     .await;
-    let writes = metric(&metrics(&op).await, "service_ca_api_writes_total");
+    let writes = metric(&op.metrics_page().await, "service_ca_api_writes_total");
     tokio::time::sleep(Duration::from_secs(6)).await;
-    assert_eq!(metric(&metrics(&op).await, "service_ca_api_writes_total"), writes, "no write after the cap");
+    assert_eq!(metric(&op.metrics_page().await, "service_ca_api_writes_total"), writes, "no write after the cap");
     let _ = Api::<kube::api::DynamicObject>::all_with(
         env.client.clone(),
         &kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
@@ -242,10 +238,10 @@ async fn huge_user_input_is_echoed_bounded_and_the_cap_is_reached() {
         println!("{svc}: {} bytes of error message", message.len());
         assert!(message.len() < 1_000, "{svc}: the echo is bounded ({} bytes)", message.len());
     }
-    let page = metrics(&op).await;
+    let page = op.metrics_page().await;
     let writes = metric(&page, "service_ca_api_writes_total{resource=\"services\"");
     tokio::time::sleep(Duration::from_secs(8)).await;
-    let after = metric(&metrics(&op).await, "service_ca_api_writes_total{resource=\"services\"");
+    let after = metric(&op.metrics_page().await, "service_ca_api_writes_total{resource=\"services\"");
     println!("Service writes: {writes} to reach the cap, {} after", after - writes);
     assert_eq!(writes, 2.0, "one write per Service took each to the cap");
     assert_eq!(after, writes, "and none after");
@@ -278,11 +274,11 @@ async fn a_deleted_namespace_costs_nothing_once_it_is_gone() {
     })
     .await;
     println!("settled {:?} after the namespace was gone", gone.elapsed());
-    let page = metrics(&op).await;
+    let page = op.metrics_page().await;
     let (errors, writes) =
         (metric(&page, "service_ca_reconcile_errors_total"), metric(&page, "service_ca_api_writes_total"));
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let page = metrics(&op).await;
+    let page = op.metrics_page().await;
     let (errors_after, writes_after) =
         (metric(&page, "service_ca_reconcile_errors_total"), metric(&page, "service_ca_api_writes_total"));
     println!("after the namespace went: {} reconcile errors, {} writes", errors_after - errors, writes_after - writes);
@@ -334,7 +330,7 @@ async fn a_failing_rotation_is_reported_once_degrades_readiness_and_costs_one_ke
     // signing-key frozen: the rotation's write is refused by the API server.
     let patch = json!({ "immutable": true });
     env.op_secrets().patch("signing-key", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-    let keys_before = metric(&metrics(&op).await, "service_ca_keys_generated_total");
+    let keys_before = metric(&op.metrics_page().await, "service_ca_keys_generated_total");
     force_rotation(&env, "blocked").await;
     eventually(Duration::from_secs(40), "three failed attempts", || async {
         (metric(&op.metrics().await?.1, "service_ca_rotation_failures_total") >= 3.0).then_some(())
@@ -345,7 +341,7 @@ async fn a_failing_rotation_is_reported_once_degrades_readiness_and_costs_one_ke
     assert!(body.contains("degraded"), "{body}");
     let warnings = env.events(&env.op_ns, Some("signing-key"), Some("ServiceCARotationFailed")).await;
     assert_eq!(warnings.len(), 1, "one Event for the same failure: {warnings:?}");
-    let keys = metric(&metrics(&op).await, "service_ca_keys_generated_total") - keys_before;
+    let keys = metric(&op.metrics_page().await, "service_ca_keys_generated_total") - keys_before;
     assert_eq!(keys, 1.0, "one CA key, reused by every attempt");
 }
 

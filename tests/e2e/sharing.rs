@@ -28,21 +28,13 @@ fn replicas(env: &Env, n: usize, lease: &str) -> Vec<Operator> {
 fn replicas_with(env: &Env, n: usize, lease: &str, extra: &[&str]) -> Vec<Operator> {
     (0..n)
         .map(|i| {
-            let mut args = env.operator_args();
-            args.extend(extra.iter().map(|a| a.to_string()));
-            args.retain(|a| a != "--leader-elect=false");
-            args.extend(
-                ["--leader-elect=true", "--lease-duration", lease, "--default-key-algorithm", "ecdsa"]
-                    .map(String::from),
-            );
-            args.extend(["--lease-identity".to_string(), format!("r{i}")]);
+            let identity = format!("r{i}");
+            let mut args = vec!["--default-key-algorithm", "ecdsa", "--lease-identity", &identity];
+            args.extend_from_slice(extra);
+            let args = env.leader_elect_args(lease, &args);
             Operator::start_with_kubeconfig(&env.name, &args, &env.kubeconfig)
         })
         .collect()
-}
-
-async fn page(op: &Operator) -> String {
-    op.metrics().await.map(|(_, page)| page).unwrap_or_default()
 }
 
 /// Waits until every replica is ready and sees `n` members.
@@ -122,7 +114,7 @@ async fn three_replicas_share_issuance_with_one_write_per_certificate() {
     let bundle = env.ca_bundle().await;
     let secrets = issued(&env).await.unwrap();
     assert_eq!(secrets.len(), n, "exactly one Secret per Service");
-    let cas: BTreeSet<Vec<u8>> = certs::ders(&bundle).into_iter().filter_map(pki_ski).collect();
+    let cas: BTreeSet<Vec<u8>> = certs::skis(&bundle).into_iter().collect();
     for secret in secrets.values() {
         assert!(cas.contains(&certs::leaf_aki(secret)), "{} not signed by a CA in the bundle", secret.name_any());
     }
@@ -130,7 +122,7 @@ async fn three_replicas_share_issuance_with_one_write_per_certificate() {
     let mut shares = Vec::new();
     let mut creates = 0.0;
     for op in &ops {
-        let page = page(op).await;
+        let page = op.metrics_page().await;
         shares.push(metric(&page, "service_ca_certificates_issued_total"));
         creates += metric(&page, "service_ca_api_writes_total{resource=\"secrets\",verb=\"create\"");
     }
@@ -150,10 +142,6 @@ async fn three_replicas_share_issuance_with_one_write_per_certificate() {
 /// resourceVersion as a number (etcd's revision: the API server's order of writes).
 fn rv(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> u64 {
     meta.resource_version.as_deref().and_then(|v| v.parse().ok()).unwrap_or(0)
-}
-
-fn pki_ski(der: Vec<u8>) -> Option<Vec<u8>> {
-    service_ca_operator::pki::CertInfo::parse("bundle", der).ok()?.subject_key_id
 }
 
 /// The replica identities (r0, r1, r2) in `ops` order; the leader's index.
@@ -254,7 +242,7 @@ async fn after_a_forced_rotation_every_replica_signs_only_with_a_ca_already_in_t
             let mut s = std::pin::pin!(cm_stream);
             while let Some(Ok(cm)) = s.next().await {
                 let pem = cm.data.clone().unwrap_or_default().remove("ca-bundle.crt").unwrap_or_default();
-                let skis = certs::ders(&pem).into_iter().filter_map(pki_ski).collect();
+                let skis = certs::skis(&pem).into_iter().collect();
                 log.lock().unwrap().push((rv(&cm.metadata), Written::Bundle(skis)));
             }
         });
@@ -304,7 +292,7 @@ async fn after_a_forced_rotation_every_replica_signs_only_with_a_ca_already_in_t
     let issued_by: Vec<f64> = {
         let mut v = Vec::new();
         for op in &ops {
-            v.push(metric(&page(op).await, "service_ca_certificates_issued_total"));
+            v.push(metric(&op.metrics_page().await, "service_ca_certificates_issued_total"));
         }
         v
     };
@@ -404,7 +392,7 @@ async fn pod_certificate_requests_are_shared_too() {
     }
     let mut answered = Vec::new();
     for op in &ops {
-        answered.push(metric(&page(op).await, "service_ca_pod_certificate_requests_total"));
+        answered.push(metric(&op.metrics_page().await, "service_ca_pod_certificate_requests_total"));
     }
     println!("3 replicas, {n} pod certificate requests: issued per replica {answered:?}");
     assert_eq!(answered.iter().sum::<f64>(), n as f64, "each request answered once");

@@ -418,9 +418,7 @@ fn rbac_compare_with_the_audit_log(audit_start: usize) {
 #[tokio::test]
 async fn leader_election_one_writer_fast_handover_no_duplicate_issuance() {
     let env = Env::new("leader").await;
-    let mut args = env.operator_args();
-    args.retain(|a| a != "--leader-elect=false");
-    args.extend(["--leader-elect=true", "--lease-duration", "4s", "--share-issuance=false"].map(String::from));
+    let args = env.leader_elect_args("4s", &["--share-issuance=false"]);
     let mut a = Operator::start("leader-a", &args);
     a.wait_ready(T).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -492,9 +490,7 @@ async fn leader_election_one_writer_fast_handover_no_duplicate_issuance() {
 #[tokio::test]
 async fn sigterm_finishes_work_and_releases_the_lease() {
     let env = Env::new("shutdown").await;
-    let mut args = env.operator_args();
-    args.retain(|a| a != "--leader-elect=false");
-    args.extend(["--leader-elect=true", "--lease-duration", "15s", "--share-issuance=false"].map(String::from));
+    let args = env.leader_elect_args("15s", &["--share-issuance=false"]);
     let mut first = Operator::start("shutdown-a", &args);
     first.wait_ready(T).await;
     env.annotated_service("s", "s-tls", false).await;
@@ -541,9 +537,7 @@ async fn admin_endpoints_serve_probes_and_the_spec_metrics() {
 #[tokio::test]
 async fn a_paused_leader_that_lost_its_lease_signs_nothing_when_it_resumes() {
     let env = Env::new("paused").await;
-    let mut args = env.operator_args();
-    args.retain(|a| a != "--leader-elect=false");
-    args.extend(["--leader-elect=true", "--lease-duration", "4s", "--share-issuance=false"].map(String::from));
+    let args = env.leader_elect_args("4s", &["--share-issuance=false"]);
     let mut a = Operator::start("paused-a", &args);
     a.wait_ready(T).await;
     tokio::time::sleep(Duration::from_secs(1)).await;

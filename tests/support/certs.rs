@@ -16,6 +16,11 @@ pub fn ders(pem: &str) -> Vec<Vec<u8>> {
     pki::pem::decode_certificates("pem", pem.as_bytes()).unwrap_or_default()
 }
 
+/// The subject key ids of every certificate of a PEM bundle (which CAs it trusts).
+pub fn skis(pem: &str) -> Vec<Vec<u8>> {
+    ders(pem).into_iter().filter_map(|der| CertInfo::parse("bundle", der).ok()?.subject_key_id).collect()
+}
+
 /// The first certificate of a PEM chain, or `None` if there is none or it does not
 /// parse.
 pub fn try_first(pem: &str) -> Option<CertInfo> {

@@ -239,6 +239,20 @@ impl Env {
         ]
     }
 
+    /// The standard arguments, with leader election (lease `lease`) in place of
+    /// `--leader-elect=false`, then `extra`.
+    pub fn leader_elect_args(&self, lease: &str, extra: &[&str]) -> Vec<String> {
+        let mut args = self.operator_args();
+        args.retain(|a| a != "--leader-elect=false");
+        args.extend(
+            ["--leader-elect=true", "--lease-duration", lease]
+                .into_iter()
+                .chain(extra.iter().copied())
+                .map(String::from),
+        );
+        args
+    }
+
     pub fn start_operator(&self, extra: &[&str]) -> Operator {
         let mut args = self.operator_args();
         args.extend(extra.iter().map(|s| s.to_string()));
@@ -430,6 +444,11 @@ impl Operator {
     /// in tests); (status, body).
     pub async fn metrics(&self) -> Option<(u16, String)> {
         http_get(&format!("http://{}/metrics", self.metrics_addr)).await
+    }
+
+    /// The `/metrics` page (panics if the operator does not answer).
+    pub async fn metrics_page(&self) -> String {
+        self.metrics().await.expect("the operator's /metrics").1
     }
 
     pub fn pid(&self) -> u32 {

@@ -361,7 +361,10 @@ async fn rotate(
         Some(reason) => ("forced", format!("forced rotation (reason {reason:?})")),
         None => (
             "automatic",
-            format!("automatic rotation (less than {} left)", humantime::format_duration(ctx.config.policy.ca_rotate_before)),
+            format!(
+                "automatic rotation (less than {} left)",
+                humantime::format_duration(ctx.config.policy.ca_rotate_before)
+            ),
         ),
     };
     let note = format!(
