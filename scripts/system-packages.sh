@@ -1,24 +1,30 @@
 #!/usr/bin/env bash
-# The system tools the tests use that no Rust or Go build provides: OpenSSL's
+# The system tools the build and tests use that no Rust or Go build provides: a C
+# toolchain (cc, make, ar, strip and glibc's static libc: ring and jemalloc are
+# compiled from C, the image binary is linked statically and stripped), OpenSSL's
 # command-line client (interoperability tests), buildah (the image is built and run
 # without Docker), python3 (the import-cycle check) and kubectl (the shipping and GitOps
-# tests drive the cluster with it, as people do). Installs the first three with apt
+# tests drive the cluster with it, as people do). Installs all but kubectl with apt
 # when run as root; kubectl is not in Debian's own archive, so it must be present (the
 # development machines and CI have it); otherwise says what to install.
 set -euo pipefail
-declare -A package=([openssl]=openssl [buildah]=buildah [python3]=python3)
+declare -A package=([cc]=build-essential [make]=build-essential [strip]=binutils [openssl]=openssl
+  [buildah]=buildah [python3]=python3)
+tools=(cc make strip openssl buildah python3)
 missing=()
-for tool in openssl buildah python3; do
+for tool in "${tools[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("${package[$tool]}")
 done
+# glibc's static libc (the image's -C target-feature=+crt-static link).
+[ -e /usr/lib/x86_64-linux-gnu/libc.a ] || ! command -v apt-get >/dev/null || missing+=(libc6-dev)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "installing ${missing[*]} with apt" >&2
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null || true
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null || true
 fi
 still=()
-for tool in openssl buildah python3 kubectl; do command -v "$tool" >/dev/null 2>&1 || still+=("$tool"); done
+for tool in "${tools[@]}" kubectl; do command -v "$tool" >/dev/null 2>&1 || still+=("$tool"); done
 if [ ${#still[@]} -gt 0 ]; then
   echo "make test needs ${still[*]}: install them (Debian: apt-get install ${still[*]}; kubectl: https://kubernetes.io/docs/tasks/tools/)" >&2
   exit 1

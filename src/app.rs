@@ -8,11 +8,11 @@ use anyhow::Context as _;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use kube::Client;
-use kube::runtime::events::{Recorder, Reporter};
 use tokio::sync::watch;
 
 use crate::admin::{self, Health, Role};
 use crate::config::Config;
+use crate::controllers::events::Recorder;
 use crate::controllers::pod_certs::{self, trust_bundle};
 use crate::controllers::serving::{ServingWatches, cert_refresh, service_key, serving_cert};
 use crate::controllers::sharing::{self, Sharing};
@@ -35,10 +35,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let serving = ServingWatches::new(&client, &config.selector, health.clone());
     let metrics = Arc::new(Metrics::new(Some(serving.secrets.clone())));
     let admin = start_admin(&client, &config, &health, &metrics, &shutdown).await?;
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter { controller: "service-ca-operator".into(), instance: Some(identity.clone()) },
-    );
+    let recorder = Recorder::new(client.clone(), "service-ca-operator", &identity);
     let sharing = if config.leader_elect && config.share_issuance { Sharing::new(&identity) } else { Sharing::off() };
     let ctx = Arc::new(Context {
         client,
@@ -185,7 +182,7 @@ async fn start_admin(
             cert.clone(),
         ));
         let tls = admin::tls::server_config(cert).context("cannot set up TLS for the metrics server")?;
-        let authorizer = Arc::new(admin::authz::Authorizer::new(client.clone(), admin::METRICS_PATH));
+        let authorizer = Arc::new(admin::authz::Authorizer::new(client.clone()));
         tracing::info!(%addr, secure = true, secret = %config.metrics_cert_secret, "metrics server listening (/metrics)");
         let listener = admin::tls::TlsListener::new(listener, tls)?;
         tokio::spawn(admin::serve_metrics(listener, metrics, Some(authorizer), shutdown.signal()))
@@ -301,12 +298,27 @@ async fn acquire_lease(ctx: &Context, identity: &str) -> anyhow::Result<Lease> {
         .with_identity(identity)
         .with_duration(duration)
         .with_grace((duration / 3).max(1))
-        .with_field_manager(format!("{}-lease", ann::FIELD_MANAGER))
+        .with_field_manager(lease_field_manager(identity))
         .build()
         .await
         .context("cannot set up leader election")?;
     tracing::info!(%identity, lease = LEASE_NAME, namespace = %ctx.config.namespace, "waiting for the leader lease");
     Ok(manager.watch().await)
+}
+
+/// The field manager of one replica's writes to the leader Lease: its own, so that the
+/// server-side apply that takes an unheld Lease conflicts (409) when another replica
+/// took it first. With one manager for all replicas, two replicas starting together
+/// could both apply, both read themselves as holder, and lead together until the
+/// earlier one's next renewal. At most 128 bytes (the API server's limit).
+fn lease_field_manager(identity: &str) -> String {
+    let mut manager = format!("{}-lease-{identity}", ann::FIELD_MANAGER);
+    let mut cut = manager.len().min(128);
+    while !manager.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    manager.truncate(cut);
+    manager
 }
 
 fn default_identity() -> String {
@@ -316,4 +328,15 @@ fn default_identity() -> String {
         .unwrap_or_else(|| "service-ca-operator".into());
     let suffix: u32 = rand::random();
     format!("{host}-{suffix:08x}")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn each_replica_writes_the_lease_under_its_own_bounded_field_manager() {
+        assert_eq!(super::lease_field_manager("r1"), "service-ca-operator-lease-r1");
+        assert_ne!(super::lease_field_manager("pod-a"), super::lease_field_manager("pod-b"));
+        let long = super::lease_field_manager(&"é".repeat(200));
+        assert!(long.len() <= 128 && long.starts_with("service-ca-operator-lease-é"), "{long}");
+    }
 }

@@ -157,6 +157,11 @@ impl PolicyFlags {
     pub fn cert_refresh_before(&self) -> Duration {
         self.cert_refresh_before.unwrap_or_else(|| LeafPolicy::default_refresh_before(self.cert_lifetime))
     }
+
+    /// The serving-certificate policy these flags set, for `cluster_domain`.
+    pub fn leaf_policy(&self, cluster_domain: String) -> LeafPolicy {
+        LeafPolicy { cluster_domain, lifetime: self.cert_lifetime, refresh_before: self.cert_refresh_before() }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -340,11 +345,7 @@ impl Config {
     }
 
     pub fn leaf_policy(&self) -> LeafPolicy {
-        LeafPolicy {
-            cluster_domain: self.cluster_domain.clone(),
-            lifetime: self.policy.cert_lifetime,
-            refresh_before: self.cert_refresh_before(),
-        }
+        self.policy.leaf_policy(self.cluster_domain.clone())
     }
 
     pub fn issuance_concurrency(&self) -> usize {

@@ -2,6 +2,9 @@
 
 use service_ca_operator::config::{Cli, LogFormat, Mode};
 
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> std::process::ExitCode {
     let config = match Cli::parse_args().into_mode() {
         Mode::Run(config) => *config,

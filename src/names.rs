@@ -113,6 +113,9 @@ pub fn trust_bundle_name(signer: &str, namespace: &str) -> String {
 /// Field manager name for every write (server-side apply and patches).
 pub const FIELD_MANAGER: &str = "service-ca-operator";
 
+/// The path scrapers ask for, and the non-resource URL they need `get` on.
+pub const METRICS_PATH: &str = "/metrics";
+
 /// Whether an inject annotation value turns injection on (`"true"`, any case).
 pub fn is_true(value: Option<&String>) -> bool {
     value.is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))

@@ -40,14 +40,13 @@ pub enum Verdict {
 
 pub struct Authorizer {
     client: Client,
-    path: &'static str,
     cache: Mutex<HashMap<String, (Instant, Verdict)>>,
     reviews: Semaphore,
 }
 
 impl Authorizer {
-    pub fn new(client: Client, path: &'static str) -> Self {
-        Authorizer { client, path, cache: Mutex::default(), reviews: Semaphore::new(CONCURRENT_REVIEWS) }
+    pub fn new(client: Client) -> Self {
+        Authorizer { client, cache: Mutex::default(), reviews: Semaphore::new(CONCURRENT_REVIEWS) }
     }
 
     /// The verdict for an `Authorization` header value; `Err` when the API server
@@ -89,7 +88,7 @@ impl Authorizer {
                 uid: user.uid,
                 extra: user.extra,
                 non_resource_attributes: Some(NonResourceAttributes {
-                    path: Some(self.path.to_string()),
+                    path: Some(crate::names::METRICS_PATH.to_string()),
                     verb: Some("get".into()),
                 }),
                 ..Default::default()

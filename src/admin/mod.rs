@@ -87,7 +87,8 @@ impl Health {
         if !self.api_reachable.load(Ordering::Relaxed) {
             problems.push("the API server is not reachable");
         }
-        if self.role.load(Ordering::Relaxed) == Role::Standby as u8 {
+        let role = self.role.load(Ordering::Relaxed);
+        if role == Role::Standby as u8 {
             return if problems.is_empty() { Ok("standby: waiting for the leader lease") } else { Err(problems) };
         }
         if !self.signer_loaded.load(Ordering::Relaxed) {
@@ -97,7 +98,6 @@ impl Health {
             problems.push("caches not synced yet");
         }
         let members = self.members.load(Ordering::Relaxed);
-        let role = self.role.load(Ordering::Relaxed);
         if role == Role::Member as u8 && members == 0 {
             problems.push("not yet a member of the replicas sharing issuance");
         }
@@ -140,9 +140,6 @@ async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
     }
 }
 
-/// The path scrapers ask for, and the non-resource URL they need `get` on.
-pub const METRICS_PATH: &str = "/metrics";
-
 #[derive(Clone)]
 struct MetricsState {
     metrics: Arc<Metrics>,
@@ -160,7 +157,9 @@ pub async fn serve_metrics<L: axum::serve::Listener>(
 where
     L::Addr: std::fmt::Debug,
 {
-    let app = Router::new().route(METRICS_PATH, get(metrics_page)).with_state(MetricsState { metrics, authorizer });
+    let app = Router::new()
+        .route(crate::names::METRICS_PATH, get(metrics_page))
+        .with_state(MetricsState { metrics, authorizer });
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 

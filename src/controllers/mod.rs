@@ -21,6 +21,7 @@
 
 pub mod ca_bundle;
 pub mod ca_lifecycle;
+pub mod events;
 pub mod pod_certs;
 pub mod serving;
 pub mod sharing;
@@ -31,16 +32,17 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
 
+pub use self::events::EventType;
+use self::events::{Recorder, Report};
 use crate::admin::Health;
 use crate::config::Config;
 use crate::metrics::{ControllerLabels, ErrorLabels, Metrics};
@@ -69,11 +71,11 @@ impl Context {
     /// behind an old one, the action carries a short digest of the note: the same
     /// message repeated is counted, a different message is a new Event.
     pub async fn event(&self, regarding: &ObjectReference, type_: EventType, reason: &str, note: String) {
-        let note = crate::bounded_to(&note, 1000).into_owned();
+        let note = crate::bounded_to(&note, 1000);
         let action = format!("{reason}/{:08x}", digest(&note) as u32);
-        let event = Event { type_, reason: reason.into(), note: Some(note), action, secondary: None };
         self.metrics.write("events", "create");
-        if let Err(error) = self.recorder.publish(&event, regarding).await {
+        let report = Report { type_, reason, action: &action, note: &note };
+        if let Err(error) = self.recorder.publish(&report, regarding).await {
             tracing::warn!(%error, reason, "could not publish an Event");
         }
     }
@@ -304,6 +306,11 @@ pub fn retry_delay(attempt: u32) -> Duration {
     base.mul_f64(0.9 + rand::random::<f64>() * 0.2)
 }
 
+/// The longest annotation value a cache keeps. Every value the operator reads is far
+/// shorter when valid (a Secret name: 253 bytes); a longer one is invalid however it
+/// ends, and is cut here so that it costs no more than that.
+const MAX_CACHED_VALUE: usize = 1024;
+
 /// How long the first (streaming) list may take before the watch lists instead.
 const FIRST_LIST_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -356,7 +363,8 @@ where
 /// enter it, so a cluster full of unannotated objects costs no memory. What the
 /// operator never reads is dropped before caching (managedFields, the last-applied
 /// annotation, and whatever `trim` removes). An object is yielded only when its
-/// resourceVersion is new to the stream. Watch errors are logged and reported to the
+/// resourceVersion differs from the cached one and `changed(cached, new)` holds (a
+/// deletion always is). Watch errors are logged and reported to the
 /// readiness probe, and retried quickly (see [`WatchBackoff`]).
 pub fn cached_watch<K>(
     api: kube::Api<K>,
@@ -364,12 +372,14 @@ pub fn cached_watch<K>(
     health: Arc<Health>,
     relevant: impl Fn(&K) -> bool + Clone + Send + Sync + 'static,
     mut trim: impl FnMut(&mut K) + Send + 'static,
+    changed: impl FnMut(Option<&K>, &K) -> bool + Send + 'static,
 ) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send + 'static)
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
     let still_relevant = relevant.clone();
+    let mut cache = InPlaceCache { writer, reader: reader.clone(), listed: false, seen: None, changed };
     let stream = watch_events(api, config)
         .backoff(WatchBackoff::default())
         .inspect(move |event| {
@@ -380,37 +390,115 @@ where
                 Ok(_) => {}
             }
         })
-        .filter_map(move |event| {
-            futures::future::ready(match event {
-                Ok(watcher::Event::InitApply(obj)) if !relevant(&obj) => None,
-                Ok(watcher::Event::Apply(obj)) if !relevant(&obj) => Some(Ok(watcher::Event::Delete(obj))),
-                other => Some(other),
-            })
-        })
-        .modify(move |obj: &mut K| {
-            let meta = obj.meta_mut();
-            meta.managed_fields = None;
-            if let Some(annotations) = meta.annotations.as_mut() {
-                annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
-            }
-            trim(obj);
-        })
-        .reflect(writer)
-        .touched_objects()
-        .try_filter(move |obj| futures::future::ready(still_relevant(obj)))
-        // A relist (after the watch expired, e.g. when the API server restarted)
-        // replays every object: only those that changed meanwhile go on, so it costs
-        // no reconcile and no read for the rest. (An object not seen for a day passes
-        // again: that bounds what is remembered of deleted objects.)
-        .predicate_filter(
-            kube::runtime::predicates::resource_version,
-            kube::runtime::PredicateConfig::default().ttl(Duration::from_secs(86_400)),
-        )
         // Errors were reported above and the watch retries by itself (WatchBackoff);
         // handing them on would make the controller add its own, longer backoff before
         // it looks at the stream again.
-        .filter(|event| futures::future::ready(event.is_ok()));
+        .filter_map(move |event| {
+            futures::future::ready(match event {
+                Ok(watcher::Event::InitApply(obj)) if !relevant(&obj) => None,
+                Ok(watcher::Event::Apply(obj)) if !relevant(&obj) => Some(watcher::Event::Delete(obj)),
+                Ok(event) => Some(event),
+                Err(_) => None,
+            })
+        })
+        .map(move |mut event| {
+            if let watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) = &mut event {
+                let meta = obj.meta_mut();
+                meta.managed_fields = None;
+                if let Some(annotations) = meta.annotations.as_mut() {
+                    annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+                }
+                trim(obj);
+                // What stays is read, not stored whole: a tenant's 200 KB "Secret name"
+                // is as invalid cut to a KiB.
+                for value in obj.meta_mut().annotations.iter_mut().flat_map(|a| a.values_mut()) {
+                    if value.len() > MAX_CACHED_VALUE {
+                        *value = crate::bounded_to(value, MAX_CACHED_VALUE).into_owned();
+                    }
+                }
+            }
+            futures::stream::iter(cache.apply(event))
+        })
+        .flatten()
+        // An object that stopped being relevant left the cache above; it needs no
+        // reconcile.
+        .filter(move |obj| futures::future::ready(still_relevant(obj)))
+        .map(Ok::<K, watcher::Error>);
     (reader, stream)
+}
+
+/// A cache fed in place. The first list fills it as kube's reflector does; every
+/// later list (after an expired watch or an API server restart) updates it object by
+/// object and, once complete, drops what the list no longer holds — so a relist never
+/// builds a second copy of the cache beside the first (kube's reflector would).
+///
+/// The cache is also what tells a change from a replay: an object whose
+/// resourceVersion is the one cached is not handed on, so a relist costs no reconcile
+/// for what did not change, and nothing is remembered of deleted objects.
+struct InPlaceCache<K: Resource<DynamicType = ()> + Clone + 'static, C> {
+    writer: reflector::store::Writer<K>,
+    reader: Store<K>,
+    /// The first list is complete.
+    listed: bool,
+    /// During a later list: the objects it has shown so far.
+    seen: Option<std::collections::HashSet<ObjectRef<K>>>,
+    /// Whether a new version (of an object cached or not) is worth handing on.
+    changed: C,
+}
+
+impl<K, C> InPlaceCache<K, C>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+    C: FnMut(Option<&K>, &K) -> bool,
+{
+    /// Applies one watch event; returns the objects it touched (changed or deleted).
+    fn apply(&mut self, event: watcher::Event<K>) -> Vec<K> {
+        match event {
+            watcher::Event::Init if self.listed => {
+                self.seen = Some(Default::default());
+                Vec::new()
+            }
+            watcher::Event::InitApply(obj) if !self.listed => {
+                self.writer.apply_watcher_event(&watcher::Event::InitApply(obj.clone()));
+                if (self.changed)(None, &obj) { vec![obj] } else { Vec::new() }
+            }
+            watcher::Event::InitDone if self.listed => {
+                let seen = self.seen.take().unwrap_or_default();
+                let gone: Vec<K> = self
+                    .reader
+                    .state()
+                    .into_iter()
+                    .filter(|obj| !seen.contains(&ObjectRef::from_obj(obj.as_ref())))
+                    .map(|obj| obj.as_ref().clone())
+                    .collect();
+                for obj in &gone {
+                    self.writer.apply_watcher_event(&watcher::Event::Delete(obj.clone()));
+                }
+                gone
+            }
+            event @ (watcher::Event::Init | watcher::Event::InitDone) => {
+                self.listed |= matches!(event, watcher::Event::InitDone);
+                self.writer.apply_watcher_event(&event);
+                Vec::new()
+            }
+            watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => {
+                let key = ObjectRef::from_obj(&obj);
+                let cached = self.reader.get(&key);
+                if let Some(seen) = self.seen.as_mut() {
+                    seen.insert(key);
+                }
+                if cached.as_ref().is_some_and(|cached| cached.meta().resource_version == obj.meta().resource_version) {
+                    return Vec::new();
+                }
+                self.writer.apply_watcher_event(&watcher::Event::Apply(obj.clone()));
+                if (self.changed)(cached.as_deref(), &obj) { vec![obj] } else { Vec::new() }
+            }
+            watcher::Event::Delete(obj) => {
+                self.writer.apply_watcher_event(&watcher::Event::Delete(obj.clone()));
+                vec![obj]
+            }
+        }
+    }
 }
 
 /// [`cached_watch`] of metadata only, for objects the operator merely needs to see
@@ -432,12 +520,16 @@ where
     let relevant = move |obj: &kube::core::PartialObjectMeta<K>| {
         obj.metadata.annotations.as_ref().is_some_and(|a| a.keys().any(|k| keep(k)))
     };
-    cached_watch(api, config, health, relevant, move |obj| {
-        obj.metadata.labels = None;
-        if let Some(annotations) = obj.metadata.annotations.as_mut() {
+    let trim = move |obj: &mut kube::core::PartialObjectMeta<K>| {
+        let meta = &mut obj.metadata;
+        meta.labels = None;
+        meta.owner_references = None;
+        meta.finalizers = None;
+        if let Some(annotations) = meta.annotations.as_mut() {
             annotations.retain(|k, _| keep(k));
         }
-    })
+    };
+    cached_watch(api, config, health, relevant, trim, |_, _| true)
 }
 
 /// Retry delays for watches: 250 ms doubling to 5 s (with ±20 % jitter), back to the
@@ -474,4 +566,70 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
 pub fn until(at: time::OffsetDateTime) -> Duration {
     let left = at - time::OffsetDateTime::now_utc();
     Duration::try_from(left).unwrap_or(Duration::ZERO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::ResourceExt;
+    use watcher::Event;
+
+    fn cm(name: &str, rv: &str) -> ConfigMap {
+        let mut cm = ConfigMap::default();
+        cm.metadata.name = Some(name.into());
+        cm.metadata.namespace = Some("ns".into());
+        cm.metadata.resource_version = Some(rv.into());
+        cm
+    }
+
+    fn names(objects: &[ConfigMap]) -> Vec<String> {
+        objects.iter().map(|o| o.name_any()).collect()
+    }
+
+    type Everything = fn(Option<&ConfigMap>, &ConfigMap) -> bool;
+
+    fn cache() -> (Store<ConfigMap>, InPlaceCache<ConfigMap, Everything>) {
+        let (reader, writer) = reflector::store();
+        (reader.clone(), InPlaceCache { writer, reader, listed: false, seen: None, changed: |_, _| true })
+    }
+
+    #[test]
+    fn a_relist_updates_the_cache_in_place_and_hands_on_only_changes() {
+        let (store, mut cache) = cache();
+        assert!(cache.apply(Event::Init).is_empty());
+        assert_eq!(names(&cache.apply(Event::InitApply(cm("a", "1")))), ["a"]);
+        cache.apply(Event::InitApply(cm("b", "1")));
+        cache.apply(Event::InitApply(cm("c", "1")));
+        assert!(cache.apply(Event::InitDone).is_empty());
+        assert_eq!(store.len(), 3);
+        let held = store.get(&ObjectRef::new("a").within("ns")).unwrap();
+
+        // A relist: "a" unchanged, "b" changed, "c" gone, "d" new.
+        cache.apply(Event::Init);
+        assert!(cache.apply(Event::InitApply(cm("a", "1"))).is_empty(), "unchanged: not handed on");
+        assert_eq!(names(&cache.apply(Event::InitApply(cm("b", "2")))), ["b"]);
+        // In place: the new version is visible at once, beside no second copy.
+        assert_eq!(store.get(&ObjectRef::new("b").within("ns")).unwrap().resource_version().as_deref(), Some("2"));
+        assert_eq!(store.len(), 3);
+        assert_eq!(names(&cache.apply(Event::InitApply(cm("d", "1")))), ["d"]);
+        assert_eq!(store.len(), 4, "until the list completes, what it has not shown yet stays");
+        assert_eq!(names(&cache.apply(Event::InitDone)), ["c"], "what the list no longer holds is dropped");
+        let mut left: Vec<String> = store.state().iter().map(|o| o.name_any()).collect();
+        left.sort();
+        assert_eq!(left, ["a", "b", "d"]);
+        // The unchanged object was not even replaced.
+        assert!(Arc::ptr_eq(&held, &store.get(&ObjectRef::new("a").within("ns")).unwrap()));
+    }
+
+    #[test]
+    fn watch_events_between_relists_apply_as_they_come() {
+        let (store, mut cache) = cache();
+        cache.apply(Event::Init);
+        cache.apply(Event::InitDone);
+        assert_eq!(names(&cache.apply(Event::Apply(cm("a", "1")))), ["a"]);
+        assert!(cache.apply(Event::Apply(cm("a", "1"))).is_empty(), "a replayed version is not handed on");
+        assert_eq!(names(&cache.apply(Event::Delete(cm("a", "2")))), ["a"]);
+        assert!(store.is_empty());
+    }
 }

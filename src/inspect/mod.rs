@@ -27,7 +27,6 @@ use time::OffsetDateTime;
 use crate::config::{InspectArgs, Output};
 use crate::controllers::ca_bundle::{Mode, Target, mode};
 use crate::names::{self as ann};
-use crate::pki::LeafPolicy;
 use assess::{CaSecret, InjectedObj, Kind, PodObj, Policy, SecretObj, ServiceObj, Snapshot};
 
 pub use assess::exit;
@@ -40,15 +39,7 @@ const RESTART_MANAGER: &str = "service-ca-inspect";
 
 impl InspectArgs {
     fn policy(&self) -> Policy {
-        let flags = &self.policy;
-        Policy {
-            ca_rotate_before: flags.ca_rotate_before,
-            leaf: LeafPolicy {
-                cluster_domain: String::new(),
-                lifetime: flags.cert_lifetime,
-                refresh_before: flags.cert_refresh_before(),
-            },
-        }
+        Policy { ca_rotate_before: self.policy.ca_rotate_before, leaf: self.policy.leaf_policy(String::new()) }
     }
 }
 

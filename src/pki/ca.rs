@@ -356,14 +356,10 @@ fn ca_params(
     params.not_after = not_after;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     // keyEncipherment only where the certified key can encipher (RSA).
-    params.key_usages = match key {
-        KeyKind::Rsa { .. } => {
-            vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment, KeyUsagePurpose::KeyCertSign]
-        }
-        KeyKind::EcdsaP256 | KeyKind::EcdsaP384 => {
-            vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyCertSign]
-        }
-    };
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyCertSign];
+    if matches!(key, KeyKind::Rsa { .. }) {
+        params.key_usages.push(KeyUsagePurpose::KeyEncipherment);
+    }
     params.key_identifier_method = key_id;
     params
 }

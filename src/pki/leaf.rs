@@ -101,18 +101,16 @@ impl CertificateAuthority {
         lifetime: Duration,
     ) -> Result<IssuedLeaf, PkiError> {
         self.check_unexpired(now)?;
-        let enciphers = matches!(key.kind(), KeyKind::Rsa { .. });
         let validity = (now - Duration::from_secs(1), now + lifetime);
-        let (leaf, chain_pem) =
-            self.sign_serving_leaf(&req.dns_names(), &req.uid, key.public_key(), enciphers, validity, now)?;
+        let (leaf, chain_pem) = self.sign_serving_leaf(&req.dns_names(), &req.uid, key.public_key(), validity, now)?;
         Ok(IssuedLeaf { chain_pem, key_pem: Zeroizing::new(key.to_pem().to_owned()), not_after: leaf.not_after })
     }
 }
 
 impl CertificateAuthority {
     /// The serving-leaf profile both front doors share: `names` (the first is also the
-    /// CN), serverAuth, digitalSignature (and keyEncipherment when `enciphers`: an RSA
-    /// key), `uid` in the Service-UID extension, valid from `validity.0` to `validity.1`
+    /// CN), serverAuth, digitalSignature (and keyEncipherment when `key` is RSA: an
+    /// ECDSA key cannot encipher), `uid` in the Service-UID extension, valid from `validity.0` to `validity.1`
     /// capped at the CA's NotAfter, signed over `key` with the CA key's algorithm.
     /// Returns the leaf and the chain as serving Secrets carry it: the leaf, every bridge
     /// still valid at `now` (newest first), then the CA (SPEC §1, §5.3).
@@ -121,7 +119,6 @@ impl CertificateAuthority {
         names: &[String],
         uid: &str,
         key: &impl PublicKeyData,
-        enciphers: bool,
         validity: (OffsetDateTime, OffsetDateTime),
         now: OffsetDateTime,
     ) -> Result<(CertInfo, String), PkiError> {
@@ -140,7 +137,7 @@ impl CertificateAuthority {
         params.not_after = validity.1.min(self.not_after());
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        if enciphers {
+        if [&rcgen::PKCS_RSA_SHA256, &rcgen::PKCS_RSA_SHA384, &rcgen::PKCS_RSA_SHA512].contains(&key.algorithm()) {
             params.key_usages.push(KeyUsagePurpose::KeyEncipherment);
         }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use rcgen::{PublicKeyData, SubjectPublicKeyInfo};
+use rcgen::SubjectPublicKeyInfo;
 use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, X509CertificationRequest};
 use x509_parser::public_key::PublicKey as ParsedKey;
@@ -124,9 +124,8 @@ impl CertificateAuthority {
         self.check_unexpired(now)?;
         // Whole seconds: the request's status repeats these times exactly.
         let not_before = (now - Duration::from_secs(1)).replace_nanosecond(0).unwrap_or(now);
-        let enciphers = key.spki.algorithm() == &rcgen::PKCS_RSA_SHA256;
         let (leaf, chain_pem) =
-            self.sign_serving_leaf(names, pod_uid, &key.spki, enciphers, (not_before, not_before + lifetime), now)?;
+            self.sign_serving_leaf(names, pod_uid, &key.spki, (not_before, not_before + lifetime), now)?;
         Ok(PodLeaf { chain_pem, not_before: leaf.not_before, not_after: leaf.not_after })
     }
 }
@@ -136,7 +135,7 @@ mod tests {
     use super::*;
     use crate::names::TLS_CERT;
     use crate::pki::{CaPolicy, PrivateKey, pem};
-    use rcgen::CertificateParams;
+    use rcgen::{CertificateParams, PublicKeyData};
 
     /// The SubjectPublicKeyInfo (DER) of a PEM chain's leaf.
     fn leaf_spki(chain_pem: &str) -> Option<Vec<u8>> {

@@ -291,6 +291,9 @@ func (h *harness) startEtcd(clientPort, peerPort int) error {
 	cfg.LogOutputs = []string{h.logPath("etcd")}
 	// Test data is disposable: skipping fsync keeps a 2-core machine responsive.
 	cfg.UnsafeNoFsync = true
+	// The benchmarks write a few GiB (B5 alone: five runs of 10,000 32 KiB Secrets);
+	// etcd's default 2 GiB quota would stop the cluster half-way.
+	cfg.QuotaBackendBytes = 8 << 30
 	e, err := embed.StartEtcd(cfg)
 	if err != nil {
 		return err

@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::authorization::v1::{NonResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
@@ -23,9 +22,7 @@ async fn service_account_token(env: &Env, name: &str) -> String {
     let api: Api<ServiceAccount> = Api::namespaced(env.client.clone(), &env.ns);
     let sa: ServiceAccount = serde_json::from_value(json!({ "metadata": { "name": name } })).unwrap();
     api.create(&PostParams::default(), &sa).await.unwrap();
-    let request: TokenRequest = serde_json::from_value(json!({ "spec": { "expirationSeconds": 3600 } })).unwrap();
-    let issued = api.create_token_request(name, &PostParams::default(), &request).await.unwrap();
-    issued.status.and_then(|s| s.token).expect("a token in the TokenRequest's status")
+    crate::cluster::token_for(&env.client, &env.ns, name).await
 }
 
 #[tokio::test]

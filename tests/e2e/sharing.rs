@@ -398,3 +398,41 @@ async fn pod_certificate_requests_are_shared_too() {
     assert_eq!(answered.iter().sum::<f64>(), n as f64, "each request answered once");
     assert!(answered.iter().all(|a| *a > 0.0), "every replica signs its share: {answered:?}");
 }
+
+#[tokio::test]
+async fn replicas_started_together_elect_one_leader_each_under_its_own_field_manager() {
+    // Three replicas race for a Lease nobody holds. The server-side apply that takes it
+    // must conflict for all but the first: each replica writes under a field manager
+    // of its own (with one shared manager, two could both apply and both lead until
+    // the earlier one's next renewal — seen once under full-suite load).
+    let env = Env::new("sharing-race").await;
+    let ops = replicas(&env, 3, "8s");
+    members(&ops, 3).await;
+    let chief = leader(&env).await;
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.op_ns);
+    let lease = leases.get("service-ca-operator").await.unwrap();
+    let holder_manager: Vec<String> = lease
+        .managed_fields()
+        .iter()
+        .filter(|m| m.fields_v1.as_ref().is_some_and(|f| f.0.pointer("/f:spec/f:holderIdentity").is_some()))
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert_eq!(
+        holder_manager,
+        [format!("service-ca-operator-lease-r{chief}")],
+        "the holder field is the holder's own: {:?}",
+        lease.managed_fields()
+    );
+    // For a lease period, exactly one replica says it leads.
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        let mut leading = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            if op.admin_get("/readyz").await.is_some_and(|(_, body)| body.contains("ok: leader")) {
+                leading.push(i);
+            }
+        }
+        assert_eq!(leading, [chief], "replicas saying they lead");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

@@ -397,15 +397,7 @@ impl Drop for ExternalServer {
 
 /// rustls client: only the handshake (for servers that do not write first).
 pub fn rustls_handshake(port: u16, bundle_pem: &str, server_name: &str) -> Result<(), String> {
-    let config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots(bundle_pem))
-        .with_no_client_auth();
-    let name = ServerName::try_from(server_name.to_string()).map_err(|e| e.to_string())?;
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
-    let mut tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    let (mut conn, mut tcp) = rustls_client(port, bundle_pem, server_name)?;
     while conn.is_handshaking() {
         conn.complete_io(&mut tcp).map_err(|e| e.to_string())?;
     }

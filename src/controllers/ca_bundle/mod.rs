@@ -24,7 +24,6 @@ use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
 use kube::api::{Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
@@ -32,8 +31,8 @@ use kube::{Api, ResourceExt};
 pub use targets::{Target, Write};
 
 use super::{
-    Categorised, Context, RETRY_REFUSED, Shard, api_message, cached_metadata_watch, drive, is_conflict, is_not_found,
-    patch_params,
+    Categorised, Context, EventType, RETRY_REFUSED, Shard, api_message, cached_metadata_watch, drive, is_conflict,
+    is_not_found, patch_params,
 };
 use crate::names::{self as ann, KUBE_ROOT_CA, KUBE_ROOT_CA_KEY, SIGNING_CABUNDLE, is_true};
 use crate::shutdown::Shutdown;

@@ -21,14 +21,13 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::events::EventType;
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use time::OffsetDateTime;
 
 use self::plan::{Observed, Plan, publication};
-use super::{Categorised, Context, api_category, is_conflict, post_params, retry_delay, until};
+use super::{Categorised, Context, EventType, api_category, is_conflict, post_params, retry_delay, until};
 use crate::metrics::KindLabels;
 use crate::names::{
     self as ann, CA_BUNDLE, INTERMEDIATE, SECRET_TYPE_TLS, SIGNING_CABUNDLE, SIGNING_KEY, TLS_CERT, TLS_KEY,

@@ -23,7 +23,6 @@ use k8s_openapi::api::certificates::v1::{PodCertificateRequest, PodCertificateRe
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
@@ -32,7 +31,8 @@ use tokio::sync::watch;
 
 use self::plan::{IndexedService, Plan, Settings};
 use super::{
-    Categorised, Context, LOOK_AGAIN, Shard, WatchBackoff, api_category, api_message, cached_watch, drive, watch_events,
+    Categorised, Context, EventType, LOOK_AGAIN, Shard, WatchBackoff, api_category, api_message, cached_watch, drive,
+    watch_events,
 };
 use crate::metrics::ReasonLabels;
 use crate::pki::PkiError;
@@ -112,6 +112,7 @@ pub async fn sign_requests(ctx: Arc<Context>, published: Published, shutdown: Sh
         ctx.health.clone(),
         |pcr: &PodCertificateRequest| !answered(pcr),
         |_| {},
+        |_, _| true,
     );
     let services = Arc::new(ServiceIndex::default());
     let service_changes = services.clone().follow(&ctx, requests.clone());
@@ -313,7 +314,7 @@ struct IndexInner {
 fn indexed(service: &Service) -> IndexedService {
     let spec = service.spec.as_ref();
     IndexedService {
-        selector: spec.and_then(|s| s.selector.clone()).unwrap_or_default(),
+        selector: spec.and_then(|s| s.selector.clone()).unwrap_or_default().into_iter().collect(),
         headless: spec.and_then(|s| s.cluster_ip.as_deref()) == Some("None"),
     }
 }
@@ -420,7 +421,7 @@ mod tests {
         assert_eq!(index.apply(watcher::Event::InitDone), None, "a relist: every namespace");
         assert!(index.synced());
         let web = &index.in_namespace("a")["web"];
-        assert!(web.headless && web.selector["app"] == "web");
+        assert!(web.headless && *web.selector == [("app".to_string(), "web".to_string())]);
         assert_eq!(index.apply(watcher::Event::Apply(service("a", "web", "web"))), Some(vec![]), "nothing changed");
         assert_eq!(index.apply(watcher::Event::Apply(service("b", "db", "db"))), Some(vec!["b".to_string()]));
         assert_eq!(index.apply(watcher::Event::Delete(service("a", "web", "web"))), Some(vec!["a".to_string()]));

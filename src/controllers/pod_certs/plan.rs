@@ -42,11 +42,11 @@ pub struct Pod {
     pub subdomain: Option<String>,
 }
 
-/// A Service of the request's namespace, as indexed: its selector and whether it is
-/// headless.
+/// A Service of the request's namespace, as indexed: its selector (label pairs, as
+/// a slice: a map would cost half a KiB per Service) and whether it is headless.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IndexedService {
-    pub selector: BTreeMap<String, String>,
+    pub selector: Box<[(String, String)]>,
     pub headless: bool,
 }
 

@@ -16,8 +16,8 @@ pub mod decision;
 pub mod progress;
 pub mod serving_cert;
 
+use std::collections::BTreeMap;
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
@@ -29,17 +29,16 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::api::Patch;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use time::OffsetDateTime;
 
 use self::decision::{IssueReason, SecretFacts};
 use super::{
-    Categorised, Context, api_category, api_message, cached_metadata_watch, cached_watch, is_conflict, is_not_found,
-    is_refused, patch_params, post_params, retry_delay,
+    Categorised, Context, EventType, api_category, api_message, cached_metadata_watch, cached_watch, is_conflict,
+    is_not_found, is_refused, patch_params, post_params, retry_delay,
 };
 use crate::admin::Health;
 use crate::metrics::ReasonLabels;
@@ -117,12 +116,31 @@ pub struct ServingWatches {
 
 impl ServingWatches {
     pub fn new(client: &Client, selector: &str, health: Arc<Health>) -> Self {
+        let (to_cert_refresh, service_changes) = tokio::sync::mpsc::unbounded_channel();
+        let (to_serving_cert, secret_changes) = tokio::sync::mpsc::unbounded_channel();
+        // Only a change in what matters to the Secret goes on (see `trigger_hash`).
+        // The Secret a Service names goes to cert-refresh, and so does the one it
+        // named before when the name changed: cert-refresh releases it. (A restart
+        // needs no memory: cert-refresh looks at every managed Secret once after its
+        // first list.)
+        let changed = move |before: Option<&Service>, svc: &Service| {
+            if before.is_some_and(|before| trigger_hash(before) == trigger_hash(svc)) {
+                return false;
+            }
+            let namespace = svc.namespace().unwrap_or_default();
+            let named_before = before.and_then(wanted_name);
+            for name in wanted_name(svc).into_iter().chain(named_before.filter(|b| Some(*b) != wanted_name(svc))) {
+                let _ = to_cert_refresh.send(ObjectRef::new(name).within(&namespace));
+            }
+            true
+        };
         let (services, service_events) = cached_watch(
             Api::<Service>::all(client.clone()),
             watcher::Config::default().labels(selector),
             health.clone(),
             is_annotated,
             trim_service,
+            changed,
         );
         let (secrets, secret_events) = cached_metadata_watch::<Secret>(
             client.clone(),
@@ -134,26 +152,6 @@ impl ServingWatches {
                     || key == ann::BETA.expiry
             },
         );
-        let (to_cert_refresh, service_changes) = tokio::sync::mpsc::unbounded_channel();
-        let (to_serving_cert, secret_changes) = tokio::sync::mpsc::unbounded_channel();
-        // The Secret each Service named when last seen: when the name changes, the old
-        // Secret goes to cert-refresh, which releases it. (A restart needs no memory:
-        // cert-refresh looks at every managed Secret once after its first list.)
-        let mut named: HashMap<ObjectRef<Service>, String> = HashMap::new();
-        let service_events = service_events.predicate_filter(trigger_hash, Default::default()).inspect(move |event| {
-            let Ok(svc) = event else { return };
-            let namespace = svc.namespace().unwrap_or_default();
-            let now_named = match wanted(svc) {
-                Wanted::Named { name, .. } => {
-                    let _ = to_cert_refresh.send(ObjectRef::new(name).within(&namespace));
-                    named.insert(ObjectRef::from_obj(svc), name.to_string())
-                }
-                _ => named.remove(&ObjectRef::from_obj(svc)),
-            };
-            if let Some(before) = now_named.filter(|before| Some(before.as_str()) != wanted_name(svc)) {
-                let _ = to_cert_refresh.send(ObjectRef::new(&before).within(&namespace));
-            }
-        });
         let secret_events = secret_events.inspect(move |event| {
             if let Ok(secret) = event
                 && let Some(service) = originating_service(secret)
@@ -302,7 +300,7 @@ pub fn leaf_request(svc: &Service, cluster_domain: &str, key: KeyKind) -> LeafRe
 /// What of a Service matters to its serving Secret. Our own annotation writes
 /// (errors, signed-by) leave it unchanged, so they trigger neither serving controller;
 /// only what a person or the Service itself changes does.
-pub fn trigger_hash(svc: &Service) -> Option<u64> {
+pub fn trigger_hash(svc: &Service) -> u64 {
     let mut h = DefaultHasher::new();
     svc.uid().hash(&mut h);
     if let Some(spec) = &svc.spec {
@@ -314,7 +312,7 @@ pub fn trigger_hash(svc: &Service) -> Option<u64> {
         annotations.get(f.serving_cert_key_algorithm).hash(&mut h);
     }
     (failures(svc) >= MAX_FAILURES).hash(&mut h);
-    Some(h.finish())
+    h.finish()
 }
 
 /// Consecutive failures recorded on the Service. Both families carry the count;

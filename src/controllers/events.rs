@@ -1,0 +1,187 @@
+//! Events (`events.k8s.io/v1`) about the objects the operator acts on.
+//!
+//! A repeat of the same report (same object, type, reason and action) within
+//! [`SERIES_WINDOW`] is folded into the Event already written, as a series with a
+//! count. To fold, the recorder remembers each recent Event's name and count — never
+//! the Event itself — and at most [`MAX_SERIES`] of them: a bulk issuance writes an
+//! Event per certificate, and those must not stay in memory (kube's recorder keeps
+//! every Event it wrote for six minutes, about 2 KiB each).
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::events::v1::{Event, EventSeries};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+
+/// How long after an Event a repeat is counted on it rather than written anew.
+pub const SERIES_WINDOW: Duration = Duration::from_secs(6 * 60);
+
+/// How many recent Events the recorder remembers for folding. Past that, a report
+/// is written as a new Event.
+pub const MAX_SERIES: usize = 4096;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventType {
+    Normal,
+    Warning,
+}
+
+impl EventType {
+    fn as_str(self) -> &'static str {
+        match self {
+            EventType::Normal => "Normal",
+            EventType::Warning => "Warning",
+        }
+    }
+}
+
+/// One report about an object.
+pub struct Report<'a> {
+    pub type_: EventType,
+    pub reason: &'a str,
+    /// What the operator did or tried (with the reason, what is folded on).
+    pub action: &'a str,
+    pub note: &'a str,
+}
+
+/// A recent Event, enough to count a repeat on it.
+struct Series {
+    name: String,
+    count: i32,
+    last: Instant,
+}
+
+pub struct Recorder {
+    client: Client,
+    controller: String,
+    instance: String,
+    recent: Mutex<Recent>,
+}
+
+impl Recorder {
+    pub fn new(client: Client, controller: &str, instance: &str) -> Self {
+        Recorder {
+            client,
+            controller: controller.to_string(),
+            instance: instance.to_string(),
+            recent: Mutex::new(Recent::default()),
+        }
+    }
+
+    /// Writes `report` about `regarding`: a new Event, or a repeat counted on the
+    /// recent Event for the same report.
+    pub async fn publish(&self, report: &Report<'_>, regarding: &ObjectReference) -> Result<(), kube::Error> {
+        let namespace = regarding.namespace.clone().unwrap_or_else(|| "default".into());
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &namespace);
+        let key = series_key(report, regarding);
+        let now = Timestamp::now();
+        if let Some((name, count)) = self.repeat(key) {
+            let series = EventSeries { count, last_observed_time: MicroTime(now) };
+            let patch = serde_json::json!({ "series": series });
+            match api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                Ok(_) => return Ok(()),
+                // The Event is gone (its TTL in the API server, or deleted): write anew.
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(error) => return Err(error),
+            }
+        }
+        let name = format!("{}.{:x}", regarding.name.as_deref().unwrap_or(&self.controller), now.as_nanosecond());
+        let event = Event {
+            metadata: ObjectMeta { name: Some(name.clone()), namespace: Some(namespace), ..Default::default() },
+            event_time: Some(MicroTime(now)),
+            type_: Some(report.type_.as_str().into()),
+            reason: Some(report.reason.into()),
+            action: Some(report.action.into()),
+            note: Some(report.note.into()),
+            regarding: Some(regarding.clone()),
+            reporting_controller: Some(self.controller.clone()),
+            reporting_instance: Some(self.instance.clone()),
+            ..Default::default()
+        };
+        api.create(&PostParams::default(), &event).await?;
+        self.remember(key, name);
+        Ok(())
+    }
+
+    fn repeat(&self, key: u64) -> Option<(String, i32)> {
+        self.recent.lock().ok()?.repeat(key, Instant::now())
+    }
+
+    fn remember(&self, key: u64, name: String) {
+        if let Ok(mut recent) = self.recent.lock() {
+            recent.remember(key, name, Instant::now());
+        }
+    }
+}
+
+/// The recent Events, by report.
+#[derive(Default)]
+struct Recent(HashMap<u64, Series>);
+
+impl Recent {
+    /// The recent Event for `key` and its count with this repeat, if there is one.
+    fn repeat(&mut self, key: u64, now: Instant) -> Option<(String, i32)> {
+        let series = self.0.get_mut(&key).filter(|s| now.duration_since(s.last) < SERIES_WINDOW)?;
+        series.count = series.count.saturating_add(1);
+        series.last = now;
+        Some((series.name.clone(), series.count))
+    }
+
+    /// Remembers a new Event, unless [`MAX_SERIES`] recent ones are remembered.
+    fn remember(&mut self, key: u64, name: String, now: Instant) {
+        if self.0.len() >= MAX_SERIES {
+            self.0.retain(|_, s| now.duration_since(s.last) < SERIES_WINDOW);
+            self.0.shrink_to_fit();
+        }
+        if self.0.len() < MAX_SERIES {
+            self.0.insert(key, Series { name, count: 1, last: now });
+        }
+    }
+}
+
+fn series_key(report: &Report<'_>, regarding: &ObjectReference) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (report.type_.as_str(), report.reason, report.action).hash(&mut hasher);
+    (&regarding.kind, &regarding.namespace, &regarding.name, &regarding.uid).hash(&mut hasher);
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeats_are_counted_within_the_window_only() {
+        let mut recent = Recent::default();
+        let t0 = Instant::now();
+        assert_eq!(recent.repeat(1, t0), None);
+        recent.remember(1, "svc.1".into(), t0);
+        assert_eq!(recent.repeat(1, t0 + Duration::from_secs(60)), Some(("svc.1".into(), 2)));
+        assert_eq!(recent.repeat(1, t0 + Duration::from_secs(120)), Some(("svc.1".into(), 3)));
+        // Six minutes after the last repeat: a new Event.
+        assert_eq!(recent.repeat(1, t0 + Duration::from_secs(120) + SERIES_WINDOW), None);
+        assert_eq!(recent.repeat(2, t0), None);
+    }
+
+    #[test]
+    fn at_most_max_series_are_remembered() {
+        let mut recent = Recent::default();
+        let t0 = Instant::now();
+        for key in 0..(MAX_SERIES as u64 + 100) {
+            recent.remember(key, format!("e{key}"), t0);
+        }
+        assert_eq!(recent.0.len(), MAX_SERIES);
+        assert!(recent.repeat(MAX_SERIES as u64 + 50, t0).is_none(), "past the cap, not remembered");
+        // Once the old ones are out of the window, room is made again.
+        let later = t0 + SERIES_WINDOW;
+        recent.remember(u64::MAX, "new".into(), later);
+        assert_eq!(recent.0.len(), 1);
+        assert_eq!(recent.repeat(u64::MAX, later), Some(("new".into(), 2)));
+    }
+}
