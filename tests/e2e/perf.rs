@@ -40,16 +40,18 @@ async fn perf_smoke_time_to_ready_bulk_issuance_and_memory() {
     .await;
     let bulk = started.elapsed();
     let peak_mib = op.peak_rss_kib() as f64 / 1024.0;
+    let scale = crate::support::time_scale();
     println!(
         "perf smoke (debug build, shared machine): time to ready p50 {:.0} ms over 10; {n} Services at once in {:.1} s \
-         ({:.1}/s); operator peak RSS {peak_mib:.1} MiB",
+         ({:.1}/s); operator peak RSS {peak_mib:.1} MiB; time scale {scale:.1}",
         p50.as_secs_f64() * 1e3,
         bulk.as_secs_f64(),
         n as f64 / bulk.as_secs_f64()
     );
     // Recorded with the release build on 2 CPUs (README): p50 17 ms, 20 certificates/s,
-    // 30 MiB with 1,200 managed. Several times those, with room for the debug build.
-    assert!(p50 < Duration::from_secs(2), "time to ready p50 {p50:?}");
-    assert!(bulk < Duration::from_secs(90), "100 certificates took {bulk:?}");
+    // 30 MiB with 1,200 managed. Several times those, with room for the debug build;
+    // the times also scale with this machine's key generation (as every wait does).
+    assert!(p50 < Duration::from_secs(2).mul_f64(scale), "time to ready p50 {p50:?}");
+    assert!(bulk < Duration::from_secs(90).mul_f64(scale), "100 certificates took {bulk:?}");
     assert!(peak_mib < 200.0, "peak RSS {peak_mib:.1} MiB");
 }

@@ -152,13 +152,41 @@ fn unique(prefix: &str) -> String {
     name.trim_end_matches('-').to_string()
 }
 
-/// Polls `f` every 100 ms until it returns `Some`, or panics after `timeout` saying
-/// what was awaited.
+/// Milliseconds per RSA-2048 key, one thread, on the machine the tests' timeouts were
+/// set on (2 shared cores, 2026-11).
+const REFERENCE_MS_PER_RSA_KEY: f64 = 45.0;
+
+/// How much longer waits may take on this machine than on the reference one: RSA key
+/// generation bounds most of them, and it runs 2-3x slower on some CI machines with the
+/// same core count. Measured once per test process (RSA-2048 keys for about a second,
+/// printed), between 1 and 8; `SERVICE_CA_TEST_TIME_SCALE` sets it instead.
+pub fn time_scale() -> f64 {
+    static SCALE: OnceLock<f64> = OnceLock::new();
+    *SCALE.get_or_init(|| {
+        if let Some(scale) = std::env::var("SERVICE_CA_TEST_TIME_SCALE").ok().and_then(|v| v.parse::<f64>().ok()) {
+            return scale.max(1.0);
+        }
+        let started = Instant::now();
+        let mut keys = 0u32;
+        while keys < 2 || started.elapsed() < Duration::from_secs(1) {
+            service_ca_operator::pki::PrivateKey::generate_rsa(2048).expect("RSA key");
+            keys += 1;
+        }
+        let ms_per_key = started.elapsed().as_secs_f64() * 1000.0 / f64::from(keys);
+        let scale = (ms_per_key / REFERENCE_MS_PER_RSA_KEY).clamp(1.0, 8.0);
+        eprintln!("this machine: {ms_per_key:.0} ms per RSA-2048 key; waits get {scale:.1}x their timeouts");
+        scale
+    })
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, or panics after `timeout` (times
+/// [`time_scale`]) saying what was awaited.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
+    let timeout = timeout.mul_f64(time_scale());
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f().await {
