@@ -6,6 +6,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
+use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -376,19 +377,24 @@ async fn memory_does_not_grow_with_what_tenants_put_in_annotations() {
     let n = 500;
     let blob = "x".repeat(200_000);
     // Annotated while the operator runs: each arrives by watch, is trimmed to what the
-    // controllers read, and only that stays.
-    futures::future::join_all((0..n).map(|i| {
-        let (env, blob) = (&env, &blob);
-        async move {
-            env.service_with(
-                &format!("b{i}"),
-                &[(BETA_NAME, &format!("b{i}-tls")), ("tenant.example/blob", blob)],
-                false,
-            )
-            .await
-        }
-    }))
-    .await;
+    // controllers read, and only that stays. Created 16 at a time: 500 requests of
+    // 200 KB at once stall the shared API server past its timeouts, and the client's
+    // retry of a create that went through then fails with AlreadyExists.
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let (env, blob) = (&env, &blob);
+            async move {
+                env.service_with(
+                    &format!("b{i}"),
+                    &[(BETA_NAME, &format!("b{i}-tls")), ("tenant.example/blob", blob)],
+                    false,
+                )
+                .await
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
     let managed = kube::api::ListParams::default().labels("service-ca.operators.openshift.io/managed=true");
     eventually(Duration::from_secs(180), "all 500 Secrets", || async {
         (env.secrets().list_metadata(&managed).await.ok()?.items.len() >= n).then_some(())
@@ -421,11 +427,14 @@ async fn memory_does_not_grow_with_what_tenants_put_in_annotations() {
     let before = op.rss_kib() as f64 / 1024.0;
     let n = 150;
     let name = "n".repeat(200_000);
-    futures::future::join_all((0..n).map(|i| {
-        let (env, name) = (&env, &name);
-        async move { env.service_with(&format!("n{i}"), &[(BETA_NAME, name)], false).await }
-    }))
-    .await;
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let (env, name) = (&env, &name);
+            async move { env.service_with(&format!("n{i}"), &[(BETA_NAME, name)], false).await }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
     // Every one was looked at: each carries the error annotation.
     eventually(Duration::from_secs(180), "an error annotation on all 150 Services", || async {
         // Each list carries 30 MB: not more often than once a second.
