@@ -37,8 +37,8 @@ use time::OffsetDateTime;
 
 use self::decision::{IssueReason, SecretFacts};
 use super::{
-    Categorised, Context, EventType, api_category, api_message, cached_metadata_watch, cached_watch, is_conflict,
-    is_not_found, is_refused, patch_params, post_params, retry_delay,
+    Categorised, Context, EventType, LOOK_AGAIN, api_category, api_message, cached_metadata_watch, cached_watch,
+    is_conflict, is_not_found, is_refused, patch_params, post_params, retry_delay,
 };
 use crate::admin::Health;
 use crate::metrics::ReasonLabels;
@@ -595,12 +595,15 @@ async fn mark_signed(ctx: &Context, svc: &Service, signer: &Signer) -> Result<()
         patch.insert(f.generation_error.into(), json!(null));
         patch.insert(f.generation_error_num.into(), json!(null));
     }
-    patch_annotations(ctx, svc, patch).await.map(drop)
+    patch_annotations(ctx, svc, patch, None).await.map(drop)
 }
 
 /// Failure: error annotations (beta and alpha) with the consecutive count, a Warning
 /// Event, and a retry with backoff — until the count reaches [`MAX_FAILURES`]. A
-/// Service that is gone meanwhile ends the matter.
+/// Service that is gone meanwhile ends the matter. The count is written only over the
+/// Service it was counted from: if the Service changed since (a person reset the count,
+/// or our previous report is not in the cache yet), the pass is run again on what it is
+/// now, instead of overwriting it with a stale count.
 async fn report_problem(
     ctx: &Context,
     controller: &'static str,
@@ -613,8 +616,11 @@ async fn report_problem(
         patch.insert(f.generation_error.into(), json!(message));
         patch.insert(f.generation_error_num.into(), json!(count.to_string()));
     }
-    if !patch_annotations(ctx, svc, patch).await? {
-        return Ok(Action::await_change());
+    match patch_annotations(ctx, svc, patch, svc.resource_version()).await {
+        Ok(true) => {}
+        Ok(false) => return Ok(Action::await_change()),
+        Err(Error::PatchService { source, .. }) if is_conflict(&source) => return Ok(Action::requeue(LOOK_AGAIN)),
+        Err(error) => return Err(error),
     }
     let service = ObjectRef::from_obj(svc).to_string();
     tracing::warn!(%service, failures = count, "serving certificate not issued: {message}");
@@ -631,14 +637,19 @@ async fn report_problem(
     Ok(if count >= MAX_FAILURES { Action::await_change() } else { Action::requeue(retry_delay(count)) })
 }
 
-/// Merges `annotations` into the Service's; `false` when the Service is gone.
+/// Merges `annotations` into the Service's; `false` when the Service is gone. With
+/// `expected`, only into that resourceVersion of it (409 otherwise).
 async fn patch_annotations(
     ctx: &Context,
     svc: &Service,
     annotations: serde_json::Map<String, serde_json::Value>,
+    expected: Option<String>,
 ) -> Result<bool, Error> {
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
-    let patch = json!({ "metadata": { "annotations": annotations } });
+    let mut patch = json!({ "metadata": { "annotations": annotations } });
+    if let Some(version) = expected {
+        patch["metadata"]["resourceVersion"] = json!(version);
+    }
     ctx.metrics.write("services", "patch");
     match api.patch(&svc.name_any(), &patch_params(), &Patch::Merge(&patch)).await {
         Ok(_) => Ok(true),
