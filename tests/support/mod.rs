@@ -158,8 +158,9 @@ const REFERENCE_MS_PER_RSA_KEY: f64 = 45.0;
 
 /// How much longer waits may take on this machine than on the reference one: RSA key
 /// generation bounds most of them, and it runs 2-3x slower on some CI machines with the
-/// same core count. Measured once per test process (RSA-2048 keys for about a second,
-/// printed), between 1 and 8; `SERVICE_CA_TEST_TIME_SCALE` sets it instead.
+/// same core count. Measured once per test process (RSA-2048 keys for about a second;
+/// the figure shows in a failing test's output and in the perf smoke's line), between 1
+/// and 8; `SERVICE_CA_TEST_TIME_SCALE` sets it instead.
 pub fn time_scale() -> f64 {
     static SCALE: OnceLock<f64> = OnceLock::new();
     *SCALE.get_or_init(|| {
