@@ -122,12 +122,18 @@ impl Recorder {
 
 /// The recent Events, by report.
 #[derive(Default)]
-struct Recent(HashMap<u64, Series>);
+struct Recent {
+    series: HashMap<u64, Series>,
+    /// Once full: no series leaves the window before this (the oldest `last` then plus
+    /// the window; repeats only move it later), so a full map is swept only when a
+    /// sweep can free room, not for every new Event.
+    sweep_at: Option<Instant>,
+}
 
 impl Recent {
     /// The recent Event for `key` and its count with this repeat, if there is one.
     fn repeat(&mut self, key: u64, now: Instant) -> Option<(String, i32)> {
-        let series = self.0.get_mut(&key).filter(|s| now.duration_since(s.last) < SERIES_WINDOW)?;
+        let series = self.series.get_mut(&key).filter(|s| now.duration_since(s.last) < SERIES_WINDOW)?;
         series.count = series.count.saturating_add(1);
         series.last = now;
         Some((series.name.clone(), series.count))
@@ -135,12 +141,13 @@ impl Recent {
 
     /// Remembers a new Event, unless [`MAX_SERIES`] recent ones are remembered.
     fn remember(&mut self, key: u64, name: String, now: Instant) {
-        if self.0.len() >= MAX_SERIES {
-            self.0.retain(|_, s| now.duration_since(s.last) < SERIES_WINDOW);
-            self.0.shrink_to_fit();
+        if self.series.len() >= MAX_SERIES && self.sweep_at.is_none_or(|at| now >= at) {
+            self.series.retain(|_, s| now.duration_since(s.last) < SERIES_WINDOW);
+            self.series.shrink_to_fit();
+            self.sweep_at = self.series.values().map(|s| s.last + SERIES_WINDOW).min();
         }
-        if self.0.len() < MAX_SERIES {
-            self.0.insert(key, Series { name, count: 1, last: now });
+        if self.series.len() < MAX_SERIES {
+            self.series.insert(key, Series { name, count: 1, last: now });
         }
     }
 }
@@ -176,12 +183,12 @@ mod tests {
         for key in 0..(MAX_SERIES as u64 + 100) {
             recent.remember(key, format!("e{key}"), t0);
         }
-        assert_eq!(recent.0.len(), MAX_SERIES);
+        assert_eq!(recent.series.len(), MAX_SERIES);
         assert!(recent.repeat(MAX_SERIES as u64 + 50, t0).is_none(), "past the cap, not remembered");
         // Once the old ones are out of the window, room is made again.
         let later = t0 + SERIES_WINDOW;
         recent.remember(u64::MAX, "new".into(), later);
-        assert_eq!(recent.0.len(), 1);
+        assert_eq!(recent.series.len(), 1);
         assert_eq!(recent.repeat(u64::MAX, later), Some(("new".into(), 2)));
     }
 }

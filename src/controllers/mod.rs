@@ -459,8 +459,8 @@ where
                 Vec::new()
             }
             watcher::Event::InitApply(obj) if !self.listed => {
-                self.writer.apply_watcher_event(&watcher::Event::InitApply(obj.clone()));
-                if (self.changed)(None, &obj) { vec![obj] } else { Vec::new() }
+                let obj = self.write(watcher::Event::InitApply(obj));
+                obj.filter(|obj| (self.changed)(None, obj)).into_iter().collect()
             }
             watcher::Event::InitDone if self.listed => {
                 let seen = self.seen.take().unwrap_or_default();
@@ -471,10 +471,7 @@ where
                     .filter(|obj| !seen.contains(&ObjectRef::from_obj(obj.as_ref())))
                     .map(|obj| obj.as_ref().clone())
                     .collect();
-                for obj in &gone {
-                    self.writer.apply_watcher_event(&watcher::Event::Delete(obj.clone()));
-                }
-                gone
+                gone.into_iter().filter_map(|obj| self.write(watcher::Event::Delete(obj))).collect()
             }
             event @ (watcher::Event::Init | watcher::Event::InitDone) => {
                 self.listed |= matches!(event, watcher::Event::InitDone);
@@ -490,13 +487,20 @@ where
                 if cached.as_ref().is_some_and(|cached| cached.meta().resource_version == obj.meta().resource_version) {
                     return Vec::new();
                 }
-                self.writer.apply_watcher_event(&watcher::Event::Apply(obj.clone()));
-                if (self.changed)(cached.as_deref(), &obj) { vec![obj] } else { Vec::new() }
+                let obj = self.write(watcher::Event::Apply(obj));
+                obj.filter(|obj| (self.changed)(cached.as_deref(), obj)).into_iter().collect()
             }
-            watcher::Event::Delete(obj) => {
-                self.writer.apply_watcher_event(&watcher::Event::Delete(obj.clone()));
-                vec![obj]
-            }
+            watcher::Event::Delete(obj) => self.write(watcher::Event::Delete(obj)).into_iter().collect(),
+        }
+    }
+
+    /// Writes `event` to the cache (the writer stores its own copy) and gives back its
+    /// object, if it has one.
+    fn write(&mut self, event: watcher::Event<K>) -> Option<K> {
+        self.writer.apply_watcher_event(&event);
+        match event {
+            watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) | watcher::Event::Delete(obj) => Some(obj),
+            watcher::Event::Init | watcher::Event::InitDone => None,
         }
     }
 }

@@ -110,8 +110,9 @@ impl CertificateAuthority {
 impl CertificateAuthority {
     /// The serving-leaf profile both front doors share: `names` (the first is also the
     /// CN), serverAuth, digitalSignature (and keyEncipherment when `key` is RSA: an
-    /// ECDSA key cannot encipher), `uid` in the Service-UID extension, valid from `validity.0` to `validity.1`
-    /// capped at the CA's NotAfter, signed over `key` with the CA key's algorithm.
+    /// ECDSA key cannot encipher), `uid` in the Service-UID extension, valid from
+    /// `validity.0` to `validity.1` capped at the CA's NotAfter, signed over `key` with
+    /// the CA key's algorithm.
     /// Returns the leaf and the chain as serving Secrets carry it: the leaf, every bridge
     /// still valid at `now` (newest first), then the CA (SPEC §1, §5.3).
     pub(super) fn sign_serving_leaf(

@@ -377,24 +377,11 @@ async fn memory_does_not_grow_with_what_tenants_put_in_annotations() {
     let n = 500;
     let blob = "x".repeat(200_000);
     // Annotated while the operator runs: each arrives by watch, is trimmed to what the
-    // controllers read, and only that stays. Created 16 at a time: 500 requests of
-    // 200 KB at once stall the shared API server past its timeouts, and the client's
-    // retry of a create that went through then fails with AlreadyExists.
-    futures::stream::iter(0..n)
-        .map(|i| {
-            let (env, blob) = (&env, &blob);
-            async move {
-                env.service_with(
-                    &format!("b{i}"),
-                    &[(BETA_NAME, &format!("b{i}-tls")), ("tenant.example/blob", blob)],
-                    false,
-                )
-                .await
-            }
-        })
-        .buffer_unordered(16)
-        .collect::<Vec<_>>()
-        .await;
+    // controllers read, and only that stays.
+    create_16_at_a_time(&env, "b", n, |name| {
+        vec![(BETA_NAME, format!("{name}-tls")), ("tenant.example/blob", blob.clone())]
+    })
+    .await;
     let managed = kube::api::ListParams::default().labels("service-ca.operators.openshift.io/managed=true");
     eventually(Duration::from_secs(180), "all 500 Secrets", || async {
         (env.secrets().list_metadata(&managed).await.ok()?.items.len() >= n).then_some(())
@@ -427,14 +414,7 @@ async fn memory_does_not_grow_with_what_tenants_put_in_annotations() {
     let before = op.rss_kib() as f64 / 1024.0;
     let n = 150;
     let name = "n".repeat(200_000);
-    futures::stream::iter(0..n)
-        .map(|i| {
-            let (env, name) = (&env, &name);
-            async move { env.service_with(&format!("n{i}"), &[(BETA_NAME, name)], false).await }
-        })
-        .buffer_unordered(16)
-        .collect::<Vec<_>>()
-        .await;
+    create_16_at_a_time(&env, "n", n, |_| vec![(BETA_NAME, name.clone())]).await;
     // Every one was looked at: each carries the error annotation.
     eventually(Duration::from_secs(180), "an error annotation on all 150 Services", || async {
         // Each list carries 30 MB: not more often than once a second.
@@ -448,4 +428,28 @@ async fn memory_does_not_grow_with_what_tenants_put_in_annotations() {
     let growth = op.peak_rss_kib() as f64 / 1024.0 - before;
     println!("{n} Services naming a 200 KB Secret ({} MB in all): operator peak RSS +{growth:.1} MiB", n / 5);
     assert!(growth < 15.0, "peak RSS grew {growth:.1} MiB with {n} Services naming a 200 KB Secret (30 MB in all)");
+}
+
+/// Creates Services `{prefix}0` to `{prefix}{n-1}`, each with `annotations(its name)`,
+/// 16 at a time: 500 requests of 200 KB at once stall the shared API server past its
+/// timeouts, and the client's retry of a create that went through then fails with
+/// AlreadyExists.
+async fn create_16_at_a_time(
+    env: &Env,
+    prefix: &str,
+    n: usize,
+    annotations: impl Fn(&str) -> Vec<(&'static str, String)>,
+) {
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let name = format!("{prefix}{i}");
+            let annotations = annotations(&name);
+            async move {
+                let pairs: Vec<(&str, &str)> = annotations.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                env.service_with(&name, &pairs, false).await
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
 }

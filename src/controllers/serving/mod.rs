@@ -128,8 +128,9 @@ impl ServingWatches {
                 return false;
             }
             let namespace = svc.namespace().unwrap_or_default();
-            let named_before = before.and_then(wanted_name);
-            for name in wanted_name(svc).into_iter().chain(named_before.filter(|b| Some(*b) != wanted_name(svc))) {
+            let named = wanted_name(svc);
+            let named_before = before.and_then(wanted_name).filter(|before| Some(*before) != named);
+            for name in named.into_iter().chain(named_before) {
                 let _ = to_cert_refresh.send(ObjectRef::new(name).within(&namespace));
             }
             true
