@@ -309,7 +309,7 @@ pub fn retry_delay(attempt: u32) -> Duration {
 /// The longest annotation value a cache keeps. Every value the operator reads is far
 /// shorter when valid (a Secret name: 253 bytes); a longer one is invalid however it
 /// ends, and is cut here so that it costs no more than that.
-const MAX_CACHED_VALUE: usize = 1024;
+pub(crate) const MAX_CACHED_VALUE: usize = 1024;
 
 /// How long the first (streaming) list may take before the watch lists instead.
 const FIRST_LIST_TIMEOUT: Duration = Duration::from_secs(120);
