@@ -14,11 +14,15 @@ fn main() -> std::process::ExitCode {
         eprintln!("invalid --log-level {:?}: {e}; using info", config.log_level);
         tracing_subscriber::EnvFilter::new("info")
     });
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
     match config.log_format {
-        LogFormat::Json => logs.json().init(),
-        LogFormat::Plain => logs.init(),
+        // JSON escapes every control character itself.
+        LogFormat::Json => logs.with_writer(std::io::stderr).with_ansi(false).json().init(),
+        // Plain lines carry values from user input (annotations, certificate subjects):
+        // escaped, one line per event. Without colours, which escaping would show as text.
+        LogFormat::Plain => {
+            logs.with_writer(|| service_ca_operator::EscapedLines(std::io::stderr().lock())).with_ansi(false).init()
+        }
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,

@@ -153,8 +153,10 @@ struct PoolInner {
     buffer: usize,
     refill: tokio::sync::Notify,
     /// Serving keys signed over but not yet known to be written, by owner (the
-    /// Service UID): a retry after a failed write signs over the same key.
-    parked: std::sync::Mutex<HashMap<String, Arc<PrivateKey>>>,
+    /// Service UID), with when each was parked: a retry after a failed write signs over
+    /// the same key. A key not used again within [`PARKED_FOR`] is dropped (its Service
+    /// went, or stopped asking).
+    parked: std::sync::Mutex<HashMap<String, (Arc<PrivateKey>, std::time::Instant)>>,
     /// Counts every key generated (`service_ca_keys_generated_total`).
     generated: Counter,
 }
@@ -184,6 +186,10 @@ pub const IN_USE_FOR: std::time::Duration = std::time::Duration::from_secs(600);
 /// At most this many keys stay parked (owners whose writes keep failing); past it new
 /// keys are not parked, and their retries generate fresh keys.
 const MAX_PARKED: usize = 10_000;
+
+/// How long a parked key waits for its owner's next attempt (a failing write is
+/// retried within 5 minutes).
+pub const PARKED_FOR: std::time::Duration = std::time::Duration::from_secs(900);
 
 /// The nice value of key-generation threads (relative to the process).
 const WORKER_NICENESS: i32 = 10;
@@ -262,7 +268,7 @@ impl KeyPool {
     /// one, else a fresh one.
     async fn serving_key(&self, owner: &str, kind: KeyKind, priority: Priority) -> Result<Arc<PrivateKey>, PkiError> {
         if let Ok(mut parked) = self.inner.parked.lock()
-            && let Some(key) = parked.get(owner).cloned()
+            && let Some((key, _)) = parked.get(owner).cloned()
         {
             if key.kind() == kind {
                 tracing::debug!(owner, "signing over the key parked by a failed attempt");
@@ -283,10 +289,12 @@ impl KeyPool {
             Some(key) => key,
             None => self.fresh(kind, priority).await?,
         });
-        if let Ok(mut parked) = self.inner.parked.lock()
-            && parked.len() < MAX_PARKED
-        {
-            parked.insert(owner.to_string(), key.clone());
+        if let Ok(mut parked) = self.inner.parked.lock() {
+            // Keys of owners that went are dropped here, the only place the map grows.
+            parked.retain(|_, (_, at)| at.elapsed() < PARKED_FOR);
+            if parked.len() < MAX_PARKED {
+                parked.insert(owner.to_string(), (key.clone(), std::time::Instant::now()));
+            }
         }
         Ok(key)
     }
@@ -414,6 +422,17 @@ mod tests {
         assert_eq!(other.kind(), KeyKind::EcdsaP384);
         let back = pool.serving_key("uid", KeyKind::EcdsaP384, Priority::Bulk).await.unwrap();
         assert!(Arc::ptr_eq(&other, &back));
+    }
+
+    #[tokio::test]
+    async fn keys_parked_for_owners_that_went_are_dropped() {
+        let pool = KeyPool::new(1, 0, KeyKind::Rsa { bits: 2048 }, Counter::default());
+        let gone = pool.serving_key("gone", KeyKind::EcdsaP256, Priority::Bulk).await.unwrap();
+        let long_ago = std::time::Instant::now().checked_sub(PARKED_FOR + std::time::Duration::from_secs(1)).unwrap();
+        pool.inner.parked.lock().unwrap().insert("gone".into(), (gone, long_ago));
+        pool.serving_key("new", KeyKind::EcdsaP256, Priority::Bulk).await.unwrap();
+        let parked = pool.inner.parked.lock().unwrap();
+        assert_eq!(parked.keys().collect::<Vec<_>>(), ["new"], "the key of an owner that went is dropped");
     }
 
     #[tokio::test]

@@ -91,7 +91,7 @@ impl Recorder {
                 Err(error) => return Err(error),
             }
         }
-        let name = format!("{}.{:x}", regarding.name.as_deref().unwrap_or(&self.controller), now.as_nanosecond());
+        let name = event_name(regarding.name.as_deref().unwrap_or(&self.controller), now.as_nanosecond());
         let event = Event {
             metadata: ObjectMeta { name: Some(name.clone()), namespace: Some(namespace), ..Default::default() },
             event_time: Some(MicroTime(now)),
@@ -152,6 +152,24 @@ impl Recent {
     }
 }
 
+/// The longest object name the API server accepts (a DNS-1123 subdomain).
+pub const MAX_NAME: usize = 253;
+
+/// An Event's name: the object's name, then `.` and the time in hex nanoseconds (as
+/// client-go names them) — the object's name cut so that the whole stays within
+/// [`MAX_NAME`] (a Secret or webhook configuration may have a 253-character name), and
+/// cut where the rest is still a valid name (no `.` or `-` before the suffix).
+pub fn event_name(object: &str, nanos: i128) -> String {
+    let suffix = format!(".{:x}", u128::try_from(nanos).unwrap_or(0));
+    let mut cut = MAX_NAME.saturating_sub(suffix.len()).min(object.len());
+    while !object.is_char_boundary(cut) {
+        cut = cut.saturating_sub(1);
+    }
+    let prefix = object.get(..cut).unwrap_or_default().trim_end_matches(['.', '-']);
+    let prefix = if prefix.is_empty() { "event" } else { prefix };
+    format!("{prefix}{suffix}")
+}
+
 fn series_key(report: &Report<'_>, regarding: &ObjectReference) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     (report.type_.as_str(), report.reason, report.action).hash(&mut hasher);
@@ -174,6 +192,27 @@ mod tests {
         // Six minutes after the last repeat: a new Event.
         assert_eq!(recent.repeat(1, t0 + Duration::from_secs(120) + SERIES_WINDOW), None);
         assert_eq!(recent.repeat(2, t0), None);
+    }
+
+    #[test]
+    fn event_names_stay_within_the_api_limit_for_long_object_names() {
+        let nanos = 1_764_637_200_123_456_789_i128;
+        assert_eq!(event_name("web", nanos), "web.187d402f1ecc6d15");
+        let long = format!("{}.example.com", "a".repeat(241));
+        assert_eq!(long.len(), 253);
+        let name = event_name(&long, nanos);
+        assert_eq!(name.len(), MAX_NAME, "{name}");
+        assert!(name.starts_with("aaaa") && name.ends_with(".187d402f1ecc6d15"), "{name}");
+        // A cut that would end in '.' or '-' drops them: still a valid DNS subdomain.
+        for object in [format!("{}.b", "a".repeat(235)), format!("{}-{}", "a".repeat(235), "b".repeat(17))] {
+            let name = event_name(&object, nanos);
+            assert!(name.len() <= MAX_NAME, "{name}");
+            assert!(!name.contains("..") && !name.contains("-."), "{name}");
+            assert!(name.split('.').all(|label| !label.is_empty() && label.len() <= 253), "{name}");
+        }
+        assert_eq!(event_name("", nanos), "event.187d402f1ecc6d15");
+        assert_eq!(event_name("x", -1), "x.0", "a clock before 1970: no panic");
+        assert!(event_name(&"é".repeat(200), i128::MAX).len() <= MAX_NAME);
     }
 
     #[test]

@@ -268,23 +268,64 @@ pub async fn drive<K, S, E, Fut>(
 /// Consecutive failures per object, for the retry delay after an error: 2 s doubling
 /// to 5 minutes (±10 % jitter), forgotten after the object's next success. An object
 /// whose writes keep failing costs one attempt per delay, not one every few seconds.
+///
+/// An object that failed and then went (deleted before it succeeded) is forgotten too:
+/// a count not renewed within [`FORGET_FAILURES_AFTER`] is dropped (a failing object is
+/// retried well within it), and at most [`MAX_TRACKED`] objects are counted.
 #[derive(Default)]
-pub struct Retries(Mutex<HashMap<String, u32>>);
+pub struct Retries(Mutex<Failures>);
+
+#[derive(Default)]
+struct Failures {
+    /// Per object: consecutive failures and when the last one was.
+    counts: HashMap<String, (u32, Instant)>,
+    /// When the counts were last swept of expired ones.
+    swept: Option<Instant>,
+}
 
 /// The longest delay between two attempts on one failing object.
 pub const MAX_RETRY: Duration = Duration::from_secs(300);
 /// Retry delay while the API server cannot be reached.
 const UNREACHABLE_RETRY: Duration = Duration::from_secs(5);
+/// A failure count not renewed this long is forgotten: twice the longest delay, so a
+/// failing object is always retried (and counted again) before.
+pub const FORGET_FAILURES_AFTER: Duration = Duration::from_secs(600);
+/// At most this many objects' failures are counted; past it a new failing object
+/// retries after the shortest delay, as on its first failure.
+pub const MAX_TRACKED: usize = 65_536;
+/// Expired counts are swept at most this often (each sweep walks every count).
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+impl Failures {
+    /// Records a failure of `key` at `now`; returns its consecutive count.
+    fn failed(&mut self, key: &str, now: Instant) -> u32 {
+        let live = |last: &Instant| now.saturating_duration_since(*last) < FORGET_FAILURES_AFTER;
+        if self.swept.is_none_or(|at| now.saturating_duration_since(at) >= SWEEP_EVERY) {
+            self.counts.retain(|_, (_, last)| live(last));
+            self.counts.shrink_to(MAX_TRACKED);
+            self.swept = Some(now);
+        }
+        match self.counts.get_mut(key) {
+            Some((n, last)) => {
+                *n = if live(last) { n.saturating_add(1) } else { 1 };
+                *last = now;
+                *n
+            }
+            None => {
+                if self.counts.len() < MAX_TRACKED {
+                    self.counts.insert(key.to_string(), (1, now));
+                }
+                1
+            }
+        }
+    }
+}
 
 impl Retries {
     /// Records a failure of `key` and returns how long to wait before the next attempt.
     pub fn next_delay(&self, key: &str) -> Duration {
         let attempt = match self.0.lock() {
-            Ok(mut counts) => {
-                let n = counts.entry(key.to_string()).or_insert(0);
-                *n = n.saturating_add(1);
-                *n
-            }
+            Ok(mut failures) => failures.failed(key, Instant::now()),
             Err(_) => 1,
         };
         retry_delay(attempt)
@@ -292,8 +333,8 @@ impl Retries {
 
     /// `key` succeeded: its next failure starts from the shortest delay again.
     pub fn forget(&self, key: &str) {
-        if let Ok(mut counts) = self.0.lock() {
-            counts.remove(key);
+        if let Ok(mut failures) = self.0.lock() {
+            failures.counts.remove(key);
         }
     }
 }
@@ -309,7 +350,7 @@ pub fn retry_delay(attempt: u32) -> Duration {
 /// The longest annotation value a cache keeps. Every value the operator reads is far
 /// shorter when valid (a Secret name: 253 bytes); a longer one is invalid however it
 /// ends, and is cut here so that it costs no more than that.
-const MAX_CACHED_VALUE: usize = 1024;
+pub(crate) const MAX_CACHED_VALUE: usize = 1024;
 
 /// How long the first (streaming) list may take before the watch lists instead.
 const FIRST_LIST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -624,6 +665,31 @@ mod tests {
         assert_eq!(left, ["a", "b", "d"]);
         // The unchanged object was not even replaced.
         assert!(Arc::ptr_eq(&held, &store.get(&ObjectRef::new("a").within("ns")).unwrap()));
+    }
+
+    #[test]
+    fn failure_counts_of_objects_that_went_expire_and_are_bounded() {
+        let mut failures = Failures::default();
+        let t0 = Instant::now();
+        assert_eq!(failures.failed("ns/a", t0), 1);
+        assert_eq!(failures.failed("ns/a", t0 + MAX_RETRY), 2, "retried within the longest delay: counted on");
+        // A count not renewed for long starts again, and is swept with the others.
+        let later = t0 + MAX_RETRY + FORGET_FAILURES_AFTER;
+        assert_eq!(failures.failed("ns/a", later), 1);
+        for i in 0..100 {
+            failures.failed(&format!("ns/gone-{i}"), later);
+        }
+        assert_eq!(failures.counts.len(), 101);
+        let much_later = later + FORGET_FAILURES_AFTER;
+        failures.failed("ns/b", much_later);
+        assert_eq!(failures.counts.keys().collect::<Vec<_>>(), ["ns/b"], "the objects that went are forgotten");
+        // Bounded: past the cap a new object is not counted (its delay is the first one).
+        for i in 0..MAX_TRACKED + 10 {
+            failures.failed(&format!("ns/many-{i}"), much_later);
+        }
+        assert_eq!(failures.counts.len(), MAX_TRACKED);
+        assert_eq!(failures.failed("ns/one-more", much_later), 1);
+        assert_eq!(failures.failed("ns/one-more", much_later), 1);
     }
 
     #[test]

@@ -4,10 +4,13 @@ use std::fmt::Write;
 
 use super::assess::{CertStatus, Report};
 
-/// Columns padded to their widest cell, two spaces apart.
+/// Columns padded to their widest cell, two spaces apart. Every cell is shown escaped
+/// (names, annotations and certificate subjects come from users).
 fn columns(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
+    let rows: Vec<Vec<String>> =
+        rows.iter().map(|row| row.iter().map(|cell| crate::escaped(cell).into_owned()).collect()).collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (i, cell) in row.iter().enumerate() {
             if let Some(w) = widths.get_mut(i) {
                 *w = (*w).max(cell.chars().count());
@@ -29,7 +32,7 @@ fn columns(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
         let _ = writeln!(out, "{}", text.trim_end());
     };
     line(out, header.to_vec());
-    for row in rows {
+    for row in &rows {
         line(out, row.iter().map(String::as_str).collect());
     }
 }
@@ -38,31 +41,34 @@ fn or_dash(v: &Option<String>) -> String {
     v.clone().unwrap_or_else(|| "-".into())
 }
 
+/// The table of a report, every value from the cluster shown escaped.
 pub fn table(report: &Report) -> String {
     let mut out = String::new();
     let ca = &report.ca;
+    let shown = |v: &Option<String>| crate::escaped(&or_dash(v)).into_owned();
     let _ = writeln!(out, "CA (at {})", report.now);
     if let Some(e) = &ca.error {
-        let _ = writeln!(out, "  BROKEN: {e}");
+        let _ = writeln!(out, "  BROKEN: {}", crate::escaped(e));
     }
     if let Some(subject) = &ca.subject {
-        let _ = writeln!(out, "  subject          CN={subject}");
-        let _ = writeln!(out, "  key              {}", or_dash(&ca.key_type));
-        let _ = writeln!(out, "  not after        {}", or_dash(&ca.not_after));
-        let _ = writeln!(out, "  rotation due     {}", or_dash(&ca.rotation_due));
+        let _ = writeln!(out, "  subject          CN={}", crate::escaped(subject));
+        let _ = writeln!(out, "  key              {}", shown(&ca.key_type));
+        let _ = writeln!(out, "  not after        {}", shown(&ca.not_after));
+        let _ = writeln!(out, "  rotation due     {}", shown(&ca.rotation_due));
         let bridge = match (&ca.bridge_live, &ca.previous_ca_trusted_until) {
-            (true, Some(until)) => format!("live: the previous CA stays trusted until {until}"),
+            (true, Some(until)) => format!("live: the previous CA stays trusted until {}", crate::escaped(until)),
             _ => "none (no earlier CA is trusted)".into(),
         };
         let _ = writeln!(out, "  trust bridge     {bridge}");
-        let _ = writeln!(out, "  forced rotation  {}", ca.forced_rotation_reason.as_deref().unwrap_or("never"));
+        let reason = ca.forced_rotation_reason.as_deref().unwrap_or("never");
+        let _ = writeln!(out, "  forced rotation  {}", crate::escaped(reason));
         if let Some(pending) = &ca.force_rotation_pending {
-            let _ = writeln!(out, "  force-rotation {pending:?} asked, not acted on yet");
+            let _ = writeln!(out, "  force-rotation \"{}\" asked, not acted on yet", crate::escaped(pending));
         }
         let _ = writeln!(out, "  bundle           {} certificate(s) in signing-cabundle", ca.bundle_certificates);
     }
     if let Some(p) = &ca.bundle_problem {
-        let _ = writeln!(out, "  BROKEN: {p}");
+        let _ = writeln!(out, "  BROKEN: {}", crate::escaped(p));
     }
 
     let _ = writeln!(out, "\nSERVING CERTIFICATES");

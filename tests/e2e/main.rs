@@ -23,3 +23,4 @@ mod pod_certs;
 mod serving;
 mod sharing;
 mod shipping;
+mod tenant_input;

@@ -30,7 +30,7 @@ use super::decision::{Decision, decide};
 use super::progress::{self, Progress};
 use super::{
     Content, Error, MAX_FAILURES, Wanted, Written, desired, failures, issue, key_algorithm, leaf_request,
-    originating_service, report_problem, secret_facts, secret_ref, wanted, write_secret,
+    originating_service, report_problem, secret_facts, secret_ref, wait_for_deletion, wanted, write_secret,
 };
 use crate::controllers::{Context, LOOK_AGAIN, Shard, drive, is_not_found, patch_params, until};
 use crate::names::MANAGED_LABEL;
@@ -103,6 +103,11 @@ async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Resu
     let Some(secret) = secret else {
         return Ok(Action::await_change());
     };
+    // Being deleted, and held (a finalizer): nothing is written to it; waited for.
+    if secret.metadata.deletion_timestamp.is_some() {
+        settled(false);
+        return wait_for_deletion(ctx, NAME, &svc, &secret.metadata).await;
+    }
 
     let policy = ctx.config.leaf_policy();
     let request = leaf_request(&svc, &policy.cluster_domain, key);
@@ -140,6 +145,10 @@ async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Resu
         }
         Written::Raced => Ok(Action::requeue(LOOK_AGAIN)),
         Written::Gone => Ok(Action::await_change()),
+        Written::Deleting(held) => {
+            settled(false);
+            wait_for_deletion(ctx, NAME, &svc, &held).await
+        }
         Written::Refused(message) => {
             settled(false);
             report_problem(ctx, NAME, &svc, &message).await

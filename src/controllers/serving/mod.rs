@@ -20,6 +20,7 @@ use std::collections::BTreeMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
@@ -445,6 +446,9 @@ pub enum Written {
     Raced,
     /// Its namespace is being deleted: nothing more to do.
     Gone,
+    /// The Secret is being deleted and something (a finalizer) holds it: nothing can be
+    /// written until it is gone (see [`wait_for_deletion`]). Its metadata.
+    Deleting(Box<ObjectMeta>),
     /// The API server refused the write (validation, admission policy, quota, RBAC):
     /// reported on the Service and retried with backoff up to the failure cap.
     Refused(String),
@@ -485,7 +489,8 @@ pub async fn issue(
             ctx.keys.written(&owner);
             announce_issued(ctx, svc, name, reason, &leaf, &signer.ca).await;
         }
-        Ok(Written::Raced) => {}
+        // The key stays parked for the Secret's re-creation.
+        Ok(Written::Raced | Written::Deleting(_)) => {}
         Ok(Written::Gone) => ctx.keys.written(&owner),
         Ok(Written::Refused(_)) => {
             failed("refused");
@@ -502,6 +507,12 @@ pub async fn issue(
 /// at — except for an immutable Secret whose data must change, which is deleted
 /// (guarded by its UID and resourceVersion) and created anew as a regular Secret (the
 /// serving-cert controller may re-create it first, as for any deleted Secret).
+///
+/// That delete orphans what hangs on the Secret (`propagationPolicy: Orphan`): objects
+/// a user made dependent on it are not collected with it. The API server then keeps
+/// the Secret until the garbage collector has orphaned them, and any finalizer of the
+/// user's holds it longer: a Secret still there after the delete is not created over
+/// (that would fail, again and again) but waited for: [`Written::Deleting`].
 pub async fn write_secret(ctx: &Context, existing: Option<&Secret>, mut desired: Secret) -> Result<Written, Error> {
     let namespace = desired.namespace().unwrap_or_default();
     let name = desired.name_any();
@@ -514,12 +525,19 @@ pub async fn write_secret(ctx: &Context, existing: Option<&Secret>, mut desired:
         }
         Some(old) if old.immutable == Some(true) && old.data != desired.data => {
             let preconditions = kube::api::Preconditions { uid: old.uid(), resource_version: old.resource_version() };
+            let params = kube::api::DeleteParams {
+                preconditions: Some(preconditions),
+                propagation_policy: Some(kube::api::PropagationPolicy::Orphan),
+                ..Default::default()
+            };
             ctx.metrics.write("secrets", "delete");
-            match api
-                .delete(&name, &kube::api::DeleteParams { preconditions: Some(preconditions), ..Default::default() })
-                .await
-            {
-                Ok(_) => {
+            match api.delete(&name, &params).await {
+                Ok(deleted) => {
+                    // Still there (the object, not a Status, came back): held.
+                    if let Some(held) = deleted.left().filter(|s| s.metadata.deletion_timestamp.is_some()) {
+                        tracing::info!(secret = %secret_ref(&namespace, &name), "deleting an immutable Secret to change its data; re-created once it is gone");
+                        return Ok(Written::Deleting(Box::new(held.metadata)));
+                    }
                     tracing::info!(secret = %secret_ref(&namespace, &name), "re-creating an immutable Secret to change its data");
                     desired.metadata.resource_version = None;
                     desired.metadata.uid = None;
@@ -636,6 +654,89 @@ async fn report_problem(
     ctx.event(&svc.object_ref(&()), EventType::Warning, "ServingCertificateError", note).await;
     ctx.metrics.reconcile_errors.get_or_create(&crate::metrics::ErrorLabels { controller, category: "rejected" }).inc();
     Ok(if count >= MAX_FAILURES { Action::await_change() } else { Action::requeue(retry_delay(count)) })
+}
+
+/// How long a Secret may stay in deletion before that is reported on its Service. A
+/// delete of ours holds it for a moment (the garbage collector orphans its dependents
+/// first); only a finalizer of someone else's holds it this long.
+pub const HELD_REPORT_AFTER: Duration = Duration::from_secs(10);
+
+/// What to do about a Secret being deleted since `deleted_at` (Unix seconds, the API
+/// server's clock), at `now`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Held {
+    /// Look again after this (the moment it becomes worth reporting).
+    Wait(Duration),
+    /// Report it on the Service (once), then look again after `again`: the longer it
+    /// has been held, the later (half its age, 2 s to 5 minutes). Its final deletion
+    /// wakes the controllers sooner through the watch.
+    Report { again: Duration },
+}
+
+/// The plan for a Secret being deleted (pure).
+pub fn held(deleted_at: Option<i64>, now: i64) -> Held {
+    let age = now.saturating_sub(deleted_at.unwrap_or(now)).max(0).unsigned_abs();
+    let age = Duration::from_secs(age);
+    match HELD_REPORT_AFTER.checked_sub(age).filter(|left| !left.is_zero()) {
+        Some(left) => Held::Wait(left.max(Duration::from_secs(1))),
+        None => Held::Report {
+            again: age.checked_div(2).unwrap_or_default().clamp(Duration::from_secs(2), super::MAX_RETRY),
+        },
+    }
+}
+
+/// The report on the Service about its Secret held in deletion: what holds it (the
+/// finalizers of others than the API server's garbage collector), bounded and escaped.
+pub fn held_message(namespace: &str, meta: &ObjectMeta) -> String {
+    let holders: Vec<&str> = meta
+        .finalizers
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .filter(|f| !matches!(*f, "orphan" | "foregroundDeletion"))
+        .collect();
+    let holders = if holders.is_empty() {
+        "the garbage collector".to_string()
+    } else {
+        format!("its finalizers ({})", crate::bounded(&holders.join(", ")))
+    };
+    let since = meta.deletion_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default();
+    format!(
+        "Secret {} is being deleted (since {since}) and is held by {holders}; the certificate is written once it \
+         is gone",
+        secret_ref(namespace, &meta.name.clone().unwrap_or_default()),
+    )
+}
+
+/// A Secret of the Service `svc` is being deleted and something holds it (`meta`): it
+/// is waited for, never written to nor deleted again. Once it has been held
+/// [`HELD_REPORT_AFTER`], that is reported on the Service like a failure (counted
+/// towards the cap, a Warning Event) — once: a later pass that finds the same report
+/// on the Service only looks again, later each time. When the Secret is finally gone,
+/// its deletion (a watch event) brings the serving-cert controller, which creates it.
+pub async fn wait_for_deletion(
+    ctx: &Context,
+    controller: &'static str,
+    svc: &Service,
+    meta: &ObjectMeta,
+) -> Result<Action, Error> {
+    let since = meta.deletion_timestamp.as_ref().map(|t| t.0.as_second());
+    match held(since, OffsetDateTime::now_utc().unix_timestamp()) {
+        Held::Wait(wait) => Ok(Action::requeue(wait)),
+        Held::Report { again } => {
+            let message = held_message(&meta.namespace.clone().unwrap_or_default(), meta);
+            // The cached Service shows our annotations cut as every cached value is.
+            let shown = crate::bounded_to(&message, super::MAX_CACHED_VALUE);
+            let annotations = svc.annotations();
+            if [ann::BETA, ann::ALPHA]
+                .iter()
+                .all(|f| annotations.get(f.generation_error).map(String::as_str) == Some(&*shown))
+            {
+                return Ok(Action::requeue(again));
+            }
+            report_problem(ctx, controller, svc, &message).await
+        }
+    }
 }
 
 /// Merges `annotations` into the Service's; `false` when the Service is gone. With
@@ -784,6 +885,43 @@ mod tests {
             ),
             before
         );
+    }
+
+    #[test]
+    fn a_held_secret_is_reported_once_it_has_been_held_a_while_then_looked_at_ever_later() {
+        let t = 1_800_000_000;
+        assert_eq!(held(Some(t), t), Held::Wait(HELD_REPORT_AFTER), "just deleted: the garbage collector's moment");
+        assert_eq!(held(Some(t), t + 7), Held::Wait(Duration::from_secs(3)));
+        assert_eq!(held(Some(t), t + 10), Held::Report { again: Duration::from_secs(5) });
+        assert_eq!(held(Some(t), t + 120), Held::Report { again: Duration::from_secs(60) });
+        assert_eq!(held(Some(t), t + 86_400), Held::Report { again: crate::controllers::MAX_RETRY });
+        // Clocks apart, or values no clock shows: never a panic, never a hurry.
+        assert_eq!(held(Some(t + 3600), t), Held::Wait(HELD_REPORT_AFTER), "deleted in our future");
+        assert_eq!(held(None, t), Held::Wait(HELD_REPORT_AFTER));
+        assert_eq!(held(Some(i64::MIN), i64::MAX), Held::Report { again: crate::controllers::MAX_RETRY });
+        assert_eq!(held(Some(i64::MAX), i64::MIN), Held::Wait(HELD_REPORT_AFTER));
+    }
+
+    #[test]
+    fn the_held_report_names_what_holds_the_secret_bounded() {
+        let mut meta = ObjectMeta {
+            name: Some("web-tls".into()),
+            deletion_timestamp: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                "2026-12-02T01:00:00Z".parse().unwrap(),
+            )),
+            finalizers: Some(vec!["orphan".into(), "e2e.test/hold".into()]),
+            ..ObjectMeta::default()
+        };
+        let message = held_message("shop", &meta);
+        assert_eq!(
+            message,
+            "Secret shop/web-tls is being deleted (since 2026-12-02T01:00:00Z) and is held by its finalizers \
+             (e2e.test/hold); the certificate is written once it is gone"
+        );
+        meta.finalizers = Some(vec!["orphan".into()]);
+        assert!(held_message("shop", &meta).contains("held by the garbage collector;"));
+        meta.finalizers = Some((0..1000).map(|i| format!("example.com/hold-{i}")).collect());
+        assert!(held_message("shop", &meta).len() < 600, "bounded");
     }
 
     #[test]

@@ -21,8 +21,12 @@ use crate::shutdown::Shutdown;
 #[derive(Default)]
 pub struct Progress(Mutex<Round>);
 
+/// One bulk re-issue. Between two (most of the time) nothing is recorded: the Secrets
+/// looked at for their own refresh would otherwise pile up until the next CA change.
 #[derive(Default)]
 struct Round {
+    /// A re-issue is under way.
+    active: bool,
     /// Secrets looked at since the change (by `namespace/name`).
     seen: HashSet<String>,
     /// Of those, re-issued.
@@ -33,14 +37,23 @@ impl Progress {
     /// The cert-refresh controller looked at `secret` (and re-issued it or not).
     pub fn looked_at(&self, secret: String, reissued: bool) {
         if let Ok(mut round) = self.0.lock()
+            && round.active
             && round.seen.insert(secret)
             && reissued
         {
-            round.reissued += 1;
+            round.reissued = round.reissued.saturating_add(1);
         }
     }
 
+    /// A re-issue begins: counting starts from nothing.
     fn restart(&self) {
+        if let Ok(mut round) = self.0.lock() {
+            *round = Round { active: true, ..Round::default() };
+        }
+    }
+
+    /// The re-issue is over: what it recorded is dropped and nothing more is recorded.
+    fn finish(&self) {
         if let Ok(mut round) = self.0.lock() {
             *round = Round::default();
         }
@@ -105,6 +118,7 @@ pub async fn report(
                     describe(done, reissued, total, started.elapsed()),
                     started.elapsed().as_secs_f64()
                 );
+                progress.finish();
                 break;
             }
             tracing::info!("{}", describe(done, reissued, total, started.elapsed()));
@@ -127,6 +141,9 @@ mod tests {
     #[test]
     fn counts_each_secret_once_and_words_an_eta() {
         let p = Progress::default();
+        p.looked_at("a/before".into(), true);
+        assert_eq!(p.counts(), (0, 0), "no re-issue under way: nothing recorded");
+        p.restart();
         p.looked_at("a/x".into(), true);
         p.looked_at("a/x".into(), true);
         p.looked_at("a/y".into(), false);
@@ -138,5 +155,9 @@ mod tests {
         assert!(!describe(1200, 1200, 1200, Duration::from_secs(45)).contains("ETA"));
         p.restart();
         assert_eq!(p.counts(), (0, 0));
+        p.looked_at("a/x".into(), true);
+        p.finish();
+        p.looked_at("a/after".into(), true);
+        assert_eq!(p.counts(), (0, 0), "the finished round is dropped, and nothing recorded after it");
     }
 }

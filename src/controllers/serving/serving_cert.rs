@@ -27,7 +27,7 @@ use time::OffsetDateTime;
 use super::decision::{Decision, decide};
 use super::{
     Content, Error, MAX_FAILURES, Wanted, Written, desired, failures, issue, key_algorithm, leaf_request, mark_signed,
-    report_problem, secret_facts, secret_ref, wanted, write_secret,
+    report_problem, secret_facts, secret_ref, wait_for_deletion, wanted, write_secret,
 };
 use crate::controllers::{Context, LOOK_AGAIN, Shard, drive};
 use crate::names::{self as ann, Family};
@@ -110,6 +110,14 @@ async fn reconcile(svc: Arc<Service>, st: Arc<State>) -> Result<Action, Error> {
     let request = leaf_request(&svc, &policy.cluster_domain, key);
     let facts = existing.as_ref().map(secret_facts);
     let labeled = facts.as_ref().is_some_and(|f| f.labeled);
+    // A Secret being deleted is waited for (by cert-refresh when it is labeled); its
+    // deletion brings us back to create it.
+    if let Some(held) = existing.as_ref().filter(|s| s.metadata.deletion_timestamp.is_some()) {
+        if labeled {
+            return Ok(Action::await_change());
+        }
+        return wait_for_deletion(ctx, NAME, &svc, &held.metadata).await;
+    }
     let decision = decide(facts.as_ref(), &request, &signer.ca, &policy, OffsetDateTime::now_utc());
 
     match decision {
@@ -168,6 +176,7 @@ async fn settle(ctx: &Context, svc: &Service, written: Written) -> Result<Option
         Written::Done { .. } => Ok(None),
         Written::Raced => Ok(Some(Action::requeue(LOOK_AGAIN))),
         Written::Gone => Ok(Some(Action::await_change())),
+        Written::Deleting(held) => wait_for_deletion(ctx, NAME, svc, &held).await.map(Some),
         Written::Refused(message) => report_problem(ctx, NAME, svc, &message).await.map(Some),
     }
 }
