@@ -408,14 +408,14 @@ pub fn selector_matches(requirements: &[Requirement], labels: &std::collections:
 /// Parses `a=b,c!=d,e,!f,g in (x,y),h notin (z)`; empty means "everything".
 pub fn parse_selector(selector: &str) -> Result<Vec<Requirement>, String> {
     let mut parts = Vec::new();
-    let (mut depth, mut start) = (0, 0);
+    let (mut depth, mut start) = (0i32, 0usize);
     for (i, c) in selector.char_indices() {
         match c {
-            '(' => depth += 1,
-            ')' => depth -= 1,
+            '(' => depth = depth.saturating_add(1),
+            ')' => depth = depth.saturating_sub(1),
             ',' if depth == 0 => {
                 parts.push(&selector[start..i]);
-                start = i + 1;
+                start = i.saturating_add(1);
             }
             _ => {}
         }
