@@ -315,7 +315,7 @@ fn lease_field_manager(identity: &str) -> String {
     let mut manager = format!("{}-lease-{identity}", ann::FIELD_MANAGER);
     let mut cut = manager.len().min(128);
     while !manager.is_char_boundary(cut) {
-        cut -= 1;
+        cut = cut.saturating_sub(1);
     }
     manager.truncate(cut);
     manager

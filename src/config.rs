@@ -285,16 +285,62 @@ pub struct Config {
     pub pod_certificate_grace: Duration,
 }
 
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
+/// X.509 dates end in 9999; a century is more than any certificate needs, and keeps
+/// every date the operator computes far from that end.
+const CENTURY: Duration = Duration::from_secs(36_525 * 86_400); // humantime's `100y`
+
+/// The bounds (inclusive) of each duration flag.
+const CA_LIFETIME: (Duration, Duration) = (MINUTE, CENTURY);
+const CA_ROTATE_BEFORE: (Duration, Duration) = (Duration::from_secs(1), CENTURY);
+const CERT_LIFETIME: (Duration, Duration) = (MINUTE, CENTURY);
+const CERT_REFRESH_BEFORE: (Duration, Duration) = (Duration::from_secs(1), CENTURY);
+/// At least 3 s (renewed every third of it); at most an hour of handover after a crash.
+const LEASE_DURATION: (Duration, Duration) = (Duration::from_secs(3), HOUR);
+const PROGRESS_INTERVAL: (Duration, Duration) = (Duration::from_secs(1), DAY);
+/// The API server accepts pod certificates of 1 h to 91 days.
+const POD_CERTIFICATE_MAX_LIFETIME: (Duration, Duration) = (HOUR, Duration::from_secs(91 * 86_400));
+/// 0: deny at once; at most a day, as long as a pod may wait for its volume.
+const POD_CERTIFICATE_GRACE: (Duration, Duration) = (Duration::ZERO, DAY);
+
+/// Refuses `value` of `flag` outside `min..=max`, naming the flag, the value and the range.
+fn check_duration(flag: &str, value: Duration, min: Duration, max: Duration) -> Result<(), String> {
+    if (min..=max).contains(&value) {
+        return Ok(());
+    }
+    Err(format!("{flag} ({}) must be between {} and {}", show(value), show(min), show(max)))
+}
+
+/// A duration as flags are written: `100 years` for the century, whole days as `91d`
+/// (humantime would say `2months 29days 17h 16m 48s`), anything else as humantime.
+fn show(d: Duration) -> String {
+    let secs = d.as_secs();
+    if d == CENTURY {
+        "100 years".into()
+    } else if secs >= DAY.as_secs() && secs.is_multiple_of(DAY.as_secs()) && d.subsec_nanos() == 0 {
+        format!("{}d", secs.checked_div(DAY.as_secs()).unwrap_or_default())
+    } else {
+        humantime::format_duration(d).to_string()
+    }
+}
+
 impl Config {
     /// Rejects combinations that could never work (they would rotate or re-issue in a
     /// loop).
     pub fn validate(&self) -> Result<(), String> {
-        // X.509 dates end in 9999; a century is more than any CA needs.
-        let century = Duration::from_secs(100 * 365 * 86_400);
-        for (flag, value) in [("--ca-lifetime", self.ca_lifetime), ("--cert-lifetime", self.policy.cert_lifetime)] {
-            if value > century {
-                return Err(format!("{flag} ({}) must be at most 100 years", humantime::format_duration(value)));
-            }
+        for (flag, value, (min, max)) in [
+            ("--ca-lifetime", self.ca_lifetime, CA_LIFETIME),
+            ("--ca-rotate-before", self.policy.ca_rotate_before, CA_ROTATE_BEFORE),
+            ("--cert-lifetime", self.policy.cert_lifetime, CERT_LIFETIME),
+            ("--cert-refresh-before", self.cert_refresh_before(), CERT_REFRESH_BEFORE),
+            ("--lease-duration", self.lease_duration, LEASE_DURATION),
+            ("--progress-interval", self.progress_interval, PROGRESS_INTERVAL),
+            ("--pod-certificate-max-lifetime", self.pod_certificate_max_lifetime, POD_CERTIFICATE_MAX_LIFETIME),
+            ("--pod-certificate-grace", self.pod_certificate_grace, POD_CERTIFICATE_GRACE),
+        ] {
+            check_duration(flag, value, min, max)?;
         }
         if self.policy.ca_rotate_before >= self.ca_lifetime {
             return Err(format!(
@@ -311,9 +357,6 @@ impl Config {
             ));
         }
         parse_selector(&self.selector).map_err(|e| format!("--selector {:?}: {e}", self.selector))?;
-        if self.lease_duration < Duration::from_secs(3) {
-            return Err("--lease-duration must be at least 3s".into());
-        }
         if self.controller_concurrency == 0 {
             return Err("--controller-concurrency must be at least 1 (0 would reconcile nothing)".into());
         }
@@ -329,10 +372,6 @@ impl Config {
         check_signer_name(&self.pod_signer_name).map_err(|why| {
             format!("--pod-signer-name {:?} is not a signer name: {why}", crate::bounded(&self.pod_signer_name))
         })?;
-        // The API server refuses pod certificates shorter than an hour.
-        if self.pod_certificate_max_lifetime < Duration::from_secs(3600) {
-            return Err("--pod-certificate-max-lifetime must be at least 1h (the API server's minimum)".into());
-        }
         Ok(())
     }
 
@@ -408,14 +447,14 @@ pub fn selector_matches(requirements: &[Requirement], labels: &std::collections:
 /// Parses `a=b,c!=d,e,!f,g in (x,y),h notin (z)`; empty means "everything".
 pub fn parse_selector(selector: &str) -> Result<Vec<Requirement>, String> {
     let mut parts = Vec::new();
-    let (mut depth, mut start) = (0, 0);
+    let (mut depth, mut start) = (0i32, 0usize);
     for (i, c) in selector.char_indices() {
         match c {
-            '(' => depth += 1,
-            ')' => depth -= 1,
+            '(' => depth = depth.saturating_add(1),
+            ')' => depth = depth.saturating_sub(1),
             ',' if depth == 0 => {
                 parts.push(&selector[start..i]);
-                start = i + 1;
+                start = i.saturating_add(1);
             }
             _ => {}
         }
@@ -515,7 +554,40 @@ mod tests {
         let c = parse(&["x", "--cert-lifetime", "1h", "--cert-refresh-before", "1h"]);
         assert!(c.validate().unwrap_err().contains("--cert-refresh-before"));
         let c = parse(&["x", "--ca-lifetime", "10000y"]);
-        assert!(c.validate().unwrap_err().contains("at most 100 years"), "would overflow the certificate dates");
+        assert!(c.validate().unwrap_err().contains("and 100 years"), "would overflow the certificate dates");
+    }
+
+    #[test]
+    fn every_duration_flag_is_refused_outside_its_bounds_naming_flag_value_and_range() {
+        for (flag, too_short, too_long, range) in [
+            ("--ca-lifetime", Some("59s"), "101y", "between 1m and 100 years"),
+            ("--ca-rotate-before", Some("0s"), "101y", "between 1s and 100 years"),
+            ("--cert-lifetime", Some("59s"), "101y", "between 1m and 100 years"),
+            ("--cert-refresh-before", Some("0s"), "101y", "between 1s and 100 years"),
+            ("--lease-duration", Some("2s"), "61m", "between 3s and 1h"),
+            ("--progress-interval", Some("0s"), "25h", "between 1s and 1d"),
+            ("--pod-certificate-max-lifetime", Some("59m"), "92d", "between 1h and 91d"),
+            ("--pod-certificate-grace", None, "10000y", "between 0s and 1d"),
+        ] {
+            for value in too_short.into_iter().chain([too_long]) {
+                let error = parse(&["x", flag, value]).validate().unwrap_err();
+                assert!(error.starts_with(&format!("{flag} (")), "{flag} {value}: {error}");
+                assert!(error.contains(range), "{flag} {value}: {error}");
+            }
+        }
+        // The ends of each range are accepted (with the flags they must stay below).
+        for args in [
+            &["x", "--ca-lifetime", "1m", "--ca-rotate-before", "1s"][..],
+            &["x", "--ca-lifetime", "100y", "--ca-rotate-before", "99y"],
+            &["x", "--cert-lifetime", "1m", "--cert-refresh-before", "1s"],
+            &["x", "--cert-lifetime", "100y", "--cert-refresh-before", "99y"],
+            &["x", "--lease-duration", "3s", "--progress-interval", "1s", "--pod-certificate-grace", "0s"],
+            &["x", "--lease-duration", "1h", "--progress-interval", "1d", "--pod-certificate-grace", "1d"],
+            &["x", "--pod-certificate-max-lifetime", "1h"],
+            &["x", "--pod-certificate-max-lifetime", "91d"],
+        ] {
+            assert_eq!(parse(args).validate(), Ok(()), "{args:?}");
+        }
     }
 
     #[test]

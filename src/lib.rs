@@ -12,10 +12,15 @@
 //! - [`admin`] and [`metrics`]: probes and Prometheus metrics;
 //! - [`inspect`]: the `inspect` subcommand (a read-only report, and `--restart`).
 
+// Arithmetic that can overflow or panic is refused outside tests: dates go through
+// `dates`, counters saturate, and each exception says why it cannot overflow.
+#![cfg_attr(not(test), deny(clippy::arithmetic_side_effects))]
+
 pub mod admin;
 pub mod app;
 pub mod config;
 pub mod controllers;
+pub mod dates;
 pub mod inspect;
 pub mod metrics;
 pub mod names;
@@ -42,7 +47,7 @@ pub fn bounded_to(value: &str, max: usize) -> Cow<'_, str> {
     }
     let mut cut = max;
     while !value.is_char_boundary(cut) {
-        cut -= 1;
+        cut = cut.saturating_sub(1);
     }
     Cow::Owned(format!("{}…", &value[..cut]))
 }

@@ -1,5 +1,9 @@
 //! The `service-ca-operator` binary: parse the command line, set up logging, run.
 
+// Arithmetic that can overflow or panic is refused outside tests: dates go through
+// `dates`, counters saturate, and each exception says why it cannot overflow.
+#![cfg_attr(not(test), deny(clippy::arithmetic_side_effects))]
+
 use service_ca_operator::config::{Cli, LogFormat, Mode};
 
 #[global_allocator]

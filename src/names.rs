@@ -136,7 +136,7 @@ pub fn check_subdomain(value: &str) -> Result<(), &'static str> {
         if !bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-') {
             return Err("only lowercase letters, digits, '-' and '.' are allowed");
         }
-        if bytes[0] == b'-' || bytes[bytes.len() - 1] == b'-' {
+        if bytes.first() == Some(&b'-') || bytes.last() == Some(&b'-') {
             return Err("each part must start and end with a letter or digit");
         }
     }

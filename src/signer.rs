@@ -363,7 +363,9 @@ fn lower_priority() {
     {
         // SAFETY: setpriority only reads its integer arguments; `who = 0` is the
         // calling thread.
-        let failed = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, current_niceness() + WORKER_NICENESS) } != 0;
+        let failed =
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, current_niceness().saturating_add(WORKER_NICENESS)) }
+                != 0;
         if failed {
             tracing::debug!(error = %std::io::Error::last_os_error(), "could not lower the key-generation priority");
         }

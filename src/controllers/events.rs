@@ -144,7 +144,7 @@ impl Recent {
         if self.series.len() >= MAX_SERIES && self.sweep_at.is_none_or(|at| now >= at) {
             self.series.retain(|_, s| now.duration_since(s.last) < SERIES_WINDOW);
             self.series.shrink_to_fit();
-            self.sweep_at = self.series.values().map(|s| s.last + SERIES_WINDOW).min();
+            self.sweep_at = self.series.values().filter_map(|s| s.last.checked_add(SERIES_WINDOW)).min();
         }
         if self.series.len() < MAX_SERIES {
             self.series.insert(key, Series { name, count: 1, last: now });

@@ -372,7 +372,7 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let streaming = watcher(api.clone(), config.clone().streaming_lists()).boxed();
-    let deadline = tokio::time::Instant::now() + FIRST_LIST_TIMEOUT;
+    let deadline = crate::dates::deadline(FIRST_LIST_TIMEOUT);
     let first = futures::stream::unfold((streaming, false), move |(mut events, synced)| async move {
         let next = if synced {
             events.next().await
@@ -595,7 +595,7 @@ impl Iterator for WatchBackoff {
 
     fn next(&mut self) -> Option<Duration> {
         let delay = self.next;
-        self.next = (self.next * 2).min(Duration::from_secs(5));
+        self.next = self.next.saturating_mul(2).min(Duration::from_secs(5));
         let jitter = 0.8 + rand::random::<f64>() * 0.4;
         Some(delay.mul_f64(jitter))
     }
@@ -607,11 +607,8 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
     }
 }
 
-/// Time from now until `at` (zero if past), for `Action::requeue`.
-pub fn until(at: time::OffsetDateTime) -> Duration {
-    let left = at - time::OffsetDateTime::now_utc();
-    Duration::try_from(left).unwrap_or(Duration::ZERO)
-}
+/// Time from now until `at` (zero if past, at most a year), for `Action::requeue`.
+pub use crate::dates::until;
 
 #[cfg(test)]
 mod tests {

@@ -111,7 +111,7 @@ pub async fn run(ctx: Arc<Context>, sharing: Arc<Sharing>, shutdown: Shutdown) {
     let (store, writer) = kube::runtime::reflector::store();
     let config = watcher::Config::default().labels(&format!("{MEMBER_LABEL}=true"));
     let mut events = watcher(api.clone(), config).backoff(WatchBackoff::default()).reflect(writer).boxed();
-    let mut renew = tokio::time::interval(duration / 3);
+    let mut renew = tokio::time::interval(duration.checked_div(3).unwrap_or(duration));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut shutdown = std::pin::pin!(shutdown.signal());
     loop {
@@ -173,12 +173,13 @@ const FORGET_AFTER: Duration = Duration::from_secs(3600);
 fn expiry(lease: &Lease) -> Option<time::OffsetDateTime> {
     let spec = lease.spec.as_ref()?;
     let renewed = time::OffsetDateTime::from_unix_timestamp_nanos(spec.renew_time.as_ref()?.0.as_nanosecond()).ok()?;
-    Some(renewed + Duration::from_secs(spec.lease_duration_seconds?.max(0) as u64))
+    let seconds = u64::try_from(spec.lease_duration_seconds?).unwrap_or(0);
+    Some(crate::dates::after(renewed, Duration::from_secs(seconds)))
 }
 
 /// How long ago a member Lease expired (zero if it has not, or cannot be read).
 fn expired_for(lease: &Lease, now: time::OffsetDateTime) -> Duration {
-    expiry(lease).and_then(|at| Duration::try_from(now - at).ok()).unwrap_or(Duration::ZERO)
+    expiry(lease).map_or(Duration::ZERO, |at| crate::dates::between(at, now))
 }
 
 /// The identities of the members whose Lease is still valid at `now`, sorted.
@@ -243,5 +244,24 @@ mod tests {
         let cleared: Vec<String> =
             leases.iter().filter(|l| expired_for(l, now) > FORGET_AFTER).map(|l| l.name_any()).collect();
         assert_eq!(cleared, vec![lease_name("long-gone")], "only a Lease expired for over an hour is cleared");
+    }
+
+    #[test]
+    fn a_lease_renewed_at_either_end_of_time_is_read_without_overflow() {
+        let now = time::OffsetDateTime::now_utc();
+        let lease = |renewed: &str, seconds: i32| -> Lease {
+            serde_json::from_value(json!({
+                "metadata": { "name": lease_name("far") },
+                "spec": { "holderIdentity": "far", "leaseDurationSeconds": seconds, "renewTime": renewed }
+            }))
+            .unwrap()
+        };
+        let future = lease("9999-12-30T21:59:59.999999Z", i32::MAX); // the latest jiff reads
+        assert_eq!(expiry(&future), Some(crate::dates::LATEST), "clamped at the latest date, no panic");
+        assert_eq!(expired_for(&future, now), Duration::ZERO);
+        let ancient = lease("0000-01-01T00:00:00Z", 15);
+        assert!(expiry(&ancient).is_some_and(|at| at.year() == 0));
+        assert!(expired_for(&ancient, now) > FORGET_AFTER, "long gone");
+        assert_eq!(live_members([&ancient].into_iter(), now), Vec::<String>::new());
     }
 }

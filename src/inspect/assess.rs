@@ -288,7 +288,7 @@ pub fn thousands(n: usize) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+        if i > 0 && digits.len().saturating_sub(i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -379,7 +379,8 @@ pub fn assess(snapshot: &Snapshot, policy: &Policy, now: OffsetDateTime) -> Repo
                     ca_report.key_type = cert.key_type.clone();
                     ca_report.not_before = Some(time_str(cert.info.not_before));
                     ca_report.not_after = Some(time_str(cert.info.not_after));
-                    ca_report.rotation_due = Some(time_str(cert.info.not_after - policy.ca_rotate_before));
+                    ca_report.rotation_due =
+                        Some(time_str(crate::dates::before(cert.info.not_after, policy.ca_rotate_before)));
                     current_ski = cert.info.subject_key_id.clone();
                     ca_not_after = Some(cert.info.not_after);
                 }
@@ -491,16 +492,20 @@ pub fn assess(snapshot: &Snapshot, policy: &Policy, now: OffsetDateTime) -> Repo
     let mut summary = Summary { serving_total: rows.len(), injected_total: injected.len(), ..Default::default() };
     for row in &rows {
         match row.status {
-            CertStatus::Current => summary.serving_current += 1,
-            CertStatus::PreviousCa => summary.pending_reissue += 1,
-            CertStatus::Untrusted | CertStatus::Expired => summary.untrusted += 1,
-            CertStatus::Error => summary.errors += 1,
+            CertStatus::Current => summary.serving_current = summary.serving_current.saturating_add(1),
+            CertStatus::PreviousCa => summary.pending_reissue = summary.pending_reissue.saturating_add(1),
+            CertStatus::Untrusted | CertStatus::Expired => summary.untrusted = summary.untrusted.saturating_add(1),
+            CertStatus::Error => summary.errors = summary.errors.saturating_add(1),
         }
     }
     for row in &injected {
         match row.status {
-            BundleStatus::Current | BundleStatus::NotApplicable => summary.injected_current += 1,
-            BundleStatus::Stale | BundleStatus::Missing => summary.injected_stale += 1,
+            BundleStatus::Current | BundleStatus::NotApplicable => {
+                summary.injected_current = summary.injected_current.saturating_add(1)
+            }
+            BundleStatus::Stale | BundleStatus::Missing => {
+                summary.injected_stale = summary.injected_stale.saturating_add(1)
+            }
         }
     }
     summary.workloads_to_restart = workloads.len();
@@ -567,7 +572,7 @@ fn serving_row(
     row.not_after = Some(time_str(leaf.info.not_after));
     let refresh_at = match ca_not_after {
         Some(ca) => policy.leaf.refresh_at(leaf.info.not_after, ca),
-        None => Some(leaf.info.not_after - policy.leaf.refresh_before),
+        None => Some(crate::dates::before(leaf.info.not_after, policy.leaf.refresh_before)),
     };
     row.refresh_at = refresh_at.map(time_str);
     if !secret.data.contains_key(ann::TLS_KEY) {
@@ -622,7 +627,8 @@ fn workloads(snapshot: &Snapshot, rows: &[ServingRow]) -> Vec<WorkloadRow> {
     let mut secret_changed: BTreeMap<(&str, &str), OffsetDateTime> = BTreeMap::new();
     for row in rows {
         if let Some(nb) = row.not_before.as_deref().and_then(pki::parse_expiry) {
-            secret_changed.insert((row.namespace.as_str(), row.secret.as_str()), nb + Duration::from_secs(1));
+            secret_changed
+                .insert((row.namespace.as_str(), row.secret.as_str()), crate::dates::after(nb, Duration::from_secs(1)));
         }
     }
     let mut cm_changed: BTreeMap<(&str, &str), OffsetDateTime> = BTreeMap::new();

@@ -24,7 +24,7 @@ fn columns(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
             if i == last {
                 text.push_str(cell);
             } else {
-                let pad = widths[i] - cell.chars().count() + 2;
+                let pad = widths[i].saturating_sub(cell.chars().count()).saturating_add(2);
                 text.push_str(cell);
                 text.push_str(&" ".repeat(pad));
             }

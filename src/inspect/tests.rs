@@ -328,3 +328,24 @@ fn a_change_in_the_same_second_as_the_start_counts_as_after_it() {
     snap.pods[0].start_time = Some(now + Duration::from_secs(1));
     assert!(assess(&snap, &policy(), now).workloads.is_empty());
 }
+
+#[test]
+fn a_managed_secret_whose_leaf_starts_in_9999_is_assessed_without_overflow() {
+    let now = OffsetDateTime::now_utc();
+    let ca = new_ca(now);
+    let mut snap = snapshot(&ca, now);
+    snap.services = vec![service("app", "web")];
+    let mut secret = secret_for(&ca, "app", "web", now);
+    // A tenant's own certificate, valid from and until 99991231235959Z.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["web.app.svc".to_string()]).unwrap();
+    params.not_before = crate::dates::LATEST;
+    params.not_after = crate::dates::LATEST;
+    let leaf = params.self_signed(&key).unwrap();
+    secret.data.insert("tls.crt".into(), leaf.pem().into_bytes());
+    snap.secrets = vec![secret];
+    let report = assess(&snap, &policy(), now);
+    let row = &report.serving_certificates[0];
+    assert_eq!(row.not_before.as_deref(), Some("9999-12-31T23:59:59Z"));
+    assert_eq!(row.status, CertStatus::Untrusted);
+}

@@ -312,7 +312,7 @@ pub fn random_serial() -> rcgen::SerialNumber {
 fn bit_length(be: &[u8]) -> usize {
     let trimmed: Vec<u8> = be.iter().copied().skip_while(|b| *b == 0).collect();
     match trimmed.first() {
-        Some(first) => trimmed.len() * 8 - first.leading_zeros() as usize,
+        Some(first) => trimmed.len().saturating_mul(8).saturating_sub(first.leading_zeros() as usize),
         None => 0,
     }
 }
@@ -353,7 +353,7 @@ fn der_element(input: &[u8]) -> Option<DerElement<'_>> {
         if n == 0 || n > 4 || rest.len() < n {
             return None;
         }
-        (rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | *b as usize), 2 + n)
+        (rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | *b as usize), n.saturating_add(2))
     };
     let end = header.checked_add(len)?;
     (input.len() >= end).then(|| (tag, &input[header..end], &input[..end], &input[end..]))
@@ -364,7 +364,7 @@ fn der_element(input: &[u8]) -> Option<DerElement<'_>> {
 /// it stands alone as an `EC PRIVATE KEY`.
 fn sec1_with_curve(inner: &[u8], curve: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
     let (0x30, mut body, _, _) = der_element(inner)? else { return None };
-    let mut out = Zeroizing::new(Vec::with_capacity(inner.len() + 16));
+    let mut out = Zeroizing::new(Vec::with_capacity(inner.len().saturating_add(16)));
     // version, privateKey, then [0] parameters (ours), then [1] publicKey.
     for _ in 0..2 {
         let (_, _, element, rest) = der_element(body)?;
@@ -385,7 +385,7 @@ fn sec1_with_curve(inner: &[u8], curve: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
 /// PKCS#8 PrivateKeyInfo { version 0, algorithm, privateKey OCTET STRING }.
 fn wrap_pkcs8(algorithm: &[u8], inner: &[u8]) -> Vec<u8> {
     let version = [0x02, 0x01, 0x00];
-    let mut body = Zeroizing::new(Vec::with_capacity(inner.len() + 32));
+    let mut body = Zeroizing::new(Vec::with_capacity(inner.len().saturating_add(32)));
     body.extend_from_slice(&version);
     body.extend_from_slice(algorithm);
     body.extend(der(0x04, inner));

@@ -14,6 +14,7 @@ use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificat
 use super::ca::{CertInfo, CertificateAuthority};
 use super::keys::{KeyKind, PrivateKey, PublicKey, certificate_public_key, random_serial};
 use super::{PkiError, pem};
+use crate::dates;
 use crate::names::TLS_CERT;
 
 /// OID of the non-critical extension that carries the Service UID.
@@ -61,15 +62,16 @@ impl LeafPolicy {
     /// hour — except that it never exceeds half the lifetime, so that short lifetimes
     /// (tests, demos) do not re-issue in a loop.
     pub fn default_refresh_before(lifetime: Duration) -> Duration {
-        (lifetime / 3).max(Duration::from_secs(3600)).min(lifetime / 2)
+        let part = |n: u32| lifetime.checked_div(n).unwrap_or_default();
+        part(3).max(Duration::from_secs(3600)).min(part(2))
     }
 
     /// When a leaf expiring at `leaf_not_after` is due for refresh. `None` for a leaf
     /// cut short at the CA's own expiry: the CA's rotation refreshes it, not time
     /// (re-issuing it would give the same expiry again).
     pub fn refresh_at(&self, leaf_not_after: OffsetDateTime, ca_not_after: OffsetDateTime) -> Option<OffsetDateTime> {
-        let capped = leaf_not_after >= ca_not_after - Duration::from_secs(1);
-        (!capped).then(|| leaf_not_after - self.refresh_before)
+        let capped = leaf_not_after >= dates::before(ca_not_after, Duration::from_secs(1));
+        (!capped).then(|| dates::before(leaf_not_after, self.refresh_before))
     }
 }
 
@@ -101,7 +103,7 @@ impl CertificateAuthority {
         lifetime: Duration,
     ) -> Result<IssuedLeaf, PkiError> {
         self.check_unexpired(now)?;
-        let validity = (now - Duration::from_secs(1), now + lifetime);
+        let validity = (dates::before(now, Duration::from_secs(1)), dates::after(now, lifetime));
         let (leaf, chain_pem) = self.sign_serving_leaf(&req.dns_names(), &req.uid, key.public_key(), validity, now)?;
         Ok(IssuedLeaf { chain_pem, key_pem: Zeroizing::new(key.to_pem().to_owned()), not_after: leaf.not_after })
     }

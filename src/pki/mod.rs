@@ -18,6 +18,10 @@ pub use keys::{KEY_ALGORITHMS, KeyKind, PrivateKey, PublicKey, key_matches};
 pub use leaf::{IssuedLeaf, LeafInfo, LeafPolicy, LeafRequest, SERVICE_UID_OID, format_expiry, parse_expiry};
 pub use pod::{KeyError, PodLeaf, RequestedKey, SUPPORTED_POD_KEYS, requested_key};
 
+/// `signing-key` data with a CA of one's own, valid exactly from and until the dates given.
+#[cfg(test)]
+pub(crate) use ca::tests::own_ca;
+
 use time::OffsetDateTime;
 
 /// Every way certificate material can be unusable. Messages name the field and the

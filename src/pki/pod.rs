@@ -14,6 +14,7 @@ use x509_parser::public_key::PublicKey as ParsedKey;
 
 use super::PkiError;
 use super::ca::CertificateAuthority;
+use crate::dates;
 
 /// The key types a pod certificate can be issued for (those the kubelet offers that
 /// the CA's signing library can write into a certificate).
@@ -123,9 +124,9 @@ impl CertificateAuthority {
     ) -> Result<PodLeaf, PkiError> {
         self.check_unexpired(now)?;
         // Whole seconds: the request's status repeats these times exactly.
-        let not_before = (now - Duration::from_secs(1)).replace_nanosecond(0).unwrap_or(now);
+        let not_before = dates::before(now, Duration::from_secs(1)).replace_nanosecond(0).unwrap_or(now);
         let (leaf, chain_pem) =
-            self.sign_serving_leaf(names, pod_uid, &key.spki, (not_before, not_before + lifetime), now)?;
+            self.sign_serving_leaf(names, pod_uid, &key.spki, (not_before, dates::after(not_before, lifetime)), now)?;
         Ok(PodLeaf { chain_pem, not_before: leaf.not_before, not_after: leaf.not_after })
     }
 }
@@ -192,5 +193,22 @@ mod tests {
             .issue_pod_leaf(&["a.b.svc".into()], "u", &key, OffsetDateTime::now_utc(), Duration::from_secs(86_400 * 90))
             .unwrap();
         assert_eq!(leaf.not_after, ca.not_after());
+    }
+
+    #[test]
+    fn pod_leaves_from_a_ca_until_9999_are_capped_not_overflowing() {
+        use crate::dates::{EARLIEST, LATEST};
+        let now = OffsetDateTime::now_utc();
+        let ca = CertificateAuthority::from_secret_data(&crate::pki::own_ca(EARLIEST, LATEST), now).unwrap();
+        let (der, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let key = requested_key(&der).unwrap();
+        let names = ["a.b.svc".to_string()];
+        let leaf = ca.issue_pod_leaf(&names, "u", &key, now, Duration::from_secs(86_400)).unwrap();
+        assert_eq!(leaf.not_after - leaf.not_before, time::Duration::days(1));
+        let late = crate::dates::before(LATEST, Duration::from_secs(60));
+        let leaf = ca.issue_pod_leaf(&names, "u", &key, late, Duration::from_secs(86_400)).unwrap();
+        assert_eq!(leaf.not_after, LATEST);
+        let leaf = ca.issue_pod_leaf(&names, "u", &key, now, Duration::MAX).unwrap();
+        assert_eq!(leaf.not_after, LATEST);
     }
 }

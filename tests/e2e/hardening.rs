@@ -354,6 +354,17 @@ fn flags_that_can_only_misbehave_are_refused_at_start_up_naming_the_flag() {
         (&["--key-buffer", "18446744073709551615"], "--key-buffer"),
         (&["--cluster-domain", ""], "--cluster-domain"),
         (&["--cluster-domain", "bad_domain..x"], "--cluster-domain"),
+        // Every duration flag has bounds (issue 23): the refusal names the flag, the value
+        // and the range instead of a panic or a timer that never fires.
+        (&["--pod-certificate-grace", "10000y"], "--pod-certificate-grace (3652500d) must be between 0s and 1d"),
+        (&["--progress-interval", "0s"], "--progress-interval (0s) must be between 1s and 1d"),
+        (&["--lease-duration", "2h"], "--lease-duration (2h) must be between 3s and 1h"),
+        (
+            &["--pod-certificate-max-lifetime", "365d"],
+            "--pod-certificate-max-lifetime (365d) must be between 1h and 91d",
+        ),
+        (&["--cert-lifetime", "1s"], "--cert-lifetime (1s) must be between 1m and 100 years"),
+        (&["--ca-lifetime", "10000y"], "--ca-lifetime (3652500d) must be between 1m and 100 years"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_service-ca-operator"))
             .args(args)

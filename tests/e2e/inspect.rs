@@ -292,3 +292,40 @@ async fn inspect_sees_pending_and_untrusted_certificates_while_the_operator_is_s
     })
     .await;
 }
+
+/// Issue 23, item 1: a tenant's Secret with the managed label whose certificate starts
+/// at 99991231235959Z is reported, not a panic. (Before: NotBefore + 1 s overflowed in
+/// the workload check and `inspect` died with exit 101.)
+#[tokio::test]
+async fn inspect_reports_a_managed_secret_whose_certificate_starts_in_9999() {
+    use k8s_openapi::api::core::v1::Secret;
+    let env = Env::new("inspect-9999").await;
+    let end = time::Date::from_calendar_date(9999, time::Month::December, 31)
+        .and_then(|day| day.with_hms(23, 59, 59))
+        .unwrap()
+        .assume_utc();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![format!("far.{}.svc", env.ns)]).unwrap();
+    params.not_before = end;
+    params.not_after = end;
+    let cert = params.self_signed(&key).unwrap();
+    let mut meta = env.meta("far-tls");
+    meta.labels.get_or_insert_default().insert("service-ca.operators.openshift.io/managed".into(), "true".into());
+    let secret = Secret {
+        metadata: meta,
+        type_: Some("kubernetes.io/tls".into()),
+        string_data: Some(BTreeMap::from([
+            ("tls.crt".to_string(), cert.pem()),
+            ("tls.key".to_string(), key.serialize_pem()),
+        ])),
+        ..Default::default()
+    };
+    env.secrets().create(&PostParams::default(), &secret).await.unwrap();
+    let (code, out, err) = inspect(&env, &["-o", "json"]);
+    assert!(!err.contains("panicked"), "exit {code}: {err}");
+    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("exit {code} ({e}): {out}\n{err}"));
+    let row = &report["serving_certificates"][0];
+    println!("inspect exit {code}: {row}");
+    assert_eq!(row["secret"], "far-tls");
+    assert_eq!(row["not_before"], "9999-12-31T23:59:59Z");
+}

@@ -521,3 +521,76 @@ async fn two_forced_rotations_a_second_apart_keep_the_first_bundle_working() {
         }
     }
 }
+
+/// Issue 23, item 1: a CA of one's own valid until 99991231235959Z (RFC 5280's "no
+/// well-defined expiration", common for enterprise roots) is loaded, signs, and the
+/// operator stays ready. (Before: every pass panicked adding one second to 9999's end;
+/// readiness gone, no Secret.)
+#[tokio::test]
+async fn a_ca_of_ones_own_valid_until_9999_signs_and_the_operator_stays_ready() {
+    let env = Env::new("ca-9999").await;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name.push(rcgen::DnType::CommonName, "Example Corp Root CA");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = ::time::OffsetDateTime::now_utc() - Duration::from_secs(86_400);
+    params.not_after = ::time::Date::from_calendar_date(9999, ::time::Month::December, 31)
+        .and_then(|day| day.with_hms(23, 59, 59))
+        .unwrap()
+        .assume_utc();
+    let ca = params.self_signed(&key).unwrap();
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta { name: Some("signing-key".into()), ..Default::default() },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(
+            [("tls.crt", ca.pem()), ("tls.key", key.serialize_pem())]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), ByteString(v.into_bytes())))
+                .collect(),
+        ),
+        ..Default::default()
+    };
+    env.op_secrets().create(&PostParams::default(), &secret).await.unwrap();
+    assert_eq!(certs::of_secret(&secret).not_after.unix_timestamp(), 253_402_300_799);
+
+    let op = env.start_operator(&[]);
+    let bundle = env.ca_bundle().await;
+    assert_eq!(certs::ders(&bundle), [ca.der().to_vec()], "the bundle is the CA of one's own");
+    let started = SystemTime::now();
+    env.annotated_service("far", "far-tls", false).await;
+    let serving = env.serving_secret("far-tls", T).await;
+    let issued = started.elapsed().unwrap();
+    println!("serving Secret from the CA valid until 9999 after {issued:?}");
+    let lifetime = 730 * 86_400;
+    let since_epoch = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let not_after = certs::not_after(&serving);
+    assert!(
+        (since_epoch(started) + lifetime - 2..=since_epoch(SystemTime::now()) + lifetime + 2).contains(&not_after),
+        "leaf NotAfter = now + the 730-day lifetime: {not_after}"
+    );
+    assert_eq!(certs::leaf_aki(&serving), certs::skis(&ca.pem())[0], "signed by the CA of one's own");
+
+    let name = format!("far.{}.svc", env.ns);
+    let server = TlsServer::start(&data(&serving, "tls.crt"), &data(&serving, "tls.key"));
+    for (stack, result) in tls::connect_all(server.port, &bundle, &name) {
+        result.unwrap_or_else(|e| panic!("{stack}: {e}"));
+    }
+
+    // Ready, and still ready: every CA pass (the bundle watch, the next wake-up) passes.
+    let watched = std::time::Instant::now();
+    let mut answers = 0;
+    while watched.elapsed() < Duration::from_secs(6) {
+        let (status, body) = op.admin_get("/readyz").await.unwrap_or((0, "no answer".into()));
+        assert_eq!(status, 200, "/readyz after {:?}: {body}", watched.elapsed());
+        answers += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let logs = op.logs();
+    assert!(!logs.contains("panicked"), "{logs}");
+    println!("/readyz answered 200 {answers} times over {:?}", watched.elapsed());
+}

@@ -436,3 +436,35 @@ async fn replicas_started_together_elect_one_leader_each_under_its_own_field_man
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// Issue 23, item 1: a member Lease renewed at the end of what a Lease can carry, with
+/// the longest duration, is read without overflow. (Before: `renewTime +
+/// leaseDurationSeconds` panicked in every replica's sharing loop.) Whether such a
+/// Lease counts as a member is item 5's business; here the replica must not panic.
+#[tokio::test]
+async fn a_member_lease_renewed_near_9999_does_not_panic_the_replicas() {
+    let env = Env::new("sharing-far").await;
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.op_ns);
+    let phantom: Lease = serde_json::from_value(json!({
+        "metadata": {
+            "name": "service-ca-operator-member-far",
+            "labels": { "service-ca.operators.openshift.io/member": "true" }
+        },
+        // The latest renewTime the API's date type reads (jiff: 9999-12-30T22:00:00Z).
+        "spec": { "holderIdentity": "far", "leaseDurationSeconds": i32::MAX, "renewTime": "9999-12-30T21:59:59.000000Z" }
+    }))
+    .unwrap();
+    leases.create(&kube::api::PostParams::default(), &phantom).await.unwrap();
+    let mut ops = replicas(&env, 1, "5s");
+    ops[0].wait_ready(T).await;
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(8) {
+        assert!(ops[0].running(), "the replica exited: {}", ops[0].logs());
+        let status = ops[0].admin_get("/readyz").await.map(|(s, _)| s);
+        assert_eq!(status, Some(200), "/readyz after {:?}", watched.elapsed());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let logs = ops[0].logs();
+    assert!(!logs.contains("panicked"), "{logs}");
+    println!("ready and running for {:?} beside a member Lease renewed in 9999", watched.elapsed());
+}

@@ -88,7 +88,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: Shutdown) {
     let mut next: Option<tokio::time::Instant> = None;
     let mut failures = 0u32;
     loop {
-        let wake = next.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400 * 365));
+        let wake = next.unwrap_or_else(|| crate::dates::deadline(crate::dates::LONGEST_WAIT));
         tokio::select! {
             _ = &mut shutdown => return,
             event = secret_events.next() => match event {
@@ -116,13 +116,13 @@ pub async fn run(ctx: Arc<Context>, shutdown: Shutdown) {
         next = match ctx.timed(NAME, reconcile(&ctx, secret, bundle, &mut seen)).await {
             Ok(due) => {
                 failures = 0;
-                due.map(|at| tokio::time::Instant::now() + until(at))
+                due.map(|at| crate::dates::deadline(until(at)))
             }
             Err(error) => {
-                failures += 1;
+                failures = failures.saturating_add(1);
                 let delay = retry_delay(failures);
                 tracing::warn!(%error, retry_in = ?delay, "CA lifecycle pass failed");
-                Some(tokio::time::Instant::now() + delay)
+                Some(crate::dates::deadline(delay))
             }
         };
     }

@@ -91,10 +91,13 @@ pub fn publication(
     now: OffsetDateTime,
 ) -> Publication {
     let bundle_pem = ca.bundle_pem(now);
-    let next = [Some(ca.rotation_due(policy)), ca.next_bundle_change(now).map(|t| t + Duration::from_secs(1))]
-        .into_iter()
-        .flatten()
-        .min();
+    let next = [
+        Some(ca.rotation_due(policy)),
+        ca.next_bundle_change(now).map(|t| crate::dates::after(t, Duration::from_secs(1))),
+    ]
+    .into_iter()
+    .flatten()
+    .min();
     Publication {
         write_bundle: stored_bundle != Some(bundle_pem.as_str()),
         swap_signer: held
@@ -182,5 +185,25 @@ mod tests {
         assert!(!settled.write_bundle && !settled.swap_signer, "nothing to write when nothing changed");
         let other = Signer::new(new_ca(now), now);
         assert!(publication(&ca, Some(&first.bundle_pem), Some(&other), &policy(), now).swap_signer);
+    }
+
+    #[test]
+    fn a_ca_of_ones_own_valid_until_9999_is_used_and_published_without_overflow() {
+        let now = OffsetDateTime::now_utc();
+        let data = crate::pki::own_ca(crate::dates::EARLIEST, crate::dates::LATEST);
+        let secret =
+            Secret { data: Some(data.into_iter().map(|(k, v)| (k, ByteString(v))).collect()), ..Secret::default() };
+        let Plan::Use(ca) = plan(Some(&secret), &policy(), now) else { panic!("the CA is used as it is") };
+        let due = ca.rotation_due(&policy());
+        assert_eq!(due, crate::dates::before(crate::dates::LATEST, 4 * DAY));
+        let published = publication(&ca, None, None, &policy(), now);
+        assert_eq!(published.next, Some(due), "rotation before the bundle's end (9999, plus one second: capped)");
+        assert!(crate::controllers::until(due) <= crate::dates::LONGEST_WAIT, "a wait any timer can hold");
+        // In its last days: rotation due, and the bundle's end is the latest date.
+        let late = crate::dates::before(crate::dates::LATEST, DAY);
+        assert!(matches!(plan(Some(&secret), &policy(), late), Plan::Rotate { forced: None, .. }));
+        assert_eq!(publication(&ca, None, None, &policy(), late).next, Some(due));
+        let last = publication(&ca, None, None, &CaPolicy { lifetime: DAY, rotate_before: Duration::ZERO }, late);
+        assert_eq!(last.next, Some(crate::dates::LATEST), "the bundle change, one second after 9999's end: capped");
     }
 }

@@ -183,7 +183,7 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result
         Plan::Nothing => return Ok(Action::await_change()),
         Plan::Wait { until } => {
             tracing::debug!(request = %key, "no Service selects the pod yet; waiting");
-            return Ok(Action::requeue(super::until(until) + Duration::from_millis(100)));
+            return Ok(Action::requeue(super::until(until).saturating_add(Duration::from_millis(100))));
         }
         Plan::Deny { reason, message } => final_status("Denied", reason, message, &pcr),
         Plan::Fail { message } => final_status("Failed", "CannotSign", message, &pcr),
@@ -203,12 +203,12 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result
                     return write_status(ctx, &pcr, failed).await;
                 }
             };
-            let half = (leaf.not_after - leaf.not_before) / 2;
+            let half = crate::dates::between(leaf.not_before, leaf.not_after).checked_div(2).unwrap_or_default();
             let mut status = final_status("Issued", "Issued", format!("signed by {}", signer.ca.subject_cn()), &pcr);
             status.certificate_chain = Some(leaf.chain_pem);
             status.not_before = Some(Time(to_jiff(leaf.not_before)));
             status.not_after = Some(Time(to_jiff(leaf.not_after)));
-            status.begin_refresh_at = Some(Time(to_jiff(leaf.not_before + half)));
+            status.begin_refresh_at = Some(Time(to_jiff(crate::dates::after(leaf.not_before, half))));
             status
         }
     };

@@ -113,7 +113,7 @@ pub fn plan(
     };
     let names = dns_names(request.namespace, pod, services, settings.cluster_domain);
     if names.is_empty() {
-        let until = request.created + settings.grace;
+        let until = crate::dates::after(request.created, settings.grace);
         if settings.now < until {
             return Plan::Wait { until };
         }
@@ -124,8 +124,8 @@ pub fn plan(
         );
         return Plan::Deny { reason: DENIED_NO_SERVICE, message };
     }
-    let asked = Duration::from_secs(request.max_expiration_seconds.map_or(86_400, |s| s.max(0) as u64));
-    let ca_left = Duration::try_from(settings.ca_not_after - settings.now).unwrap_or(Duration::ZERO);
+    let asked = Duration::from_secs(request.max_expiration_seconds.map_or(86_400, |s| u64::try_from(s).unwrap_or(0)));
+    let ca_left = crate::dates::between(settings.now, settings.ca_not_after);
     let lifetime = asked.min(settings.max_lifetime).min(ca_left);
     if lifetime < MIN_LIFETIME {
         let message = format!(
@@ -292,5 +292,35 @@ mod tests {
         let mut answered = request(&stub, now);
         answered.answered = true;
         assert!(matches!(plan(&answered, None, &none, &settings(now)), Plan::Nothing));
+    }
+
+    #[test]
+    fn requests_created_at_either_end_of_time_are_decided_without_overflow() {
+        use crate::dates::{EARLIEST, LATEST};
+        let now = OffsetDateTime::now_utc();
+        let stub = csr();
+        let none = BTreeMap::new();
+        let mut s = settings(now);
+        s.grace = Duration::from_secs(86_400);
+        // Created "in 9999" (a clock far off, or a hand-made object): waits, capped.
+        match plan(&request(&stub, LATEST), Some(&pod()), &none, &s) {
+            Plan::Wait { until } => assert_eq!(until, LATEST),
+            other => panic!("{other:?}"),
+        }
+        // Created in year 0: the grace ended long ago.
+        assert!(matches!(plan(&request(&stub, EARLIEST), Some(&pod()), &none, &s), Plan::Deny { .. }));
+        // A CA until 9999 and a request asking for the most: the flag caps it.
+        let services = BTreeMap::from([("web".to_string(), service(&[("app", "web")], false))]);
+        s.ca_not_after = LATEST;
+        let mut r = request(&stub, now);
+        r.max_expiration_seconds = Some(i32::MAX);
+        assert!(
+            matches!(plan(&r, Some(&pod()), &services, &s), Plan::Issue { lifetime, .. } if lifetime == s.max_lifetime)
+        );
+        r.max_expiration_seconds = Some(i32::MIN);
+        assert!(matches!(plan(&r, Some(&pod()), &services, &s), Plan::Fail { .. }), "less than the minimum");
+        // Decided at the end of time, with a CA that ends then: too short, not a panic.
+        s.now = LATEST;
+        assert!(matches!(plan(&request(&stub, LATEST), Some(&pod()), &services, &s), Plan::Fail { .. }));
     }
 }

@@ -60,7 +60,7 @@ pub async fn run(ctx: Arc<Context>, published: Published, shutdown: Shutdown) {
     let mut retry: Option<tokio::time::Instant> = None;
     let mut failures = 0u32;
     loop {
-        let wake = retry.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400));
+        let wake = retry.unwrap_or_else(|| crate::dates::deadline(Duration::from_secs(86_400)));
         tokio::select! {
             _ = &mut shutdown => return,
             event = events.next() => match event {
@@ -91,12 +91,12 @@ pub async fn run(ctx: Arc<Context>, published: Published, shutdown: Shutdown) {
                 published.send_if_modified(|p| replace(p, &signer.bundle_pem));
             }
             // Someone wrote it meanwhile: the watch brings the new state.
-            Err(error) if is_conflict(&error) => retry = Some(tokio::time::Instant::now() + Duration::from_secs(1)),
+            Err(error) if is_conflict(&error) => retry = Some(crate::dates::deadline(Duration::from_secs(1))),
             Err(error) => {
-                failures += 1;
+                failures = failures.saturating_add(1);
                 let delay = retry_delay(failures);
                 tracing::warn!(%error, bundle = %name, retry_in = ?delay, "could not publish the ClusterTrustBundle");
-                retry = Some(tokio::time::Instant::now() + delay);
+                retry = Some(crate::dates::deadline(delay));
             }
         }
     }

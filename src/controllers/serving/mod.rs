@@ -629,7 +629,7 @@ async fn report_problem(
     svc: &Service,
     message: &str,
 ) -> Result<Action, Error> {
-    let count = failures(svc) + 1;
+    let count = failures(svc).saturating_add(1);
     let mut patch = serde_json::Map::new();
     for f in [ann::BETA, ann::ALPHA] {
         patch.insert(f.generation_error.into(), json!(message));

@@ -70,7 +70,7 @@ pub fn describe(done: u64, reissued: u64, total: u64, elapsed: Duration) -> Stri
         String::new()
     } else {
         let rate = done as f64 / elapsed.as_secs_f64().max(0.001);
-        format!(", ETA {}s", ((total - done) as f64 / rate).ceil())
+        format!(", ETA {}s", (total.saturating_sub(done) as f64 / rate).ceil())
     };
     format!("re-issue after the CA change: {done} of {total} Secrets done ({reissued} re-issued){eta}")
 }
