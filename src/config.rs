@@ -314,6 +314,12 @@ impl Config {
         if self.lease_duration < Duration::from_secs(3) {
             return Err("--lease-duration must be at least 3s".into());
         }
+        if self.lease_identity.as_ref().is_some_and(|i| i.len() > crate::controllers::sharing::MAX_IDENTITY_LEN) {
+            return Err(format!(
+                "--lease-identity must be at most {} bytes (longer ones cannot be members)",
+                crate::controllers::sharing::MAX_IDENTITY_LEN
+            ));
+        }
         if self.controller_concurrency == 0 {
             return Err("--controller-concurrency must be at least 1 (0 would reconcile nothing)".into());
         }
