@@ -184,11 +184,11 @@ async fn start_admin(
         let tls = admin::tls::server_config(cert).context("cannot set up TLS for the metrics server")?;
         let authorizer = Arc::new(admin::authz::Authorizer::new(client.clone()));
         tracing::info!(%addr, secure = true, secret = %config.metrics_cert_secret, "metrics server listening (/metrics)");
-        let listener = admin::tls::TlsListener::new(listener, tls)?;
-        tokio::spawn(admin::serve_metrics(listener, metrics, Some(authorizer), shutdown.signal()))
+        let tls = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        tokio::spawn(admin::serve_metrics(listener, Some(tls), metrics, Some(authorizer), shutdown.signal()))
     } else {
         tracing::info!(%addr, secure = false, "metrics server listening (/metrics)");
-        tokio::spawn(admin::serve_metrics(listener, metrics, None, shutdown.signal()))
+        tokio::spawn(admin::serve_metrics(listener, None, metrics, None, shutdown.signal()))
     };
     Ok(tokio::spawn(async move {
         let (probes, served) = tokio::join!(probes, served);

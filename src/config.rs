@@ -357,6 +357,12 @@ impl Config {
             ));
         }
         parse_selector(&self.selector).map_err(|e| format!("--selector {:?}: {e}", self.selector))?;
+        if self.lease_identity.as_ref().is_some_and(|i| i.len() > crate::controllers::sharing::MAX_IDENTITY_LEN) {
+            return Err(format!(
+                "--lease-identity must be at most {} bytes (longer ones cannot be members)",
+                crate::controllers::sharing::MAX_IDENTITY_LEN
+            ));
+        }
         if self.controller_concurrency == 0 {
             return Err("--controller-concurrency must be at least 1 (0 would reconcile nothing)".into());
         }

@@ -3,6 +3,7 @@
 //! (`tls`, `authz`).
 
 pub mod authz;
+pub mod serve;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -130,7 +131,7 @@ pub async fn serve_probes(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Router::new().route("/livez", get(|| async { "ok\n" })).route("/readyz", get(readyz)).with_state(health);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    serve::serve(listener, None, app, shutdown).await
 }
 
 async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
@@ -147,20 +148,18 @@ struct MetricsState {
     authorizer: Option<Arc<Authorizer>>,
 }
 
-/// The metrics server on `listener` (TCP, or `tls::TlsListener`), until `shutdown`.
-pub async fn serve_metrics<L: axum::serve::Listener>(
-    listener: L,
+/// The metrics server on `listener` (over TLS with `tls`), until `shutdown`.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     metrics: Arc<Metrics>,
     authorizer: Option<Arc<Authorizer>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()>
-where
-    L::Addr: std::fmt::Debug,
-{
+) -> std::io::Result<()> {
     let app = Router::new()
         .route(crate::names::METRICS_PATH, get(metrics_page))
         .with_state(MetricsState { metrics, authorizer });
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    serve::serve(listener, tls, app, shutdown).await
 }
 
 async fn metrics_page(State(state): State<MetricsState>, headers: HeaderMap) -> Response {
@@ -173,6 +172,14 @@ async fn metrics_page(State(state): State<MetricsState>, headers: HeaderMap) -> 
                     StatusCode::UNAUTHORIZED,
                     [(header::WWW_AUTHENTICATE, "Bearer")],
                     "Unauthorized: send the bearer token of a user allowed to get /metrics\n",
+                )
+                    .into_response();
+            }
+            Ok(Verdict::Busy) => {
+                return (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [(header::RETRY_AFTER, "1")],
+                    "Too many tokens to review at once; try again\n",
                 )
                     .into_response();
             }

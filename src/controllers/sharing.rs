@@ -2,8 +2,14 @@
 //!
 //! Membership: each replica keeps a short Lease of its own in the operator namespace
 //! (labelled [`MEMBER_LABEL`], renewed every third of `--lease-duration`) and watches
-//! the others'; a member whose Lease was not renewed within its duration is gone, and
-//! one that stops gracefully deletes its Lease. Assignment: each Service (and each
+//! the others'; one that stops gracefully deletes its Lease. Liveness is decided by
+//! what this replica saw, as client-go decides a leader's: a member is live while this
+//! replica has seen its Lease renewed (its `renewTime` change) within the lease
+//! duration, whatever the writer's clock says. A Lease with another
+//! `leaseDurationSeconds`, a `renewTime` beyond now + the duration, no holder or a
+//! holder longer than [`MAX_IDENTITY_LEN`] bytes is ignored with one Warning; at most
+//! [`MAX_MEMBERS`] members share issuance. Leases are read untyped, so that no value a
+//! Lease can carry (e.g. a `renewTime` at the end of year 9999) breaks the watch. Assignment: each Service (and each
 //! PodCertificateRequest) belongs to one live member by rendezvous (highest random
 //! weight) hashing of its `namespace/name` over the members, so a membership change
 //! moves only the departed member's share. A replica reconciles only what it owns
@@ -18,13 +24,13 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, Preconditions};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, ResourceExt};
+use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::{Context, WatchBackoff};
+use super::{Context, EventType, WatchBackoff};
 use crate::names::{FIELD_MANAGER, MEMBER_LABEL, MEMBER_LEASE_PREFIX};
 use crate::shutdown::Shutdown;
 
@@ -99,18 +105,210 @@ pub fn lease_name(identity: &str) -> String {
     name.trim_end_matches(['-', '.']).to_string()
 }
 
+/// At most this many members share issuance (the lowest identities, in byte order).
+pub const MAX_MEMBERS: usize = 64;
+/// A longer holder identity is not a member (and `--lease-identity` refuses it).
+pub const MAX_IDENTITY_LEN: usize = 128;
+/// A member Lease this replica has not seen change for this long is deleted.
+const FORGET_AFTER: Duration = Duration::from_secs(3600);
+/// A longer `renewTime` text is not a timestamp.
+const MAX_RENEW_TIME_LEN: usize = 64;
+
+/// What a member Lease says, read leniently from whatever JSON the API server returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Record {
+    /// `None` when absent or longer than [`MAX_IDENTITY_LEN`] (then `too_long`).
+    holder: Option<String>,
+    too_long: bool,
+    duration: Option<i64>,
+    /// The `renewTime` text, as written (at most [`MAX_RENEW_TIME_LEN`] bytes).
+    renew: Option<String>,
+}
+
+impl Record {
+    fn from_spec(spec: &serde_json::Value) -> Record {
+        let holder = spec.get("holderIdentity").and_then(|v| v.as_str()).filter(|h| !h.is_empty());
+        let too_long = holder.is_some_and(|h| h.len() > MAX_IDENTITY_LEN);
+        Record {
+            holder: holder.filter(|_| !too_long).map(str::to_string),
+            too_long,
+            duration: spec.get("leaseDurationSeconds").and_then(|v| v.as_i64()),
+            renew: spec
+                .get("renewTime")
+                .and_then(|v| v.as_str())
+                .map(|r| crate::bounded_to(r, MAX_RENEW_TIME_LEN).into_owned()),
+        }
+    }
+
+    /// Why this Lease cannot be a member at wall-clock time `wall` with lease duration
+    /// `ours`, if it cannot.
+    fn unusable(&self, wall: time::OffsetDateTime, ours: Duration) -> Option<Ignored> {
+        if self.too_long {
+            Some(Ignored::IdentityTooLong)
+        } else if self.holder.is_none() {
+            Some(Ignored::NoHolder)
+        } else if self.duration != i64::try_from(ours.as_secs()).ok() {
+            Some(Ignored::ForeignDuration)
+        } else if let Some(at) = self.renewed_at() {
+            let limit = time::Duration::try_from(ours).ok().and_then(|d| wall.checked_add(d));
+            limit.is_some_and(|limit| at > limit).then_some(Ignored::FutureRenewal)
+        } else {
+            Some(Ignored::NoRenewTime)
+        }
+    }
+
+    fn renewed_at(&self) -> Option<time::OffsetDateTime> {
+        time::OffsetDateTime::parse(self.renew.as_deref()?, &time::format_description::well_known::Rfc3339).ok()
+    }
+}
+
+/// Why a Lease with the member label is not a member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ignored {
+    NoHolder,
+    IdentityTooLong,
+    ForeignDuration,
+    NoRenewTime,
+    FutureRenewal,
+}
+
+impl Ignored {
+    fn describe(self) -> &'static str {
+        match self {
+            Ignored::NoHolder => "it has no holderIdentity",
+            Ignored::IdentityTooLong => "its holderIdentity is longer than 128 bytes",
+            Ignored::ForeignDuration => "its leaseDurationSeconds is not this replica's lease duration",
+            Ignored::NoRenewTime => "it has no readable renewTime",
+            Ignored::FutureRenewal => "its renewTime is beyond now plus the lease duration",
+        }
+    }
+}
+
+/// One member Lease as this replica saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    record: Record,
+    resource_version: Option<String>,
+    /// When this replica last saw it renewed (`None`: not since it first saw it stale).
+    renewed: Option<std::time::Instant>,
+    /// When this replica last saw it change at all (or tried to clear it).
+    changed: std::time::Instant,
+    /// Why it was last ignored (a Warning is given once per reason).
+    ignored: Option<Ignored>,
+}
+
+/// The new state of a Lease seen as `record` at `now` (local) and `wall`; the reason to
+/// warn about, when it newly became unusable.
+fn observe(
+    previous: Option<&Seen>,
+    record: Record,
+    resource_version: Option<String>,
+    now: std::time::Instant,
+    wall: time::OffsetDateTime,
+    ours: Duration,
+) -> (Seen, Option<Ignored>) {
+    let unusable = record.unusable(wall, ours);
+    let warn = unusable.filter(|reason| previous.and_then(|p| p.ignored) != Some(*reason));
+    let seen = match previous {
+        Some(p) if p.record == record => Seen { resource_version, ignored: unusable, ..p.clone() },
+        // A change: renewed now (client-go's rule), whatever the writer's clock says.
+        Some(_) => Seen { record, resource_version, renewed: Some(now), changed: now, ignored: unusable },
+        // First sight: renewed now only if the writer's own renewTime is recent;
+        // otherwise live from its next renewal.
+        None => {
+            let recent = record.renewed_at().is_some_and(|at| {
+                let window = time::Duration::try_from(ours).unwrap_or(time::Duration::ZERO);
+                wall.checked_sub(window).is_some_and(|from| at >= from)
+                    && wall.checked_add(window).is_none_or(|to| at <= to)
+            });
+            Seen { record, resource_version, renewed: recent.then_some(now), changed: now, ignored: unusable }
+        }
+    };
+    (seen, warn)
+}
+
+/// The identities of the live members at `now`, sorted, at most [`MAX_MEMBERS`]; and
+/// how many live members were left out.
+fn live_members<'a>(
+    seen: impl Iterator<Item = &'a Seen>,
+    now: std::time::Instant,
+    wall: time::OffsetDateTime,
+    ours: Duration,
+) -> (Vec<String>, usize) {
+    let live: std::collections::BTreeSet<&str> = seen
+        .filter(|s| s.renewed.is_some_and(|at| now.saturating_duration_since(at) < ours))
+        .filter(|s| s.record.unusable(wall, ours).is_none())
+        .filter_map(|s| s.record.holder.as_deref())
+        .collect();
+    let left_out = live.len().saturating_sub(MAX_MEMBERS);
+    (live.into_iter().take(MAX_MEMBERS).map(str::to_string).collect(), left_out)
+}
+
+/// The member Leases this replica follows, by name, from the watch's events.
+#[derive(Default)]
+struct Members {
+    seen: std::collections::BTreeMap<String, Seen>,
+    /// Names listed since the last `Init` (a relist drops the others at `InitDone`).
+    relisted: Option<std::collections::BTreeSet<String>>,
+    warned_cap: bool,
+}
+
+impl Members {
+    /// Applies one watch event; returns the Lease to warn about, with the reason.
+    fn apply(
+        &mut self,
+        event: watcher::Event<DynamicObject>,
+        now: std::time::Instant,
+        wall: time::OffsetDateTime,
+        ours: Duration,
+    ) -> Option<(DynamicObject, Ignored)> {
+        let lease = match event {
+            watcher::Event::Init => {
+                self.relisted = Some(Default::default());
+                return None;
+            }
+            watcher::Event::InitDone => {
+                if let Some(relisted) = self.relisted.take() {
+                    self.seen.retain(|name, _| relisted.contains(name));
+                }
+                return None;
+            }
+            watcher::Event::Delete(lease) => {
+                self.seen.remove(&lease.name_any());
+                return None;
+            }
+            watcher::Event::Apply(lease) => lease,
+            watcher::Event::InitApply(lease) => {
+                if let Some(relisted) = &mut self.relisted {
+                    relisted.insert(lease.name_any());
+                }
+                lease
+            }
+        };
+        let name = lease.name_any();
+        if !name.starts_with(MEMBER_LEASE_PREFIX) {
+            return None;
+        }
+        let record = Record::from_spec(lease.data.get("spec").unwrap_or(&serde_json::Value::Null));
+        let (seen, warn) = observe(self.seen.get(&name), record, lease.resource_version(), now, wall, ours);
+        self.seen.insert(name, seen);
+        warn.map(|reason| (lease, reason))
+    }
+}
+
 /// Keeps this replica's Lease and follows the others' until `shutdown`; then deletes
 /// its Lease so that the others take its share at once.
 pub async fn run(ctx: Arc<Context>, sharing: Arc<Sharing>, shutdown: Shutdown) {
     if !sharing.enabled {
         return;
     }
-    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
+    let resource = ApiResource::erase::<Lease>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ctx.config.namespace, &resource);
     let name = lease_name(&sharing.me);
     let duration = ctx.config.lease_duration.max(Duration::from_secs(3));
-    let (store, writer) = kube::runtime::reflector::store();
     let config = watcher::Config::default().labels(&format!("{MEMBER_LABEL}=true"));
-    let mut events = watcher(api.clone(), config).backoff(WatchBackoff::default()).reflect(writer).boxed();
+    let mut events = watcher(api.clone(), config).backoff(WatchBackoff::default()).boxed();
+    let mut members = Members::default();
     let mut renew = tokio::time::interval(duration.checked_div(3).unwrap_or(duration));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut shutdown = std::pin::pin!(shutdown.signal());
@@ -118,26 +316,29 @@ pub async fn run(ctx: Arc<Context>, sharing: Arc<Sharing>, shutdown: Shutdown) {
         tokio::select! {
             _ = &mut shutdown => break,
             _ = renew.tick() => keep(&api, &name, &sharing.me, duration).await,
-            event = events.next() => {
-                if let Some(Err(error)) = event {
-                    tracing::warn!(%error, "watching the member Leases failed; retrying");
+            event = events.next() => match event {
+                Some(Ok(event)) => {
+                    let (now, wall) = (std::time::Instant::now(), time::OffsetDateTime::now_utc());
+                    if let Some((lease, reason)) = members.apply(event, now, wall, duration) {
+                        ignored(&ctx, &resource, &lease, reason).await;
+                    }
                 }
-            }
+                Some(Err(error)) => tracing::warn!(%error, "watching the member Leases failed; retrying"),
+                None => {}
+            },
             _ = tick.tick() => {}
         }
-        let now = time::OffsetDateTime::now_utc();
-        let leases = store.state();
-        for gone in leases.iter().filter(|l| expired_for(l, now) > FORGET_AFTER) {
-            // A member killed long ago (its Lease was never deleted): cleared by whoever
-            // sees it first; a second attempt finds it gone.
-            let _ = api.delete(&gone.name_any(), &DeleteParams::default()).await;
-            tracing::info!(lease = %gone.name_any(), "cleared the Lease of a member gone for over an hour");
+        let (now, wall) = (std::time::Instant::now(), time::OffsetDateTime::now_utc());
+        clear_forgotten(&api, &mut members, &name, now).await;
+        let (live, left_out) = live_members(members.seen.values(), now, wall, duration);
+        if left_out > 0 && !members.warned_cap {
+            tracing::warn!(left_out, "more than {MAX_MEMBERS} live members: the others do not share issuance");
         }
-        let live = live_members(leases.iter().map(|l| l.as_ref()), now);
+        members.warned_cap = left_out > 0;
         let live = if live.contains(&sharing.me) { live } else { Vec::new() };
         if *sharing.members.borrow() != live {
             tracing::info!(members = ?live, "issuance shared by {} replica(s)", live.len());
-            ctx.metrics.sharing_members.set(live.len() as i64);
+            ctx.metrics.sharing_members.set(i64::try_from(live.len()).unwrap_or(i64::MAX));
             ctx.health.set_members(live.len());
             sharing.members.send_replace(live);
         }
@@ -148,8 +349,45 @@ pub async fn run(ctx: Arc<Context>, sharing: Arc<Sharing>, shutdown: Shutdown) {
     }
 }
 
+/// One Warning (log and Event) for a Lease that newly became unusable as a member.
+async fn ignored(ctx: &Context, resource: &ApiResource, lease: &DynamicObject, reason: Ignored) {
+    let name = lease.name_any();
+    tracing::warn!(lease = %crate::bounded(&name), reason = reason.describe(), "a member Lease is ignored");
+    let note = format!("This Lease is not counted as a member sharing issuance: {}.", reason.describe());
+    ctx.event(&lease.object_ref(resource), EventType::Warning, "MemberLeaseIgnored", note).await;
+}
+
+/// Deletes the Leases this replica has not seen change for [`FORGET_AFTER`] (a member
+/// killed long ago, or a Lease nobody renews), each only in the version it saw, and
+/// logs what happened. Another attempt comes only after as long again.
+async fn clear_forgotten(api: &Api<DynamicObject>, members: &mut Members, own: &str, now: std::time::Instant) {
+    for (name, seen) in members.seen.iter_mut() {
+        if name == own || now.saturating_duration_since(seen.changed) <= FORGET_AFTER {
+            continue;
+        }
+        seen.changed = now;
+        let params = DeleteParams {
+            preconditions: Some(Preconditions { resource_version: seen.resource_version.clone(), uid: None }),
+            ..DeleteParams::default()
+        };
+        let lease = crate::bounded(name);
+        match api.delete(name, &params).await {
+            Ok(_) => tracing::info!(%lease, "deleted a member Lease not renewed for over an hour"),
+            Err(kube::Error::Api(status)) if status.code == 404 => {
+                tracing::info!(%lease, "a member Lease not renewed for over an hour was already gone")
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                tracing::info!(%lease, "a member Lease not renewed for over an hour changed meanwhile: kept")
+            }
+            Err(error) => {
+                tracing::warn!(%error, %lease, "could not delete a member Lease not renewed for over an hour")
+            }
+        }
+    }
+}
+
 /// Creates or renews this replica's Lease (server-side apply).
-async fn keep(api: &Api<Lease>, name: &str, identity: &str, duration: Duration) {
+async fn keep(api: &Api<DynamicObject>, name: &str, identity: &str, duration: Duration) {
     let lease = json!({
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
@@ -164,32 +402,6 @@ async fn keep(api: &Api<Lease>, name: &str, identity: &str, duration: Duration) 
     if let Err(error) = api.patch(name, &params, &Patch::Apply(&lease)).await {
         tracing::warn!(%error, lease = %name, "could not renew the member Lease");
     }
-}
-
-/// A member Lease expired this long ago is deleted.
-const FORGET_AFTER: Duration = Duration::from_secs(3600);
-
-/// When a member Lease expires: its last renewal plus its duration.
-fn expiry(lease: &Lease) -> Option<time::OffsetDateTime> {
-    let spec = lease.spec.as_ref()?;
-    let renewed = time::OffsetDateTime::from_unix_timestamp_nanos(spec.renew_time.as_ref()?.0.as_nanosecond()).ok()?;
-    let seconds = u64::try_from(spec.lease_duration_seconds?).unwrap_or(0);
-    Some(crate::dates::after(renewed, Duration::from_secs(seconds)))
-}
-
-/// How long ago a member Lease expired (zero if it has not, or cannot be read).
-fn expired_for(lease: &Lease, now: time::OffsetDateTime) -> Duration {
-    expiry(lease).map_or(Duration::ZERO, |at| crate::dates::between(at, now))
-}
-
-/// The identities of the members whose Lease is still valid at `now`, sorted.
-fn live_members<'a>(leases: impl Iterator<Item = &'a Lease>, now: time::OffsetDateTime) -> Vec<String> {
-    let live: std::collections::BTreeSet<String> = leases
-        .filter(|lease| lease.name_any().starts_with(MEMBER_LEASE_PREFIX))
-        .filter(|lease| expiry(lease).is_some_and(|at| at > now))
-        .filter_map(|lease| lease.spec.as_ref()?.holder_identity.clone())
-        .collect();
-    live.into_iter().collect()
 }
 
 #[cfg(test)]
@@ -228,40 +440,132 @@ mod tests {
         assert!(lease_name(&"x".repeat(400)).len() <= 253);
     }
 
+    const OURS: Duration = Duration::from_secs(15);
+
+    fn record(holder: &str, duration: i64, renew: &str) -> Record {
+        Record::from_spec(&json!({ "holderIdentity": holder, "leaseDurationSeconds": duration, "renewTime": renew }))
+    }
+
+    fn rfc3339(at: time::OffsetDateTime) -> String {
+        at.format(&time::format_description::well_known::Rfc3339).unwrap()
+    }
+
+    /// The exact Lease that broke the member watch: k8s-openapi's MicroTime (a jiff
+    /// Timestamp, which ends at 9999-12-30T22:00:00Z) cannot decode its renewTime, so
+    /// every list failed. Read untyped, it is one Lease that is not a member.
     #[test]
-    fn only_leases_renewed_within_their_duration_are_members() {
-        let now = time::OffsetDateTime::now_utc();
-        let lease = |holder: &str, age: i64| -> Lease {
-            let renewed = k8s_openapi::jiff::Timestamp::from_second((now.unix_timestamp() - age).max(0)).unwrap();
-            serde_json::from_value(json!({
-                "metadata": { "name": lease_name(holder) },
-                "spec": { "holderIdentity": holder, "leaseDurationSeconds": 15, "renewTime": MicroTime(renewed) }
-            }))
-            .unwrap()
-        };
-        let leases = [lease("b", 1), lease("a", 5), lease("gone", 30), lease("long-gone", 7200)];
-        assert_eq!(live_members(leases.iter(), now), vec!["a".to_string(), "b".to_string()]);
-        let cleared: Vec<String> =
-            leases.iter().filter(|l| expired_for(l, now) > FORGET_AFTER).map(|l| l.name_any()).collect();
-        assert_eq!(cleared, vec![lease_name("long-gone")], "only a Lease expired for over an hour is cleared");
+    fn a_lease_renewed_at_the_end_of_9999_decodes_and_is_not_a_member() {
+        let text = r#"{"apiVersion":"coordination.k8s.io/v1","kind":"Lease","metadata":{"name":"service-ca-operator-member-phantom","namespace":"op","uid":"7d6776fa-f822-4dcc-b7fe-fd9bef0a19e6","resourceVersion":"240","creationTimestamp":"2026-12-02T01:00:15Z","labels":{"service-ca.operators.openshift.io/member":"true"}},"spec":{"holderIdentity":"phantom","leaseDurationSeconds":15,"renewTime":"9999-12-31T23:59:59.999999Z"}}"#;
+        assert!(serde_json::from_str::<Lease>(text).is_err(), "the typed Lease cannot hold it (the cause)");
+        let lease: DynamicObject = serde_json::from_str(text).unwrap();
+        let (now, wall) = (std::time::Instant::now(), time::OffsetDateTime::now_utc());
+        let mut members = Members::default();
+        let warned = members.apply(watcher::Event::Apply(lease.clone()), now, wall, OURS);
+        assert_eq!(warned.map(|(_, reason)| reason), Some(Ignored::FutureRenewal));
+        assert_eq!(live_members(members.seen.values(), now, wall, OURS).0, Vec::<String>::new());
+        // The same Lease seen again (a relist): no second Warning.
+        assert!(members.apply(watcher::Event::Apply(lease), now, wall, OURS).is_none());
+        // Year 0 and a huge duration decode too, and are not members.
+        for spec in [
+            json!({ "holderIdentity": "x", "leaseDurationSeconds": 15, "renewTime": "0000-01-01T00:00:00.000000Z" }),
+            json!({ "holderIdentity": "x", "leaseDurationSeconds": 2147483647, "renewTime": "9999-12-31T23:59:59Z" }),
+            json!({ "holderIdentity": 7, "leaseDurationSeconds": "15", "renewTime": {} }),
+        ] {
+            let r = Record::from_spec(&spec);
+            let (seen, _) = observe(None, r, None, now, wall, OURS);
+            assert_eq!(live_members([seen].iter(), now, wall, OURS).0, Vec::<String>::new(), "{spec}");
+        }
     }
 
     #[test]
-    fn a_lease_renewed_at_either_end_of_time_is_read_without_overflow() {
-        let now = time::OffsetDateTime::now_utc();
-        let lease = |renewed: &str, seconds: i32| -> Lease {
+    fn a_member_is_live_while_this_replica_saw_its_lease_renewed_within_the_duration() {
+        let t0 = std::time::Instant::now();
+        let wall = time::OffsetDateTime::now_utc();
+        let live = |seen: &Seen, at: std::time::Instant| live_members([seen.clone()].iter(), at, wall, OURS).0;
+        // First sight of a recent renewal: live for one duration, then gone unless renewed.
+        let (a, warn) = observe(None, record("a", 15, &rfc3339(wall)), None, t0, wall, OURS);
+        assert_eq!(warn, None);
+        assert_eq!(live(&a, t0 + Duration::from_secs(14)), vec!["a".to_string()]);
+        assert!(live(&a, t0 + Duration::from_secs(16)).is_empty());
+        // Renewed (renewTime changed) at t0+10: live until t0+25.
+        let later = wall + time::Duration::seconds(10);
+        let (a2, _) = observe(Some(&a), record("a", 15, &rfc3339(later)), None, t0 + OURS / 3 * 2, later, OURS);
+        assert_eq!(live(&a2, t0 + Duration::from_secs(24)), vec!["a".to_string()]);
+        // Seen again unchanged (a relist): not a renewal.
+        let (a3, _) = observe(Some(&a2), a2.record.clone(), None, t0 + Duration::from_secs(20), later, OURS);
+        assert!(live(&a3, t0 + Duration::from_secs(26)).is_empty());
+        // First sight of a stale Lease (a member killed before this replica started):
+        // not live; live from its next renewal.
+        let old = wall - time::Duration::minutes(5);
+        let (b, _) = observe(None, record("b", 15, &rfc3339(old)), None, t0, wall, OURS);
+        assert!(live(&b, t0).is_empty());
+        let (b2, _) =
+            observe(Some(&b), record("b", 15, &rfc3339(old + time::Duration::seconds(5))), None, t0, wall, OURS);
+        assert_eq!(live(&b2, t0), vec!["b".to_string()]);
+        // A writer whose clock runs behind by far: live while it renews.
+        let (c, _) = observe(None, record("c", 15, "2001-01-01T00:00:00Z"), None, t0, wall, OURS);
+        let (c2, _) = observe(Some(&c), record("c", 15, "2001-01-01T00:00:05Z"), None, t0, wall, OURS);
+        assert_eq!(live(&c2, t0), vec!["c".to_string()]);
+    }
+
+    #[test]
+    fn leases_that_cannot_be_members_are_ignored_with_one_warning_each() {
+        let (now, wall) = (std::time::Instant::now(), time::OffsetDateTime::now_utc());
+        let recent = rfc3339(wall);
+        let future = rfc3339(wall + time::Duration::seconds(60));
+        let cases = [
+            (record("d", 30, &recent), Ignored::ForeignDuration),
+            (record("f", 15, &future), Ignored::FutureRenewal),
+            (record(&"x".repeat(129), 15, &recent), Ignored::IdentityTooLong),
+            (Record::from_spec(&json!({ "leaseDurationSeconds": 15, "renewTime": recent })), Ignored::NoHolder),
+            (record("n", 15, "yesterday"), Ignored::NoRenewTime),
+        ];
+        for (r, reason) in cases {
+            let (seen, warn) = observe(None, r.clone(), None, now, wall, OURS);
+            assert_eq!(warn, Some(reason), "{r:?}");
+            // Renewed again, still unusable: no second Warning; never live.
+            let mut again = r.clone();
+            again.renew = Some(rfc3339(wall + time::Duration::seconds(90)));
+            let (seen2, warn2) = observe(Some(&seen), again, None, now, wall, OURS);
+            assert!(warn2.is_none() || reason == Ignored::NoRenewTime, "{r:?}");
+            assert!(live_members([seen, seen2].iter(), now, wall, OURS).0.is_empty(), "{r:?}");
+        }
+        // 128 bytes is still an identity.
+        let (ok, warn) = observe(None, record(&"x".repeat(128), 15, &recent), None, now, wall, OURS);
+        assert_eq!((live_members([ok].iter(), now, wall, OURS).0.len(), warn), (1, None));
+    }
+
+    #[test]
+    fn at_most_64_members_share_issuance() {
+        let (now, wall) = (std::time::Instant::now(), time::OffsetDateTime::now_utc());
+        let seen: Vec<Seen> = (0..100)
+            .map(|i| observe(None, record(&format!("m{i:03}"), 15, &rfc3339(wall)), None, now, wall, OURS).0)
+            .collect();
+        let (live, left_out) = live_members(seen.iter(), now, wall, OURS);
+        assert_eq!((live.len(), left_out), (MAX_MEMBERS, 36));
+        assert_eq!((live[0].as_str(), live[63].as_str()), ("m000", "m063"));
+    }
+
+    #[test]
+    fn a_relist_forgets_the_leases_it_no_longer_lists() {
+        let (now, wall) = (std::time::Instant::now(), time::OffsetDateTime::now_utc());
+        let lease = |holder: &str| -> DynamicObject {
             serde_json::from_value(json!({
-                "metadata": { "name": lease_name("far") },
-                "spec": { "holderIdentity": "far", "leaseDurationSeconds": seconds, "renewTime": renewed }
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": { "name": lease_name(holder), "resourceVersion": "1" },
+                "spec": { "holderIdentity": holder, "leaseDurationSeconds": 15, "renewTime": rfc3339(wall) }
             }))
             .unwrap()
         };
-        let future = lease("9999-12-30T21:59:59.999999Z", i32::MAX); // the latest jiff reads
-        assert_eq!(expiry(&future), Some(crate::dates::LATEST), "clamped at the latest date, no panic");
-        assert_eq!(expired_for(&future, now), Duration::ZERO);
-        let ancient = lease("0000-01-01T00:00:00Z", 15);
-        assert!(expiry(&ancient).is_some_and(|at| at.year() == 0));
-        assert!(expired_for(&ancient, now) > FORGET_AFTER, "long gone");
-        assert_eq!(live_members([&ancient].into_iter(), now), Vec::<String>::new());
+        let mut members = Members::default();
+        for holder in ["a", "b"] {
+            members.apply(watcher::Event::Apply(lease(holder)), now, wall, OURS);
+        }
+        members.apply(watcher::Event::Init, now, wall, OURS);
+        members.apply(watcher::Event::InitApply(lease("b")), now, wall, OURS);
+        members.apply(watcher::Event::InitDone, now, wall, OURS);
+        assert_eq!(live_members(members.seen.values(), now, wall, OURS).0, vec!["b".to_string()]);
+        members.apply(watcher::Event::Delete(lease("b")), now, wall, OURS);
+        assert!(members.seen.is_empty());
     }
 }

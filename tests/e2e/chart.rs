@@ -38,6 +38,11 @@ fn helm_binary() -> &'static Path {
 }
 
 fn helm(args: &[&str], kubeconfig: Option<&Path>) -> String {
+    helm_result(args, kubeconfig).unwrap_or_else(|failure| panic!("helm {args:?} failed:\n{failure}"))
+}
+
+/// helm's output, or what it said when it failed.
+fn helm_result(args: &[&str], kubeconfig: Option<&Path>) -> Result<String, String> {
     let mut cmd = Command::new(helm_binary());
     cmd.args(args);
     if let Some(k) = kubeconfig {
@@ -49,13 +54,11 @@ fn helm(args: &[&str], kubeconfig: Option<&Path>) -> String {
         .env("HELM_CONFIG_HOME", home.join("config"))
         .env("HELM_DATA_HOME", home.join("data"));
     let out = cmd.output().expect("run helm");
-    assert!(
-        out.status.success(),
-        "helm {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    } else {
+        Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    }
 }
 
 /// The objects of a multi-document YAML stream, by "Kind/namespace/name" (comments
@@ -140,6 +143,24 @@ fn chart_lints_and_renders_exactly_the_manifests() {
     assert!(custom.contains_key("Service/openshift-service-ca/service-ca-operator-metrics"));
     assert!(!custom.keys().any(|k| k.starts_with("NetworkPolicy/") || k.starts_with("PodDisruptionBudget/")));
     assert!(!template(&[]).keys().any(|k| k.starts_with("ServiceMonitor/")), "ServiceMonitor is off by default");
+}
+
+/// Issue 23, item 8c: one `leaseIdentity` for several replicas would make them all one
+/// member (split brain): the chart refuses it, naming the value; with one replica it is
+/// passed on.
+#[test]
+fn chart_refuses_one_lease_identity_for_several_replicas() {
+    let refused =
+        helm_result(&["template", "service-ca-operator", CHART, "--set", "operator.leaseIdentity=pinned"], None);
+    let Err(said) = refused else { panic!("two replicas (the default) with one leaseIdentity must be refused") };
+    assert!(said.contains("operator.leaseIdentity") && said.contains("replicas"), "{said}");
+    let one = template(&["--set", "operator.leaseIdentity=pinned,replicas=1"]);
+    let env =
+        &one["Deployment/openshift-service-ca/service-ca-operator"]["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(
+        env.as_array().unwrap().iter().any(|e| e["name"] == "SERVICE_CA_LEASE_IDENTITY" && e["value"] == "pinned"),
+        "{env}"
+    );
 }
 
 /// Environment of the Deployment's container → the same settings as flags for the

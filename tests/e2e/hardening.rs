@@ -348,8 +348,11 @@ async fn a_failing_rotation_is_reported_once_degrades_readiness_and_costs_one_ke
 
 #[test]
 fn flags_that_can_only_misbehave_are_refused_at_start_up_naming_the_flag() {
+    // An identity longer than a member Lease may carry (issue 23, item 5).
+    let long_identity = "x".repeat(129);
     for (args, flag) in [
-        (&["--controller-concurrency", "0"][..], "--controller-concurrency"),
+        (&["--lease-identity", long_identity.as_str()][..], "--lease-identity"),
+        (&["--controller-concurrency", "0"], "--controller-concurrency"),
         (&["--max-concurrent-issuance", "0"], "--max-concurrent-issuance"),
         (&["--key-buffer", "18446744073709551615"], "--key-buffer"),
         (&["--cluster-domain", ""], "--cluster-domain"),

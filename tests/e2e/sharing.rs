@@ -437,34 +437,62 @@ async fn replicas_started_together_elect_one_leader_each_under_its_own_field_man
     }
 }
 
-/// Issue 23, item 1: a member Lease renewed at the end of what a Lease can carry, with
-/// the longest duration, is read without overflow. (Before: `renewTime +
-/// leaseDurationSeconds` panicked in every replica's sharing loop.) Whether such a
-/// Lease counts as a member is item 5's business; here the replica must not panic.
+/// Issue 23, item 5: membership is decided by what this replica saw. Member Leases
+/// "renewed" far in the future — one at the last instant a Lease can carry (which
+/// k8s-openapi's timestamp type cannot even decode), one on 9999-01-01 — never change,
+/// so they are not members: 20 new Services all get their Secret within 30 s, and no
+/// replica restarts. Before the fix: the first Lease broke the member watch (no
+/// replica ever became a member), the second would have taken a third of the Services.
 #[tokio::test]
-async fn a_member_lease_renewed_near_9999_does_not_panic_the_replicas() {
-    let env = Env::new("sharing-far").await;
-    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.op_ns);
-    let phantom: Lease = serde_json::from_value(json!({
-        "metadata": {
-            "name": "service-ca-operator-member-far",
-            "labels": { "service-ca.operators.openshift.io/member": "true" }
-        },
-        // The latest renewTime the API's date type reads (jiff: 9999-12-30T22:00:00Z).
-        "spec": { "holderIdentity": "far", "leaseDurationSeconds": i32::MAX, "renewTime": "9999-12-30T21:59:59.000000Z" }
-    }))
-    .unwrap();
-    leases.create(&kube::api::PostParams::default(), &phantom).await.unwrap();
-    let mut ops = replicas(&env, 1, "5s");
-    ops[0].wait_ready(T).await;
-    let watched = Instant::now();
-    while watched.elapsed() < Duration::from_secs(8) {
-        assert!(ops[0].running(), "the replica exited: {}", ops[0].logs());
-        let status = ops[0].admin_get("/readyz").await.map(|(s, _)| s);
-        assert_eq!(status, Some(200), "/readyz after {:?}", watched.elapsed());
-        tokio::time::sleep(Duration::from_millis(500)).await;
+async fn phantom_member_leases_renewed_until_9999_take_no_share() {
+    let env = Env::new("phantom-members").await;
+    // Created untyped: k8s-openapi's Lease cannot hold the first renewTime.
+    let resource = kube::core::ApiResource::erase::<Lease>(&());
+    let leases: Api<kube::core::DynamicObject> = Api::namespaced_with(env.client.clone(), &env.op_ns, &resource);
+    for (holder, renewed) in
+        [("phantom-end", "9999-12-31T23:59:59.999999Z"), ("phantom-9999", "9999-01-01T00:00:00.000000Z")]
+    {
+        let lease: kube::core::DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": { "name": format!("service-ca-operator-member-{holder}"),
+                          "labels": { "service-ca.operators.openshift.io/member": "true" } },
+            "spec": { "holderIdentity": holder, "leaseDurationSeconds": 5, "renewTime": renewed }
+        }))
+        .unwrap();
+        leases.create(&Default::default(), &lease).await.unwrap();
     }
-    let logs = ops[0].logs();
-    assert!(!logs.contains("panicked"), "{logs}");
-    println!("ready and running for {:?} beside a member Lease renewed in 9999", watched.elapsed());
+    let mut ops = replicas(&env, 2, "5s");
+    let started = Instant::now();
+    let ready = eventually(T, "both replicas ready", || async {
+        for op in &ops {
+            op.admin_get("/readyz").await.filter(|(s, _)| *s == 200)?;
+        }
+        Some(started.elapsed())
+    });
+    // Before the fix the replicas never became ready: measure on, to show what was served.
+    let ready = tokio::time::timeout(T, ready).await.ok();
+    let created = Instant::now();
+    create_services(&env, "svc", 20).await;
+    let mut served = 0;
+    while created.elapsed() < Duration::from_secs(30) {
+        served = issued(&env).await.map(|m| m.len()).unwrap_or(0);
+        if served == 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut members = Vec::new();
+    for op in &ops {
+        members.push(op.metrics().await.map(|(_, page)| metric(&page, "service_ca_sharing_members")));
+    }
+    eprintln!(
+        "ready after {ready:?}; {served} of 20 Secrets within {:?}; members seen by each replica: {members:?}",
+        created.elapsed()
+    );
+    for op in &mut ops {
+        assert!(op.running(), "a replica exited:\n{}", op.logs());
+        assert!(!op.logs().contains("panicked"), "a replica panicked:\n{}", op.logs());
+    }
+    assert_eq!(served, 20, "Services left unserved with phantom members present");
+    assert_eq!(members, vec![Some(2.0), Some(2.0)], "the phantoms must not count as members");
 }
