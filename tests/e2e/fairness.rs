@@ -65,3 +65,102 @@ async fn a_backlog_of_rsa_4096_services_in_one_namespace_does_not_delay_another_
     assert!(behind <= 3, "B waited for {behind} of A's Secrets ({waited:?})");
     assert!(after < BACKLOG, "A's backlog had drained: the test shows nothing");
 }
+
+/// CPU seconds (user + system) process `pid` has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name (which may hold spaces); utime and stime are
+    // the 14th and 15th of the line.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+#[tokio::test]
+async fn requests_waiting_for_a_service_in_one_namespace_cost_little_and_do_not_delay_another_namespace() {
+    use futures::StreamExt;
+    use k8s_openapi::api::certificates::v1::ClusterTrustBundle;
+
+    use crate::support::Cleanup;
+    use crate::support::pods::{Kubelet, bundle_name, key_and_stub, trust_bundle};
+
+    const WAITING: usize = 300;
+    let env = Env::new("fair-pods").await;
+    let c = Env::new("fair-pods-c").await;
+    let signer = format!("e2e.service-ca.test/{}", env.run);
+    let op = env.start_operator(&["--pod-signer-name", &signer]);
+    let mut cleanup = Cleanup::default();
+    cleanup.add::<ClusterTrustBundle>(bundle_name(&signer, &env.op_ns));
+    let a = Kubelet::new(&env, &signer).await;
+    let c_kubelet = Kubelet::in_namespace(&env, &signer, &c.ns).await;
+    trust_bundle(&env, &signer, &env.op_ns).await;
+    let (_, stub) = key_and_stub(&rcgen::PKCS_ECDSA_P256_SHA256);
+
+    // 300 pods in A that no Service selects, each with a request: they wait.
+    let created = Instant::now();
+    futures::stream::iter(0..WAITING)
+        .map(|i| {
+            let (a, stub, signer) = (&a, stub.clone(), &signer);
+            async move {
+                let pod = a.pod(&format!("p{i}"), &format!("waiting-{i}"), None).await;
+                a.request(&format!("r{i}"), signer, &pod, stub, None).await;
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    println!("{WAITING} pods and requests created in {:.1?}", created.elapsed());
+    // The operator has looked at them all once (each is waiting).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    // 20 s: a Service of A changes its selector every second (each change makes every
+    // waiting request of A be looked at again); after 5 s a pod of C asks.
+    let pid = op.pid();
+    let cpu_before = cpu_seconds(pid);
+    let started = Instant::now();
+    let churn = {
+        let (a, services) = (&a, env.services());
+        async move {
+            a.service("churn", "churn-0", false).await;
+            let mut changes = 1;
+            while started.elapsed() < Duration::from_secs(20) {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let patch = json!({ "spec": { "selector": { "app": format!("churn-{changes}") } } });
+                services
+                    .patch("churn", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+                    .await
+                    .unwrap();
+                changes += 1;
+            }
+            changes
+        }
+    };
+    let other = async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let pod = c_kubelet.pod("web", "web", None).await;
+        c_kubelet.service("web", "web", false).await;
+        let asked = Instant::now();
+        c_kubelet.request("web", &signer, &pod, stub.clone(), None).await;
+        c_kubelet.issued("web").await;
+        asked.elapsed()
+    };
+    let (changes, issued_after) = tokio::join!(churn, other);
+    let cpu = cpu_seconds(pid) - cpu_before;
+    let window = started.elapsed();
+    let pending = a.requests().list(&ListParams::default()).await.unwrap().items;
+    let answered = pending
+        .iter()
+        .filter(|r| r.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| !c.is_empty()))
+        .count();
+    println!(
+        "fairness (pods): {WAITING} requests waiting in A, {changes} selector changes of a Service in A: \
+         operator CPU {cpu:.2} s in {window:.1?}; a request in C issued {issued_after:.1?} after it was created \
+         (time scale {:.1})",
+        time_scale()
+    );
+    assert_eq!(answered, 0, "A's requests wait for a Service");
+    // The issue's targets.
+    assert!(issued_after < Duration::from_secs(5), "C's request waited {issued_after:?}");
+    assert!(cpu < 3.0, "{cpu:.2} CPU-s in {window:?}");
+}
