@@ -240,6 +240,13 @@ pub struct Config {
     #[arg(long, env = "SERVICE_CA_DEFAULT_KEY_ALGORITHM", default_value = "rsa")]
     pub default_key_algorithm: KeyKind,
 
+    /// The key algorithms Services may ask for with the serving-cert-key-algorithm
+    /// annotation, as a comma list of its values (e.g. `rsa,ecdsa`). A Service asking
+    /// for another is reported as for an unknown value, and no key is generated. Unset:
+    /// all. Must include --default-key-algorithm.
+    #[arg(long, env = "SERVICE_CA_ALLOWED_KEY_ALGORITHMS", value_delimiter = ',')]
+    pub allowed_key_algorithms: Vec<KeyKind>,
+
     /// The key of a new CA (default RSA-2048). Unset, a rotation keeps the CA's key
     /// type; set to another type, the next rotation (forced or scheduled) moves to it.
     #[arg(long, env = "SERVICE_CA_CA_KEY_ALGORITHM")]
@@ -368,6 +375,14 @@ impl Config {
         }
         if self.max_concurrent_issuance == Some(0) {
             return Err("--max-concurrent-issuance must be at least 1 (0 would issue nothing)".into());
+        }
+        if !self.allowed_key_algorithms.is_empty() && !self.allowed_key_algorithms.contains(&self.default_key_algorithm)
+        {
+            return Err(format!(
+                "--default-key-algorithm ({}) must be one of --allowed-key-algorithms ({})",
+                self.default_key_algorithm.value(),
+                crate::pki::key_values(&self.allowed_key_algorithms)
+            ));
         }
         if self.key_buffer > MAX_KEY_BUFFER {
             return Err(format!("--key-buffer ({}) must be at most {MAX_KEY_BUFFER}", self.key_buffer));
@@ -539,6 +554,7 @@ mod tests {
         assert!(c.pod_certificates);
         assert_eq!(c.pod_signer_name, "service-ca.operators.openshift.io/serving");
         assert_eq!(c.pod_certificate_max_lifetime, Duration::from_secs(86_400));
+        assert!(c.allowed_key_algorithms.is_empty(), "all");
         assert!(c.validate().is_ok());
     }
 
@@ -614,6 +630,12 @@ mod tests {
             let error = parse(&["x", "--pod-signer-name", bad]).validate().unwrap_err();
             assert!(error.contains("--pod-signer-name"), "{bad}: {error}");
         }
+        let error = parse(&["x", "--allowed-key-algorithms", "ecdsa,rsa-4096"]).validate().unwrap_err();
+        assert!(error.contains("--allowed-key-algorithms (ecdsa-p256, rsa-4096)"), "{error}");
+        assert!(parse(&["x", "--allowed-key-algorithms", "ecdsa, rsa"]).validate().is_ok());
+        let c = parse(&["x", "--allowed-key-algorithms", "ECDSA-P384", "--default-key-algorithm", "ecdsa-p384"]);
+        assert_eq!(c.allowed_key_algorithms, [KeyKind::EcdsaP384]);
+        assert!(Cli::try_parse_from(["x", "--allowed-key-algorithms", "rsa,dsa"]).is_err(), "an unknown value");
         let error = parse(&["x", "--pod-certificate-max-lifetime", "30m"]).validate().unwrap_err();
         assert!(error.contains("--pod-certificate-max-lifetime"), "{error}");
     }

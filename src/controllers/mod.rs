@@ -25,6 +25,7 @@ pub mod events;
 pub mod pod_certs;
 pub mod serving;
 pub mod sharing;
+pub mod turns;
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -203,7 +204,8 @@ pub enum Shard<K> {
 
 /// The tail every keyed controller shares: reconcile every object when the signer
 /// changes, the configured concurrency, graceful shutdown, metrics per pass, and a
-/// per-object exponential backoff after errors (see [`Retries`]). With
+/// per-object exponential backoff after errors (see [`Retries`]), at most half the
+/// slots for one namespace (see [`turns`]). With
 /// [`Shard::By`], objects another replica owns are skipped (they cost nothing but
 /// their cache entry) and every object is looked at again when the members change.
 pub async fn drive<K, S, E, Fut>(
@@ -229,16 +231,26 @@ pub async fn drive<K, S, E, Fut>(
         Some(_) => controller.reconcile_all_on(ctx.sharing.changes()),
         None => controller,
     };
+    // One namespace holds at most half the slots (see [`turns`]).
+    let (gate, turn_again) = turns::Gate::new(ctx.config.controller_concurrency);
+    let controller = controller.reconcile_on(turn_again);
     let run = {
         let (ctx, retries) = (ctx.clone(), retries.clone());
         move |obj: Arc<K>, state: Arc<S>| {
-            let key = ObjectRef::from_obj(obj.as_ref()).to_string();
+            let object = ObjectRef::from_obj(obj.as_ref());
+            let key = object.to_string();
             let owned = key_of.is_none_or(|key_of| ctx.sharing.owns(&key_of(&obj)));
-            let pass = owned.then(|| reconcile(obj, state));
+            // Cluster-scoped objects take no turns.
+            let slot = match (owned, obj.meta().namespace.clone()) {
+                (true, Some(namespace)) => gate.enter(&namespace, object).map(Some),
+                (owned, _) => owned.then_some(None),
+            };
+            let pass = slot.map(|slot| (slot, reconcile(obj, state)));
             let (ctx, retries) = (ctx.clone(), retries.clone());
             async move {
                 // Another replica's: nothing to do until it changes or the members do.
-                let Some(pass) = pass else { return Ok(Action::await_change()) };
+                // Deferred: started again when its namespace's turn comes.
+                let Some((_slot, pass)) = pass else { return Ok(Action::await_change()) };
                 let result = ctx.timed(name, pass).await;
                 if result.is_ok() {
                     retries.forget(&key);

@@ -39,6 +39,22 @@ impl KeyKind {
     }
 }
 
+impl KeyKind {
+    /// The canonical value of the key-algorithm annotation and flags for this kind.
+    pub fn value(self) -> String {
+        match self {
+            KeyKind::Rsa { bits } => format!("rsa-{bits}"),
+            KeyKind::EcdsaP256 => "ecdsa-p256".into(),
+            KeyKind::EcdsaP384 => "ecdsa-p384".into(),
+        }
+    }
+}
+
+/// `kinds` as a comma list of their canonical values.
+pub fn key_values(kinds: &[KeyKind]) -> String {
+    kinds.iter().map(|k| k.value()).collect::<Vec<_>>().join(", ")
+}
+
 /// The values the key-algorithm annotation and flags accept (any case).
 pub const KEY_ALGORITHMS: &str = "rsa (RSA-2048), ecdsa (P-256), rsa-2048, rsa-3072, rsa-4096, ecdsa-p256, ecdsa-p384";
 

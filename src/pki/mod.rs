@@ -14,7 +14,7 @@ pub mod pem;
 mod pod;
 
 pub use ca::{CA_NAME_PREFIX, CaPolicy, CertInfo, CertificateAuthority, MAX_BRIDGES};
-pub use keys::{KEY_ALGORITHMS, KeyKind, PrivateKey, PublicKey, key_matches};
+pub use keys::{KEY_ALGORITHMS, KeyKind, PrivateKey, PublicKey, key_matches, key_values};
 pub use leaf::{IssuedLeaf, LeafInfo, LeafPolicy, LeafRequest, SERVICE_UID_OID, format_expiry, parse_expiry};
 pub use pod::{KeyError, PodLeaf, RequestedKey, SUPPORTED_POD_KEYS, requested_key};
 

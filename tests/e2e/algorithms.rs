@@ -135,6 +135,54 @@ async fn an_invalid_value_is_reported_and_nothing_is_generated_or_written() {
 }
 
 #[tokio::test]
+async fn a_kind_outside_the_allowed_list_is_reported_and_nothing_is_generated_or_written() {
+    let env = Env::new("alg-allowed").await;
+    let op = env.start_operator(&["--key-buffer", "0", "--allowed-key-algorithms", "rsa,ecdsa"]);
+    env.ca_bundle().await;
+    env.service_with("web", &[(BETA_NAME, "web-tls"), (BETA_ALG, "rsa-4096")], false).await;
+    env.service_with("ec", &[(BETA_NAME, "ec-tls"), (ALPHA_ALG, "ECDSA")], false).await;
+
+    let svc = eventually(T, "the error annotations", || async {
+        let s = env.services().get("web").await.unwrap();
+        (annotation(&s.metadata, BETA_ERR_NUM) == Some("2")).then_some(s)
+    })
+    .await;
+    let message = annotation(&svc.metadata, BETA_ERR).unwrap();
+    assert!(message.contains("\"rsa-4096\"") && message.contains("use one of rsa-2048, ecdsa-p256"), "{message}");
+    let warnings = env.events(&env.ns, Some("web"), Some("ServingCertificateError")).await;
+    let warning = warnings.iter().find(|e| e.type_.as_deref() == Some("Warning")).expect("a Warning Event");
+    assert!(warning.note.as_deref().unwrap_or_default().contains("not allowed"), "{warning:?}");
+    assert!(env.secrets().get_opt("web-tls").await.unwrap().is_none(), "no Secret for a kind not allowed");
+    // An allowed kind is issued; the only keys made are the CA's and that one.
+    assert_eq!(key_kind(&env.serving_secret("ec-tls", T).await), KeyKind::EcdsaP256);
+    assert_eq!(metric(&op.metrics_page().await, "service_ca_keys_generated_total"), 2.0, "the CA's and ec's");
+
+    // Fixed: the Secret appears and the error annotations go.
+    annotate_service(&env, "web", json!({ BETA_ALG: "rsa" })).await;
+    secret_with_key(&env, "web-tls", RSA).await;
+    eventually(T, "the error annotations to go", || async {
+        let s = env.services().get("web").await.unwrap();
+        annotation(&s.metadata, BETA_ERR).is_none().then_some(())
+    })
+    .await;
+}
+
+#[test]
+fn a_default_outside_the_allowed_list_is_refused_at_start_up() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_service-ca-operator"))
+        .args(["run", "--allowed-key-algorithms", "ecdsa"])
+        .env("KUBECONFIG", "/nonexistent")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--default-key-algorithm (rsa-2048) must be one of --allowed-key-algorithms (ecdsa-p256)"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
 async fn changing_the_annotation_reissues_with_the_new_key_kind() {
     let env = Env::new("alg-change").await;
     let _op = env.start_operator(&[]);

@@ -10,6 +10,7 @@ mod support;
 mod algorithms;
 mod chart;
 mod cluster;
+mod fairness;
 mod faults;
 mod gitops;
 mod hardening;

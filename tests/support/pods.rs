@@ -31,16 +31,22 @@ pub struct Kubelet {
 
 impl Kubelet {
     pub async fn new(env: &Env, signer: &str) -> Kubelet {
+        Self::in_namespace(env, signer, &env.ns).await
+    }
+
+    /// A kubelet for the test `env`'s objects in another namespace `ns` (its Node is
+    /// named after `ns`).
+    pub async fn in_namespace(env: &Env, signer: &str, ns: &str) -> Kubelet {
         let nodes: Api<Node> = Api::all(env.client.clone());
         let node =
-            Node { metadata: ObjectMeta { name: Some(env.run.clone()), ..Default::default() }, ..Default::default() };
+            Node { metadata: ObjectMeta { name: Some(ns.to_string()), ..Default::default() }, ..Default::default() };
         let node = nodes.create(&PostParams::default(), &node).await.expect("create Node");
         let mut cleanup = Cleanup::default();
-        cleanup.add::<Node>(env.run.clone());
+        cleanup.add::<Node>(ns.to_string());
         Kubelet {
             signer: signer.to_string(),
             client: env.client.clone(),
-            ns: env.ns.clone(),
+            ns: ns.to_string(),
             labels: env.labels(),
             node,
             _cleanup: cleanup,

@@ -13,6 +13,7 @@
 
 pub mod plan;
 pub mod trust_bundle;
+pub mod waiting;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -100,6 +101,7 @@ struct State {
     services: Arc<ServiceIndex>,
     published: Published,
     pods_selector: Vec<crate::config::Requirement>,
+    waiting: waiting::Waiting,
 }
 
 /// Signs the requests this replica owns until `shutdown`, once `published` (the
@@ -124,7 +126,8 @@ pub async fn sign_requests(ctx: Arc<Context>, published: Published, shutdown: Sh
         .reconcile_on(service_changes)
         .reconcile_all_on(published_changes);
     let pods_selector = crate::config::parse_selector(&ctx.config.selector).unwrap_or_default();
-    let state = Arc::new(State { ctx: ctx.clone(), services, published, pods_selector });
+    let waiting = waiting::Waiting::default();
+    let state = Arc::new(State { ctx: ctx.clone(), services, published, pods_selector, waiting });
     let shard =
         Shard::By(|pcr: &PodCertificateRequest| format!("{}/{}", pcr.namespace().unwrap_or_default(), pcr.name_any()));
     drive(controller, NAME, ctx, shutdown, state, shard, reconcile).await;
@@ -147,6 +150,11 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result
     let bundle_published = state.published.borrow().as_deref() == Some(signer.bundle_pem.as_str());
     if !bundle_published || !state.services.synced() {
         return Ok(Action::requeue(NOT_YET));
+    }
+    // Waiting, and still no Service selects the pod: nothing to read (see [`waiting`]).
+    let services = state.services.in_namespace(&namespace);
+    if let Some(until) = state.waiting.still_waiting(&key, services.values(), OffsetDateTime::now_utc()) {
+        return Ok(Action::requeue(super::until(until).saturating_add(Duration::from_millis(100))));
     }
     let pod = match read_pod(ctx, &namespace, &pcr.spec.pod_name).await? {
         Some(pod) if !crate::config::selector_matches(&state.pods_selector, pod.labels()) => {
@@ -178,8 +186,12 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result
         cluster_domain: &ctx.config.cluster_domain,
         ca_not_after: signer.ca.not_after(),
     };
-    let services = state.services.in_namespace(&namespace);
-    let status = match plan::plan(&request, pod.as_ref(), &services, &settings) {
+    let planned = plan::plan(&request, pod.as_ref(), &services, &settings);
+    match (&planned, &pod) {
+        (Plan::Wait { until }, Some(pod)) => state.waiting.note(&key, &pod.labels, *until, now),
+        _ => state.waiting.forget(&key),
+    }
+    let status = match planned {
         Plan::Nothing => return Ok(Action::await_change()),
         Plan::Wait { until } => {
             tracing::debug!(request = %key, "no Service selects the pod yet; waiting");

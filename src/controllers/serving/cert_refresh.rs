@@ -89,7 +89,7 @@ async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Resu
     }
     // An unknown key algorithm is the serving-cert controller's to report; the Secret
     // stays as it is until the Service is fixed.
-    let Ok(key) = key_algorithm(&svc, ctx.config.default_key_algorithm) else {
+    let Ok(key) = key_algorithm(&svc, ctx.config.default_key_algorithm, &ctx.config.allowed_key_algorithms) else {
         settled(false);
         return Ok(Action::await_change());
     };

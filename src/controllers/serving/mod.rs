@@ -271,18 +271,24 @@ pub fn wanted(svc: &Service) -> Wanted<'_> {
 
 /// The kind of key a Service asks for: its serving-cert-key-algorithm annotation (beta
 /// wins when both are set and non-empty; an empty one counts as absent), else
-/// `default`. An unknown value is an error to report on the Service (the value is
-/// echoed bounded).
-pub fn key_algorithm(svc: &Service, default: KeyKind) -> Result<KeyKind, String> {
+/// `default`. An unknown value, or one not in `allowed` (`--allowed-key-algorithms`;
+/// empty: all), is an error to report on the Service (the value is echoed bounded).
+pub fn key_algorithm(svc: &Service, default: KeyKind, allowed: &[KeyKind]) -> Result<KeyKind, String> {
     let annotations = svc.annotations();
     let set = [ann::BETA, ann::ALPHA].into_iter().find_map(|f| {
         let value = annotations.get(f.serving_cert_key_algorithm)?;
         (!value.trim().is_empty()).then_some((f, value))
     });
     let Some((family, value)) = set else { return Ok(default) };
-    value.parse().map_err(|why| {
+    let problem = |why: &str| {
         format!("the annotation {} is {:?}: {why}", family.serving_cert_key_algorithm, crate::bounded(value))
-    })
+    };
+    let kind: KeyKind = value.parse().map_err(|why: String| problem(&why))?;
+    if !allowed.is_empty() && !allowed.contains(&kind) {
+        let why = format!("{kind} keys are not allowed here; use one of {}", crate::pki::key_values(allowed));
+        return Err(problem(&why));
+    }
+    Ok(kind)
 }
 
 /// The certificate a Service asks for (its identity and DNS names), over a key of
@@ -791,7 +797,7 @@ mod tests {
     #[test]
     fn the_key_algorithm_annotation_picks_the_key_kind() {
         let rsa = KeyKind::Rsa { bits: 2048 };
-        let key = |annotations: &[(&str, &str)], default| key_algorithm(&svc(annotations, None), default);
+        let key = |annotations: &[(&str, &str)], default| key_algorithm(&svc(annotations, None), default, &[]);
         assert_eq!(key(&[], rsa), Ok(rsa));
         assert_eq!(key(&[], KeyKind::EcdsaP256), Ok(KeyKind::EcdsaP256), "the cluster default");
         assert_eq!(key(&[(ann::BETA.serving_cert_key_algorithm, "ECDSA")], rsa), Ok(KeyKind::EcdsaP256));
@@ -807,6 +813,15 @@ mod tests {
         let long = "x".repeat(100_000);
         let error = key(&[(ann::BETA.serving_cert_key_algorithm, &long)], rsa).unwrap_err();
         assert!(error.len() < 600, "the echo is bounded: {} bytes", error.len());
+        // --allowed-key-algorithms: another kind is refused naming the allowed values;
+        // the default needs no annotation.
+        let allowed = [rsa, KeyKind::EcdsaP256];
+        let asked = svc(&[(ann::BETA.serving_cert_key_algorithm, "RSA-4096")], None);
+        let error = key_algorithm(&asked, rsa, &allowed).unwrap_err();
+        assert!(error.contains("\"RSA-4096\"") && error.contains("use one of rsa-2048, ecdsa-p256"), "{error}");
+        let asked = svc(&[(ann::ALPHA.serving_cert_key_algorithm, "ecdsa")], None);
+        assert_eq!(key_algorithm(&asked, rsa, &allowed), Ok(KeyKind::EcdsaP256));
+        assert_eq!(key_algorithm(&svc(&[], None), rsa, &allowed), Ok(rsa));
     }
 
     #[test]
@@ -816,7 +831,7 @@ mod tests {
         service.annotations_mut().insert(ann::ALPHA.serving_cert_key_algorithm.into(), "ecdsa".into());
         assert_ne!(trigger_hash(&service), before);
         trim_service(&mut service);
-        assert_eq!(key_algorithm(&service, KeyKind::Rsa { bits: 2048 }), Ok(KeyKind::EcdsaP256));
+        assert_eq!(key_algorithm(&service, KeyKind::Rsa { bits: 2048 }, &[]), Ok(KeyKind::EcdsaP256));
     }
 
     #[test]

@@ -90,7 +90,7 @@ async fn reconcile(svc: Arc<Service>, st: Arc<State>) -> Result<Action, Error> {
         Err(problem) => return report_problem(ctx, NAME, &svc, &problem).await,
     };
     // An unknown key algorithm: reported, and nothing is generated or written.
-    let key = match key_algorithm(&svc, ctx.config.default_key_algorithm) {
+    let key = match key_algorithm(&svc, ctx.config.default_key_algorithm, &ctx.config.allowed_key_algorithms) {
         Ok(key) => key,
         Err(problem) => return report_problem(ctx, NAME, &svc, &problem).await,
     };
