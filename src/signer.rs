@@ -531,10 +531,10 @@ mod tests {
     #[tokio::test]
     async fn keys_parked_for_owners_that_went_are_dropped() {
         let pool = KeyPool::new(1, 0, KeyKind::Rsa { bits: 2048 }, Counter::default());
-        let gone = pool.serving_key("gone", KeyKind::EcdsaP256, Priority::Bulk).await.unwrap();
+        let gone = pool.serving_key("gone", "ns", KeyKind::EcdsaP256, Priority::Bulk).await.unwrap();
         let long_ago = std::time::Instant::now().checked_sub(PARKED_FOR + std::time::Duration::from_secs(1)).unwrap();
         pool.inner.parked.lock().unwrap().insert("gone".into(), (gone, long_ago));
-        pool.serving_key("new", KeyKind::EcdsaP256, Priority::Bulk).await.unwrap();
+        pool.serving_key("new", "ns", KeyKind::EcdsaP256, Priority::Bulk).await.unwrap();
         let parked = pool.inner.parked.lock().unwrap();
         assert_eq!(parked.keys().collect::<Vec<_>>(), ["new"], "the key of an owner that went is dropped");
     }
