@@ -591,7 +591,7 @@ async fn memory_stays_bounded_when_tenants_put_huge_selectors_in_services() {
         .await;
     eprintln!("{n} Services of {bytes} selector bytes created in {:?}", started.elapsed());
     // Every one was looked at: each got its one Warning.
-    let warned = eventually(Duration::from_secs(180), "a SelectorTooLarge Warning on every big Service", || async {
+    let warned = eventually(Duration::from_secs(60), "a SelectorTooLarge Warning on every big Service", || async {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let events = env.events(&env.ns, None, Some("SelectorTooLarge")).await;
         (events.len() >= n).then_some(events.len())

@@ -216,7 +216,8 @@ async fn node_rbac(client: &kube::Client) {
     let _ = roles.create(&PostParams::default(), &role).await;
     let _ = bindings.create(&PostParams::default(), &binding).await;
     eventually(T, "the node RBAC", || async {
-        (roles.get_opt(NODE_ROLE).await.ok()??, bindings.get_opt(NODE_ROLE).await.ok()??);
+        roles.get_opt(NODE_ROLE).await.ok()??;
+        bindings.get_opt(NODE_ROLE).await.ok()??;
         Some(())
     })
     .await;
