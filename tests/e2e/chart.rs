@@ -143,6 +143,15 @@ fn chart_lints_and_renders_exactly_the_manifests() {
     assert!(custom.contains_key("Service/openshift-service-ca/service-ca-operator-metrics"));
     assert!(!custom.keys().any(|k| k.starts_with("NetworkPolicy/") || k.starts_with("PodDisruptionBudget/")));
     assert!(!template(&[]).keys().any(|k| k.starts_with("ServiceMonitor/")), "ServiceMonitor is off by default");
+    // The admission policy follows the pod signer's name, and has an off switch.
+    let policy = "ValidatingAdmissionPolicy//service-ca-operator-pod-certificate-requests";
+    let renamed = template(&["--set", "operator.podSignerName=example.com/pods"]);
+    assert_eq!(
+        renamed[policy]["spec"]["matchConditions"][0]["expression"],
+        r#"object.spec.signerName == "example.com/pods""#
+    );
+    let off = template(&["--set", "podCertificateAdmissionPolicy.enabled=false"]);
+    assert!(!off.keys().any(|k| k.starts_with("ValidatingAdmissionPolicy")), "{:?}", off.keys());
 }
 
 /// Issue 23, item 8c: one `leaseIdentity` for several replicas would make them all one

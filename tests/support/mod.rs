@@ -143,6 +143,17 @@ pub async fn client_for(path: &Path) -> Client {
     Client::try_from(config).expect("client")
 }
 
+/// A client of the test cluster that acts as `user` in `groups` (the admin
+/// impersonates them; RBAC applies to them, not to the admin).
+pub async fn client_as(user: &str, groups: &[&str]) -> Client {
+    let kubeconfig = Kubeconfig::read_from(kubeconfig_path()).expect("read the test kubeconfig");
+    let mut config =
+        Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.expect("kubeconfig");
+    config.auth_info.impersonate = Some(user.to_string());
+    config.auth_info.impersonate_groups = Some(groups.iter().map(|g| g.to_string()).collect());
+    Client::try_from(config).expect("client")
+}
+
 fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);

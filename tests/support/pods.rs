@@ -1,7 +1,10 @@
 //! What the kubelet does for a pod with a `podCertificate` volume, done by hand (no
-//! kubelet runs on the test control plane): a Node, Pods bound to it, Services that
-//! select them, and PodCertificateRequests with a stub PKCS#10 request signed by the
-//! pod's key. Shared by the end-to-end tests and the bench.
+//! kubelet runs on the test control plane): a Node, Pods bound to it (running as the
+//! namespace's `default` ServiceAccount, with a projected `podCertificate` volume
+//! source for the signer), Services that select them, and PodCertificateRequests with
+//! a stub PKCS#10 request signed by the pod's key, created as the node
+//! (`system:node:<name>`, impersonated) like a kubelet does. Shared by the end-to-end
+//! tests and the bench.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -9,11 +12,17 @@ use std::time::Duration;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::certificates::v1::{ClusterTrustBundle, PodCertificateRequest};
 use k8s_openapi::api::core::v1::{Node, Pod, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
-use serde_json::json;
+use serde_json::{Value, json};
 
-use super::{Cleanup, Env, eventually};
+use super::{Cleanup, Env, client_as, eventually};
+
+/// The ClusterRole (and its binding to the group `system:nodes`) that lets a node
+/// create PodCertificateRequests: the test control plane authorises by RBAC alone (no
+/// Node authorizer). Shared by all tests, never deleted.
+pub const NODE_ROLE: &str = "e2e-nodes-create-podcertificaterequests";
 
 const T: Duration = Duration::from_secs(30);
 
@@ -26,6 +35,8 @@ pub struct Kubelet {
     ns: String,
     labels: BTreeMap<String, String>,
     node: Node,
+    /// The API as the node (`system:node:<name>`, group `system:nodes`).
+    as_node: kube::Client,
     _cleanup: Cleanup,
 }
 
@@ -43,26 +54,49 @@ impl Kubelet {
         let node = nodes.create(&PostParams::default(), &node).await.expect("create Node");
         let mut cleanup = Cleanup::default();
         cleanup.add::<Node>(ns.to_string());
+        node_rbac(&env.client).await;
         Kubelet {
             signer: signer.to_string(),
             client: env.client.clone(),
             ns: ns.to_string(),
             labels: env.labels(),
+            as_node: client_as(&format!("system:node:{ns}"), &["system:nodes", "system:authenticated"]).await,
             node,
             _cleanup: cleanup,
         }
     }
 
-    /// A Pod bound to the Node, with `app: <app>` (and the test's run label).
+    /// The Node's name.
+    pub fn node_name(&self) -> String {
+        self.node.metadata.name.clone().unwrap()
+    }
+
+    /// A Pod bound to the Node, with `app: <app>` (and the test's run label), running as
+    /// `default`, with a projected `podCertificate` volume source for the signer.
     pub async fn pod(&self, name: &str, app: &str, host: Option<(&str, &str)>) -> Pod {
+        self.pod_with(name, app, |spec| {
+            if let Some((hostname, subdomain)) = host {
+                spec["hostname"] = json!(hostname);
+                spec["subdomain"] = json!(subdomain);
+            }
+        })
+        .await
+    }
+
+    /// Like [`Kubelet::pod`], with `change` applied to the spec first (e.g. another
+    /// signer in its volume, or none).
+    pub async fn pod_with(&self, name: &str, app: &str, change: impl FnOnce(&mut Value)) -> Pod {
         let mut labels = self.labels.clone();
         labels.insert("app".into(), app.into());
-        let mut spec =
-            json!({ "nodeName": self.node.metadata.name, "containers": [{ "name": "main", "image": "none" }] });
-        if let Some((hostname, subdomain)) = host {
-            spec["hostname"] = json!(hostname);
-            spec["subdomain"] = json!(subdomain);
-        }
+        let mut spec = json!({
+            "nodeName": self.node.metadata.name,
+            "serviceAccountName": "default",
+            "containers": [{ "name": "main", "image": "none" }],
+            "volumes": [{ "name": "certs", "projected": { "sources": [
+                { "podCertificate": { "signerName": self.signer, "keyType": "ECDSAP256", "credentialBundlePath": "bundle.pem" } }
+            ] } }],
+        });
+        change(&mut spec);
         let pod: Pod = serde_json::from_value(json!({
             "metadata": { "name": name, "namespace": self.ns, "labels": labels }, "spec": spec
         }))
@@ -86,8 +120,39 @@ impl Kubelet {
         api.create(&PostParams::default(), &svc).await.expect("create Service")
     }
 
-    /// Creates a request for `pod` as the kubelet would, with `stub` as its PKCS#10.
+    /// Creates a request for `pod` as the kubelet would (as the node), with `stub` as
+    /// its PKCS#10.
     pub async fn request(
+        &self,
+        name: &str,
+        signer: &str,
+        pod: &Pod,
+        stub: Vec<u8>,
+        annotations: Option<BTreeMap<String, String>>,
+    ) -> PodCertificateRequest {
+        let pcr = self.request_object(name, signer, pod, stub, annotations).await;
+        let api: Api<PodCertificateRequest> = Api::namespaced(self.as_node.clone(), &self.ns);
+        api.create(&PostParams::default(), &pcr).await.expect("create PodCertificateRequest as the node")
+    }
+
+    /// Creates a request for `pod` as the cluster administrator (the API server checks
+    /// nothing against the pod then), with `change` applied to its spec first.
+    pub async fn admin_request(
+        &self,
+        name: &str,
+        pod: &Pod,
+        stub: Vec<u8>,
+        change: impl FnOnce(&mut Value),
+    ) -> PodCertificateRequest {
+        let pcr = self.request_object(name, &self.signer, pod, stub, None).await;
+        let mut value = serde_json::to_value(pcr).unwrap();
+        change(&mut value["spec"]);
+        let pcr: PodCertificateRequest = serde_json::from_value(value).unwrap();
+        self.requests().create(&PostParams::default(), &pcr).await.expect("create PodCertificateRequest")
+    }
+
+    /// The request the kubelet would make for `pod`.
+    pub async fn request_object(
         &self,
         name: &str,
         signer: &str,
@@ -98,7 +163,7 @@ impl Kubelet {
         let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), &self.ns);
         let sa =
             eventually(T, "default ServiceAccount", || async { sas.get_opt("default").await.ok().flatten() }).await;
-        let pcr: PodCertificateRequest = serde_json::from_value(json!({
+        serde_json::from_value(json!({
             "metadata": { "name": name, "namespace": self.ns },
             "spec": {
                 "signerName": signer,
@@ -110,8 +175,7 @@ impl Kubelet {
                 "unverifiedUserAnnotations": annotations,
             }
         }))
-        .unwrap();
-        self.requests().create(&PostParams::default(), &pcr).await.expect("create PodCertificateRequest")
+        .unwrap()
     }
 
     pub fn requests(&self) -> Api<PodCertificateRequest> {
@@ -136,6 +200,33 @@ impl Kubelet {
         assert_eq!(condition, "Issued Issued", "{:?}", pcr.status);
         pcr.status.unwrap().certificate_chain.unwrap()
     }
+}
+
+/// Lets the group `system:nodes` create PodCertificateRequests ([`NODE_ROLE`]); the
+/// objects are created once and shared by every test.
+async fn node_rbac(client: &kube::Client) {
+    let role: ClusterRole = serde_json::from_value(json!({
+        "metadata": { "name": NODE_ROLE },
+        "rules": [{ "apiGroups": ["certificates.k8s.io"], "resources": ["podcertificaterequests"], "verbs": ["create"] }]
+    }))
+    .unwrap();
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": { "name": NODE_ROLE },
+        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": NODE_ROLE },
+        "subjects": [{ "apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:nodes" }]
+    }))
+    .unwrap();
+    let roles: Api<ClusterRole> = Api::all(client.clone());
+    let bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
+    // AlreadyExists (another test made them) is fine.
+    let _ = roles.create(&PostParams::default(), &role).await;
+    let _ = bindings.create(&PostParams::default(), &binding).await;
+    eventually(T, "the node RBAC", || async {
+        roles.get_opt(NODE_ROLE).await.ok()??;
+        bindings.get_opt(NODE_ROLE).await.ok()??;
+        Some(())
+    })
+    .await;
 }
 
 /// The bundle of the ClusterTrustBundle `signer` has from the instance in `namespace`

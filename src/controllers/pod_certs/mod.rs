@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::certificates::v1::{PodCertificateRequest, PodCertificateRequestStatus};
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -36,6 +36,7 @@ use super::{
     watch_events,
 };
 use crate::metrics::ReasonLabels;
+use crate::names::{CA_BUNDLE, SIGNING_CABUNDLE};
 use crate::pki::PkiError;
 use crate::shutdown::Shutdown;
 
@@ -50,6 +51,8 @@ pub enum Error {
     ReadPod(String, kube::Error),
     #[error("writing the status of PodCertificateRequest {0}: {1}")]
     WriteStatus(String, kube::Error),
+    #[error("reading ConfigMap {0}: {1}")]
+    ReadBundle(&'static str, kube::Error),
     #[error("signing: {0}")]
     Sign(PkiError),
 }
@@ -57,12 +60,13 @@ pub enum Error {
 impl Categorised for Error {
     fn category(&self) -> &'static str {
         match self {
-            Error::ReadPod(_, e) | Error::WriteStatus(_, e) => api_category(e),
+            Error::ReadPod(_, e) | Error::WriteStatus(_, e) | Error::ReadBundle(_, e) => api_category(e),
             Error::Sign(_) => "pki",
         }
     }
     fn unreachable(&self) -> bool {
-        matches!(self, Error::ReadPod(_, e) | Error::WriteStatus(_, e) if super::status_code(e).is_none())
+        matches!(self, Error::ReadPod(_, e) | Error::WriteStatus(_, e) | Error::ReadBundle(_, e)
+            if super::status_code(e).is_none())
     }
 }
 
@@ -153,7 +157,9 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result
     }
     // Waiting, and still no Service selects the pod: nothing to read (see [`waiting`]).
     let services = state.services.in_namespace(&namespace);
-    if let Some(until) = state.waiting.still_waiting(&key, services.values(), OffsetDateTime::now_utc()) {
+    if let Some(until) =
+        state.waiting.still_waiting(&key, services.iter().map(|s| s.as_ref()), OffsetDateTime::now_utc())
+    {
         return Ok(Action::requeue(super::until(until).saturating_add(Duration::from_millis(100))));
     }
     let pod = match read_pod(ctx, &namespace, &pcr.spec.pod_name).await? {
@@ -161,18 +167,16 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result
             // Another instance's pod (--selector): not ours to answer.
             return Ok(Action::await_change());
         }
-        pod => pod.map(|pod| plan::Pod {
-            uid: pod.uid().unwrap_or_default(),
-            labels: pod.labels().clone(),
-            hostname: pod.spec.as_ref().and_then(|s| s.hostname.clone()),
-            subdomain: pod.spec.as_ref().and_then(|s| s.subdomain.clone()),
-        }),
+        pod => pod.map(|pod| planned_pod(&pod, &ctx.config.pod_signer_name)),
     };
     let now = OffsetDateTime::now_utc();
     let request = plan::Request {
         namespace: &namespace,
         created: pcr.creation_timestamp().map_or(now, |t| time_of(&t)),
+        pod_name: &pcr.spec.pod_name,
         pod_uid: &pcr.spec.pod_uid,
+        node_name: &pcr.spec.node_name,
+        service_account_name: &pcr.spec.service_account_name,
         max_expiration_seconds: pcr.spec.max_expiration_seconds,
         stub_pkcs10: &pcr.spec.stub_pkc_s10_request.0,
         user_annotations: pcr.spec.unverified_user_annotations.as_ref(),
@@ -185,6 +189,7 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result
         max_lifetime: ctx.config.pod_certificate_max_lifetime.min(ctx.config.policy.ca_rotate_before),
         cluster_domain: &ctx.config.cluster_domain,
         ca_not_after: signer.ca.not_after(),
+        signer_name: &ctx.config.pod_signer_name,
     };
     let planned = plan::plan(&request, pod.as_ref(), &services, &settings);
     match (&planned, &pod) {
@@ -200,6 +205,12 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result
         Plan::Deny { reason, message } => final_status("Denied", reason, message, &pcr),
         Plan::Fail { message } => final_status("Failed", "CannotSign", message, &pcr),
         Plan::Issue { names, lifetime, key: public } => {
+            // The watches may be behind (a replica paused, then resumed after a hard
+            // reset): sign only while the API server's signing-cabundle holds this CA.
+            if !bundle_holds(ctx, &signer).await? {
+                tracing::info!(request = %key, ca = signer.ca.subject_cn(), "signing-cabundle no longer holds this replica's CA; waiting for the current one");
+                return Ok(Action::requeue(NOT_YET));
+            }
             let pod_uid = pcr.spec.pod_uid.clone();
             let signing = signer.clone();
             let signed = tokio::task::spawn_blocking(move || {
@@ -293,6 +304,39 @@ async fn write_status(
     Ok(Action::await_change())
 }
 
+/// Whether `signing-cabundle`, read now from the API server (not from a watch), holds
+/// the signer's CA certificate.
+async fn bundle_holds(ctx: &Context, signer: &crate::signer::Signer) -> Result<bool, Error> {
+    let api: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
+    let bundle = api.get_opt(SIGNING_CABUNDLE).await.map_err(|e| Error::ReadBundle(SIGNING_CABUNDLE, e))?;
+    let pem = bundle.as_ref().and_then(|cm| cm.data.as_ref()).and_then(|d| d.get(CA_BUNDLE));
+    let ders = pem.and_then(|pem| crate::pki::pem::decode_certificates(CA_BUNDLE, pem.as_bytes()).ok());
+    Ok(ders.is_some_and(|ders| ders.iter().any(|der| *der == signer.ca.certificate().der)))
+}
+
+/// What the plan reads of the pod (`signer`: this signer's name).
+fn planned_pod(pod: &Pod, signer: &str) -> plan::Pod {
+    let spec = pod.spec.as_ref();
+    let asks_this_signer = spec.and_then(|s| s.volumes.as_ref()).into_iter().flatten().any(|volume| {
+        let sources = volume.projected.as_ref().and_then(|p| p.sources.as_ref());
+        sources
+            .into_iter()
+            .flatten()
+            .any(|source| source.pod_certificate.as_ref().is_some_and(|c| c.signer_name == signer))
+    });
+    plan::Pod {
+        uid: pod.uid().unwrap_or_default(),
+        labels: pod.labels().clone(),
+        hostname: spec.and_then(|s| s.hostname.clone()),
+        subdomain: spec.and_then(|s| s.subdomain.clone()),
+        node_name: spec.and_then(|s| s.node_name.clone()),
+        service_account_name: spec.and_then(|s| s.service_account_name.clone()),
+        phase: pod.status.as_ref().and_then(|s| s.phase.clone()),
+        deleting: pod.metadata.deletion_timestamp.is_some(),
+        asks_this_signer,
+    }
+}
+
 /// The pod by name (`None` when it does not exist).
 async fn read_pod(ctx: &Context, namespace: &str, name: &str) -> Result<Option<Pod>, Error> {
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
@@ -307,9 +351,12 @@ fn to_jiff(t: OffsetDateTime) -> k8s_openapi::jiff::Timestamp {
     k8s_openapi::jiff::Timestamp::from_second(t.unix_timestamp()).unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
 }
 
-/// Services by namespace and name — only the selector and whether headless are kept —
-/// so that a request costs no list of Services. Filled by a watch of the Services the
-/// selector (`--selector`) picks.
+/// Services by namespace and name — only what matching needs: the selector, bounded
+/// ([`plan::bounded_selector`]), and whether headless — so that a request costs no
+/// list of Services. Filled by a watch of the Services the selector (`--selector`)
+/// picks, in place: a relist marks what it shows and drops the rest when complete
+/// (never a second map beside the first). A request gets the entries of its
+/// namespace as shared pointers, not copies.
 #[derive(Default)]
 pub struct ServiceIndex {
     inner: Mutex<IndexInner>,
@@ -317,18 +364,32 @@ pub struct ServiceIndex {
 
 #[derive(Default)]
 struct IndexInner {
-    by_namespace: HashMap<String, BTreeMap<String, IndexedService>>,
-    /// A relist in progress (replaces `by_namespace` when done).
-    relist: Option<HashMap<String, BTreeMap<String, IndexedService>>>,
+    by_namespace: HashMap<Box<str>, BTreeMap<Box<str>, Slot>>,
+    /// The number of the current list: entries a list shows carry it.
+    list: u64,
     synced: bool,
 }
 
-fn indexed(service: &Service) -> IndexedService {
-    let spec = service.spec.as_ref();
-    IndexedService {
-        selector: spec.and_then(|s| s.selector.clone()).unwrap_or_default().into_iter().collect(),
-        headless: spec.and_then(|s| s.cluster_ip.as_deref()) == Some("None"),
-    }
+struct Slot {
+    kept: Kept,
+    /// The list that last showed it.
+    list: u64,
+}
+
+#[derive(PartialEq)]
+enum Kept {
+    Service(Arc<IndexedService>),
+    /// A selector beyond the bound: reported once, not used.
+    Oversize,
+}
+
+/// What one watch event changed.
+#[derive(Debug, Default, PartialEq)]
+struct Applied {
+    /// The namespaces whose Services changed (`None`: all of them, after a list).
+    namespaces: Option<Vec<String>>,
+    /// Services whose selector just went beyond the bound, to report (once).
+    oversize: Vec<(ObjectReference, usize, usize)>,
 }
 
 impl ServiceIndex {
@@ -336,62 +397,132 @@ impl ServiceIndex {
         self.inner.lock().is_ok_and(|i| i.synced)
     }
 
-    pub fn in_namespace(&self, namespace: &str) -> BTreeMap<String, IndexedService> {
-        self.inner.lock().ok().and_then(|i| i.by_namespace.get(namespace).cloned()).unwrap_or_default()
+    /// The usable Services of `namespace` (pointers into the index).
+    pub fn in_namespace(&self, namespace: &str) -> Vec<Arc<IndexedService>> {
+        let Ok(inner) = self.inner.lock() else { return Vec::new() };
+        let Some(services) = inner.by_namespace.get(namespace) else { return Vec::new() };
+        services
+            .values()
+            .filter_map(|slot| match &slot.kept {
+                Kept::Service(service) => Some(service.clone()),
+                Kept::Oversize => None,
+            })
+            .collect()
     }
 
-    /// Takes in one watch event; returns the namespaces whose Services changed (`None`:
-    /// all of them, after a relist).
-    fn apply(&self, event: watcher::Event<Service>) -> Option<Vec<String>> {
-        let Ok(mut inner) = self.inner.lock() else { return Some(Vec::new()) };
-        let entry = |s: &Service| (s.namespace().unwrap_or_default(), s.name_any(), indexed(s));
+    /// Takes in one watch event.
+    fn apply(&self, event: watcher::Event<Service>) -> Applied {
+        let Ok(mut inner) = self.inner.lock() else { return Applied::default() };
+        let mut applied = Applied { namespaces: Some(Vec::new()), oversize: Vec::new() };
         match event {
-            watcher::Event::Init => inner.relist = Some(HashMap::new()),
+            watcher::Event::Init => inner.list = inner.list.wrapping_add(1),
             watcher::Event::InitApply(s) => {
-                let (ns, name, svc) = entry(&s);
-                inner.relist.get_or_insert_default().entry(ns).or_default().insert(name, svc);
+                inner.put(s, &mut applied);
             }
             watcher::Event::InitDone => {
-                inner.by_namespace = inner.relist.take().unwrap_or_default();
+                let list = inner.list;
+                inner.by_namespace.retain(|_, services| {
+                    services.retain(|_, slot| slot.list == list);
+                    !services.is_empty()
+                });
                 inner.synced = true;
-                return None;
+                applied.namespaces = None;
             }
             watcher::Event::Apply(s) => {
-                let (ns, name, svc) = entry(&s);
-                let services = inner.by_namespace.entry(ns.clone()).or_default();
-                if services.get(&name) != Some(&svc) {
-                    services.insert(name, svc);
-                    return Some(vec![ns]);
+                let namespace = s.namespace().unwrap_or_default();
+                if inner.put(s, &mut applied) {
+                    applied.namespaces = Some(vec![namespace]);
                 }
             }
             watcher::Event::Delete(s) => {
-                let (ns, name, _) = entry(&s);
-                let services = inner.by_namespace.entry(ns.clone()).or_default();
-                services.remove(&name);
-                if services.is_empty() {
-                    inner.by_namespace.remove(&ns);
-                }
-                return Some(vec![ns]);
+                let namespace = s.namespace().unwrap_or_default();
+                inner.remove(&namespace, &s.name_any());
+                applied.namespaces = Some(vec![namespace]);
             }
         }
-        Some(Vec::new())
+        applied
+    }
+}
+
+impl IndexInner {
+    /// Indexes one Service as read; returns whether what matching sees changed.
+    fn put(&mut self, service: Service, applied: &mut Applied) -> bool {
+        let spec = service.spec.as_ref();
+        let headless = spec.and_then(|s| s.cluster_ip.as_deref()) == Some("None");
+        let kept = match plan::bounded_selector(spec.and_then(|s| s.selector.as_ref())) {
+            plan::Selector::None => None,
+            plan::Selector::Oversize { pairs, bytes } => {
+                let (namespace, name) = (service.namespace().unwrap_or_default(), service.name_any());
+                let known = self.by_namespace.get(namespace.as_str()).and_then(|s| s.get(name.as_str()));
+                if !known.is_some_and(|slot| slot.kept == Kept::Oversize) {
+                    applied.oversize.push((service.object_ref(&()), pairs, bytes));
+                }
+                Some(Kept::Oversize)
+            }
+            plan::Selector::Pairs(selector) => {
+                Some(Kept::Service(Arc::new(IndexedService { name: service.name_any().into(), selector, headless })))
+            }
+        };
+        let (namespace, name) = (service.namespace().unwrap_or_default(), service.name_any());
+        let Some(kept) = kept else { return self.remove(&namespace, &name) };
+        let list = self.list;
+        let services = self.by_namespace.entry(namespace.into()).or_default();
+        match services.get_mut(name.as_str()) {
+            Some(slot) => {
+                slot.list = list;
+                if slot.kept == kept {
+                    return false;
+                }
+                slot.kept = kept;
+            }
+            None => {
+                services.insert(name.into(), Slot { kept, list });
+            }
+        }
+        true
     }
 
+    /// Drops one Service; returns whether it was indexed.
+    fn remove(&mut self, namespace: &str, name: &str) -> bool {
+        let Some(services) = self.by_namespace.get_mut(namespace) else { return false };
+        let removed = services.remove(name).is_some();
+        if services.is_empty() {
+            self.by_namespace.remove(namespace);
+        }
+        removed
+    }
+}
+
+impl ServiceIndex {
     /// Keeps the index current from a watch; yields the waiting requests to look at
-    /// again when Services of their namespace change.
+    /// again when Services of their namespace change. A Service whose selector goes
+    /// beyond the bound is reported once (a log line and a Warning Event on it).
     fn follow(
         self: Arc<Self>,
-        ctx: &Context,
+        ctx: &Arc<Context>,
         requests: Store<PodCertificateRequest>,
     ) -> impl Stream<Item = ObjectRef<PodCertificateRequest>> + Send + 'static {
         let health = ctx.health.clone();
+        let ctx = ctx.clone();
         let config = watcher::Config::default().labels(&ctx.config.selector);
         watch_events(Api::<Service>::all(ctx.client.clone()), config)
             .backoff(WatchBackoff::default())
-            .filter_map(move |event| {
+            .then(move |event| {
                 health.observe_api(event.is_ok());
-                let refs = match event {
-                    Ok(event) => match self.apply(event) {
+                let (index, ctx, requests) = (self.clone(), ctx.clone(), requests.clone());
+                async move {
+                    let applied = match event {
+                        Ok(event) => index.apply(event),
+                        Err(error) => {
+                            tracing::warn!(%error, "watching Services for pod certificates failed; retrying");
+                            Applied::default()
+                        }
+                    };
+                    for (service, pairs, bytes) in applied.oversize {
+                        report_oversize(&ctx, &service, pairs, bytes).await;
+                    }
+                    let refs: Vec<_> = match applied.namespaces {
+                        Some(namespaces) if namespaces.is_empty() => Vec::new(),
                         Some(namespaces) => requests
                             .state()
                             .iter()
@@ -399,16 +530,30 @@ impl ServiceIndex {
                             .map(|r| ObjectRef::from_obj(r.as_ref()))
                             .collect(),
                         None => requests.state().iter().map(|r| ObjectRef::from_obj(r.as_ref())).collect(),
-                    },
-                    Err(error) => {
-                        tracing::warn!(%error, "watching Services for pod certificates failed; retrying");
-                        Vec::new()
-                    }
-                };
-                futures::future::ready(Some(futures::stream::iter(refs)))
+                    };
+                    futures::stream::iter(refs)
+                }
             })
             .flatten()
     }
+}
+
+/// Says once that a Service's selector is not used for pod certificates.
+async fn report_oversize(ctx: &Context, service: &ObjectReference, pairs: usize, bytes: usize) {
+    let (namespace, name) =
+        (service.namespace.as_deref().unwrap_or_default(), service.name.as_deref().unwrap_or_default());
+    let key = format!("{namespace}/{}", crate::bounded(name));
+    tracing::warn!(
+        service = %key, pairs, bytes, max_pairs = plan::MAX_SELECTOR_PAIRS, max_bytes = plan::MAX_SELECTOR_BYTES,
+        "Service selector too large: not used for pod certificates"
+    );
+    let note = format!(
+        "the selector has {pairs} label pairs ({bytes} bytes), more than the {} pairs or {} bytes the pod \
+         certificate signer keeps: pods it selects get no certificate for this Service's names",
+        plan::MAX_SELECTOR_PAIRS,
+        plan::MAX_SELECTOR_BYTES
+    );
+    ctx.event(service, EventType::Warning, "SelectorTooLarge", note).await;
 }
 
 #[cfg(test)]
@@ -423,21 +568,78 @@ mod tests {
         .unwrap()
     }
 
+    fn changed(namespaces: &[&str]) -> Applied {
+        Applied { namespaces: Some(namespaces.iter().map(|n| n.to_string()).collect()), oversize: Vec::new() }
+    }
+
+    fn names(index: &ServiceIndex, ns: &str) -> Vec<String> {
+        index.in_namespace(ns).iter().map(|s| s.name.to_string()).collect()
+    }
+
     #[test]
     fn the_service_index_follows_the_watch_and_names_the_namespaces_that_changed() {
         let index = ServiceIndex::default();
         assert!(!index.synced());
         index.apply(watcher::Event::Init);
         index.apply(watcher::Event::InitApply(service("a", "web", "web")));
-        assert!(!index.synced() && index.in_namespace("a").is_empty(), "not before the list is complete");
-        assert_eq!(index.apply(watcher::Event::InitDone), None, "a relist: every namespace");
+        assert!(!index.synced(), "not before the list is complete");
+        assert_eq!(index.apply(watcher::Event::InitDone).namespaces, None, "a list: every namespace");
         assert!(index.synced());
-        let web = &index.in_namespace("a")["web"];
-        assert!(web.headless && *web.selector == [("app".to_string(), "web".to_string())]);
-        assert_eq!(index.apply(watcher::Event::Apply(service("a", "web", "web"))), Some(vec![]), "nothing changed");
-        assert_eq!(index.apply(watcher::Event::Apply(service("b", "db", "db"))), Some(vec!["b".to_string()]));
-        assert_eq!(index.apply(watcher::Event::Delete(service("a", "web", "web"))), Some(vec!["a".to_string()]));
+        let web = &index.in_namespace("a")[0];
+        assert!(web.headless && *web.selector == [("app".into(), "web".into())] && &*web.name == "web");
+        assert_eq!(index.apply(watcher::Event::Apply(service("a", "web", "web"))), changed(&[]), "nothing changed");
+        assert_eq!(index.apply(watcher::Event::Apply(service("b", "db", "db"))), changed(&["b"]));
+        assert_eq!(index.apply(watcher::Event::Delete(service("a", "web", "web"))), changed(&["a"]));
         assert!(index.in_namespace("a").is_empty());
-        assert_eq!(index.in_namespace("b").len(), 1);
+        assert_eq!(names(&index, "b"), ["db"]);
+    }
+
+    #[test]
+    fn a_relist_updates_in_place_and_drops_what_it_no_longer_shows() {
+        let index = ServiceIndex::default();
+        index.apply(watcher::Event::Init);
+        index.apply(watcher::Event::InitApply(service("a", "web", "web")));
+        index.apply(watcher::Event::InitApply(service("a", "gone", "gone")));
+        index.apply(watcher::Event::InitDone);
+        let held = index.in_namespace("a");
+        // A later list: entries are marked as it shows them; kept pointers stay valid.
+        index.apply(watcher::Event::Init);
+        index.apply(watcher::Event::InitApply(service("a", "web", "web")));
+        index.apply(watcher::Event::InitApply(service("c", "new", "new")));
+        assert_eq!(names(&index, "a"), ["gone", "web"], "nothing dropped before the list is complete");
+        index.apply(watcher::Event::InitDone);
+        assert_eq!(names(&index, "a"), ["web"]);
+        assert_eq!(names(&index, "c"), ["new"]);
+        let web_before = held.iter().find(|s| &*s.name == "web").unwrap();
+        assert!(Arc::ptr_eq(web_before, &index.in_namespace("a")[0]), "an unchanged Service is the same entry");
+    }
+
+    #[test]
+    fn an_oversize_selector_is_reported_once_and_never_used() {
+        let index = ServiceIndex::default();
+        index.apply(watcher::Event::Init);
+        index.apply(watcher::Event::InitDone);
+        let mut big = service("a", "big", "web");
+        let selector: BTreeMap<String, String> = (0..1000).map(|i| (format!("k{i}"), "v".repeat(50))).collect();
+        big.spec.as_mut().unwrap().selector = Some(selector);
+        let applied = index.apply(watcher::Event::Apply(big.clone()));
+        assert_eq!(applied.oversize.len(), 1);
+        assert_eq!(applied.oversize[0].1, 1000);
+        assert_eq!(applied.oversize[0].0.name.as_deref(), Some("big"));
+        assert!(index.in_namespace("a").is_empty(), "not used");
+        big.metadata.resource_version = Some("2".into());
+        assert!(index.apply(watcher::Event::Apply(big.clone())).oversize.is_empty(), "reported once");
+        // A relist shows it again: still not reported again.
+        index.apply(watcher::Event::Init);
+        assert!(index.apply(watcher::Event::InitApply(big)).oversize.is_empty());
+        index.apply(watcher::Event::InitDone);
+        // Back within the bound: used again.
+        assert_eq!(index.apply(watcher::Event::Apply(service("a", "big", "web"))), changed(&["a"]));
+        assert_eq!(names(&index, "a"), ["big"]);
+        // No selector: nothing kept.
+        let mut bare = service("a", "big", "web");
+        bare.spec.as_mut().unwrap().selector = None;
+        assert_eq!(index.apply(watcher::Event::Apply(bare)), changed(&["a"]));
+        assert!(index.in_namespace("a").is_empty());
     }
 }

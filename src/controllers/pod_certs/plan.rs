@@ -6,7 +6,12 @@
 //!    (this signer recognises none);
 //! 3. a key type the CA cannot certify → Denied `UnsupportedKeyType`; an unreadable
 //!    request → Failed;
-//! 4. the pod gone or replaced (another UID) → Failed;
+//! 4. only a pod that asked (each with a reason of its own, all Denied): the pod
+//!    exists (`PodNotFound`) with the request's UID (`PodUIDMismatch`), has a
+//!    projected `podCertificate` source with this signer (`PodDidNotAskThisSigner`),
+//!    runs on the request's node (`NodeNameMismatch`) as its service account
+//!    (`ServiceAccountMismatch`), and is Pending or Running and not being deleted
+//!    (`PodNotActive`);
 //! 5. no Service selects the pod → pending until the grace period (from the request's
 //!    creation) ends, then Denied `NoServiceSelectsPod`;
 //! 6. less than the API server's one-hour minimum left before the CA expires → Failed;
@@ -26,7 +31,10 @@ pub const MIN_LIFETIME: Duration = Duration::from_secs(3600);
 pub struct Request<'a> {
     pub namespace: &'a str,
     pub created: OffsetDateTime,
+    pub pod_name: &'a str,
     pub pod_uid: &'a str,
+    pub node_name: &'a str,
+    pub service_account_name: &'a str,
     pub max_expiration_seconds: Option<i32>,
     pub stub_pkcs10: &'a [u8],
     pub user_annotations: Option<&'a BTreeMap<String, String>>,
@@ -40,14 +48,57 @@ pub struct Pod {
     pub labels: BTreeMap<String, String>,
     pub hostname: Option<String>,
     pub subdomain: Option<String>,
+    pub node_name: Option<String>,
+    pub service_account_name: Option<String>,
+    /// `status.phase` (`None`: not set yet, as Pending).
+    pub phase: Option<String>,
+    /// `metadata.deletionTimestamp` is set.
+    pub deleting: bool,
+    /// A projected volume of the pod has a `podCertificate` source with this signer.
+    pub asks_this_signer: bool,
 }
 
-/// A Service of the request's namespace, as indexed: its selector (label pairs, as
-/// a slice: a map would cost half a KiB per Service) and whether it is headless.
+/// A Service of the request's namespace, as indexed: its name, its selector (label
+/// pairs, as a slice: a map would cost half a KiB per Service; never empty, and
+/// within [`MAX_SELECTOR_PAIRS`] and [`MAX_SELECTOR_BYTES`]) and whether it is
+/// headless.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IndexedService {
-    pub selector: Box<[(String, String)]>,
+    pub name: Box<str>,
+    pub selector: Box<[(Box<str>, Box<str>)]>,
     pub headless: bool,
+}
+
+/// The most label pairs a Service's selector may have to be used for pod
+/// certificates. Kubernetes sets no limit; real selectors have a handful.
+pub const MAX_SELECTOR_PAIRS: usize = 64;
+/// The most bytes (keys and values) such a selector may have: 64 pairs of typical
+/// labels, or 21 of the longest Kubernetes allows (253-byte prefix, 63-byte name and
+/// 63-byte value).
+pub const MAX_SELECTOR_BYTES: usize = 8 * 1024;
+
+/// What the index keeps of a Service's selector.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Selector {
+    /// No selector (or an empty one): it selects no pod, nothing to keep.
+    None,
+    /// Beyond [`MAX_SELECTOR_PAIRS`] or [`MAX_SELECTOR_BYTES`]: not kept, not used.
+    Oversize {
+        pairs: usize,
+        bytes: usize,
+    },
+    Pairs(Box<[(Box<str>, Box<str>)]>),
+}
+
+/// The selector as the index keeps it (`selector`: the Service's, as read).
+pub fn bounded_selector(selector: Option<&BTreeMap<String, String>>) -> Selector {
+    let Some(selector) = selector.filter(|s| !s.is_empty()) else { return Selector::None };
+    let pairs = selector.len();
+    let bytes = selector.iter().fold(0usize, |sum, (k, v)| sum.saturating_add(k.len()).saturating_add(v.len()));
+    if pairs > MAX_SELECTOR_PAIRS || bytes > MAX_SELECTOR_BYTES {
+        return Selector::Oversize { pairs, bytes };
+    }
+    Selector::Pairs(selector.iter().map(|(k, v)| (k.as_str().into(), v.as_str().into())).collect())
 }
 
 /// Settings and the moment of the decision.
@@ -59,6 +110,8 @@ pub struct Settings<'a> {
     pub max_lifetime: Duration,
     pub cluster_domain: &'a str,
     pub ca_not_after: OffsetDateTime,
+    /// This signer's name (`--pod-signer-name`), for messages.
+    pub signer_name: &'a str,
 }
 
 #[derive(Debug)]
@@ -86,11 +139,17 @@ pub enum Plan {
 pub const DENIED_ANNOTATIONS: &str = "InvalidUnverifiedUserAnnotations";
 pub const DENIED_KEY: &str = "UnsupportedKeyType";
 pub const DENIED_NO_SERVICE: &str = "NoServiceSelectsPod";
+pub const DENIED_NO_POD: &str = "PodNotFound";
+pub const DENIED_POD_UID: &str = "PodUIDMismatch";
+pub const DENIED_NOT_ASKED: &str = "PodDidNotAskThisSigner";
+pub const DENIED_NODE: &str = "NodeNameMismatch";
+pub const DENIED_SERVICE_ACCOUNT: &str = "ServiceAccountMismatch";
+pub const DENIED_NOT_ACTIVE: &str = "PodNotActive";
 
 pub fn plan(
     request: &Request<'_>,
     pod: Option<&Pod>,
-    services: &BTreeMap<String, IndexedService>,
+    services: &[std::sync::Arc<IndexedService>],
     settings: &Settings<'_>,
 ) -> Plan {
     if request.answered {
@@ -108,8 +167,9 @@ pub fn plan(
         }
         Err(error) => return Plan::Fail { message: error.to_string() },
     };
-    let Some(pod) = pod.filter(|p| p.uid == request.pod_uid) else {
-        return Plan::Fail { message: format!("pod UID {} no longer exists", crate::bounded(request.pod_uid)) };
+    let pod = match asked(request, pod, settings.signer_name) {
+        Ok(pod) => pod,
+        Err((reason, message)) => return Plan::Deny { reason, message: crate::bounded(&message).into_owned() },
     };
     let names = dns_names(request.namespace, pod, services, settings.cluster_domain);
     if names.is_empty() {
@@ -137,6 +197,50 @@ pub fn plan(
     Plan::Issue { names, lifetime, key }
 }
 
+/// The pod, when it is the one the request names and it asked this signer for a
+/// certificate; otherwise why not (a reason of its own for each check).
+fn asked<'p>(
+    request: &Request<'_>,
+    pod: Option<&'p Pod>,
+    signer_name: &str,
+) -> Result<&'p Pod, (&'static str, String)> {
+    let name = request.pod_name;
+    let Some(pod) = pod else {
+        return Err((DENIED_NO_POD, format!("pod {name} does not exist")));
+    };
+    if pod.uid != request.pod_uid {
+        let message = format!("pod {name} has UID {}, not the request's {}", pod.uid, request.pod_uid);
+        return Err((DENIED_POD_UID, message));
+    }
+    if !pod.asks_this_signer {
+        let message = format!(
+            "pod {name} has no projected podCertificate volume source with signerName {signer_name}: only a pod that \
+             asks this signer gets a certificate from it"
+        );
+        return Err((DENIED_NOT_ASKED, message));
+    }
+    let node = pod.node_name.as_deref().unwrap_or_default();
+    if node != request.node_name {
+        let message = format!("pod {name} is bound to node '{node}', the request names node '{}'", request.node_name);
+        return Err((DENIED_NODE, message));
+    }
+    // The API server sets `default` when a pod names none.
+    let account = pod.service_account_name.as_deref().unwrap_or("default");
+    if account != request.service_account_name {
+        let message = format!(
+            "pod {name} runs as service account '{account}', the request names '{}'",
+            request.service_account_name
+        );
+        return Err((DENIED_SERVICE_ACCOUNT, message));
+    }
+    let phase = pod.phase.as_deref().unwrap_or("Pending");
+    if pod.deleting || !matches!(phase, "Pending" | "Running") {
+        let state = if pod.deleting { "being deleted".to_string() } else { format!("in phase {phase}") };
+        return Err((DENIED_NOT_ACTIVE, format!("pod {name} is {state}: only a Pending or Running pod gets one")));
+    }
+    Ok(pod)
+}
+
 /// The names the pod serves: for every Service whose (non-empty) selector its labels
 /// match, `<svc>.<ns>.svc` and `<svc>.<ns>.svc.<domain>`; for a headless Service named
 /// by the pod's `subdomain` (a StatefulSet pod) also `<hostname>.<svc>.<ns>.svc[.<domain>]`.
@@ -144,20 +248,21 @@ pub fn plan(
 pub fn dns_names(
     namespace: &str,
     pod: &Pod,
-    services: &BTreeMap<String, IndexedService>,
+    services: &[std::sync::Arc<IndexedService>],
     cluster_domain: &str,
 ) -> Vec<String> {
     let mut names = Vec::new();
-    for (name, service) in services {
-        let selects =
-            !service.selector.is_empty() && service.selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v));
+    for service in services {
+        let selects = !service.selector.is_empty()
+            && service.selector.iter().all(|(k, v)| pod.labels.get(&**k).map(String::as_str) == Some(&**v));
         if !selects {
             continue;
         }
+        let name = &*service.name;
         let base = format!("{name}.{namespace}.svc");
         names.push(format!("{base}.{cluster_domain}"));
         if service.headless
-            && pod.subdomain.as_deref() == Some(name.as_str())
+            && pod.subdomain.as_deref() == Some(name)
             && let Some(hostname) = pod.hostname.as_deref().filter(|h| !h.is_empty())
         {
             names.push(format!("{hostname}.{base}"));
@@ -172,6 +277,8 @@ pub fn dns_names(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     fn csr() -> Vec<u8> {
@@ -185,11 +292,20 @@ mod tests {
             labels: BTreeMap::from([("app".into(), "web".into()), ("tier".into(), "front".into())]),
             hostname: Some("web-0".into()),
             subdomain: Some("peers".into()),
+            node_name: Some("node-1".into()),
+            service_account_name: Some("web".into()),
+            phase: Some("Running".into()),
+            deleting: false,
+            asks_this_signer: true,
         }
     }
 
-    fn service(selector: &[(&str, &str)], headless: bool) -> IndexedService {
-        IndexedService { selector: selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), headless }
+    fn service(name: &str, selector: &[(&str, &str)], headless: bool) -> Arc<IndexedService> {
+        Arc::new(IndexedService {
+            name: name.into(),
+            selector: selector.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
+            headless,
+        })
     }
 
     fn settings(now: OffsetDateTime) -> Settings<'static> {
@@ -199,6 +315,7 @@ mod tests {
             max_lifetime: Duration::from_secs(86_400),
             cluster_domain: "cluster.local",
             ca_not_after: now + Duration::from_secs(86_400 * 365),
+            signer_name: "example.com/serving",
         }
     }
 
@@ -206,7 +323,10 @@ mod tests {
         Request {
             namespace: "shop",
             created,
+            pod_name: "web-0",
             pod_uid: "pod-uid",
+            node_name: "node-1",
+            service_account_name: "web",
             max_expiration_seconds: Some(7200),
             stub_pkcs10: stub,
             user_annotations: None,
@@ -216,12 +336,12 @@ mod tests {
 
     #[test]
     fn names_come_from_every_selecting_service_and_the_headless_one_the_pod_names() {
-        let services = BTreeMap::from([
-            ("web".to_string(), service(&[("app", "web")], false)),
-            ("peers".to_string(), service(&[("app", "web"), ("tier", "front")], true)),
-            ("other".to_string(), service(&[("app", "db")], false)),
-            ("manual".to_string(), service(&[], false)),
-        ]);
+        let services = [
+            service("web", &[("app", "web")], false),
+            service("peers", &[("app", "web"), ("tier", "front")], true),
+            service("other", &[("app", "db")], false),
+            service("manual", &[], false),
+        ];
         assert_eq!(
             dns_names("shop", &pod(), &services, "cluster.local"),
             [
@@ -239,7 +359,7 @@ mod tests {
     fn a_pod_no_service_selects_waits_for_the_grace_period_then_is_denied() {
         let now = OffsetDateTime::now_utc();
         let stub = csr();
-        let none = BTreeMap::new();
+        let none: [Arc<IndexedService>; 0] = [];
         match plan(&request(&stub, now - Duration::from_secs(10)), Some(&pod()), &none, &settings(now)) {
             Plan::Wait { until } => assert_eq!(until, now + Duration::from_secs(290)),
             other => panic!("{other:?}"),
@@ -257,7 +377,7 @@ mod tests {
     fn lifetime_is_the_least_of_the_request_the_flag_and_the_ca() {
         let now = OffsetDateTime::now_utc();
         let stub = csr();
-        let services = BTreeMap::from([("web".to_string(), service(&[("app", "web")], false))]);
+        let services = [service("web", &[("app", "web")], false)];
         let mut s = settings(now);
         let lifetime = |s: &Settings<'_>| match plan(&request(&stub, now), Some(&pod()), &services, s) {
             Plan::Issue { lifetime, .. } => Ok(lifetime),
@@ -277,7 +397,7 @@ mod tests {
     fn denials_and_failures_come_before_waiting() {
         let now = OffsetDateTime::now_utc();
         let stub = csr();
-        let none = BTreeMap::new();
+        let none: [Arc<IndexedService>; 0] = [];
         let annotations = BTreeMap::from([("example.com/x".to_string(), "y".to_string())]);
         let mut r = request(&stub, now);
         r.user_annotations = Some(&annotations);
@@ -285,10 +405,7 @@ mod tests {
         let r = request(b"junk", now);
         assert!(matches!(plan(&r, Some(&pod()), &none, &settings(now)), Plan::Fail { .. }));
         let r = request(&stub, now);
-        assert!(matches!(plan(&r, None, &none, &settings(now)), Plan::Fail { .. }), "pod gone");
-        let mut replaced = pod();
-        replaced.uid = "other".into();
-        assert!(matches!(plan(&r, Some(&replaced), &none, &settings(now)), Plan::Fail { .. }));
+        assert!(matches!(plan(&r, None, &none, &settings(now)), Plan::Deny { reason: DENIED_NO_POD, .. }));
         let mut answered = request(&stub, now);
         answered.answered = true;
         assert!(matches!(plan(&answered, None, &none, &settings(now)), Plan::Nothing));
@@ -299,7 +416,7 @@ mod tests {
         use crate::dates::{EARLIEST, LATEST};
         let now = OffsetDateTime::now_utc();
         let stub = csr();
-        let none = BTreeMap::new();
+        let none: [Arc<IndexedService>; 0] = [];
         let mut s = settings(now);
         s.grace = Duration::from_secs(86_400);
         // Created "in 9999" (a clock far off, or a hand-made object): waits, capped.
@@ -310,7 +427,7 @@ mod tests {
         // Created in year 0: the grace ended long ago.
         assert!(matches!(plan(&request(&stub, EARLIEST), Some(&pod()), &none, &s), Plan::Deny { .. }));
         // A CA until 9999 and a request asking for the most: the flag caps it.
-        let services = BTreeMap::from([("web".to_string(), service(&[("app", "web")], false))]);
+        let services = [service("web", &[("app", "web")], false)];
         s.ca_not_after = LATEST;
         let mut r = request(&stub, now);
         r.max_expiration_seconds = Some(i32::MAX);
@@ -322,5 +439,100 @@ mod tests {
         // Decided at the end of time, with a CA that ends then: too short, not a panic.
         s.now = LATEST;
         assert!(matches!(plan(&request(&stub, LATEST), Some(&pod()), &services, &s), Plan::Fail { .. }));
+    }
+}
+
+#[cfg(test)]
+mod asked_tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn only_the_pod_that_asked_this_signer_gets_a_certificate_each_refusal_with_its_own_reason() {
+        let now = OffsetDateTime::now_utc();
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let stub = rcgen::CertificateParams::default().serialize_request(&pair).unwrap().der().to_vec();
+        let services = [Arc::new(IndexedService {
+            name: "web".into(),
+            selector: Box::new([("app".into(), "web".into())]),
+            headless: false,
+        })];
+        let settings = Settings {
+            now,
+            grace: Duration::from_secs(300),
+            max_lifetime: Duration::from_secs(86_400),
+            cluster_domain: "cluster.local",
+            ca_not_after: now + Duration::from_secs(86_400 * 365),
+            signer_name: "example.com/serving",
+        };
+        let request = Request {
+            namespace: "shop",
+            created: now,
+            pod_name: "web-0",
+            pod_uid: "uid",
+            node_name: "node-1",
+            service_account_name: "web",
+            max_expiration_seconds: None,
+            stub_pkcs10: &stub,
+            user_annotations: None,
+            answered: false,
+        };
+        let good = || Pod {
+            uid: "uid".into(),
+            labels: BTreeMap::from([("app".into(), "web".into())]),
+            hostname: None,
+            subdomain: None,
+            node_name: Some("node-1".into()),
+            service_account_name: Some("web".into()),
+            phase: None,
+            deleting: false,
+            asks_this_signer: true,
+        };
+        let outcome = |pod: Pod| match plan(&request, Some(&pod), &services, &settings) {
+            Plan::Issue { .. } => "issue".to_string(),
+            Plan::Deny { reason, message } => {
+                assert!(message.contains("web-0"), "{message}");
+                reason.to_string()
+            }
+            other => format!("{other:?}"),
+        };
+        assert_eq!(outcome(good()), "issue", "no phase yet counts as Pending");
+        assert_eq!(outcome(Pod { phase: Some("Running".into()), ..good() }), "issue");
+        assert_eq!(outcome(Pod { uid: "other".into(), ..good() }), DENIED_POD_UID);
+        assert_eq!(outcome(Pod { asks_this_signer: false, ..good() }), DENIED_NOT_ASKED);
+        assert_eq!(outcome(Pod { node_name: Some("node-2".into()), ..good() }), DENIED_NODE);
+        assert_eq!(outcome(Pod { node_name: None, ..good() }), DENIED_NODE, "not scheduled");
+        assert_eq!(outcome(Pod { service_account_name: None, ..good() }), DENIED_SERVICE_ACCOUNT);
+        assert_eq!(outcome(Pod { phase: Some("Succeeded".into()), ..good() }), DENIED_NOT_ACTIVE);
+        assert_eq!(outcome(Pod { phase: Some("Failed".into()), ..good() }), DENIED_NOT_ACTIVE);
+        assert_eq!(outcome(Pod { deleting: true, ..good() }), DENIED_NOT_ACTIVE);
+        // Denied before waiting for a Service: the answer does not depend on one.
+        let none: [Arc<IndexedService>; 0] = [];
+        let stranger = Pod { asks_this_signer: false, ..good() };
+        assert!(matches!(
+            plan(&request, Some(&stranger), &none, &settings),
+            Plan::Deny { reason: DENIED_NOT_ASKED, .. }
+        ));
+        assert!(matches!(plan(&request, None, &none, &settings), Plan::Deny { reason: DENIED_NO_POD, .. }));
+    }
+
+    #[test]
+    fn a_selector_is_kept_only_within_its_bound() {
+        assert_eq!(bounded_selector(None), Selector::None);
+        assert_eq!(bounded_selector(Some(&BTreeMap::new())), Selector::None);
+        let small = BTreeMap::from([("app".to_string(), "web".to_string())]);
+        assert_eq!(bounded_selector(Some(&small)), Selector::Pairs(Box::new([("app".into(), "web".into())])));
+        let many: BTreeMap<String, String> = (0..=MAX_SELECTOR_PAIRS).map(|i| (format!("k{i}"), "v".into())).collect();
+        assert_eq!(
+            bounded_selector(Some(&many)),
+            Selector::Oversize { pairs: 65, bytes: many.iter().map(|(k, v)| k.len() + v.len()).sum() }
+        );
+        let most: BTreeMap<String, String> = (0..MAX_SELECTOR_PAIRS).map(|i| (format!("k{i}"), "v".into())).collect();
+        assert!(matches!(bounded_selector(Some(&most)), Selector::Pairs(p) if p.len() == MAX_SELECTOR_PAIRS));
+        let long = BTreeMap::from([("app".to_string(), "x".repeat(MAX_SELECTOR_BYTES))]);
+        assert!(matches!(bounded_selector(Some(&long)), Selector::Oversize { pairs: 1, .. }));
+        let just = BTreeMap::from([("app".to_string(), "x".repeat(MAX_SELECTOR_BYTES - 3))]);
+        assert!(matches!(bounded_selector(Some(&just)), Selector::Pairs(_)));
     }
 }

@@ -56,8 +56,10 @@ impl Waiting {
     ) -> Option<OffsetDateTime> {
         let noted = self.0.lock().ok()?;
         let noted = noted.get(key).filter(|n| n.until > now)?;
-        let selected =
-            services.any(|s| !s.selector.is_empty() && s.selector.iter().all(|(k, v)| noted.labels.get(k) == Some(v)));
+        let selected = services.any(|s| {
+            !s.selector.is_empty()
+                && s.selector.iter().all(|(k, v)| noted.labels.get(&**k).map(String::as_str) == Some(&**v))
+        });
         (!selected).then_some(noted.until)
     }
 
@@ -73,7 +75,8 @@ mod tests {
 
     fn service(selector: &[(&str, &str)]) -> IndexedService {
         IndexedService {
-            selector: selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            name: "web".into(),
+            selector: selector.iter().map(|(k, v)| (Box::from(*k), Box::from(*v))).collect(),
             headless: false,
         }
     }
