@@ -513,7 +513,7 @@ async fn b9_tenant_annotations(report: &mut Report) -> Env {
     env
 }
 
-/// Fairness (issue 23 item 7): while namespace A has 300 RSA-4096 Services pending,
+/// Fairness: while namespace A has 300 RSA-4096 Services pending,
 /// the time a new Service in namespace B takes to get its Secret and a pod request in
 /// namespace C to be issued; then, once A is served, the operator's CPU in 20 s while
 /// 300 requests of one namespace wait for a Service (a Service there changing its

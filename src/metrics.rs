@@ -1,5 +1,5 @@
 //! Prometheus metrics. Labels are bounded: controller names, error categories, kinds
-//! and reasons — plus one series per managed Secret for its expiry (SPEC §4), read
+//! and reasons — plus one series per managed Secret for its expiry (docs/spec.md §4), read
 //! from the Secret cache at scrape time so deleted Secrets never linger.
 
 use k8s_openapi::api::core::v1::Secret;

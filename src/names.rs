@@ -7,7 +7,7 @@
 
 // --- Objects of the operator's own, in its namespace -------------------------------
 
-/// The Secret holding the CA (SPEC §3.1).
+/// The Secret holding the CA (docs/spec.md §3.1).
 pub const SIGNING_KEY: &str = "signing-key";
 /// The ConfigMap publishing the CA bundle.
 pub const SIGNING_CABUNDLE: &str = "signing-cabundle";

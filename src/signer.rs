@@ -20,7 +20,7 @@ use crate::pki::{CertificateAuthority, IssuedLeaf, KeyKind, LeafRequest, PkiErro
 #[derive(Debug)]
 pub struct Signer {
     pub ca: CertificateAuthority,
-    /// The trust bundle (SPEC §3.4) as of the moment this snapshot was published.
+    /// The trust bundle (docs/spec.md §3.4) as of the moment this snapshot was published.
     pub bundle_pem: String,
 }
 

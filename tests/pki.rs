@@ -1,5 +1,5 @@
 //! The PKI core, proven without a cluster: every field of the CA and leaf profiles
-//! (SPEC §1, §3.2), rotation with a trust bridge (§3.3), the bundle (§3.4), the
+//! (docs/spec.md §1, §3.2), rotation with a trust bridge (§3.3), the bundle (§3.4), the
 //! re-issue decision, and real TLS handshakes with rustls, OpenSSL and Go clients.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -553,7 +553,7 @@ fn decision_covers_every_rule_of_spec_section_1() {
     assert!(matches!(d(&ec_stored, &p384, at), Decision::Issue(IssueReason::KeyAlgorithm { .. })));
     assert!(matches!(d(&ec_stored, &svc, at), Decision::Issue(IssueReason::KeyAlgorithm { .. })), "and back");
 
-    // Metadata the SPEC requires.
+    // Metadata docs/spec.md §1 requires.
     let mut orphan = Stored::from_leaf(&leaf);
     orphan.owners.clear();
     assert_eq!(d(&orphan, &svc, at), Decision::Issue(IssueReason::NoOwnerReference));
@@ -699,7 +699,7 @@ fn negative_cases_are_rejected_by_every_stack() {
 
 #[test]
 fn openssl_needs_the_bridge_before_the_ca_in_the_chain() {
-    // Why SPEC §1 fixes the chain order: with the self-signed CA before the bridge, an
+    // Why docs/spec.md §1 fixes the chain order: with the self-signed CA before the bridge, an
     // OpenSSL client that trusts only the pre-rotation bundle fails.
     let Rotated { old, new, at } = rotated(now() - 400 * DAY, now());
     let leaf = issue(&new, false, at);
@@ -782,7 +782,7 @@ fn bench_key_generation_signature_and_issuance() {
 
 #[test]
 fn rotations_seconds_apart_keep_every_bundle_in_its_trust_window_working() {
-    // SPEC §5.3: forced rotations one second apart (a person who rotated twice because
+    // docs/spec.md §5.3: forced rotations one second apart (a person who rotated twice because
     // the first "did not seem to work"). Every bundle handed out on the way must verify
     // every leaf handed out on the way, in every stack.
     let p = policy();

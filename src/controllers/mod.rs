@@ -375,7 +375,7 @@ const FIRST_LIST_TIMEOUT: Duration = Duration::from_secs(120);
 /// resourceVersion), or when the first list does not complete within
 /// [`FIRST_LIST_TIMEOUT`] (an API server that ignores `sendInitialEvents`), the watch
 /// goes on as list-then-watch: streaming re-lists right after an API server restart
-/// went unanswered on the test control plane (README, *Figures*).
+/// went unanswered on the test control plane (docs/design.md, *Watches*).
 pub fn watch_events<K>(
     api: kube::Api<K>,
     config: watcher::Config,

@@ -108,7 +108,7 @@ pub struct Report {
     pub serving_certificates: Vec<ServingRow>,
     pub injected: Vec<InjectedRow>,
     pub workloads: Vec<WorkloadRow>,
-    /// Pod certificates (SPEC §5.2) are not inspected: each request is answered once and
+    /// Pod certificates (docs/spec.md §5.2) are not inspected: each request is answered once and
     /// the kubelet holds the result.
     pub pod_certificates: &'static str,
     pub summary: Summary,

@@ -1,4 +1,4 @@
-//! The service CA: creation (SPEC §3.2), loading from and saving to the `signing-key`
+//! The service CA: creation (docs/spec.md §3.2), loading from and saving to the `signing-key`
 //! Secret's data (§3.1), rotation with a cross-signed trust bridge (§3.3) and the
 //! bundle (§3.4).
 
@@ -110,7 +110,7 @@ impl std::fmt::Debug for CertificateAuthority {
 }
 
 impl CertificateAuthority {
-    /// A brand-new self-signed CA per SPEC §3.2 (`key` is normally a fresh RSA-2048).
+    /// A brand-new self-signed CA per docs/spec.md §3.2 (`key` is normally a fresh RSA-2048).
     pub fn create(key: PrivateKey, now: OffsetDateTime, policy: &CaPolicy) -> Result<Self, PkiError> {
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, format!("{CA_NAME_PREFIX}{}", now.unix_timestamp()));
@@ -219,11 +219,11 @@ impl CertificateAuthority {
         data
     }
 
-    /// Rotation per SPEC §3.3: a new CA with the same subject, signed by `new_key`;
+    /// Rotation per docs/spec.md §3.3: a new CA with the same subject, signed by `new_key`;
     /// `X1` (this CA re-signed by the new key) joins the bundle, `X2` (the new CA
     /// signed by this CA's key) becomes the newest bridge that new leaves carry.
     ///
-    /// Bridges of earlier rotations that are still valid stay (SPEC §5.3): the older
+    /// Bridges of earlier rotations that are still valid stay (docs/spec.md §5.3): the older
     /// `X1`s in the bundle, so leaves not re-issued since an earlier CA stay trusted, and
     /// the older `X2`s after the new one in every leaf chain, so a client holding a
     /// bundle from before several rotations still reaches the CA it trusts. All CAs
@@ -283,7 +283,7 @@ impl CertificateAuthority {
         Self::assemble(new_cert, new_key, new_signing, Some(bundle), intermediates)
     }
 
-    /// The trust bundle (SPEC §3.4): `ca-bundle.crt` when present, else `tls.crt`,
+    /// The trust bundle (docs/spec.md §3.4): `ca-bundle.crt` when present, else `tls.crt`,
     /// without certificates that have expired at `now`, in stored order.
     pub fn bundle_pem(&self, now: OffsetDateTime) -> String {
         pem::encode_certificates(self.bundle_certs().filter(|c| now <= c.not_after).map(|c| c.der.as_slice()))

@@ -1,4 +1,4 @@
-//! Serving (leaf) certificates per SPEC §1.
+//! Serving (leaf) certificates per docs/spec.md §1.
 
 use std::time::Duration;
 
@@ -116,7 +116,7 @@ impl CertificateAuthority {
     /// `validity.0` to `validity.1` capped at the CA's NotAfter, signed over `key` with
     /// the CA key's algorithm.
     /// Returns the leaf and the chain as serving Secrets carry it: the leaf, every bridge
-    /// still valid at `now` (newest first), then the CA (SPEC §1, §5.3).
+    /// still valid at `now` (newest first), then the CA (docs/spec.md §1, §5.3).
     pub(super) fn sign_serving_leaf(
         &self,
         names: &[String],

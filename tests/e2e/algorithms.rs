@@ -1,4 +1,4 @@
-//! Key algorithms (issue 15), end to end: the Service annotation
+//! Key algorithms, end to end: the Service annotation
 //! `serving-cert-key-algorithm`, the cluster default `--default-key-algorithm`, and
 //! the CA's move between RSA and ECDSA with `--ca-key-algorithm`, on the real API
 //! server, with the issued pairs loaded and served by rustls, OpenSSL and Go.

@@ -154,7 +154,7 @@ fn chart_lints_and_renders_exactly_the_manifests() {
     assert!(!off.keys().any(|k| k.starts_with("ValidatingAdmissionPolicy")), "{:?}", off.keys());
 }
 
-/// Issue 23, item 8c: one `leaseIdentity` for several replicas would make them all one
+/// One `leaseIdentity` for several replicas would make them all one
 /// member (split brain): the chart refuses it, naming the value; with one replica it is
 /// passed on.
 #[test]

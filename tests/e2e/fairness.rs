@@ -1,4 +1,4 @@
-//! One tenant cannot delay the others (issue 23 item 7), end to end: a namespace with a
+//! One tenant cannot delay the others, end to end: a namespace with a
 //! backlog of RSA-4096 Services does not make a Service of another namespace wait for
 //! the backlog, neither for a controller slot nor for the key-generation threads.
 

@@ -528,7 +528,7 @@ async fn unusable_signing_keys_are_refused_with_clear_messages() {
     let (no_ski_crt, no_ski_key) = openssl_ca(&dir.join("noski"), &rsa, &["-addext", "subjectKeyIdentifier=none"]);
     let (small_crt, small_key) = openssl_ca(&dir.join("small"), &["-newkey", "rsa:1024"], &[]);
     let (ed_crt, ed_key) = openssl_ca(&dir.join("ed"), &["-newkey", "ed25519"], &[]);
-    // Signs fine, but rotation could never re-create its subject (issue 14: refused at
+    // Signs fine, but rotation could never re-create its subject (refused at
     // load, not when its rotation falls due).
     let (multi_crt, multi_key) = openssl_ca(&dir.join("multi"), &rsa, &["-subj", "/O=Example/CN=multi+OU=valued"]);
     let cases: Vec<(&str, Vec<u8>, Vec<u8>, &str)> = vec![

@@ -1,4 +1,4 @@
-//! Injection next to other managers and next to the operator's own objects (issue 14),
+//! Injection next to other managers and next to the operator's own objects,
 //! end to end on the real API server:
 //!
 //! - a GitOps tool that server-side-applies webhook configurations and CRDs (field
@@ -252,7 +252,7 @@ async fn kubectl_client_side_apply_removes_an_injected_webhook_and_switches_a_cr
 
 #[tokio::test]
 async fn a_server_side_apply_of_the_bundle_would_block_gitops_and_the_operator_drops_such_an_entry() {
-    // What the operator did before issue 14, done here by hand under its field
+    // What the operator once did, done here by hand under its field
     // manager: a forced server-side apply of each entry's caBundle. gitops can then no
     // longer remove an entry. The operator, once it sees the object, drops that entry
     // of its managedFields, and the same apply by gitops succeeds.

@@ -1,4 +1,4 @@
-//! Safe in a shared cluster (issue 14): nothing a namespace user controls makes the
+//! Safe in a shared cluster: nothing a namespace user controls makes the
 //! operator loop, burn the shared key pool or echo unbounded input; what the user
 //! removed stops costing anything; a CA that cannot be rotated is never a silent
 //! failure; flags that can only misbehave are refused at start-up.
@@ -348,7 +348,7 @@ async fn a_failing_rotation_is_reported_once_degrades_readiness_and_costs_one_ke
 
 #[test]
 fn flags_that_can_only_misbehave_are_refused_at_start_up_naming_the_flag() {
-    // An identity longer than a member Lease may carry (issue 23, item 5).
+    // An identity longer than a member Lease may carry.
     let long_identity = "x".repeat(129);
     for (args, flag) in [
         (&["--lease-identity", long_identity.as_str()][..], "--lease-identity"),
@@ -357,7 +357,7 @@ fn flags_that_can_only_misbehave_are_refused_at_start_up_naming_the_flag() {
         (&["--key-buffer", "18446744073709551615"], "--key-buffer"),
         (&["--cluster-domain", ""], "--cluster-domain"),
         (&["--cluster-domain", "bad_domain..x"], "--cluster-domain"),
-        // Every duration flag has bounds (issue 23): the refusal names the flag, the value
+        // Every duration flag has bounds: the refusal names the flag, the value
         // and the range instead of a panic or a timer that never fires.
         (&["--pod-certificate-grace", "10000y"], "--pod-certificate-grace (3652500d) must be between 0s and 1d"),
         (&["--progress-interval", "0s"], "--progress-interval (0s) must be between 1s and 1d"),

@@ -1,4 +1,4 @@
-//! CA bundle injection (SPEC §2), end to end on the real API server.
+//! CA bundle injection (docs/spec.md §2), end to end on the real API server.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -293,7 +293,7 @@ async fn inspect_sees_pending_and_untrusted_certificates_while_the_operator_is_s
     .await;
 }
 
-/// Issue 23, item 1: a tenant's Secret with the managed label whose certificate starts
+/// A tenant's Secret with the managed label whose certificate starts
 /// at 99991231235959Z is reported, not a panic. (Before: NotBefore + 1 s overflowed in
 /// the workload check and `inspect` died with exit 101.)
 #[tokio::test]

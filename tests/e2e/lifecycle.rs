@@ -1,4 +1,4 @@
-//! The signing CA (SPEC §3): rotation with a trust bridge (automatic and forced) with
+//! The signing CA (docs/spec.md §3): rotation with a trust bridge (automatic and forced) with
 //! zero failed handshakes, expiry of the bridge, hard reset, restart in the middle of
 //! a rotation, and a signing-key that cannot be used.
 
@@ -522,7 +522,7 @@ async fn two_forced_rotations_a_second_apart_keep_the_first_bundle_working() {
     }
 }
 
-/// Issue 23, item 1: a CA of one's own valid until 99991231235959Z (RFC 5280's "no
+/// A CA of one's own valid until 99991231235959Z (RFC 5280's "no
 /// well-defined expiration", common for enterprise roots) is loaded, signs, and the
 /// operator stays ready. (Before: every pass panicked adding one second to 9999's end;
 /// readiness gone, no Secret.)

@@ -1,4 +1,4 @@
-//! `/metrics` is not open to the whole cluster (issue 14, item 10): by default it is
+//! `/metrics` is not open to the whole cluster: by default it is
 //! served over TLS with the certificate the operator issues for its own metrics
 //! Service, and only to scrapers whose token may `get` the non-resource URL /metrics.
 
@@ -150,7 +150,7 @@ fn open_files_limit() -> u64 {
         .unwrap_or(0)
 }
 
-/// Issue 23, item 6: idle connections cannot exhaust the admin ports. 15,000 idle TCP
+/// Idle connections cannot exhaust the admin ports. 15,000 idle TCP
 /// connections to the TLS metrics port (measured before the fix: RSS 23 -> 145 MiB,
 /// every one held by a handshake task) leave the operator's RSS under 64 MiB, /readyz
 /// answering within 100 ms, and the metrics port answering once they are gone.
@@ -214,7 +214,7 @@ async fn idle_connections_cannot_exhaust_the_admin_ports() {
     assert!(!op.logs().contains("panicked"), "{}", op.logs());
 }
 
-/// Issue 23, item 6: 1,000 made-up bearer tokens do not evict an authorised scraper's
+/// 1,000 made-up bearer tokens do not evict an authorised scraper's
 /// verdict (before the fix, the 256th new token cleared the whole cache). Shown by
 /// revoking the scraper's binding after its first scrape: while its verdict is cached
 /// (30 s), it is still served.

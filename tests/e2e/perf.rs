@@ -1,6 +1,6 @@
 //! A small, fast variant of the scale benchmarks (`make bench`), run by `make test`.
 //! It fails only on a gross regression — several times the figures recorded in the
-//! README — not on the exact targets, since it runs the debug build next to every
+//! docs/benchmarks.md — not on the exact targets, since it runs the debug build next to every
 //! other test.
 
 use std::time::{Duration, Instant};
@@ -48,7 +48,7 @@ async fn perf_smoke_time_to_ready_bulk_issuance_and_memory() {
         bulk.as_secs_f64(),
         n as f64 / bulk.as_secs_f64()
     );
-    // Recorded with the release build on 2 CPUs (README): p50 17 ms, 20 certificates/s,
+    // Recorded with the release build on 2 CPUs (docs/benchmarks.md): p50 17 ms, 20 certificates/s,
     // 30 MiB with 1,200 managed. Several times those, with room for the debug build;
     // the times also scale with this machine's key generation (as every wait does).
     assert!(p50 < Duration::from_secs(2).mul_f64(scale), "time to ready p50 {p50:?}");

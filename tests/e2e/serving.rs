@@ -1,4 +1,4 @@
-//! Serving certificates (SPEC §1), end to end: the real operator binary, the real API
+//! Serving certificates (docs/spec.md §1), end to end: the real operator binary, the real API
 //! server, real TLS handshakes with the issued certificates.
 
 use std::collections::BTreeMap;

@@ -1,4 +1,4 @@
-//! Every replica signs (issue 17): issuance shared across replicas through membership
+//! Every replica signs: issuance shared across replicas through membership
 //! Leases and rendezvous hashing, while the CA and injection stay with the leader.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -437,7 +437,7 @@ async fn replicas_started_together_elect_one_leader_each_under_its_own_field_man
     }
 }
 
-/// Issue 23, item 5: membership is decided by what this replica saw. Member Leases
+/// Membership is decided by what this replica saw. Member Leases
 /// "renewed" far in the future — one at the last instant a Lease can carry (which
 /// k8s-openapi's timestamp type cannot even decode), one on 9999-01-01 — never change,
 /// so they are not members: 20 new Services all get their Secret within 30 s, and no

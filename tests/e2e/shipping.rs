@@ -527,7 +527,7 @@ async fn admin_endpoints_serve_probes_and_the_spec_metrics() {
         "service_ca_signing_key_valid 1",
     ];
     let secret_series = format!("namespace=\"{}\",secret=\"m-tls\"", env.ns);
-    eventually(T, "every metric of SPEC section 4", || async {
+    eventually(T, "every metric of docs/spec.md §4", || async {
         let (_, m) = op.metrics().await?;
         (m.contains(&secret_series) && names.iter().all(|n| m.contains(n))).then_some(())
     })

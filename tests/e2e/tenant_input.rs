@@ -1,4 +1,4 @@
-//! What a tenant may do that the operator must take calmly (issue 23, items 4 and 8): a
+//! What a tenant may do that the operator must take calmly: a
 //! serving Secret whose delete a finalizer holds is waited for, not hammered; an object
 //! with the longest name still gets its Event; control characters a user put in an
 //! annotation are shown escaped.

@@ -1,4 +1,4 @@
-//! CA bundle injection (SPEC §2): one controller per kind, one generic reconcile.
+//! CA bundle injection (docs/spec.md §2): one controller per kind, one generic reconcile.
 //!
 //! Watch: objects as metadata only (the operator never caches ConfigMap bodies or CRD
 //! schemas); when the bundle changes, every annotated object is reconciled at once.

@@ -1,4 +1,4 @@
-//! The five kinds that can receive the CA bundle (SPEC §2), each with the pure plan of
+//! The five kinds that can receive the CA bundle (docs/spec.md §2), each with the pure plan of
 //! what to write: only the injected field, or nothing when it already holds the bundle.
 //!
 //! How each kind is written, so that the operator never becomes a co-owner that stops

@@ -1,4 +1,4 @@
-//! CA lifecycle controller (SPEC §3): the `signing-key` Secret and the shared signer.
+//! CA lifecycle controller (docs/spec.md §3): the `signing-key` Secret and the shared signer.
 //!
 //! Watch: one loop watches `signing-key` and `signing-cabundle`, and wakes at the next
 //! moment something is due (rotation, expiry of a bundle member).

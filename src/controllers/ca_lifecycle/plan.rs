@@ -70,7 +70,7 @@ fn forced_rotation(secret: &Secret) -> Option<String> {
 /// What publishing a settled CA takes.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Publication {
-    /// The bundle (SPEC §3.4) as of now.
+    /// The bundle (docs/spec.md §3.4) as of now.
     pub bundle_pem: String,
     /// `signing-cabundle` does not hold it yet.
     pub write_bundle: bool,

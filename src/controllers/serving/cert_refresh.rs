@@ -161,7 +161,7 @@ fn wake_at(at: Option<OffsetDateTime>) -> Action {
     at.map_or_else(Action::await_change, |at| Action::requeue(until(at)))
 }
 
-/// The Service no longer names this Secret: it stays (SPEC §1), but without our managed
+/// The Service no longer names this Secret: it stays (docs/spec.md §1), but without our managed
 /// label, so it leaves the cache, the metrics and every refresh.
 async fn release(ctx: &Context, namespace: &str, name: &str) -> Result<Action, Error> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);

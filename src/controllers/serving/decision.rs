@@ -1,4 +1,4 @@
-//! The re-issue decision of SPEC §1 as a pure function:
+//! The re-issue decision of docs/spec.md §1 as a pure function:
 //! (the existing Secret, what the Service asks for, the CA, now) → what to do.
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -1,4 +1,4 @@
-//! Serving certificates for Services (SPEC §1): the two controllers and what they
+//! Serving certificates for Services (docs/spec.md §1): the two controllers and what they
 //! share.
 //!
 //! - [`serving_cert`] (keyed by Service): the Secret exists; conflicts and bad input
