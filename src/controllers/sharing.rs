@@ -30,7 +30,8 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::{Context, EventType, WatchBackoff};
+use super::watch::WatchBackoff;
+use super::{Context, EventType};
 use crate::names::{FIELD_MANAGER, MEMBER_LABEL, MEMBER_LEASE_PREFIX};
 use crate::shutdown::Shutdown;
 

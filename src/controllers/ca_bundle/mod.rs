@@ -30,9 +30,9 @@ use kube::{Api, ResourceExt};
 
 pub use targets::{Target, Write};
 
+use super::watch::cached_metadata_watch;
 use super::{
-    Categorised, Context, EventType, RETRY_REFUSED, Shard, api_message, cached_metadata_watch, drive, is_conflict,
-    is_not_found, patch_params,
+    Categorised, Context, EventType, RETRY_REFUSED, Shard, api_message, drive, is_conflict, is_not_found, patch_params,
 };
 use crate::names::{self as ann, KUBE_ROOT_CA, KUBE_ROOT_CA_KEY, SIGNING_CABUNDLE, is_true};
 use crate::shutdown::Shutdown;

@@ -31,10 +31,8 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use self::plan::{IndexedService, Plan, Settings};
-use super::{
-    Categorised, Context, EventType, LOOK_AGAIN, Shard, WatchBackoff, api_category, api_message, cached_watch, drive,
-    watch_events,
-};
+use super::watch::{WatchBackoff, cached_watch, watch_events};
+use super::{Categorised, Context, EventType, LOOK_AGAIN, Shard, api_category, api_message, drive};
 use crate::metrics::ReasonLabels;
 use crate::names::{CA_BUNDLE, SIGNING_CABUNDLE};
 use crate::pki::PkiError;

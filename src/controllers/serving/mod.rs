@@ -37,9 +37,10 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 use self::decision::{IssueReason, SecretFacts};
+use super::watch::{cached_metadata_watch, cached_watch};
 use super::{
-    Categorised, Context, EventType, LOOK_AGAIN, api_category, api_message, cached_metadata_watch, cached_watch,
-    is_conflict, is_not_found, is_refused, patch_params, post_params, retry_delay,
+    Categorised, Context, EventType, LOOK_AGAIN, api_category, api_message, is_conflict, is_not_found, is_refused,
+    patch_params, post_params, retry_delay,
 };
 use crate::admin::Health;
 use crate::metrics::ReasonLabels;
@@ -732,7 +733,7 @@ pub async fn wait_for_deletion(
         Held::Report { again } => {
             let message = held_message(&meta.namespace.clone().unwrap_or_default(), meta);
             // The cached Service shows our annotations cut as every cached value is.
-            let shown = crate::bounded_to(&message, super::MAX_CACHED_VALUE);
+            let shown = crate::bounded_to(&message, super::watch::MAX_CACHED_VALUE);
             let annotations = svc.annotations();
             if [ann::BETA, ann::ALPHA]
                 .iter()
