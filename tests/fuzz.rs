@@ -18,7 +18,7 @@ use proptest::test_runner::{Config, TestRunner};
 use service_ca_operator::config::parse_selector;
 use service_ca_operator::controllers::ca_bundle;
 use service_ca_operator::controllers::serving::decision::{self, SecretFacts};
-use service_ca_operator::controllers::serving::{failures, wanted};
+use service_ca_operator::controllers::serving::request::{failures, wanted};
 use service_ca_operator::names::{self as ann, CA_BUNDLE, INTERMEDIATE, TLS_CERT, TLS_KEY, check_subdomain};
 use service_ca_operator::pki::{self, CaPolicy, CertificateAuthority, LeafPolicy, LeafRequest, PrivateKey};
 use time::OffsetDateTime;

@@ -5,8 +5,9 @@
 //! - [`serving`]: annotated Services get their serving Secret; its two controllers,
 //!   [`serving::serving_cert`] (keyed by Service: creates the Secret, reports
 //!   conflicts and bad input) and [`serving::cert_refresh`] (keyed by managed Secret:
-//!   re-issues on time, on CA change, on tampering), share the pieces in
-//!   [`serving`] itself and the pure [`serving::decision`].
+//!   re-issues on time, on CA change, on tampering), share the pieces in the rooms
+//!   of [`serving`] (watches, request, secret, report) and the pure
+//!   [`serving::decision`].
 //! - [`ca_bundle`]: annotated ConfigMaps, APIServices, CRDs and webhook
 //!   configurations carry the CA bundle.
 //! - [`ca_lifecycle`]: the `signing-key` Secret — create, load, rotate, reset — and the

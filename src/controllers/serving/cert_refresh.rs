@@ -28,10 +28,10 @@ use time::OffsetDateTime;
 
 use super::decision::{Decision, decide};
 use super::progress::{self, Progress};
-use super::{
-    Content, Error, MAX_FAILURES, Wanted, Written, desired, failures, issue, key_algorithm, leaf_request,
-    originating_service, report_problem, secret_facts, secret_ref, wait_for_deletion, wanted, write_secret,
-};
+use super::report::report_problem;
+use super::request::{Wanted, failures, key_algorithm, leaf_request, originating_service, wanted};
+use super::secret::{Content, Written, desired, issue, secret_facts, secret_ref, wait_for_deletion, write_secret};
+use super::{Error, MAX_FAILURES};
 use crate::controllers::{Context, LOOK_AGAIN, Shard, drive, is_not_found, patch_params, until};
 use crate::names::MANAGED_LABEL;
 use crate::shutdown::Shutdown;
@@ -60,7 +60,7 @@ pub async fn run(
     // A Service change (e.g. it became headless) concerns the Secret it names.
     let controller = Controller::for_stream(secret_events, secrets).reconcile_on(service_changes);
     let state = Arc::new(State { ctx: ctx.clone(), services, progress });
-    let shard = Shard::By(super::secret_key);
+    let shard = Shard::By(super::request::secret_key);
     tokio::join!(drive(controller, NAME, ctx, shutdown, state, shard, reconcile), reporter);
 }
 

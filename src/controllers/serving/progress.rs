@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::Store;
 
-use super::originating_service;
+use super::request::originating_service;
 use crate::controllers::Context;
 use crate::shutdown::Shutdown;
 
@@ -106,7 +106,7 @@ pub async fn report(
             .state()
             .iter()
             .filter(|s| originating_service(s.as_ref()).is_some_and(|svc| services.get(&svc).is_some()))
-            .filter(|s| ctx.sharing.owns(&super::secret_key(s)))
+            .filter(|s| ctx.sharing.owns(&super::request::secret_key(s)))
             .count() as u64;
         let started = Instant::now();
         loop {

@@ -25,10 +25,10 @@ use kube::{Api, ResourceExt};
 use time::OffsetDateTime;
 
 use super::decision::{Decision, decide};
-use super::{
-    Content, Error, MAX_FAILURES, Wanted, Written, desired, failures, issue, key_algorithm, leaf_request, mark_signed,
-    report_problem, secret_facts, secret_ref, wait_for_deletion, wanted, write_secret,
-};
+use super::report::{mark_signed, report_problem};
+use super::request::{Wanted, failures, key_algorithm, leaf_request, wanted};
+use super::secret::{Content, Written, desired, issue, secret_facts, secret_ref, wait_for_deletion, write_secret};
+use super::{Error, MAX_FAILURES};
 use crate::controllers::{Context, LOOK_AGAIN, Shard, drive};
 use crate::names::{self as ann, Family};
 use crate::shutdown::Shutdown;
@@ -45,7 +45,7 @@ pub async fn run(
 ) {
     let controller = Controller::for_stream(service_events, services).reconcile_on(secret_changes);
     let state = Arc::new(State { ctx: ctx.clone(), terminating: Terminating::default() });
-    drive(controller, NAME, ctx, shutdown, state, Shard::By(super::service_key), reconcile).await;
+    drive(controller, NAME, ctx, shutdown, state, Shard::By(super::request::service_key), reconcile).await;
 }
 
 struct State {
