@@ -19,10 +19,11 @@ use crate::controllers::serving::watches::ServingWatches;
 use crate::controllers::serving::{cert_refresh, serving_cert};
 use crate::controllers::sharing::{self, Sharing};
 use crate::controllers::{Context, ca_bundle, ca_lifecycle};
+use crate::keypool::KeyPool;
 use crate::metrics::Metrics;
 use crate::names::{self as ann, LEASE_NAME};
 use crate::shutdown::Shutdown;
-use crate::signer::{KeyPool, SignerHandle};
+use crate::signer::SignerHandle;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;

@@ -6,7 +6,7 @@
 //! - [`app`]: wiring, leader election; [`shutdown`]: the one shutdown signal;
 //! - [`names`]: every object name, data key, annotation, label and field manager;
 //! - [`pki`]: pure certificate logic (no Kubernetes);
-//! - [`signer`]: the shared in-memory signer and the key-generation pool;
+//! - [`signer`]: the shared in-memory signer; [`keypool`]: the key-generation pool;
 //! - [`controllers`]: `serving` (serving_cert, cert_refresh), `ca_bundle`,
 //!   `ca_lifecycle`;
 //! - [`admin`] and [`metrics`]: probes and Prometheus metrics;
@@ -22,6 +22,7 @@ pub mod config;
 pub mod controllers;
 pub mod dates;
 pub mod inspect;
+pub mod keypool;
 pub mod metrics;
 pub mod names;
 pub mod pki;

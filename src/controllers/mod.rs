@@ -47,10 +47,11 @@ pub use self::events::EventType;
 use self::events::{Recorder, Report};
 use crate::admin::Health;
 use crate::config::Config;
+use crate::keypool::KeyPool;
 use crate::metrics::{ControllerLabels, ErrorLabels, Metrics};
 use crate::names::FIELD_MANAGER;
 use crate::shutdown::Shutdown;
-use crate::signer::{KeyPool, SignerHandle};
+use crate::signer::SignerHandle;
 
 /// What every controller shares.
 pub struct Context {

@@ -154,7 +154,7 @@ const P384: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x22];
 
 impl PrivateKey {
     /// Generates an RSA key. CPU-bound (~50 ms for 2048 bits): call it from a blocking
-    /// thread, never on the async reactor (see `crate::signer::KeyPool`).
+    /// thread, never on the async reactor (see `crate::keypool::KeyPool`).
     pub fn generate_rsa(bits: usize) -> Result<Self, PkiError> {
         // rand::rng() is a CSPRNG (ChaCha, seeded and reseeded from the OS).
         let mut rng = rand::rng();

@@ -18,10 +18,11 @@ use super::Error;
 use super::decision::{IssueReason, SecretFacts};
 use super::report::{announce_issued, report_problem};
 use crate::controllers::{Context, api_message, is_conflict, is_not_found, is_refused, post_params};
+use crate::keypool::Priority;
 use crate::metrics::ReasonLabels;
 use crate::names::{self as ann, Family, SECRET_TYPE_TLS, TLS_CERT, TLS_KEY};
 use crate::pki::{IssuedLeaf, LeafRequest, format_expiry};
-use crate::signer::{Priority, Signer};
+use crate::signer::Signer;
 
 pub fn secret_facts(secret: &Secret) -> SecretFacts<'_> {
     SecretFacts {
