@@ -7,8 +7,8 @@
 //!   time, on CA change, on tampering.
 //! - [`decision`]: the pure decision both make from (Secret, Service, CA, now).
 //!
-//! The rest they share has one room per concern (this module keeps [`Error`] and
-//! [`MAX_FAILURES`]):
+//! The rest they share has one room per concern (this module keeps [`Error`],
+//! [`MAX_FAILURES`] and [`secret_ref`]):
 //!
 //! - [`watches`]: the caches and the streams that drive them ([`watches::ServingWatches`]);
 //! - [`request`]: what a Service asks for ([`request::wanted`], [`request::leaf_request`])
@@ -71,6 +71,11 @@ impl Categorised for Error {
 /// After this many consecutive failures the Service is left alone until a person
 /// edits (or removes) its error annotations.
 pub const MAX_FAILURES: u32 = 10;
+
+/// `namespace/name`, for messages.
+pub fn secret_ref(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
 
 /// What the tests of the serving rooms share.
 #[cfg(test)]

@@ -11,8 +11,7 @@ use serde_json::json;
 
 use super::decision::IssueReason;
 use super::request::failures;
-use super::secret::secret_ref;
-use super::{Error, MAX_FAILURES};
+use super::{Error, MAX_FAILURES, secret_ref};
 use crate::controllers::{Context, EventType, LOOK_AGAIN, is_conflict, is_not_found, patch_params, retry_delay};
 use crate::metrics::ReasonLabels;
 use crate::names::{self as ann, Family};

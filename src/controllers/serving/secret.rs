@@ -14,9 +14,9 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use time::OffsetDateTime;
 
-use super::Error;
 use super::decision::{IssueReason, SecretFacts};
 use super::report::{announce_issued, report_problem};
+use super::{Error, secret_ref};
 use crate::controllers::{Context, api_message, is_conflict, is_not_found, is_refused, post_params};
 use crate::keypool::Priority;
 use crate::metrics::ReasonLabels;
@@ -245,11 +245,6 @@ fn expiry_of(secret: &Secret) -> OffsetDateTime {
         .get(ann::BETA.expiry)
         .and_then(|v| crate::pki::parse_expiry(v))
         .unwrap_or(OffsetDateTime::UNIX_EPOCH)
-}
-
-/// `namespace/name`, for messages.
-pub fn secret_ref(namespace: &str, name: &str) -> String {
-    format!("{namespace}/{name}")
 }
 
 /// How long a Secret may stay in deletion before that is reported on its Service. A
