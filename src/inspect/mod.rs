@@ -55,7 +55,7 @@ pub async fn run(args: InspectArgs) -> u8 {
 }
 
 async fn inspect(args: &InspectArgs) -> anyhow::Result<u8> {
-    if let Err(e) = crate::config::parse_selector(&args.selector) {
+    if let Err(e) = crate::selector::parse_selector(&args.selector) {
         anyhow::bail!("-l {:?}: {e}", args.selector);
     }
     let client = client(args).await?;
