@@ -26,6 +26,7 @@ pub mod keypool;
 pub mod metrics;
 pub mod names;
 pub mod pki;
+pub mod selector;
 pub mod shutdown;
 pub mod signer;
 

@@ -15,12 +15,12 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Service;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-use service_ca_operator::config::parse_selector;
 use service_ca_operator::controllers::ca_bundle;
 use service_ca_operator::controllers::serving::decision::{self, SecretFacts};
 use service_ca_operator::controllers::serving::request::{failures, wanted};
 use service_ca_operator::names::{self as ann, CA_BUNDLE, INTERMEDIATE, TLS_CERT, TLS_KEY, check_subdomain};
 use service_ca_operator::pki::{self, CaPolicy, CertificateAuthority, LeafPolicy, LeafRequest, PrivateKey};
+use service_ca_operator::selector::parse_selector;
 use time::OffsetDateTime;
 
 /// Whether `labels` satisfy `selector` (an invalid selector matches nothing), as the
@@ -28,7 +28,7 @@ use time::OffsetDateTime;
 /// its pod-certificate path serves).
 fn selector_matches(selector: &str, labels: &BTreeMap<String, String>) -> bool {
     parse_selector(selector)
-        .is_ok_and(|requirements| service_ca_operator::config::selector_matches(&requirements, labels))
+        .is_ok_and(|requirements| service_ca_operator::selector::selector_matches(&requirements, labels))
 }
 
 /// The leaf request of Service `n/s` (headless) both fuzzed Secrets are made for.

@@ -7,6 +7,7 @@
 //! objects, prints, and patches.
 
 pub mod assess;
+pub mod model;
 mod render;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,9 +28,9 @@ use time::OffsetDateTime;
 use crate::config::{InspectArgs, Output};
 use crate::controllers::ca_bundle::{Mode, Target, mode};
 use crate::names::{self as ann};
-use assess::{CaSecret, InjectedObj, Kind, PodObj, Policy, SecretObj, ServiceObj, Snapshot};
+use model::{CaSecret, InjectedObj, Kind, PodObj, Policy, SecretObj, ServiceObj, Snapshot};
 
-pub use assess::exit;
+pub use model::exit;
 
 /// The ConfigMap key injected into annotated ConfigMaps.
 /// What `kubectl rollout restart` sets on the pod template.
@@ -55,7 +56,7 @@ pub async fn run(args: InspectArgs) -> u8 {
 }
 
 async fn inspect(args: &InspectArgs) -> anyhow::Result<u8> {
-    if let Err(e) = crate::config::parse_selector(&args.selector) {
+    if let Err(e) = crate::selector::parse_selector(&args.selector) {
         anyhow::bail!("-l {:?}: {e}", args.selector);
     }
     let client = client(args).await?;
@@ -73,7 +74,7 @@ async fn inspect(args: &InspectArgs) -> anyhow::Result<u8> {
     }
     let mut code = report.exit_code();
     if args.restart {
-        let restartable: Vec<&assess::WorkloadRow> = report.workloads.iter().filter(|w| w.restartable).collect();
+        let restartable: Vec<&model::WorkloadRow> = report.workloads.iter().filter(|w| w.restartable).collect();
         for w in report.workloads.iter().filter(|w| !w.restartable) {
             eprintln!(
                 "cannot restart {} {}/{} (not a Deployment, StatefulSet or DaemonSet): delete its pods {:?} by hand",
@@ -110,7 +111,7 @@ fn confirm(n: usize) -> anyhow::Result<bool> {
     Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }
 
-async fn restart(client: &Client, w: &assess::WorkloadRow) -> anyhow::Result<()> {
+async fn restart(client: &Client, w: &model::WorkloadRow) -> anyhow::Result<()> {
     let now = crate::pki::format_expiry(OffsetDateTime::now_utc());
     let patch = json!({ "spec": { "template": { "metadata": { "annotations": { RESTARTED_AT: now } } } } });
     let params = PatchParams { field_manager: Some(RESTART_MANAGER.into()), ..Default::default() };

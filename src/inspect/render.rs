@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use super::assess::{CertStatus, Report};
+use super::model::{CertStatus, Report};
 
 /// Columns padded to their widest cell, two spaces apart. Every cell is shown escaped
 /// (names, annotations and certificate subjects come from users).

@@ -7,6 +7,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 use super::assess::*;
+use super::model::*;
 use crate::names::{ALPHA, BETA, FORCE_ROTATION, FORCED_ROTATION_REASON};
 use crate::pki::{CaPolicy, CertificateAuthority, LeafPolicy, LeafRequest, PrivateKey};
 

@@ -10,6 +10,7 @@
 //! the in-memory signer — which re-queues every serving Secret and injected object.
 //! Report: Events, metrics, readiness.
 
+mod error;
 pub mod plan;
 
 use std::collections::BTreeMap;
@@ -26,8 +27,9 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use time::OffsetDateTime;
 
+pub use self::error::Error;
 use self::plan::{Observed, Plan, publication};
-use super::{Categorised, Context, EventType, api_category, is_conflict, post_params, retry_delay, until};
+use super::{Context, EventType, is_conflict, post_params, retry_delay, until};
 use crate::metrics::KindLabels;
 use crate::names::{
     self as ann, CA_BUNDLE, INTERMEDIATE, SECRET_TYPE_TLS, SIGNING_CABUNDLE, SIGNING_KEY, TLS_CERT, TLS_KEY,
@@ -37,31 +39,6 @@ use crate::shutdown::Shutdown;
 use crate::signer::Signer;
 
 pub const NAME: &str = "ca-lifecycle";
-
-/// What can fail in a CA lifecycle pass.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("generating a CA key: {0}")]
-    GenerateKey(PkiError),
-    #[error("building the CA certificates: {0}")]
-    BuildCa(PkiError),
-    #[error("writing Secret {SIGNING_KEY}: {0}")]
-    WriteSigningKey(kube::Error),
-    #[error("writing ConfigMap {SIGNING_CABUNDLE}: {0}")]
-    WriteBundle(kube::Error),
-}
-
-impl Categorised for Error {
-    fn category(&self) -> &'static str {
-        match self {
-            Error::GenerateKey(_) => "generate-key",
-            Error::BuildCa(_) => "build-ca",
-            Error::WriteSigningKey(e) if api_category(e) == "conflict" => "write-signing-key-conflict",
-            Error::WriteSigningKey(_) => "write-signing-key",
-            Error::WriteBundle(_) => "write-bundle",
-        }
-    }
-}
 
 /// What the loop has seen of the two objects.
 #[derive(Default)]

@@ -102,7 +102,7 @@ struct State {
     ctx: Arc<Context>,
     services: Arc<ServiceIndex>,
     published: Published,
-    pods_selector: Vec<crate::config::Requirement>,
+    pods_selector: Vec<crate::selector::Requirement>,
     waiting: waiting::Waiting,
 }
 
@@ -127,7 +127,7 @@ pub async fn sign_requests(ctx: Arc<Context>, published: Published, shutdown: Sh
     let controller = Controller::for_stream(request_events, requests)
         .reconcile_on(service_changes)
         .reconcile_all_on(published_changes);
-    let pods_selector = crate::config::parse_selector(&ctx.config.selector).unwrap_or_default();
+    let pods_selector = crate::selector::parse_selector(&ctx.config.selector).unwrap_or_default();
     let waiting = waiting::Waiting::default();
     let state = Arc::new(State { ctx: ctx.clone(), services, published, pods_selector, waiting });
     let shard =
@@ -161,7 +161,7 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result
         return Ok(Action::requeue(super::until(until).saturating_add(Duration::from_millis(100))));
     }
     let pod = match read_pod(ctx, &namespace, &pcr.spec.pod_name).await? {
-        Some(pod) if !crate::config::selector_matches(&state.pods_selector, pod.labels()) => {
+        Some(pod) if !crate::selector::selector_matches(&state.pods_selector, pod.labels()) => {
             // Another instance's pod (--selector): not ours to answer.
             return Ok(Action::await_change());
         }
