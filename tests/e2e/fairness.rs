@@ -9,7 +9,7 @@ use kube::Api;
 use kube::api::{ListParams, PostParams};
 use serde_json::json;
 
-use crate::support::{Env, eventually, time_scale};
+use crate::support::{Env, cpu_seconds, eventually, time_scale};
 
 const BETA_NAME: &str = "service.beta.openshift.io/serving-cert-secret-name";
 const BETA_ALG: &str = "service.beta.openshift.io/serving-cert-key-algorithm";
@@ -64,17 +64,6 @@ async fn a_backlog_of_rsa_4096_services_in_one_namespace_does_not_delay_another_
     // way, and one that raced the count may go first; the backlog behind must not.
     assert!(behind <= 3, "B waited for {behind} of A's Secrets ({waited:?})");
     assert!(after < BACKLOG, "A's backlog had drained: the test shows nothing");
-}
-
-/// CPU seconds (user + system) process `pid` has used so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The fields after the command name (which may hold spaces); utime and stime are
-    // the 14th and 15th of the line.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 #[tokio::test]
