@@ -606,14 +606,7 @@ async fn fairness(report: &mut Report) -> Vec<Env> {
     settle(&[("operator", op.pid())]).await;
     let cpu_before = cpu_seconds(op.pid());
     let started = Instant::now();
-    kubelet_a.service("churn", "churn-0", false).await;
-    let mut changes = 1;
-    while started.elapsed() < Duration::from_secs(20) {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let patch = json!({ "spec": { "selector": { "app": format!("churn-{changes}") } } });
-        a.services().patch("churn", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-        changes += 1;
-    }
+    let changes = kubelet_a.churn_selector("churn", Duration::from_secs(20)).await;
     let cpu = cpu_seconds(op.pid()) - cpu_before;
     let window = started.elapsed().as_secs_f64();
     report.row(

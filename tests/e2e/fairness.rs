@@ -108,23 +108,7 @@ async fn requests_waiting_for_a_service_in_one_namespace_cost_little_and_do_not_
     let pid = op.pid();
     let cpu_before = cpu_seconds(pid);
     let started = Instant::now();
-    let churn = {
-        let (a, services) = (&a, env.services());
-        async move {
-            a.service("churn", "churn-0", false).await;
-            let mut changes = 1;
-            while started.elapsed() < Duration::from_secs(20) {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let patch = json!({ "spec": { "selector": { "app": format!("churn-{changes}") } } });
-                services
-                    .patch("churn", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
-                    .await
-                    .unwrap();
-                changes += 1;
-            }
-            changes
-        }
-    };
+    let churn = a.churn_selector("churn", Duration::from_secs(20));
     let other = async {
         tokio::time::sleep(Duration::from_secs(5)).await;
         let pod = c_kubelet.pod("web", "web", None).await;
