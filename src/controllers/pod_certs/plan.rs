@@ -283,6 +283,3 @@ pub fn dns_names(
 
 #[cfg(test)]
 mod tests;
-
-#[cfg(test)]
-mod asked_tests;
