@@ -28,7 +28,7 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 use service_ca_operator::pki::PrivateKey;
 
-use support::{Env, Operator, certs, eventually, proc_status_kib};
+use support::{Env, Operator, certs, cpu_seconds, eventually, proc_status_kib};
 
 const CREATE_CONCURRENCY: usize = 32;
 
@@ -125,16 +125,6 @@ fn operator_writes(metrics: &str) -> u64 {
 
 fn rss_mib(op: &Operator) -> (f64, f64) {
     (proc_status_kib(op.pid(), "VmRSS") as f64 / 1024.0, proc_status_kib(op.pid(), "VmHWM") as f64 / 1024.0)
-}
-
-/// CPU seconds (user + system) a process has used so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may contain spaces): state is field 3.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Waits (at most 60 s) until `processes` together use less than 10 % of one CPU over a
@@ -616,14 +606,7 @@ async fn fairness(report: &mut Report) -> Vec<Env> {
     settle(&[("operator", op.pid())]).await;
     let cpu_before = cpu_seconds(op.pid());
     let started = Instant::now();
-    kubelet_a.service("churn", "churn-0", false).await;
-    let mut changes = 1;
-    while started.elapsed() < Duration::from_secs(20) {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let patch = json!({ "spec": { "selector": { "app": format!("churn-{changes}") } } });
-        a.services().patch("churn", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-        changes += 1;
-    }
+    let changes = kubelet_a.churn_selector("churn", Duration::from_secs(20)).await;
     let cpu = cpu_seconds(op.pid()) - cpu_before;
     let window = started.elapsed().as_secs_f64();
     report.row(

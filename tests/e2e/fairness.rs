@@ -9,7 +9,7 @@ use kube::Api;
 use kube::api::{ListParams, PostParams};
 use serde_json::json;
 
-use crate::support::{Env, eventually, time_scale};
+use crate::support::{Env, cpu_seconds, eventually, time_scale};
 
 const BETA_NAME: &str = "service.beta.openshift.io/serving-cert-secret-name";
 const BETA_ALG: &str = "service.beta.openshift.io/serving-cert-key-algorithm";
@@ -66,17 +66,6 @@ async fn a_backlog_of_rsa_4096_services_in_one_namespace_does_not_delay_another_
     assert!(after < BACKLOG, "A's backlog had drained: the test shows nothing");
 }
 
-/// CPU seconds (user + system) process `pid` has used so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The fields after the command name (which may hold spaces); utime and stime are
-    // the 14th and 15th of the line.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 #[tokio::test]
 async fn requests_waiting_for_a_service_in_one_namespace_cost_little_and_do_not_delay_another_namespace() {
     use futures::StreamExt;
@@ -119,23 +108,7 @@ async fn requests_waiting_for_a_service_in_one_namespace_cost_little_and_do_not_
     let pid = op.pid();
     let cpu_before = cpu_seconds(pid);
     let started = Instant::now();
-    let churn = {
-        let (a, services) = (&a, env.services());
-        async move {
-            a.service("churn", "churn-0", false).await;
-            let mut changes = 1;
-            while started.elapsed() < Duration::from_secs(20) {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let patch = json!({ "spec": { "selector": { "app": format!("churn-{changes}") } } });
-                services
-                    .patch("churn", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
-                    .await
-                    .unwrap();
-                changes += 1;
-            }
-            changes
-        }
-    };
+    let churn = a.churn_selector("churn", Duration::from_secs(20));
     let other = async {
         tokio::time::sleep(Duration::from_secs(5)).await;
         let pod = c_kubelet.pod("web", "web", None).await;

@@ -7,14 +7,14 @@
 //! tests and the bench.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::certificates::v1::{ClusterTrustBundle, PodCertificateRequest};
 use k8s_openapi::api::core::v1::{Node, Pod, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::Api;
-use kube::api::{ObjectMeta, PostParams};
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
 use super::{Cleanup, Env, client_as, eventually};
@@ -118,6 +118,23 @@ impl Kubelet {
         }
         let api: Api<Service> = Api::namespaced(self.client.clone(), &self.ns);
         api.create(&PostParams::default(), &svc).await.expect("create Service")
+    }
+
+    /// A Service `name` selecting `app: <name>-0`, whose selector then changes every
+    /// second (`<name>-1`, `<name>-2`, …) until `length` has passed since it was asked
+    /// for; returns how many selectors it had.
+    pub async fn churn_selector(&self, name: &str, length: Duration) -> usize {
+        let started = Instant::now();
+        self.service(name, &format!("{name}-0"), false).await;
+        let api: Api<Service> = Api::namespaced(self.client.clone(), &self.ns);
+        let mut changes = 1;
+        while started.elapsed() < length {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let patch = json!({ "spec": { "selector": { "app": format!("{name}-{changes}") } } });
+            api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("change the selector");
+            changes += 1;
+        }
+        changes
     }
 
     /// Creates a request for `pod` as the kubelet would (as the node), with `stub` as

@@ -112,12 +112,12 @@ impl ServiceIndex {
 impl IndexInner {
     /// Indexes one Service as read; returns whether what matching sees changed.
     fn put(&mut self, service: Service, applied: &mut Applied) -> bool {
+        let (namespace, name) = (service.namespace().unwrap_or_default(), service.name_any());
         let spec = service.spec.as_ref();
         let headless = spec.and_then(|s| s.cluster_ip.as_deref()) == Some("None");
         let kept = match plan::bounded_selector(spec.and_then(|s| s.selector.as_ref())) {
             plan::Selector::None => None,
             plan::Selector::Oversize { pairs, bytes } => {
-                let (namespace, name) = (service.namespace().unwrap_or_default(), service.name_any());
                 let known = self.by_namespace.get(namespace.as_str()).and_then(|s| s.get(name.as_str()));
                 if !known.is_some_and(|slot| slot.kept == Kept::Oversize) {
                     applied.oversize.push((service.object_ref(&()), pairs, bytes));
@@ -125,10 +125,9 @@ impl IndexInner {
                 Some(Kept::Oversize)
             }
             plan::Selector::Pairs(selector) => {
-                Some(Kept::Service(Arc::new(IndexedService { name: service.name_any().into(), selector, headless })))
+                Some(Kept::Service(Arc::new(IndexedService { name: name.as_str().into(), selector, headless })))
             }
         };
-        let (namespace, name) = (service.namespace().unwrap_or_default(), service.name_any());
         let Some(kept) = kept else { return self.remove(&namespace, &name) };
         let list = self.list;
         let services = self.by_namespace.entry(namespace.into()).or_default();

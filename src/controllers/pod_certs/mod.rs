@@ -158,7 +158,7 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result
     if let Some(until) =
         state.waiting.still_waiting(&key, services.iter().map(|s| s.as_ref()), OffsetDateTime::now_utc())
     {
-        return Ok(Action::requeue(super::until(until).saturating_add(Duration::from_millis(100))));
+        return Ok(look_again_at(until));
     }
     let pod = match read_pod(ctx, &namespace, &pcr.spec.pod_name).await? {
         Some(pod) if !crate::selector::selector_matches(&state.pods_selector, pod.labels()) => {
@@ -198,7 +198,7 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result
         Plan::Nothing => return Ok(Action::await_change()),
         Plan::Wait { until } => {
             tracing::debug!(request = %key, "no Service selects the pod yet; waiting");
-            return Ok(Action::requeue(super::until(until).saturating_add(Duration::from_millis(100))));
+            return Ok(look_again_at(until));
         }
         Plan::Deny { reason, message } => final_status("Denied", reason, message, &pcr),
         Plan::Fail { message } => final_status("Failed", "CannotSign", message, &pcr),
@@ -234,6 +234,11 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result
         }
     };
     write_status(ctx, &pcr, status).await
+}
+
+/// Looks again just after `until` (a waiting request's grace period ends).
+fn look_again_at(until: OffsetDateTime) -> Action {
+    Action::requeue(super::until(until).saturating_add(Duration::from_millis(100)))
 }
 
 /// A status with one final condition (`type_` True).

@@ -69,6 +69,14 @@ pub struct IndexedService {
     pub headless: bool,
 }
 
+impl IndexedService {
+    /// Whether the Service selects a pod with `labels` (an empty selector selects none).
+    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        !self.selector.is_empty()
+            && self.selector.iter().all(|(k, v)| labels.get(&**k).map(String::as_str) == Some(&**v))
+    }
+}
+
 /// The most label pairs a Service's selector may have to be used for pod
 /// certificates. Kubernetes sets no limit; real selectors have a handful.
 pub const MAX_SELECTOR_PAIRS: usize = 64;
@@ -253,9 +261,7 @@ pub fn dns_names(
 ) -> Vec<String> {
     let mut names = Vec::new();
     for service in services {
-        let selects = !service.selector.is_empty()
-            && service.selector.iter().all(|(k, v)| pod.labels.get(&**k).map(String::as_str) == Some(&**v));
-        if !selects {
+        if !service.selects(&pod.labels) {
             continue;
         }
         let name = &*service.name;
@@ -277,6 +283,3 @@ pub fn dns_names(
 
 #[cfg(test)]
 mod tests;
-
-#[cfg(test)]
-mod asked_tests;

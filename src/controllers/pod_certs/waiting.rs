@@ -56,11 +56,7 @@ impl Waiting {
     ) -> Option<OffsetDateTime> {
         let noted = self.0.lock().ok()?;
         let noted = noted.get(key).filter(|n| n.until > now)?;
-        let selected = services.any(|s| {
-            !s.selector.is_empty()
-                && s.selector.iter().all(|(k, v)| noted.labels.get(&**k).map(String::as_str) == Some(&**v))
-        });
-        (!selected).then_some(noted.until)
+        (!services.any(|s| s.selects(&noted.labels))).then_some(noted.until)
     }
 
     #[cfg(test)]

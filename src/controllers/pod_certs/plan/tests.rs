@@ -161,3 +161,55 @@ fn requests_created_at_either_end_of_time_are_decided_without_overflow() {
     s.now = LATEST;
     assert!(matches!(plan(&request(&stub, LATEST), Some(&pod()), &services, &s), Plan::Fail { .. }));
 }
+
+#[test]
+fn only_the_pod_that_asked_this_signer_gets_a_certificate_each_refusal_with_its_own_reason() {
+    let now = OffsetDateTime::now_utc();
+    let stub = csr();
+    let services = [service("web", &[("app", "web")], false)];
+    let settings = settings(now);
+    let request = Request { max_expiration_seconds: None, ..request(&stub, now) };
+    let good = || Pod { phase: None, ..pod() };
+    let outcome = |pod: Pod| match plan(&request, Some(&pod), &services, &settings) {
+        Plan::Issue { .. } => "issue".to_string(),
+        Plan::Deny { reason, message } => {
+            assert!(message.contains("web-0"), "{message}");
+            reason.to_string()
+        }
+        other => format!("{other:?}"),
+    };
+    assert_eq!(outcome(good()), "issue", "no phase yet counts as Pending");
+    assert_eq!(outcome(Pod { phase: Some("Running".into()), ..good() }), "issue");
+    assert_eq!(outcome(Pod { uid: "other".into(), ..good() }), DENIED_POD_UID);
+    assert_eq!(outcome(Pod { asks_this_signer: false, ..good() }), DENIED_NOT_ASKED);
+    assert_eq!(outcome(Pod { node_name: Some("node-2".into()), ..good() }), DENIED_NODE);
+    assert_eq!(outcome(Pod { node_name: None, ..good() }), DENIED_NODE, "not scheduled");
+    assert_eq!(outcome(Pod { service_account_name: None, ..good() }), DENIED_SERVICE_ACCOUNT);
+    assert_eq!(outcome(Pod { phase: Some("Succeeded".into()), ..good() }), DENIED_NOT_ACTIVE);
+    assert_eq!(outcome(Pod { phase: Some("Failed".into()), ..good() }), DENIED_NOT_ACTIVE);
+    assert_eq!(outcome(Pod { deleting: true, ..good() }), DENIED_NOT_ACTIVE);
+    // Denied before waiting for a Service: the answer does not depend on one.
+    let none: [Arc<IndexedService>; 0] = [];
+    let stranger = Pod { asks_this_signer: false, ..good() };
+    assert!(matches!(plan(&request, Some(&stranger), &none, &settings), Plan::Deny { reason: DENIED_NOT_ASKED, .. }));
+    assert!(matches!(plan(&request, None, &none, &settings), Plan::Deny { reason: DENIED_NO_POD, .. }));
+}
+
+#[test]
+fn a_selector_is_kept_only_within_its_bound() {
+    assert_eq!(bounded_selector(None), Selector::None);
+    assert_eq!(bounded_selector(Some(&BTreeMap::new())), Selector::None);
+    let small = BTreeMap::from([("app".to_string(), "web".to_string())]);
+    assert_eq!(bounded_selector(Some(&small)), Selector::Pairs(Box::new([("app".into(), "web".into())])));
+    let many: BTreeMap<String, String> = (0..=MAX_SELECTOR_PAIRS).map(|i| (format!("k{i}"), "v".into())).collect();
+    assert_eq!(
+        bounded_selector(Some(&many)),
+        Selector::Oversize { pairs: 65, bytes: many.iter().map(|(k, v)| k.len() + v.len()).sum() }
+    );
+    let most: BTreeMap<String, String> = (0..MAX_SELECTOR_PAIRS).map(|i| (format!("k{i}"), "v".into())).collect();
+    assert!(matches!(bounded_selector(Some(&most)), Selector::Pairs(p) if p.len() == MAX_SELECTOR_PAIRS));
+    let long = BTreeMap::from([("app".to_string(), "x".repeat(MAX_SELECTOR_BYTES))]);
+    assert!(matches!(bounded_selector(Some(&long)), Selector::Oversize { pairs: 1, .. }));
+    let just = BTreeMap::from([("app".to_string(), "x".repeat(MAX_SELECTOR_BYTES - 3))]);
+    assert!(matches!(bounded_selector(Some(&just)), Selector::Pairs(_)));
+}
