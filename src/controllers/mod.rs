@@ -234,7 +234,10 @@ pub async fn drive<K, S, E, Fut>(
         None => controller,
     };
     // One namespace holds at most half the slots (see [`turns`]).
-    let (gate, turn_again) = turns::Gate::new(ctx.config.controller_concurrency);
+    // A deferred object deleted meanwhile is skipped (the controller would drop it).
+    let cache = controller.store();
+    let (gate, turn_again) =
+        turns::Gate::new(ctx.config.controller_concurrency, move |object| cache.get(object).is_some());
     let controller = controller.reconcile_on(turn_again);
     let run = {
         let (ctx, retries) = (ctx.clone(), retries.clone());

@@ -151,8 +151,7 @@ impl Record {
         } else if self.duration != i64::try_from(ours.as_secs()).ok() {
             Some(Ignored::ForeignDuration)
         } else if let Some(at) = self.renewed_at() {
-            let limit = time::Duration::try_from(ours).ok().and_then(|d| wall.checked_add(d));
-            limit.is_some_and(|limit| at > limit).then_some(Ignored::FutureRenewal)
+            (at > crate::dates::after(wall, ours)).then_some(Ignored::FutureRenewal)
         } else {
             Some(Ignored::NoRenewTime)
         }
@@ -217,11 +216,9 @@ fn observe(
         // First sight: renewed now only if the writer's own renewTime is recent;
         // otherwise live from its next renewal.
         None => {
-            let recent = record.renewed_at().is_some_and(|at| {
-                let window = time::Duration::try_from(ours).unwrap_or(time::Duration::ZERO);
-                wall.checked_sub(window).is_some_and(|from| at >= from)
-                    && wall.checked_add(window).is_none_or(|to| at <= to)
-            });
+            let recent = record
+                .renewed_at()
+                .is_some_and(|at| at >= crate::dates::before(wall, ours) && at <= crate::dates::after(wall, ours));
             Seen { record, resource_version, renewed: recent.then_some(now), changed: now, ignored: unusable }
         }
     };

@@ -48,8 +48,10 @@ impl<T: Clone + Eq + Hash> Turns<T> {
     }
 
     /// A pass in `namespace` ended: its slot is free, and the namespace's next deferred
-    /// object (if any) is to be started again.
-    pub fn leave(&mut self, namespace: &str) -> Option<T> {
+    /// object that is still `wanted` (if any) is to be started again. The others are
+    /// dropped: a deleted object is never started again, so it could not pass the turn
+    /// on and the objects deferred behind it would wait for an unrelated change.
+    pub fn leave(&mut self, namespace: &str, wanted: impl Fn(&T) -> bool) -> Option<T> {
         if let Some(busy) = self.busy.get_mut(namespace) {
             *busy = busy.saturating_sub(1);
             if *busy == 0 {
@@ -57,12 +59,16 @@ impl<T: Clone + Eq + Hash> Turns<T> {
             }
         }
         let waiting = self.deferred.get_mut(namespace)?;
-        let next = waiting.pop_front();
+        let mut next = None;
+        while let Some(item) = waiting.pop_front() {
+            self.queued.remove(&item);
+            if wanted(&item) {
+                next = Some(item);
+                break;
+            }
+        }
         if waiting.is_empty() {
             self.deferred.remove(namespace);
-        }
-        if let Some(next) = &next {
-            self.queued.remove(next);
         }
         next
     }
@@ -70,18 +76,23 @@ impl<T: Clone + Eq + Hash> Turns<T> {
 
 /// The shared handle a controller's passes go through: [`Gate::enter`] gives a
 /// [`Slot`] (released when dropped) or defers the object; a deferred object is sent to
-/// `again` when its turn comes (the controller's `reconcile_on` stream).
+/// `again` when its turn comes (the controller's `reconcile_on` stream), if it is still
+/// `wanted` (in the controller's cache).
 pub struct Gate<T> {
     turns: Mutex<Turns<T>>,
     again: tokio::sync::mpsc::UnboundedSender<T>,
+    wanted: Box<dyn Fn(&T) -> bool + Send + Sync>,
 }
 
 impl<T: Clone + Eq + Hash + Send + 'static> Gate<T> {
     /// A gate for a controller with `slots` slots, and the stream of objects to start
     /// again.
-    pub fn new(slots: u16) -> (Arc<Self>, impl futures::Stream<Item = T> + Send + 'static) {
+    pub fn new(
+        slots: u16,
+        wanted: impl Fn(&T) -> bool + Send + Sync + 'static,
+    ) -> (Arc<Self>, impl futures::Stream<Item = T> + Send + 'static) {
         let (again, rx) = tokio::sync::mpsc::unbounded_channel();
-        let gate = Arc::new(Gate { turns: Mutex::new(Turns::new(slots)), again });
+        let gate = Arc::new(Gate { turns: Mutex::new(Turns::new(slots)), again, wanted: Box::new(wanted) });
         let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
         (gate, stream)
     }
@@ -102,7 +113,8 @@ pub struct Slot<T: Clone + Eq + Hash + Send + 'static> {
 
 impl<T: Clone + Eq + Hash + Send + 'static> Drop for Slot<T> {
     fn drop(&mut self) {
-        let next = self.gate.turns.lock().ok().and_then(|mut turns| turns.leave(&self.namespace));
+        let wanted = &self.gate.wanted;
+        let next = self.gate.turns.lock().ok().and_then(|mut turns| turns.leave(&self.namespace, wanted));
         if let Some(next) = next {
             let _ = self.gate.again.send(next);
         }
@@ -120,13 +132,14 @@ mod tests {
         assert!(!turns.enter("a", "a3") && !turns.enter("a", "a4"), "a holds its share");
         assert!(!turns.enter("a", "a3"), "deferred once");
         assert!(turns.enter("b", "b1") && turns.enter("b", "b2"), "the other half is free for others");
-        assert_eq!(turns.leave("a"), Some("a3"));
+        let all = |_: &&str| true;
+        assert_eq!(turns.leave("a", all), Some("a3"));
         assert!(turns.enter("a", "a3"), "its turn");
-        assert_eq!(turns.leave("a"), Some("a4"));
-        assert_eq!(turns.leave("b"), None);
+        assert_eq!(turns.leave("a", all), Some("a4"));
+        assert_eq!(turns.leave("b", all), None);
         assert!(turns.enter("a", "a4"));
         for ns in ["a", "a", "b"] {
-            assert_eq!(turns.leave(ns), None);
+            assert_eq!(turns.leave(ns, all), None);
         }
         assert!(turns.busy.is_empty() && turns.deferred.is_empty() && turns.queued.is_empty(), "nothing kept");
     }
@@ -139,10 +152,19 @@ mod tests {
         assert!(turns.enter("b", 3), "a share is at least one slot");
     }
 
+    #[test]
+    fn a_deferred_object_gone_meanwhile_passes_its_turn_on() {
+        let mut turns = Turns::new(2);
+        assert!(turns.enter("a", "a1"));
+        assert!(!turns.enter("a", "gone") && !turns.enter("a", "a2"));
+        assert_eq!(turns.leave("a", |item| *item != "gone"), Some("a2"));
+        assert!(turns.deferred.is_empty() && turns.queued.is_empty(), "nothing kept");
+    }
+
     #[tokio::test]
     async fn a_dropped_slot_starts_the_next_deferred_object() {
         use futures::StreamExt;
-        let (gate, again) = Gate::new(2);
+        let (gate, again) = Gate::new(2, |_| true);
         let mut again = Box::pin(again);
         let slot = gate.enter("a", "a1");
         assert!(slot.is_some());
