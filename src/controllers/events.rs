@@ -161,11 +161,7 @@ pub const MAX_NAME: usize = 253;
 /// cut where the rest is still a valid name (no `.` or `-` before the suffix).
 pub fn event_name(object: &str, nanos: i128) -> String {
     let suffix = format!(".{:x}", u128::try_from(nanos).unwrap_or(0));
-    let mut cut = MAX_NAME.saturating_sub(suffix.len()).min(object.len());
-    while !object.is_char_boundary(cut) {
-        cut = cut.saturating_sub(1);
-    }
-    let prefix = object.get(..cut).unwrap_or_default().trim_end_matches(['.', '-']);
+    let prefix = crate::prefix_within(object, MAX_NAME.saturating_sub(suffix.len())).trim_end_matches(['.', '-']);
     let prefix = if prefix.is_empty() { "event" } else { prefix };
     format!("{prefix}{suffix}")
 }
