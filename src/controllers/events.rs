@@ -19,6 +19,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 
+use crate::names::MAX_NAME;
+
 /// How long after an Event a repeat is counted on it rather than written anew.
 pub const SERIES_WINDOW: Duration = Duration::from_secs(6 * 60);
 
@@ -151,9 +153,6 @@ impl Recent {
         }
     }
 }
-
-/// The longest object name the API server accepts (a DNS-1123 subdomain).
-pub const MAX_NAME: usize = 253;
 
 /// An Event's name: the object's name, then `.` and the time in hex nanoseconds (as
 /// client-go names them) — the object's name cut so that the whole stays within
