@@ -47,11 +47,17 @@ pub fn bounded_to(value: &str, max: usize) -> Cow<'_, str> {
     if value.len() <= max {
         return Cow::Borrowed(value);
     }
-    let mut cut = max;
+    Cow::Owned(format!("{}…", prefix_within(value, max)))
+}
+
+/// The longest start of `value` of at most `max` bytes that ends at a character
+/// boundary (`str::floor_char_boundary`, not stable at our minimum Rust version).
+pub fn prefix_within(value: &str, max: usize) -> &str {
+    let mut cut = max.min(value.len());
     while !value.is_char_boundary(cut) {
         cut = cut.saturating_sub(1);
     }
-    Cow::Owned(format!("{}…", &value[..cut]))
+    value.get(..cut).unwrap_or_default()
 }
 
 /// Whether `c` must not reach a terminal or a line-based log as it is: a control

@@ -121,11 +121,14 @@ pub fn is_true(value: Option<&String>) -> bool {
     value.is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
 }
 
+/// The longest object name the API server accepts (a DNS-1123 subdomain).
+pub const MAX_NAME: usize = 253;
+
 /// A DNS-1123 subdomain: what Kubernetes accepts as a Secret name (and the shape of a
 /// DNS domain): dot-separated non-empty parts of lowercase letters, digits and '-',
-/// each starting and ending with a letter or digit, at most 253 characters.
+/// each starting and ending with a letter or digit, at most [`MAX_NAME`] characters.
 pub fn check_subdomain(value: &str) -> Result<(), &'static str> {
-    if value.len() > 253 {
+    if value.len() > MAX_NAME {
         return Err("longer than 253 characters");
     }
     for label in value.split('.') {

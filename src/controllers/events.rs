@@ -19,6 +19,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 
+use crate::names::MAX_NAME;
+
 /// How long after an Event a repeat is counted on it rather than written anew.
 pub const SERIES_WINDOW: Duration = Duration::from_secs(6 * 60);
 
@@ -152,20 +154,13 @@ impl Recent {
     }
 }
 
-/// The longest object name the API server accepts (a DNS-1123 subdomain).
-pub const MAX_NAME: usize = 253;
-
 /// An Event's name: the object's name, then `.` and the time in hex nanoseconds (as
 /// client-go names them) — the object's name cut so that the whole stays within
 /// [`MAX_NAME`] (a Secret or webhook configuration may have a 253-character name), and
 /// cut where the rest is still a valid name (no `.` or `-` before the suffix).
 pub fn event_name(object: &str, nanos: i128) -> String {
     let suffix = format!(".{:x}", u128::try_from(nanos).unwrap_or(0));
-    let mut cut = MAX_NAME.saturating_sub(suffix.len()).min(object.len());
-    while !object.is_char_boundary(cut) {
-        cut = cut.saturating_sub(1);
-    }
-    let prefix = object.get(..cut).unwrap_or_default().trim_end_matches(['.', '-']);
+    let prefix = crate::prefix_within(object, MAX_NAME.saturating_sub(suffix.len())).trim_end_matches(['.', '-']);
     let prefix = if prefix.is_empty() { "event" } else { prefix };
     format!("{prefix}{suffix}")
 }

@@ -37,9 +37,7 @@ impl KeyKind {
             KeyKind::EcdsaP384 => &PKCS_ECDSA_P384_SHA384,
         }
     }
-}
 
-impl KeyKind {
     /// The canonical value of the key-algorithm annotation and flags for this kind.
     pub fn value(self) -> String {
         match self {

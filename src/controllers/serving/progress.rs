@@ -17,16 +17,15 @@ use super::request::originating_service;
 use crate::controllers::Context;
 use crate::shutdown::Shutdown;
 
-/// What has happened since the last CA change.
+/// What has happened since the last CA change: the bulk re-issue under way, if any.
+/// Between two (most of the time) nothing is recorded: the Secrets looked at for their
+/// own refresh would otherwise pile up until the next CA change.
 #[derive(Default)]
-pub struct Progress(Mutex<Round>);
+pub struct Progress(Mutex<Option<Round>>);
 
-/// One bulk re-issue. Between two (most of the time) nothing is recorded: the Secrets
-/// looked at for their own refresh would otherwise pile up until the next CA change.
+/// One bulk re-issue.
 #[derive(Default)]
 struct Round {
-    /// A re-issue is under way.
-    active: bool,
     /// Secrets looked at since the change (by `namespace/name`).
     seen: HashSet<String>,
     /// Of those, re-issued.
@@ -36,8 +35,8 @@ struct Round {
 impl Progress {
     /// The cert-refresh controller looked at `secret` (and re-issued it or not).
     pub fn looked_at(&self, secret: String, reissued: bool) {
-        if let Ok(mut round) = self.0.lock()
-            && round.active
+        if let Ok(mut guard) = self.0.lock()
+            && let Some(round) = guard.as_mut()
             && round.seen.insert(secret)
             && reissued
         {
@@ -48,19 +47,22 @@ impl Progress {
     /// A re-issue begins: counting starts from nothing.
     fn restart(&self) {
         if let Ok(mut round) = self.0.lock() {
-            *round = Round { active: true, ..Round::default() };
+            *round = Some(Round::default());
         }
     }
 
     /// The re-issue is over: what it recorded is dropped and nothing more is recorded.
     fn finish(&self) {
         if let Ok(mut round) = self.0.lock() {
-            *round = Round::default();
+            *round = None;
         }
     }
 
     fn counts(&self) -> (u64, u64) {
-        self.0.lock().map(|r| (r.seen.len() as u64, r.reissued)).unwrap_or((0, 0))
+        match self.0.lock().as_deref() {
+            Ok(Some(round)) => (round.seen.len() as u64, round.reissued),
+            _ => (0, 0),
+        }
     }
 }
 
