@@ -315,13 +315,8 @@ async fn acquire_lease(ctx: &Context, identity: &str) -> anyhow::Result<Lease> {
 /// could both apply, both read themselves as holder, and lead together until the
 /// earlier one's next renewal. At most 128 bytes (the API server's limit).
 fn lease_field_manager(identity: &str) -> String {
-    let mut manager = format!("{}-lease-{identity}", ann::FIELD_MANAGER);
-    let mut cut = manager.len().min(128);
-    while !manager.is_char_boundary(cut) {
-        cut = cut.saturating_sub(1);
-    }
-    manager.truncate(cut);
-    manager
+    let manager = format!("{}-lease-{identity}", ann::FIELD_MANAGER);
+    crate::prefix_within(&manager, 128).to_string()
 }
 
 fn default_identity() -> String {
