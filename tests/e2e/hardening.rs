@@ -21,22 +21,6 @@ const BETA_ERR: &str = "service.beta.openshift.io/serving-cert-generation-error"
 const BETA_ERR_NUM: &str = "service.beta.openshift.io/serving-cert-generation-error-num";
 const ALPHA_ERR_NUM: &str = "service.alpha.openshift.io/serving-cert-generation-error-num";
 const MANAGED: &str = "service-ca.operators.openshift.io/managed";
-const FORCE: &str = "service-ca.operators.openshift.io/force-rotation";
-
-async fn force_rotation(env: &Env, reason: &str) {
-    let patch = json!({ "metadata": { "annotations": { FORCE: reason } } });
-    env.op_secrets().patch("signing-key", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-}
-
-/// The signing-key after the rotation asked for with `reason`.
-async fn rotated(env: &Env, reason: &str) -> Secret {
-    eventually(T, "the forced rotation", || async {
-        let s = env.op_secrets().get("signing-key").await.ok()?;
-        (annotation(&s.metadata, "service-ca.operators.openshift.io/forced-rotation-reason") == Some(reason))
-            .then_some(s)
-    })
-    .await
-}
 
 async fn error_count(env: &Env, svc: &str) -> u32 {
     let s = env.services().get(svc).await.unwrap();
@@ -60,8 +44,8 @@ async fn immutable_managed_secrets_are_recreated_through_a_rotation_without_star
         env.secrets().patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     }
     let keys_before = metric(&op.metrics_page().await, "service_ca_keys_generated_total");
-    force_rotation(&env, "frozen").await;
-    let new_ski = certs::ca_ski(&rotated(&env, "frozen").await);
+    env.force_rotation("frozen").await;
+    let new_ski = certs::ca_ski(&env.rotated("frozen").await);
 
     // A Service annotated in the middle of the re-issue still gets its Secret promptly.
     let started = Instant::now();
@@ -166,8 +150,8 @@ async fn refused_writes_are_reported_backed_off_capped_and_cost_no_new_keys() {
     })
     .await;
 
-    force_rotation(&env, "refused").await;
-    rotated(&env, "refused").await;
+    env.force_rotation("refused").await;
+    env.rotated("refused").await;
     eventually(T, "the first reported failure", || async { (error_count(&env, "web").await >= 1).then_some(()) }).await;
     let keys_at_first = metric(&op.metrics_page().await, "service_ca_keys_generated_total");
     // Backoff 2 s, 4 s: two more reported failures about 6 s later.
@@ -318,8 +302,8 @@ async fn a_secret_the_service_no_longer_names_is_released_and_notes_survive_a_ro
     // A person's own data key in signing-key survives a rotation.
     let patch = json!({ "data": { "notes": ByteString(b"rotated by the platform team".to_vec()) } });
     env.op_secrets().patch("signing-key", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-    force_rotation(&env, "keep-notes").await;
-    let after = rotated(&env, "keep-notes").await;
+    env.force_rotation("keep-notes").await;
+    let after = env.rotated("keep-notes").await;
     let data = after.data.unwrap_or_default();
     assert!(data.contains_key("ca-bundle.crt"), "rotated");
     assert_eq!(data.get("notes").map(|b| b.0.as_slice()), Some(&b"rotated by the platform team"[..]));
@@ -334,7 +318,7 @@ async fn a_failing_rotation_is_reported_once_degrades_readiness_and_costs_one_ke
     let patch = json!({ "immutable": true });
     env.op_secrets().patch("signing-key", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     let keys_before = metric(&op.metrics_page().await, "service_ca_keys_generated_total");
-    force_rotation(&env, "blocked").await;
+    env.force_rotation("blocked").await;
     eventually(Duration::from_secs(40), "three failed attempts", || async {
         (metric(&op.metrics().await?.1, "service_ca_rotation_failures_total") >= 3.0).then_some(())
     })

@@ -15,7 +15,6 @@ use crate::support::{Env, annotation, certs, client_for, data, eventually, metri
 const T: Duration = Duration::from_secs(30);
 const BETA_ERR: &str = "service.beta.openshift.io/serving-cert-generation-error";
 const BETA_ERR_NUM: &str = "service.beta.openshift.io/serving-cert-generation-error-num";
-const FORCE: &str = "service-ca.operators.openshift.io/force-rotation";
 const HOLD: &str = "e2e.test/hold";
 const DELETES: &str = "service_ca_api_writes_total{resource=\"secrets\",verb=\"delete\"";
 
@@ -83,14 +82,8 @@ async fn a_serving_secret_held_by_a_finalizer_is_waited_for_reported_once_and_re
     let deletes_before = metric(&op.metrics_page().await, DELETES);
     let apiserver_before = apiserver_secret_deletes(&env).await;
     let cpu_before = cpu_time(op.pid());
-    let patch = json!({ "metadata": { "annotations": { FORCE: "held" } } });
-    env.op_secrets().patch("signing-key", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-    let rotated = eventually(T, "the forced rotation", || async {
-        let s = env.op_secrets().get("signing-key").await.ok()?;
-        (annotation(&s.metadata, "service-ca.operators.openshift.io/forced-rotation-reason") == Some("held"))
-            .then_some(s)
-    })
-    .await;
+    env.force_rotation("held").await;
+    let rotated = env.rotated("held").await;
     let new_ski = certs::ca_ski(&rotated);
 
     // 30 s of the re-issue against a Secret that cannot go.
@@ -174,14 +167,8 @@ async fn control_characters_in_an_annotation_are_shown_escaped_by_inspect_and_in
     env.serving_secret("web-tls", T).await;
     // A reason of two lines, one of them dressed as a log line, plus a colour change.
     let reason = "planned\nERROR FORGED: all keys leaked \u{1b}[31m";
-    let patch = json!({ "metadata": { "annotations": { FORCE: reason } } });
-    env.op_secrets().patch("signing-key", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-    eventually(T, "the forced rotation", || async {
-        let s = env.op_secrets().get("signing-key").await.ok()?;
-        (annotation(&s.metadata, "service-ca.operators.openshift.io/forced-rotation-reason") == Some(reason))
-            .then_some(())
-    })
-    .await;
+    env.force_rotation(reason).await;
+    env.rotated(reason).await;
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_service-ca-operator"))
         .args(["inspect", "-n", &env.ns, "--operator-namespace", &env.op_ns])
         .env("KUBECONFIG", &env.kubeconfig)
