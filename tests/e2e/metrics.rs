@@ -141,13 +141,24 @@ async fn metrics_are_served_over_tls_to_authorised_scrapers_only() {
 }
 
 /// The soft limit on open files of this process (children inherit it).
-fn open_files_limit() -> u64 {
-    std::fs::read_to_string("/proc/self/limits")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
-        .unwrap_or(0)
+/// This process's open-files limit (soft, hard).
+fn open_files_limits() -> (u64, u64) {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap_or_default();
+    let field = |i: usize| line.split_whitespace().nth(i).and_then(|v| v.parse().ok()).unwrap_or(u64::MAX);
+    (field(3), field(4))
+}
+
+/// The open-files limit this process (and the operator it starts) gets: the soft
+/// limit raised to the hard one with util-linux's `prlimit` when it is lower than
+/// `needed`, as a person would with `ulimit -n`.
+fn open_files_limit(needed: u64) -> u64 {
+    let (soft, hard) = open_files_limits();
+    if soft < needed && hard > soft {
+        let raise = format!("--nofile={hard}:{hard}");
+        let _ = std::process::Command::new("prlimit").args(["--pid", &std::process::id().to_string(), &raise]).status();
+    }
+    open_files_limits().0
 }
 
 /// Idle connections cannot exhaust the admin ports. 15,000 idle TCP
@@ -157,7 +168,7 @@ fn open_files_limit() -> u64 {
 #[tokio::test]
 async fn idle_connections_cannot_exhaust_the_admin_ports() {
     const IDLE: usize = 15_000;
-    let limit = open_files_limit();
+    let limit = open_files_limit(16_500);
     assert!(
         limit >= 16_500,
         "this test holds {IDLE} sockets: raise the open-files limit (ulimit -n) above 16,500, not {limit}"
