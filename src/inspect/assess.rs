@@ -74,52 +74,82 @@ struct Trust {
     ders: Vec<Vec<u8>>,
 }
 
-pub fn assess(snapshot: &Snapshot, policy: &Policy, now: OffsetDateTime) -> Report {
-    let mut ca_report = CaReport::default();
-    let mut current_ski: Option<Vec<u8>> = None;
-    let mut ca_not_after: Option<OffsetDateTime> = None;
-    let mut secret_bundle: Option<Vec<u8>> = None;
-    match &snapshot.ca {
-        None => ca_report.error = Some("Secret signing-key does not exist: no CA (is the operator running?)".into()),
-        Some(ca) => {
-            ca_report.forced_rotation_reason = ca.annotations.get(ann::FORCED_ROTATION_REASON).cloned();
-            if let Some(asked) = ca.annotations.get(ann::FORCE_ROTATION)
-                && ca_report.forced_rotation_reason.as_ref() != Some(asked)
-            {
-                ca_report.force_rotation_pending = Some(asked.clone());
-            }
-            if let Err(e) = CertificateAuthority::from_secret_data(&ca.data, now) {
-                ca_report.error = Some(format!("signing-key cannot be used: {e}"));
-            }
-            match ca.data.get(ann::TLS_CERT).map(|b| read_certs(ann::TLS_CERT, b)) {
-                Some(Ok(certs)) if !certs.is_empty() => {
-                    let cert = &certs[0];
-                    ca_report.subject = Some(cert.info.subject_cn.clone());
-                    ca_report.key_type = cert.key_type.clone();
-                    ca_report.not_before = Some(time_str(cert.info.not_before));
-                    ca_report.not_after = Some(time_str(cert.info.not_after));
-                    ca_report.rotation_due =
-                        Some(time_str(crate::dates::before(cert.info.not_after, policy.ca_rotate_before)));
-                    current_ski = cert.info.subject_key_id.clone();
-                    ca_not_after = Some(cert.info.not_after);
-                }
-                Some(Err(e)) => ca_report.error = ca_report.error.take().or(Some(e)),
-                _ => {}
-            }
-            secret_bundle = ca.data.get(ann::CA_BUNDLE).or_else(|| ca.data.get(ann::TLS_CERT)).cloned();
-        }
-    }
+/// What the rest of the report needs from the current CA.
+#[derive(Default)]
+struct CurrentCa {
+    ski: Option<Vec<u8>>,
+    not_after: Option<OffsetDateTime>,
+    /// The bundle `signing-key` itself carries (its `ca-bundle.crt`, else `tls.crt`).
+    secret_bundle: Option<Vec<u8>>,
+}
 
-    // The bundle clients are given: signing-cabundle, else (reported) the Secret's.
+pub fn assess(snapshot: &Snapshot, policy: &Policy, now: OffsetDateTime) -> Report {
+    let (mut ca_report, current) = ca_section(snapshot, policy, now);
+    let trust = published_trust(snapshot, &current, &mut ca_report, now);
+    let rows = serving_rows(snapshot, &trust, &current, policy, now);
+    let injected = injected_rows(snapshot, &trust);
+    let workloads = workloads(snapshot, &rows);
+    let summary = summary(&ca_report, &rows, &injected, &workloads);
+    Report {
+        now: time_str(now),
+        ca: ca_report,
+        serving_certificates: rows,
+        injected,
+        workloads,
+        pod_certificates: "not inspected: each PodCertificateRequest is answered once and its pod holds the result (kubectl get podcertificaterequests -A); their trust bundle is the ClusterTrustBundle of the pod signer",
+        summary,
+    }
+}
+
+/// The CA part of the report, from `signing-key`: its certificate, whether it can be
+/// used, and a forced rotation asked or done.
+fn ca_section(snapshot: &Snapshot, policy: &Policy, now: OffsetDateTime) -> (CaReport, CurrentCa) {
+    let mut report = CaReport::default();
+    let mut current = CurrentCa::default();
+    let Some(ca) = &snapshot.ca else {
+        report.error = Some("Secret signing-key does not exist: no CA (is the operator running?)".into());
+        return (report, current);
+    };
+    report.forced_rotation_reason = ca.annotations.get(ann::FORCED_ROTATION_REASON).cloned();
+    if let Some(asked) = ca.annotations.get(ann::FORCE_ROTATION)
+        && report.forced_rotation_reason.as_ref() != Some(asked)
+    {
+        report.force_rotation_pending = Some(asked.clone());
+    }
+    if let Err(e) = CertificateAuthority::from_secret_data(&ca.data, now) {
+        report.error = Some(format!("signing-key cannot be used: {e}"));
+    }
+    match ca.data.get(ann::TLS_CERT).map(|b| read_certs(ann::TLS_CERT, b)) {
+        Some(Ok(certs)) if !certs.is_empty() => {
+            let cert = &certs[0];
+            report.subject = Some(cert.info.subject_cn.clone());
+            report.key_type = cert.key_type.clone();
+            report.not_before = Some(time_str(cert.info.not_before));
+            report.not_after = Some(time_str(cert.info.not_after));
+            report.rotation_due = Some(time_str(crate::dates::before(cert.info.not_after, policy.ca_rotate_before)));
+            current.ski = cert.info.subject_key_id.clone();
+            current.not_after = Some(cert.info.not_after);
+        }
+        Some(Err(e)) => report.error = report.error.take().or(Some(e)),
+        _ => {}
+    }
+    current.secret_bundle = ca.data.get(ann::CA_BUNDLE).or_else(|| ca.data.get(ann::TLS_CERT)).cloned();
+    (report, current)
+}
+
+/// What the bundle clients are given trusts: signing-cabundle, else (reported) the
+/// Secret's. Notes on `report` a live trust bridge and a bundle that is missing,
+/// unreadable or lacks the current CA.
+fn published_trust(snapshot: &Snapshot, current: &CurrentCa, report: &mut CaReport, now: OffsetDateTime) -> Trust {
     let bundle_bytes = match &snapshot.bundle {
-        Some(b) => Some(b.clone()),
+        Some(b) => Some(b),
         None => {
-            ca_report.bundle_problem = Some("ConfigMap signing-cabundle (ca-bundle.crt) does not exist".into());
-            secret_bundle
+            report.bundle_problem = Some("ConfigMap signing-cabundle (ca-bundle.crt) does not exist".into());
+            current.secret_bundle.as_ref()
         }
     };
     let mut trust = Trust { keys: BTreeSet::new(), ders: Vec::new() };
-    if let Some(bytes) = &bundle_bytes {
+    if let Some(bytes) = bundle_bytes {
         match read_certs(ann::CA_BUNDLE, bytes) {
             Ok(certs) => {
                 for c in certs {
@@ -129,41 +159,51 @@ pub fn assess(snapshot: &Snapshot, policy: &Policy, now: OffsetDateTime) -> Repo
                         trust.keys.insert(ski.clone());
                     }
                     // The previous CA (X1: its key, re-signed by the new one).
-                    if current_ski.is_some() && c.info.subject_key_id != current_ski && now <= c.info.not_after {
-                        ca_report.bridge_live = true;
+                    if current.ski.is_some() && c.info.subject_key_id != current.ski && now <= c.info.not_after {
+                        report.bridge_live = true;
                         let until = time_str(c.info.not_after);
-                        if ca_report.previous_ca_trusted_until.as_ref().is_none_or(|u| *u < until) {
-                            ca_report.previous_ca_trusted_until = Some(until);
+                        if report.previous_ca_trusted_until.as_ref().is_none_or(|u| *u < until) {
+                            report.previous_ca_trusted_until = Some(until);
                         }
                     }
                     trust.ders.push(c.info.der);
                 }
-                ca_report.bundle_certificates = trust.ders.len();
+                report.bundle_certificates = trust.ders.len();
             }
-            Err(e) => ca_report.bundle_problem = Some(format!("signing-cabundle cannot be read: {e}")),
+            Err(e) => report.bundle_problem = Some(format!("signing-cabundle cannot be read: {e}")),
         }
     }
-    if let Some(ski) = &current_ski
+    if let Some(ski) = &current.ski
         && !trust.ders.is_empty()
         && !trust.keys.contains(ski)
     {
-        ca_report.bundle_problem = Some("signing-cabundle does not contain the current CA".into());
+        report.bundle_problem = Some("signing-cabundle does not contain the current CA".into());
     }
+    trust
+}
 
-    // Serving certificates: one row per Service asking for one, plus orphans.
+/// Serving certificates: one row per Service asking for one, plus orphans (managed
+/// Secrets no listed Service asks for) when no selector was given.
+fn serving_rows(
+    snapshot: &Snapshot,
+    trust: &Trust,
+    current: &CurrentCa,
+    policy: &Policy,
+    now: OffsetDateTime,
+) -> Vec<ServingRow> {
     let mut secrets: BTreeMap<(String, String), &SecretObj> =
         snapshot.secrets.iter().map(|s| ((s.namespace.clone(), s.name.clone()), s)).collect();
+    let row_of = |secret: &SecretObj| serving_row(secret, trust, current, policy, now);
     let mut rows = Vec::new();
     for svc in &snapshot.services {
         let Some(secret_name) = requested_secret(svc) else { continue };
         let error = either(&svc.annotations, BETA.generation_error, ALPHA.generation_error);
-        let secret = secrets.remove(&(svc.namespace.clone(), secret_name.clone()));
-        let mut row = match secret {
-            Some(secret) => serving_row(secret, &trust, current_ski.as_deref(), ca_not_after, policy, now),
+        let mut row = match secrets.remove(&(svc.namespace.clone(), secret_name.clone())) {
+            Some(secret) => row_of(secret),
             None => ServingRow {
                 namespace: svc.namespace.clone(),
                 service: svc.name.clone(),
-                secret: secret_name.clone(),
+                secret: secret_name,
                 key_type: None,
                 signer: None,
                 not_before: None,
@@ -182,7 +222,7 @@ pub fn assess(snapshot: &Snapshot, policy: &Policy, now: OffsetDateTime) -> Repo
     }
     if snapshot.include_orphans {
         for secret in secrets.into_values() {
-            let mut row = serving_row(secret, &trust, current_ski.as_deref(), ca_not_after, policy, now);
+            let mut row = row_of(secret);
             row.detail = Some(match row.detail.take() {
                 Some(d) => format!("{d}; its Service does not ask for it any more"),
                 None => "its Service does not ask for it any more (not refreshed)".into(),
@@ -191,8 +231,11 @@ pub fn assess(snapshot: &Snapshot, policy: &Policy, now: OffsetDateTime) -> Repo
         }
     }
     rows.sort_by(|a, b| (&a.namespace, &a.service, &a.secret).cmp(&(&b.namespace, &b.service, &b.secret)));
+    rows
+}
 
-    // Injected bundles.
+/// One row per object annotated for injection, sorted by kind, namespace and name.
+fn injected_rows(snapshot: &Snapshot, trust: &Trust) -> Vec<InjectedRow> {
     let mut injected: Vec<InjectedRow> = snapshot
         .injected
         .iter()
@@ -205,54 +248,45 @@ pub fn assess(snapshot: &Snapshot, policy: &Policy, now: OffsetDateTime) -> Repo
         })
         .collect();
     injected.sort_by(|a, b| (a.kind, &a.namespace, &a.name).cmp(&(b.kind, &b.namespace, &b.name)));
+    injected
+}
 
-    let workloads = workloads(snapshot, &rows);
-
+/// The counts, and whether all is well (the exit status follows from it).
+fn summary(ca: &CaReport, rows: &[ServingRow], injected: &[InjectedRow], workloads: &[WorkloadRow]) -> Summary {
     let mut summary = Summary { serving_total: rows.len(), injected_total: injected.len(), ..Default::default() };
-    for row in &rows {
-        match row.status {
-            CertStatus::Current => summary.serving_current = summary.serving_current.saturating_add(1),
-            CertStatus::PreviousCa => summary.pending_reissue = summary.pending_reissue.saturating_add(1),
-            CertStatus::Untrusted | CertStatus::Expired => summary.untrusted = summary.untrusted.saturating_add(1),
-            CertStatus::Error => summary.errors = summary.errors.saturating_add(1),
-        }
+    for row in rows {
+        let count = match row.status {
+            CertStatus::Current => &mut summary.serving_current,
+            CertStatus::PreviousCa => &mut summary.pending_reissue,
+            CertStatus::Untrusted | CertStatus::Expired => &mut summary.untrusted,
+            CertStatus::Error => &mut summary.errors,
+        };
+        *count = count.saturating_add(1);
     }
-    for row in &injected {
-        match row.status {
-            BundleStatus::Current | BundleStatus::NotApplicable => {
-                summary.injected_current = summary.injected_current.saturating_add(1)
-            }
-            BundleStatus::Stale | BundleStatus::Missing => {
-                summary.injected_stale = summary.injected_stale.saturating_add(1)
-            }
-        }
+    for row in injected {
+        let count = match row.status {
+            BundleStatus::Current | BundleStatus::NotApplicable => &mut summary.injected_current,
+            BundleStatus::Stale | BundleStatus::Missing => &mut summary.injected_stale,
+        };
+        *count = count.saturating_add(1);
     }
     summary.workloads_to_restart = workloads.len();
-    summary.healthy = ca_report.error.is_none()
-        && ca_report.bundle_problem.is_none()
+    summary.healthy = ca.error.is_none()
+        && ca.bundle_problem.is_none()
         && summary.untrusted == 0
         && summary.errors == 0
         && summary.injected_stale == 0;
-
-    Report {
-        now: time_str(now),
-        ca: ca_report,
-        serving_certificates: rows,
-        injected,
-        workloads,
-        pod_certificates: "not inspected: each PodCertificateRequest is answered once and its pod holds the result (kubectl get podcertificaterequests -A); their trust bundle is the ClusterTrustBundle of the pod signer",
-        summary,
-    }
+    summary
 }
 
 fn serving_row(
     secret: &SecretObj,
     trust: &Trust,
-    current_ski: Option<&[u8]>,
-    ca_not_after: Option<OffsetDateTime>,
+    current: &CurrentCa,
     policy: &Policy,
     now: OffsetDateTime,
 ) -> ServingRow {
+    let current_ski = current.ski.as_deref();
     let service = either(&secret.annotations, BETA.originating_service_name, ALPHA.originating_service_name)
         .cloned()
         .unwrap_or_default();
@@ -289,7 +323,7 @@ fn serving_row(
     row.signer = leaf.issuer_cn.clone();
     row.not_before = Some(time_str(leaf.info.not_before));
     row.not_after = Some(time_str(leaf.info.not_after));
-    let refresh_at = match ca_not_after {
+    let refresh_at = match current.not_after {
         Some(ca) => policy.leaf.refresh_at(leaf.info.not_after, ca),
         None => Some(crate::dates::before(leaf.info.not_after, policy.leaf.refresh_before)),
     };
