@@ -176,25 +176,46 @@ fn operator_write_time(meta: &ObjectMeta) -> Option<OffsetDateTime> {
         .max()
 }
 
+/// Everything `inspect` looks at, read in named steps.
 async fn read(client: &Client, args: &InspectArgs) -> anyhow::Result<Snapshot> {
     let ns = args.namespace.as_deref();
     let labels = ListParams::default().labels(&args.selector);
     let mut snapshot = Snapshot { include_orphans: args.selector.is_empty(), ..Default::default() };
+    read_ca(client, &args.operator_namespace, &mut snapshot).await?;
+    read_serving(client, ns, &labels, &mut snapshot).await?;
+    read_config_maps(client, ns, &labels, &mut snapshot).await?;
+    if ns.is_none() {
+        read_cluster_injected(client, &labels, &mut snapshot).await?;
+    }
+    read_pods(client, ns, &mut snapshot).await?;
+    read_replica_set_owners(client, ns, &mut snapshot).await?;
+    Ok(snapshot)
+}
 
-    let op_secrets: Api<Secret> = Api::namespaced(client.clone(), &args.operator_namespace);
+/// `signing-key` and `signing-cabundle` in the operator's namespace.
+async fn read_ca(client: &Client, operator_namespace: &str, snapshot: &mut Snapshot) -> anyhow::Result<()> {
+    let op_secrets: Api<Secret> = Api::namespaced(client.clone(), operator_namespace);
     snapshot.ca = op_secrets.get_opt(ann::SIGNING_KEY).await?.map(|s| CaSecret {
         data: s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect(),
         annotations: annotations(&s.metadata),
     });
-    let op_cms: Api<ConfigMap> = Api::namespaced(client.clone(), &args.operator_namespace);
+    let op_cms: Api<ConfigMap> = Api::namespaced(client.clone(), operator_namespace);
     snapshot.bundle = op_cms
         .get_opt(ann::SIGNING_CABUNDLE)
         .await?
         .and_then(|c| c.data?.remove(ann::CA_BUNDLE))
         .map(String::into_bytes);
+    Ok(())
+}
 
-    // Services: metadata is enough.
-    for svc in api::<Service>(client, ns).list_metadata(&labels).await? {
+/// Services (metadata is enough) and the managed Secrets.
+async fn read_serving(
+    client: &Client,
+    ns: Option<&str>,
+    labels: &ListParams,
+    snapshot: &mut Snapshot,
+) -> anyhow::Result<()> {
+    for svc in api::<Service>(client, ns).list_metadata(labels).await? {
         snapshot.services.push(ServiceObj {
             namespace: svc.metadata.namespace.clone().unwrap_or_default(),
             name: svc.metadata.name.clone().unwrap_or_default(),
@@ -210,10 +231,18 @@ async fn read(client: &Client, args: &InspectArgs) -> anyhow::Result<Snapshot> {
             data: s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect(),
         });
     }
+    Ok(())
+}
 
-    // ConfigMaps: metadata of all, bodies of the annotated ones only.
+/// ConfigMaps: metadata of all, bodies of the annotated ones only.
+async fn read_config_maps(
+    client: &Client,
+    ns: Option<&str>,
+    labels: &ListParams,
+    snapshot: &mut Snapshot,
+) -> anyhow::Result<()> {
     let cm_api = api::<ConfigMap>(client, ns);
-    for meta in cm_api.list_metadata(&labels).await? {
+    for meta in cm_api.list_metadata(labels).await? {
         let name = meta.metadata.name.clone().unwrap_or_default();
         let Some(how) = injection::<ConfigMap>(&meta.metadata) else { continue };
         let legacy = how == Mode::Legacy;
@@ -230,49 +259,53 @@ async fn read(client: &Client, args: &InspectArgs) -> anyhow::Result<Snapshot> {
             changed_at: operator_write_time(&cm.metadata),
         });
     }
+    Ok(())
+}
 
-    if ns.is_none() {
-        for o in Api::<APIService>::all(client.clone()).list(&labels).await? {
-            if injection::<APIService>(&o.metadata).is_none() {
-                continue;
-            }
-            let field = o.spec.as_ref().and_then(|s| s.ca_bundle.as_ref()).map(|b| b.0.clone());
-            snapshot.injected.push(injected(Kind::APIService, &o.metadata, vec![field]));
+/// The cluster-scoped kinds annotated for injection (only when no namespace is given).
+async fn read_cluster_injected(client: &Client, labels: &ListParams, snapshot: &mut Snapshot) -> anyhow::Result<()> {
+    for o in Api::<APIService>::all(client.clone()).list(labels).await? {
+        if injection::<APIService>(&o.metadata).is_none() {
+            continue;
         }
-        for o in Api::<CustomResourceDefinition>::all(client.clone()).list(&labels).await? {
-            if injection::<CustomResourceDefinition>(&o.metadata).is_none() {
-                continue;
-            }
-            let conversion = o.spec.conversion.as_ref();
-            let fields = match conversion.filter(|c| c.strategy == "Webhook") {
-                Some(c) => vec![
-                    c.webhook.as_ref().and_then(|w| w.client_config.as_ref()?.ca_bundle.as_ref()).map(|b| b.0.clone()),
-                ],
-                None => Vec::new(),
-            };
-            snapshot.injected.push(injected(Kind::CustomResourceDefinition, &o.metadata, fields));
-        }
-        for o in Api::<MutatingWebhookConfiguration>::all(client.clone()).list(&labels).await? {
-            if injection::<MutatingWebhookConfiguration>(&o.metadata).is_none() {
-                continue;
-            }
-            let fields =
-                o.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.as_ref().map(|b| b.0.clone())).collect();
-            snapshot.injected.push(injected(Kind::MutatingWebhookConfiguration, &o.metadata, fields));
-        }
-        for o in Api::<ValidatingWebhookConfiguration>::all(client.clone()).list(&labels).await? {
-            if injection::<ValidatingWebhookConfiguration>(&o.metadata).is_none() {
-                continue;
-            }
-            let fields =
-                o.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.as_ref().map(|b| b.0.clone())).collect();
-            snapshot.injected.push(injected(Kind::ValidatingWebhookConfiguration, &o.metadata, fields));
-        }
+        let field = o.spec.as_ref().and_then(|s| s.ca_bundle.as_ref()).map(|b| b.0.clone());
+        snapshot.injected.push(injected(Kind::APIService, &o.metadata, vec![field]));
     }
+    for o in Api::<CustomResourceDefinition>::all(client.clone()).list(labels).await? {
+        if injection::<CustomResourceDefinition>(&o.metadata).is_none() {
+            continue;
+        }
+        let conversion = o.spec.conversion.as_ref();
+        let fields = match conversion.filter(|c| c.strategy == "Webhook") {
+            Some(c) => {
+                vec![c.webhook.as_ref().and_then(|w| w.client_config.as_ref()?.ca_bundle.as_ref()).map(|b| b.0.clone())]
+            }
+            None => Vec::new(),
+        };
+        snapshot.injected.push(injected(Kind::CustomResourceDefinition, &o.metadata, fields));
+    }
+    for o in Api::<MutatingWebhookConfiguration>::all(client.clone()).list(labels).await? {
+        if injection::<MutatingWebhookConfiguration>(&o.metadata).is_none() {
+            continue;
+        }
+        let fields =
+            o.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.as_ref().map(|b| b.0.clone())).collect();
+        snapshot.injected.push(injected(Kind::MutatingWebhookConfiguration, &o.metadata, fields));
+    }
+    for o in Api::<ValidatingWebhookConfiguration>::all(client.clone()).list(labels).await? {
+        if injection::<ValidatingWebhookConfiguration>(&o.metadata).is_none() {
+            continue;
+        }
+        let fields =
+            o.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.as_ref().map(|b| b.0.clone())).collect();
+        snapshot.injected.push(injected(Kind::ValidatingWebhookConfiguration, &o.metadata, fields));
+    }
+    Ok(())
+}
 
-    // Pods and what they mount; ReplicaSets (metadata) to find their Deployments.
-    let all = ListParams::default();
-    for pod in api::<Pod>(client, ns).list(&all).await? {
+/// Pods that mount a Secret or a ConfigMap, and what they mount.
+async fn read_pods(client: &Client, ns: Option<&str>, snapshot: &mut Snapshot) -> anyhow::Result<()> {
+    for pod in api::<Pod>(client, ns).list(&ListParams::default()).await? {
         let mut obj = PodObj {
             namespace: pod.metadata.namespace.clone().unwrap_or_default(),
             name: pod.metadata.name.clone().unwrap_or_default(),
@@ -304,6 +337,11 @@ async fn read(client: &Client, args: &InspectArgs) -> anyhow::Result<Snapshot> {
             snapshot.pods.push(obj);
         }
     }
+    Ok(())
+}
+
+/// The ReplicaSets (metadata) of those pods, to find their Deployments.
+async fn read_replica_set_owners(client: &Client, ns: Option<&str>, snapshot: &mut Snapshot) -> anyhow::Result<()> {
     let wanted: BTreeSet<(String, String)> = snapshot
         .pods
         .iter()
@@ -312,20 +350,21 @@ async fn read(client: &Client, args: &InspectArgs) -> anyhow::Result<Snapshot> {
             _ => None,
         })
         .collect();
-    if !wanted.is_empty() {
-        for rs in api::<ReplicaSet>(client, ns).list_metadata(&all).await? {
-            let key = (rs.metadata.namespace.clone().unwrap_or_default(), rs.metadata.name.clone().unwrap_or_default());
-            if !wanted.contains(&key) {
-                continue;
-            }
-            if let Some((kind, name)) = controller(rs.metadata.owner_references.as_ref())
-                && kind == "Deployment"
-            {
-                snapshot.replica_set_owners.insert(key, name);
-            }
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    for rs in api::<ReplicaSet>(client, ns).list_metadata(&ListParams::default()).await? {
+        let key = (rs.metadata.namespace.clone().unwrap_or_default(), rs.metadata.name.clone().unwrap_or_default());
+        if !wanted.contains(&key) {
+            continue;
+        }
+        if let Some((kind, name)) = controller(rs.metadata.owner_references.as_ref())
+            && kind == "Deployment"
+        {
+            snapshot.replica_set_owners.insert(key, name);
         }
     }
-    Ok(snapshot)
+    Ok(())
 }
 
 fn injected(kind: Kind, meta: &ObjectMeta, fields: Vec<Option<Vec<u8>>>) -> InjectedObj {
