@@ -83,115 +83,131 @@ impl std::fmt::Debug for Metrics {
 
 impl Metrics {
     pub fn new(serving_secrets: Option<Store<PartialObjectMeta<Secret>>>) -> Self {
-        let mut registry = Registry::default();
-        let ca_expiry = Gauge::default();
-        registry.register(
+        let mut metrics = Metrics {
+            registry: Registry::default(),
+            ca_expiry: Gauge::default(),
+            signing_key_valid: Gauge::default(),
+            reconciles: Family::default(),
+            reconcile_errors: Family::default(),
+            reconcile_duration: Family::new_with_constructor(|| {
+                Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+            }),
+            certificates_issued: Family::default(),
+            issuance_failures: Family::default(),
+            pod_certificate_requests: Family::default(),
+            keys_generated: Counter::default(),
+            injections: Family::default(),
+            rotations: Family::default(),
+            reissue_remaining: Gauge::default(),
+            rotation_failures: Counter::default(),
+            api_writes: Family::default(),
+            sharing_members: Gauge::default(),
+            sharing_owned: Gauge::default(),
+        };
+        // Registered in this order, which is the order of the text exposition.
+        metrics.register_ca_state();
+        metrics.register_reconciles();
+        metrics.register_issuance();
+        metrics.register_ca_changes();
+        metrics.register_writes_and_sharing();
+        if let Some(store) = serving_secrets {
+            metrics.registry.register_collector(Box::new(ServingCertExpiry(store)));
+        }
+        metrics
+    }
+
+    /// The current CA: its expiry and whether `signing-key` can be used.
+    fn register_ca_state(&mut self) {
+        let r = &mut self.registry;
+        r.register(
             "service_ca_expiry_time_seconds",
             "NotAfter of the current service CA, Unix seconds",
-            ca_expiry.clone(),
+            self.ca_expiry.clone(),
         );
-        let signing_key_valid = Gauge::default();
-        registry.register(
+        r.register(
             "service_ca_signing_key_valid",
             "1 when the signing-key Secret holds a usable CA, 0 when it exists but cannot be used",
-            signing_key_valid.clone(),
+            self.signing_key_valid.clone(),
         );
-        let reconciles = Family::default();
-        registry.register("service_ca_reconcile", "Reconciliations, per controller", reconciles.clone());
-        let reconcile_errors = Family::default();
-        registry.register(
+    }
+
+    /// Every controller's reconciliations: count, failures, time.
+    fn register_reconciles(&mut self) {
+        let r = &mut self.registry;
+        r.register("service_ca_reconcile", "Reconciliations, per controller", self.reconciles.clone());
+        r.register(
             "service_ca_reconcile_errors",
             "Failed reconciliations, per controller and category",
-            reconcile_errors.clone(),
+            self.reconcile_errors.clone(),
         );
-        let reconcile_duration = Family::<ControllerLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
-        });
-        registry.register(
+        r.register(
             "service_ca_reconcile_duration_seconds",
             "Reconciliation time, per controller",
-            reconcile_duration.clone(),
+            self.reconcile_duration.clone(),
         );
-        let certificates_issued = Family::default();
-        registry.register(
+    }
+
+    /// Certificates and keys made: serving certificates, pod certificates, keys.
+    fn register_issuance(&mut self) {
+        let r = &mut self.registry;
+        r.register(
             "service_ca_certificates_issued",
             "Serving certificates issued, per reason",
-            certificates_issued.clone(),
+            self.certificates_issued.clone(),
         );
-        let issuance_failures = Family::default();
-        registry.register(
+        r.register(
             "service_ca_certificate_issuance_failures",
             "Serving certificates issued but not written, per reason (refused, api, pki)",
-            issuance_failures.clone(),
+            self.issuance_failures.clone(),
         );
-        let pod_certificate_requests = Family::default();
-        registry.register(
+        r.register(
             "service_ca_pod_certificate_requests",
             "PodCertificateRequests answered, per outcome (issued, denied, failed)",
-            pod_certificate_requests.clone(),
+            self.pod_certificate_requests.clone(),
         );
-        let keys_generated = Counter::default();
-        registry.register("service_ca_keys_generated", "Private keys generated", keys_generated.clone());
-        let injections = Family::default();
-        registry.register("service_ca_injections", "CA bundle injections written, per kind", injections.clone());
-        let rotations = Family::default();
-        registry.register(
+        r.register("service_ca_keys_generated", "Private keys generated", self.keys_generated.clone());
+    }
+
+    /// The bundle handed out and the CA changes that move it: injections, rotations,
+    /// the re-issue that follows one.
+    fn register_ca_changes(&mut self) {
+        let r = &mut self.registry;
+        r.register("service_ca_injections", "CA bundle injections written, per kind", self.injections.clone());
+        r.register(
             "service_ca_rotations",
             "CA changes, per kind (automatic, forced, reset, created)",
-            rotations.clone(),
+            self.rotations.clone(),
         );
-        let reissue_remaining = Gauge::default();
-        registry.register(
+        r.register(
             "service_ca_reissue_remaining",
             "Managed Secrets not yet re-checked (and re-issued where needed) since the last CA change",
-            reissue_remaining.clone(),
+            self.reissue_remaining.clone(),
         );
-        let rotation_failures = Counter::default();
-        registry.register(
+        r.register(
             "service_ca_rotation_failures",
             "CA rotation attempts that failed (the current CA stays in use)",
-            rotation_failures.clone(),
+            self.rotation_failures.clone(),
         );
-        let api_writes = Family::default();
-        registry.register(
+    }
+
+    /// Writes to the API server, and the replicas sharing issuance.
+    fn register_writes_and_sharing(&mut self) {
+        let r = &mut self.registry;
+        r.register(
             "service_ca_api_writes",
             "Writes sent to the API server, per resource and verb",
-            api_writes.clone(),
+            self.api_writes.clone(),
         );
-        let sharing_members = Gauge::default();
-        registry.register(
+        r.register(
             "service_ca_sharing_members",
             "Replicas sharing issuance, as this one sees them (0: sharing is off)",
-            sharing_members.clone(),
+            self.sharing_members.clone(),
         );
-        let sharing_owned = Gauge::default();
-        registry.register(
+        r.register(
             "service_ca_sharing_owned_services",
             "Annotated Services this replica issues for (all of them when sharing is off)",
-            sharing_owned.clone(),
+            self.sharing_owned.clone(),
         );
-        if let Some(store) = serving_secrets {
-            registry.register_collector(Box::new(ServingCertExpiry(store)));
-        }
-        Metrics {
-            registry,
-            ca_expiry,
-            signing_key_valid,
-            reconciles,
-            reconcile_errors,
-            reconcile_duration,
-            certificates_issued,
-            issuance_failures,
-            pod_certificate_requests,
-            keys_generated,
-            injections,
-            rotations,
-            reissue_remaining,
-            rotation_failures,
-            api_writes,
-            sharing_members,
-            sharing_owned,
-        }
     }
 
     pub fn write(&self, resource: &'static str, verb: &'static str) {
@@ -229,5 +245,58 @@ impl Collector for ServingCertExpiry {
             ConstGauge::new(expiry.unix_timestamp()).encode(metric.encode_family(&labels.to_vec())?)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_is_exposed_once_in_registration_order() {
+        let m = Metrics::new(None);
+        // A family without a series is not shown: give each one a series.
+        let controller = ControllerLabels { controller: "c" };
+        let reason = ReasonLabels { reason: "r" };
+        let kind = KindLabels { kind: "k" };
+        m.reconciles.get_or_create(&controller).inc();
+        m.reconcile_errors.get_or_create(&ErrorLabels { controller: "c", category: "x" }).inc();
+        m.reconcile_duration.get_or_create(&controller).observe(0.1);
+        m.certificates_issued.get_or_create(&reason).inc();
+        m.issuance_failures.get_or_create(&reason).inc();
+        m.pod_certificate_requests.get_or_create(&reason).inc();
+        m.keys_generated.inc();
+        m.injections.get_or_create(&kind).inc();
+        m.rotations.get_or_create(&kind).inc();
+        m.rotation_failures.inc();
+        m.write("secrets", "create");
+        let text = m.render();
+        let types: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# HELP ")?.split(' ').next())
+            .map(|name| name.strip_suffix("_total").unwrap_or(name))
+            .collect();
+        assert_eq!(
+            types,
+            [
+                "service_ca_expiry_time_seconds",
+                "service_ca_signing_key_valid",
+                "service_ca_reconcile",
+                "service_ca_reconcile_errors",
+                "service_ca_reconcile_duration_seconds",
+                "service_ca_certificates_issued",
+                "service_ca_certificate_issuance_failures",
+                "service_ca_pod_certificate_requests",
+                "service_ca_keys_generated",
+                "service_ca_injections",
+                "service_ca_rotations",
+                "service_ca_reissue_remaining",
+                "service_ca_rotation_failures",
+                "service_ca_api_writes",
+                "service_ca_sharing_members",
+                "service_ca_sharing_owned_services",
+            ]
+        );
+        assert!(text.contains("service_ca_api_writes_total{resource=\"secrets\",verb=\"create\"} 1"), "{text}");
     }
 }
