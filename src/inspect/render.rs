@@ -44,58 +44,9 @@ fn or_dash(v: &Option<String>) -> String {
 /// The table of a report, every value from the cluster shown escaped.
 pub fn table(report: &Report) -> String {
     let mut out = String::new();
-    let ca = &report.ca;
-    let shown = |v: &Option<String>| crate::escaped(&or_dash(v)).into_owned();
-    let _ = writeln!(out, "CA (at {})", report.now);
-    if let Some(e) = &ca.error {
-        let _ = writeln!(out, "  BROKEN: {}", crate::escaped(e));
-    }
-    if let Some(subject) = &ca.subject {
-        let _ = writeln!(out, "  subject          CN={}", crate::escaped(subject));
-        let _ = writeln!(out, "  key              {}", shown(&ca.key_type));
-        let _ = writeln!(out, "  not after        {}", shown(&ca.not_after));
-        let _ = writeln!(out, "  rotation due     {}", shown(&ca.rotation_due));
-        let bridge = match (&ca.bridge_live, &ca.previous_ca_trusted_until) {
-            (true, Some(until)) => format!("live: the previous CA stays trusted until {}", crate::escaped(until)),
-            _ => "none (no earlier CA is trusted)".into(),
-        };
-        let _ = writeln!(out, "  trust bridge     {bridge}");
-        let reason = ca.forced_rotation_reason.as_deref().unwrap_or("never");
-        let _ = writeln!(out, "  forced rotation  {}", crate::escaped(reason));
-        if let Some(pending) = &ca.force_rotation_pending {
-            let _ = writeln!(out, "  force-rotation \"{}\" asked, not acted on yet", crate::escaped(pending));
-        }
-        let _ = writeln!(out, "  bundle           {} certificate(s) in signing-cabundle", ca.bundle_certificates);
-    }
-    if let Some(p) = &ca.bundle_problem {
-        let _ = writeln!(out, "  BROKEN: {}", crate::escaped(p));
-    }
-
+    ca_lines(&mut out, report);
     let _ = writeln!(out, "\nSERVING CERTIFICATES");
-    let rows: Vec<Vec<String>> = report
-        .serving_certificates
-        .iter()
-        .map(|r| {
-            let mut status = r.status.as_str().to_string();
-            if let Some(d) = &r.detail {
-                status = format!("{status}: {d}");
-            } else if r.status == CertStatus::PreviousCa {
-                status.push_str(", re-issue pending");
-            }
-            vec![
-                r.namespace.clone(),
-                r.service.clone(),
-                r.secret.clone(),
-                or_dash(&r.key_type),
-                or_dash(&r.signer),
-                or_dash(&r.not_after),
-                or_dash(&r.refresh_at),
-                status,
-            ]
-        })
-        .collect();
-    columns(&mut out, &["NAMESPACE", "SERVICE", "SECRET", "KEY", "SIGNER", "NOT AFTER", "REFRESH AT", "STATUS"], &rows);
-
+    serving_table(&mut out, report);
     let _ = writeln!(out, "\nINJECTED CA BUNDLES");
     let rows: Vec<Vec<String>> = report
         .injected
@@ -125,4 +76,61 @@ pub fn table(report: &Report) -> String {
     let _ = writeln!(out, "\nPod certificates: {}", report.pod_certificates);
     let _ = writeln!(out, "\n{}", report.summary_line());
     out
+}
+
+/// The CA section: the current CA, the trust bridge, forced rotations, the bundle.
+fn ca_lines(out: &mut String, report: &Report) {
+    let ca = &report.ca;
+    let shown = |v: &Option<String>| crate::escaped(&or_dash(v)).into_owned();
+    let _ = writeln!(out, "CA (at {})", report.now);
+    if let Some(e) = &ca.error {
+        let _ = writeln!(out, "  BROKEN: {}", crate::escaped(e));
+    }
+    if let Some(subject) = &ca.subject {
+        let _ = writeln!(out, "  subject          CN={}", crate::escaped(subject));
+        let _ = writeln!(out, "  key              {}", shown(&ca.key_type));
+        let _ = writeln!(out, "  not after        {}", shown(&ca.not_after));
+        let _ = writeln!(out, "  rotation due     {}", shown(&ca.rotation_due));
+        let bridge = match (&ca.bridge_live, &ca.previous_ca_trusted_until) {
+            (true, Some(until)) => format!("live: the previous CA stays trusted until {}", crate::escaped(until)),
+            _ => "none (no earlier CA is trusted)".into(),
+        };
+        let _ = writeln!(out, "  trust bridge     {bridge}");
+        let reason = ca.forced_rotation_reason.as_deref().unwrap_or("never");
+        let _ = writeln!(out, "  forced rotation  {}", crate::escaped(reason));
+        if let Some(pending) = &ca.force_rotation_pending {
+            let _ = writeln!(out, "  force-rotation \"{}\" asked, not acted on yet", crate::escaped(pending));
+        }
+        let _ = writeln!(out, "  bundle           {} certificate(s) in signing-cabundle", ca.bundle_certificates);
+    }
+    if let Some(p) = &ca.bundle_problem {
+        let _ = writeln!(out, "  BROKEN: {}", crate::escaped(p));
+    }
+}
+
+/// One line per serving certificate; the status carries its detail.
+fn serving_table(out: &mut String, report: &Report) {
+    let rows: Vec<Vec<String>> = report
+        .serving_certificates
+        .iter()
+        .map(|r| {
+            let mut status = r.status.as_str().to_string();
+            if let Some(d) = &r.detail {
+                status = format!("{status}: {d}");
+            } else if r.status == CertStatus::PreviousCa {
+                status.push_str(", re-issue pending");
+            }
+            vec![
+                r.namespace.clone(),
+                r.service.clone(),
+                r.secret.clone(),
+                or_dash(&r.key_type),
+                or_dash(&r.signer),
+                or_dash(&r.not_after),
+                or_dash(&r.refresh_at),
+                status,
+            ]
+        })
+        .collect();
+    columns(out, &["NAMESPACE", "SERVICE", "SECRET", "KEY", "SIGNER", "NOT AFTER", "REFRESH AT", "STATUS"], &rows);
 }
