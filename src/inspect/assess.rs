@@ -12,6 +12,7 @@ use super::model::{
     BundleStatus, CaReport, CertStatus, InjectedObj, InjectedRow, Kind, Policy, Report, SecretObj, ServiceObj,
     ServingRow, Snapshot, Summary, WorkloadRow,
 };
+use crate::controllers::serving::request::{self, Wanted};
 use crate::names::{self as ann, ALPHA, BETA};
 use crate::pki::{self, CertInfo, CertificateAuthority, format_expiry, pem};
 
@@ -54,13 +55,13 @@ fn time_str(t: OffsetDateTime) -> String {
     format_expiry(t)
 }
 
-/// The Secret name a Service asks for (beta wins when set and non-empty).
+/// The Secret name a Service asks for: the serving controllers' rule
+/// ([`request::wanted_in`]: beta wins when set and non-empty).
 fn requested_secret(svc: &ServiceObj) -> Option<String> {
-    [BETA.serving_cert_secret_name, ALPHA.serving_cert_secret_name]
-        .iter()
-        .filter_map(|k| svc.annotations.get(*k))
-        .map(|v| v.trim().to_string())
-        .find(|v| !v.is_empty())
+    match request::wanted_in(&svc.annotations) {
+        Wanted::Named { name, .. } => Some(name.to_string()),
+        Wanted::NotRequested | Wanted::Empty(_) => None,
+    }
 }
 
 fn either<'a>(annotations: &'a BTreeMap<String, String>, beta: &str, alpha: &str) -> Option<&'a String> {
@@ -287,9 +288,7 @@ fn serving_row(
     now: OffsetDateTime,
 ) -> ServingRow {
     let current_ski = current.ski.as_deref();
-    let service = either(&secret.annotations, BETA.originating_service_name, ALPHA.originating_service_name)
-        .cloned()
-        .unwrap_or_default();
+    let service = request::originating_service_name(&secret.annotations).unwrap_or_default().to_string();
     let mut row = ServingRow {
         namespace: secret.namespace.clone(),
         service,

@@ -32,7 +32,6 @@ use model::{CaSecret, InjectedObj, Kind, PodObj, Policy, SecretObj, ServiceObj, 
 
 pub use model::exit;
 
-/// The ConfigMap key injected into annotated ConfigMaps.
 /// What `kubectl rollout restart` sets on the pod template.
 pub const RESTARTED_AT: &str = "kubectl.kubernetes.io/restartedAt";
 /// Field manager of `inspect --restart`'s patches.
@@ -249,12 +248,12 @@ async fn read_config_maps(
         let namespace = meta.metadata.namespace.clone().unwrap_or_default();
         let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
         let Some(cm) = cms.get_opt(&name).await? else { continue };
-        let field = cm.data.as_ref().and_then(|d| d.get(ann::INJECTED_CONFIGMAP_KEY)).map(|v| v.clone().into_bytes());
+        let fields = cm.bundle_fields().into_iter().map(|f| f.map(<[u8]>::to_vec)).collect();
         snapshot.injected.push(InjectedObj {
             kind: Kind::ConfigMap,
             namespace: Some(namespace),
             name,
-            fields: vec![field],
+            fields,
             legacy,
             changed_at: operator_write_time(&cm.metadata),
         });
@@ -264,41 +263,28 @@ async fn read_config_maps(
 
 /// The cluster-scoped kinds annotated for injection (only when no namespace is given).
 async fn read_cluster_injected(client: &Client, labels: &ListParams, snapshot: &mut Snapshot) -> anyhow::Result<()> {
-    for o in Api::<APIService>::all(client.clone()).list(labels).await? {
-        if injection::<APIService>(&o.metadata).is_none() {
+    read_injected::<APIService>(client, labels, Kind::APIService, snapshot).await?;
+    read_injected::<CustomResourceDefinition>(client, labels, Kind::CustomResourceDefinition, snapshot).await?;
+    read_injected::<MutatingWebhookConfiguration>(client, labels, Kind::MutatingWebhookConfiguration, snapshot).await?;
+    read_injected::<ValidatingWebhookConfiguration>(client, labels, Kind::ValidatingWebhookConfiguration, snapshot)
+        .await?;
+    Ok(())
+}
+
+/// The objects of a cluster-scoped kind annotated for injection, with their bundles
+/// where the operator keeps them ([`Target::bundle_fields`]).
+async fn read_injected<K: Target>(
+    client: &Client,
+    labels: &ListParams,
+    kind: Kind,
+    snapshot: &mut Snapshot,
+) -> anyhow::Result<()> {
+    for o in K::api(client.clone(), None).list(labels).await? {
+        if injection::<K>(o.meta()).is_none() {
             continue;
         }
-        let field = o.spec.as_ref().and_then(|s| s.ca_bundle.as_ref()).map(|b| b.0.clone());
-        snapshot.injected.push(injected(Kind::APIService, &o.metadata, vec![field]));
-    }
-    for o in Api::<CustomResourceDefinition>::all(client.clone()).list(labels).await? {
-        if injection::<CustomResourceDefinition>(&o.metadata).is_none() {
-            continue;
-        }
-        let conversion = o.spec.conversion.as_ref();
-        let fields = match conversion.filter(|c| c.strategy == "Webhook") {
-            Some(c) => {
-                vec![c.webhook.as_ref().and_then(|w| w.client_config.as_ref()?.ca_bundle.as_ref()).map(|b| b.0.clone())]
-            }
-            None => Vec::new(),
-        };
-        snapshot.injected.push(injected(Kind::CustomResourceDefinition, &o.metadata, fields));
-    }
-    for o in Api::<MutatingWebhookConfiguration>::all(client.clone()).list(labels).await? {
-        if injection::<MutatingWebhookConfiguration>(&o.metadata).is_none() {
-            continue;
-        }
-        let fields =
-            o.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.as_ref().map(|b| b.0.clone())).collect();
-        snapshot.injected.push(injected(Kind::MutatingWebhookConfiguration, &o.metadata, fields));
-    }
-    for o in Api::<ValidatingWebhookConfiguration>::all(client.clone()).list(labels).await? {
-        if injection::<ValidatingWebhookConfiguration>(&o.metadata).is_none() {
-            continue;
-        }
-        let fields =
-            o.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.as_ref().map(|b| b.0.clone())).collect();
-        snapshot.injected.push(injected(Kind::ValidatingWebhookConfiguration, &o.metadata, fields));
+        let fields = o.bundle_fields().into_iter().map(|f| f.map(<[u8]>::to_vec)).collect();
+        snapshot.injected.push(injected(kind, o.meta(), fields));
     }
     Ok(())
 }

@@ -87,6 +87,11 @@ pub trait Target: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug 
     /// What to write so the object carries `value` (and we own nothing that blocks
     /// others); `None` when nothing is needed.
     fn plan(&self, value: &str) -> Option<Write>;
+    /// Where this kind keeps the bundle: one entry per field that should hold it (one
+    /// per webhook entry), `None` for a field not set; no entry when the object has no
+    /// place for a bundle (a CRD whose conversion is not a webhook). `inspect` reads
+    /// the bundles through it.
+    fn bundle_fields(&self) -> Vec<Option<&[u8]>>;
     /// The API for an object of this kind (cluster-scoped unless overridden).
     fn api(client: Client, _namespace: Option<&str>) -> Api<Self> {
         Api::all(client)
@@ -97,8 +102,8 @@ fn b64(value: &str) -> Value {
     serde_json::to_value(ByteString(value.as_bytes().to_vec())).unwrap_or(Value::Null)
 }
 
-fn holds(current: Option<&ByteString>, value: &str) -> bool {
-    current.is_some_and(|b| b.0 == value.as_bytes())
+fn holds(current: Option<&[u8]>, value: &str) -> bool {
+    current == Some(value.as_bytes())
 }
 
 /// Drops the operator's managedFields entries (only those of server-side apply when
@@ -134,6 +139,10 @@ impl Target for ConfigMap {
         }
     }
 
+    fn bundle_fields(&self) -> Vec<Option<&[u8]>> {
+        vec![self.data.as_ref().and_then(|d| d.get(CONFIGMAP_KEY)).map(String::as_bytes)]
+    }
+
     fn plan(&self, value: &str) -> Option<Write> {
         let data = self.data.clone().unwrap_or_default();
         if data.len() == 1 && data.get(CONFIGMAP_KEY).map(String::as_str) == Some(value) {
@@ -158,17 +167,34 @@ impl Target for ConfigMap {
     }
 }
 
+/// An APIService keeps the bundle in `spec.caBundle`.
+fn api_service_bundle(o: &APIService) -> Option<&[u8]> {
+    o.spec.as_ref()?.ca_bundle.as_ref().map(|b| b.0.as_slice())
+}
+
 impl Target for APIService {
     const KIND: &'static str = "APIService";
     const RESOURCE: &'static str = "apiservices";
     const ALPHA_HONOURED: bool = true;
 
+    fn bundle_fields(&self) -> Vec<Option<&[u8]>> {
+        vec![api_service_bundle(self)]
+    }
+
     fn plan(&self, value: &str) -> Option<Write> {
-        if !holds(self.spec.as_ref().and_then(|s| s.ca_bundle.as_ref()), value) {
+        if !holds(api_service_bundle(self), value) {
             return Some(Write::Merge(json!({ "spec": { "caBundle": b64(value) } })));
         }
         disown(self.managed_fields(), false)
     }
+}
+
+/// A CRD keeps the bundle in its conversion webhook's `clientConfig.caBundle`, and
+/// only when its conversion strategy is `Webhook` (outer `None`: no place for one).
+fn crd_bundle(o: &CustomResourceDefinition) -> Option<Option<&[u8]>> {
+    let conversion = o.spec.conversion.as_ref().filter(|c| c.strategy == "Webhook")?;
+    let config = conversion.webhook.as_ref().and_then(|w| w.client_config.as_ref());
+    Some(config.and_then(|c| c.ca_bundle.as_ref()).map(|b| b.0.as_slice()))
 }
 
 impl Target for CustomResourceDefinition {
@@ -176,18 +202,17 @@ impl Target for CustomResourceDefinition {
     const RESOURCE: &'static str = "customresourcedefinitions";
     const ALPHA_HONOURED: bool = false;
 
+    fn bundle_fields(&self) -> Vec<Option<&[u8]>> {
+        crd_bundle(self).into_iter().collect()
+    }
+
     fn plan(&self, value: &str) -> Option<Write> {
-        let conversion = self.spec.conversion.as_ref();
-        if conversion.is_some_and(|c| c.strategy == "Webhook") {
-            let current = conversion
-                .and_then(|c| c.webhook.as_ref())
-                .and_then(|w| w.client_config.as_ref())
-                .and_then(|c| c.ca_bundle.as_ref());
-            if !holds(current, value) {
-                return Some(Write::Merge(json!({
-                    "spec": { "conversion": { "webhook": { "clientConfig": { "caBundle": b64(value) } } } },
-                })));
-            }
+        if let Some(current) = crd_bundle(self)
+            && !holds(current, value)
+        {
+            return Some(Write::Merge(json!({
+                "spec": { "conversion": { "webhook": { "clientConfig": { "caBundle": b64(value) } } } },
+            })));
         }
         // Also when the conversion is no longer a webhook: an entry left from before
         // still names fields of ours.
@@ -200,7 +225,7 @@ impl Target for CustomResourceDefinition {
 /// entry the plan saw. An entry of ours from a server-side apply (earlier versions of
 /// the operator) is dropped.
 fn plan_webhooks<'a>(
-    entries: impl Iterator<Item = (&'a str, Option<&'a ByteString>)>,
+    entries: impl Iterator<Item = (&'a str, Option<&'a [u8]>)>,
     managed: &[ManagedFieldsEntry],
     value: &str,
 ) -> Option<Write> {
@@ -224,9 +249,13 @@ impl Target for MutatingWebhookConfiguration {
     const RESOURCE: &'static str = "mutatingwebhookconfigurations";
     const ALPHA_HONOURED: bool = false;
 
+    fn bundle_fields(&self) -> Vec<Option<&[u8]>> {
+        self.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice())).collect()
+    }
+
     fn plan(&self, value: &str) -> Option<Write> {
-        let entries = self.webhooks.iter().flatten().map(|w| (w.name.as_str(), w.client_config.ca_bundle.as_ref()));
-        plan_webhooks(entries, self.managed_fields(), value)
+        let names = self.webhooks.iter().flatten().map(|w| w.name.as_str());
+        plan_webhooks(names.zip(self.bundle_fields()), self.managed_fields(), value)
     }
 }
 
@@ -235,9 +264,13 @@ impl Target for ValidatingWebhookConfiguration {
     const RESOURCE: &'static str = "validatingwebhookconfigurations";
     const ALPHA_HONOURED: bool = false;
 
+    fn bundle_fields(&self) -> Vec<Option<&[u8]>> {
+        self.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice())).collect()
+    }
+
     fn plan(&self, value: &str) -> Option<Write> {
-        let entries = self.webhooks.iter().flatten().map(|w| (w.name.as_str(), w.client_config.ca_bundle.as_ref()));
-        plan_webhooks(entries, self.managed_fields(), value)
+        let names = self.webhooks.iter().flatten().map(|w| w.name.as_str());
+        plan_webhooks(names.zip(self.bundle_fields()), self.managed_fields(), value)
     }
 }
 
@@ -363,6 +396,21 @@ mod tests {
         let empty: ValidatingWebhookConfiguration =
             serde_json::from_value(json!({ "metadata": { "name": "v" } })).unwrap();
         assert_eq!(empty.plan("B"), None, "no webhooks: nothing to inject");
+    }
+
+    #[test]
+    fn bundle_fields_name_where_each_kind_keeps_the_bundle() {
+        assert_eq!(configmap(&[(CONFIGMAP_KEY, "B"), ("other", "x")]).bundle_fields(), [Some(&b"B"[..])]);
+        assert_eq!(configmap(&[]).bundle_fields(), [None]);
+        let webhook = json!({ "strategy": "Webhook",
+            "webhook": { "conversionReviewVersions": ["v1"], "clientConfig": { "caBundle": "Qg==" } } });
+        assert_eq!(crd(webhook, &[]).bundle_fields(), [Some(&b"B"[..])]);
+        assert!(crd(json!({ "strategy": "None" }), &[]).bundle_fields().is_empty(), "no place for a bundle");
+        let api: APIService = serde_json::from_value(json!({ "metadata": { "name": "v1.x" },
+            "spec": { "groupPriorityMinimum": 1, "versionPriority": 1, "caBundle": "Qg==" } }))
+        .unwrap();
+        assert_eq!(api.bundle_fields(), [Some(&b"B"[..])]);
+        assert_eq!(webhooks(&[]).bundle_fields(), [Some(&b"B"[..]), None, Some(&b"old"[..])]);
     }
 
     #[test]

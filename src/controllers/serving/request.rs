@@ -2,6 +2,7 @@
 //! certificate it wants, what of it triggers the controllers, its failure count, and
 //! the sharing keys of Services and their Secrets.
 
+use std::collections::BTreeMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 
@@ -37,9 +38,13 @@ pub fn secret_key(secret: &PartialObjectMeta<Secret>) -> String {
 
 /// The Service a serving Secret was made for (from its originating-service-name).
 pub fn originating_service(secret: &impl ResourceExt) -> Option<ObjectRef<Service>> {
-    let annotations = secret.annotations();
-    let name = [ann::BETA, ann::ALPHA].iter().find_map(|f| annotations.get(f.originating_service_name))?;
+    let name = originating_service_name(secret.annotations())?;
     Some(ObjectRef::new(name).within(&secret.namespace().unwrap_or_default()))
+}
+
+/// The originating-service-name annotation of a serving Secret (beta, else alpha).
+pub fn originating_service_name(annotations: &BTreeMap<String, String>) -> Option<&str> {
+    [ann::BETA, ann::ALPHA].iter().find_map(|f| annotations.get(f.originating_service_name)).map(String::as_str)
 }
 
 /// What a Service's annotations ask for.
@@ -64,7 +69,11 @@ pub(super) fn wanted_name(svc: &Service) -> Option<&str> {
 
 /// Reads the serving-cert annotation: beta wins when both are set and non-empty.
 pub fn wanted(svc: &Service) -> Wanted<'_> {
-    let annotations = svc.annotations();
+    wanted_in(svc.annotations())
+}
+
+/// [`wanted`], from a Service's annotations (`inspect` has only those).
+pub fn wanted_in(annotations: &BTreeMap<String, String>) -> Wanted<'_> {
     let value = |f: Family| annotations.get(f.serving_cert_secret_name).map(|v| v.trim());
     match (value(ann::BETA), value(ann::ALPHA)) {
         (Some(name), _) if !name.is_empty() => Wanted::Named { name, family: ann::BETA },
