@@ -29,6 +29,9 @@ pub mod sharing;
 pub mod turns;
 pub mod watch;
 
+#[cfg(test)]
+pub mod test_api;
+
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::future::Future;

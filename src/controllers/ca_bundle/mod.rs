@@ -326,6 +326,9 @@ async fn inject_into<K: Target>(
                     api.patch(&name, &patch_params(), &Patch::<serde_json::Value>::Json(ops)).await
                 }
             };
+        // A failed patch ends the pass (unit tier: `write_tests.rs`): 409/404 is a race
+        // (again after RACE_LOST); 403/422 a refusal (warned once, again after
+        // RETRY_REFUSED); anything else (413, 5xx, no answer) an error for `drive`'s backoff.
         current = match result {
             Ok(written) => written,
             Err(e) if is_conflict(&e) || is_not_found(&e) => return Ok(Injected::Raced),
@@ -356,6 +359,9 @@ async fn legacy_value(ctx: &Context, namespace: &str, bundle: &str) -> Result<St
         .ok_or_else(|| Error::NoRootCa { namespace: namespace.to_string() })?;
     Ok(format!("{bundle}{root}\n"))
 }
+
+#[cfg(test)]
+mod write_tests;
 
 #[cfg(test)]
 mod tests {

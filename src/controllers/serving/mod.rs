@@ -77,6 +77,9 @@ pub fn secret_ref(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
 }
 
+#[cfg(test)]
+mod write_tests;
+
 /// What the tests of the serving rooms share.
 #[cfg(test)]
 mod fixtures {

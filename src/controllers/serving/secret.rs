@@ -224,6 +224,11 @@ pub async fn write_secret(ctx: &Context, existing: Option<&Secret>, mut desired:
             api.replace(&name, &post_params(), &desired).await
         }
     };
+    // One request, whatever the answer (the unit tier: `serving/write_tests.rs`): 409
+    // or 404 is a race, looked at again soon; 403 for a namespace being terminated ends
+    // the work; other 403 and 422 are refusals, reported on the Service and retried up
+    // to the failure cap; anything else (413 too large, 5xx, no answer) is an error for
+    // the backoff of `drive`.
     match result {
         Ok(_) => Ok(Written::Done { expiry }),
         Err(e) if is_conflict(&e) || is_not_found(&e) => Ok(Written::Raced),
