@@ -6,6 +6,8 @@
 //! - [`cert_refresh`] (keyed by managed Secret): the Secret stays right; re-issued on
 //!   time, on CA change, on tampering.
 //! - [`decision`]: the pure decision both make from (Secret, Service, CA, now).
+//! - [`precondition`]: the pure checks both make around it (is a Secret asked for,
+//!   the failure cap, the key algorithm, a Secret being deleted, whose it is to fix).
 //!
 //! The rest they share has one room per concern (this module keeps [`Error`],
 //! [`MAX_FAILURES`] and [`secret_ref`]):
@@ -18,6 +20,7 @@
 
 pub mod cert_refresh;
 pub mod decision;
+pub mod precondition;
 pub mod progress;
 pub mod report;
 pub mod request;

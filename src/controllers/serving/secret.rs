@@ -107,6 +107,14 @@ fn is_service_owner(owner: &OwnerReference) -> bool {
     owner.kind == "Service" && owner.api_version == "v1"
 }
 
+/// The Secret `namespace/name` read whole from the API server (`None`: absent).
+pub async fn read_secret(ctx: &Context, namespace: &str, name: &str) -> Result<Option<Secret>, Error> {
+    Api::<Secret>::namespaced(ctx.client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .map_err(|source| Error::ReadSecret { secret: secret_ref(namespace, name), source })
+}
+
 /// How a write of a serving Secret ended.
 #[derive(Debug)]
 pub enum Written {
