@@ -141,6 +141,8 @@ fn answered(pcr: &PodCertificateRequest) -> bool {
     conditions.iter().any(|c| matches!(c.type_.as_str(), "Issued" | "Denied" | "Failed") && c.status == "True")
 }
 
+/// Fetch (the CA, its published bundle, the Services, the pod) -> plan ([`plan::plan`])
+/// -> write and report the answer ([`write_status`]).
 async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result<Action, Error> {
     let ctx = &state.ctx;
     let namespace = pcr.namespace().unwrap_or_default();
@@ -168,28 +170,8 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result
         pod => pod.map(|pod| planned_pod(&pod, &ctx.config.pod_signer_name)),
     };
     let now = OffsetDateTime::now_utc();
-    let request = plan::Request {
-        namespace: &namespace,
-        created: pcr.creation_timestamp().map_or(now, |t| time_of(&t)),
-        pod_name: &pcr.spec.pod_name,
-        pod_uid: &pcr.spec.pod_uid,
-        node_name: &pcr.spec.node_name,
-        service_account_name: &pcr.spec.service_account_name,
-        max_expiration_seconds: pcr.spec.max_expiration_seconds,
-        stub_pkcs10: &pcr.spec.stub_pkc_s10_request.0,
-        user_annotations: pcr.spec.unverified_user_annotations.as_ref(),
-        answered: answered(&pcr),
-    };
-    let settings = Settings {
-        now,
-        grace: ctx.config.pod_certificate_grace,
-        // Never longer than the previous CA stays in the bundle after a rotation.
-        max_lifetime: ctx.config.pod_certificate_max_lifetime.min(ctx.config.policy.ca_rotate_before),
-        cluster_domain: &ctx.config.cluster_domain,
-        ca_not_after: signer.ca.not_after(),
-        signer_name: &ctx.config.pod_signer_name,
-    };
-    let planned = plan::plan(&request, pod.as_ref(), &services, &settings);
+    let planned =
+        plan::plan(&planned_request(&pcr, &namespace, now), pod.as_ref(), &services, &settings(ctx, &signer, now));
     match (&planned, &pod) {
         (Plan::Wait { until }, Some(pod)) => state.waiting.note(&key, &pod.labels, *until, now),
         _ => state.waiting.forget(&key),
@@ -209,31 +191,69 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result
                 tracing::info!(request = %key, ca = signer.ca.subject_cn(), "signing-cabundle no longer holds this replica's CA; waiting for the current one");
                 return Ok(Action::requeue(NOT_YET));
             }
-            let pod_uid = pcr.spec.pod_uid.clone();
-            let signing = signer.clone();
-            let signed = tokio::task::spawn_blocking(move || {
-                signing.ca.issue_pod_leaf(&names, &pod_uid, &public, OffsetDateTime::now_utc(), lifetime)
-            })
-            .await
-            .map_err(|e| Error::Sign(PkiError::Signing(format!("worker failed: {e}"))))?;
-            // What cannot be signed now never will be (the same names, key and CA).
-            let leaf = match signed {
-                Ok(leaf) => leaf,
-                Err(error) => {
-                    let failed = final_status("Failed", "CannotSign", format!("cannot sign: {error}"), &pcr);
-                    return write_status(ctx, &pcr, failed).await;
-                }
-            };
-            let half = crate::dates::between(leaf.not_before, leaf.not_after).checked_div(2).unwrap_or_default();
-            let mut status = final_status("Issued", "Issued", format!("signed by {}", signer.ca.subject_cn()), &pcr);
-            status.certificate_chain = Some(leaf.chain_pem);
-            status.not_before = Some(Time(to_jiff(leaf.not_before)));
-            status.not_after = Some(Time(to_jiff(leaf.not_after)));
-            status.begin_refresh_at = Some(Time(to_jiff(crate::dates::after(leaf.not_before, half))));
-            status
+            sign(&pcr, &signer, names, lifetime, public).await?
         }
     };
     write_status(ctx, &pcr, status).await
+}
+
+/// What the plan reads of the request.
+fn planned_request<'a>(pcr: &'a PodCertificateRequest, namespace: &'a str, now: OffsetDateTime) -> plan::Request<'a> {
+    plan::Request {
+        namespace,
+        created: pcr.creation_timestamp().map_or(now, |t| time_of(&t)),
+        pod_name: &pcr.spec.pod_name,
+        pod_uid: &pcr.spec.pod_uid,
+        node_name: &pcr.spec.node_name,
+        service_account_name: &pcr.spec.service_account_name,
+        max_expiration_seconds: pcr.spec.max_expiration_seconds,
+        stub_pkcs10: &pcr.spec.stub_pkc_s10_request.0,
+        user_annotations: pcr.spec.unverified_user_annotations.as_ref(),
+        answered: answered(pcr),
+    }
+}
+
+/// What the plan reads of the configuration and the CA.
+fn settings<'a>(ctx: &'a Context, signer: &crate::signer::Signer, now: OffsetDateTime) -> Settings<'a> {
+    Settings {
+        now,
+        grace: ctx.config.pod_certificate_grace,
+        // Never longer than the previous CA stays in the bundle after a rotation.
+        max_lifetime: ctx.config.pod_certificate_max_lifetime.min(ctx.config.policy.ca_rotate_before),
+        cluster_domain: &ctx.config.cluster_domain,
+        ca_not_after: signer.ca.not_after(),
+        signer_name: &ctx.config.pod_signer_name,
+    }
+}
+
+/// Signs the leaf the plan asks for (off the reactor): the Issued status, or Failed
+/// when it cannot be signed (what cannot be signed now never will be: the same names,
+/// key and CA).
+async fn sign(
+    pcr: &PodCertificateRequest,
+    signer: &Arc<crate::signer::Signer>,
+    names: Vec<String>,
+    lifetime: Duration,
+    public: crate::pki::RequestedKey,
+) -> Result<PodCertificateRequestStatus, Error> {
+    let pod_uid = pcr.spec.pod_uid.clone();
+    let signing = signer.clone();
+    let signed = tokio::task::spawn_blocking(move || {
+        signing.ca.issue_pod_leaf(&names, &pod_uid, &public, OffsetDateTime::now_utc(), lifetime)
+    })
+    .await
+    .map_err(|e| Error::Sign(PkiError::Signing(format!("worker failed: {e}"))))?;
+    let leaf = match signed {
+        Ok(leaf) => leaf,
+        Err(error) => return Ok(final_status("Failed", "CannotSign", format!("cannot sign: {error}"), pcr)),
+    };
+    let half = crate::dates::between(leaf.not_before, leaf.not_after).checked_div(2).unwrap_or_default();
+    let mut status = final_status("Issued", "Issued", format!("signed by {}", signer.ca.subject_cn()), pcr);
+    status.certificate_chain = Some(leaf.chain_pem);
+    status.not_before = Some(Time(to_jiff(leaf.not_before)));
+    status.not_after = Some(Time(to_jiff(leaf.not_after)));
+    status.begin_refresh_at = Some(Time(to_jiff(crate::dates::after(leaf.not_before, half))));
+    Ok(status)
 }
 
 /// Looks again just after `until` (a waiting request's grace period ends).
