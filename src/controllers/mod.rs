@@ -18,11 +18,12 @@
 //!
 //! This module holds what they all share: the [`Context`], the cached watches
 //! ([`watch`]), the controller run loop with per-object retry backoff ([`drive`]),
-//! and small helpers for API errors and writes.
+//! how a write ended ([`Outcome`]), and small helpers for API errors and writes.
 
 pub mod ca_bundle;
 pub mod ca_lifecycle;
 pub mod events;
+pub mod outcome;
 pub mod pod_certs;
 pub mod serving;
 pub mod sharing;
@@ -45,6 +46,7 @@ use serde::de::DeserializeOwned;
 
 pub use self::events::EventType;
 use self::events::{Recorder, Report};
+pub use self::outcome::Outcome;
 use crate::admin::Health;
 use crate::config::Config;
 use crate::keypool::KeyPool;

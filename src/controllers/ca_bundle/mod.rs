@@ -31,9 +31,7 @@ use kube::{Api, ResourceExt};
 pub use targets::{Target, Write};
 
 use super::watch::cached_metadata_watch;
-use super::{
-    Categorised, Context, EventType, RETRY_REFUSED, Shard, api_message, drive, is_conflict, is_not_found, patch_params,
-};
+use super::{Categorised, Context, EventType, Outcome, RETRY_REFUSED, Shard, api_message, drive, patch_params};
 use crate::names::{self as ann, KUBE_ROOT_CA, KUBE_ROOT_CA_KEY, SIGNING_CABUNDLE, is_true};
 use crate::shutdown::Shutdown;
 
@@ -238,10 +236,10 @@ async fn inject<K: Target>(obj: Arc<PartialObjectMeta<K>>, state: Arc<Injector>)
     }
     let result = inject_into::<K>(&obj, ctx, mode, &object).await;
     match &result {
-        Ok(Injected::Done) => state.warned.clear(&object, Some(FAILED)),
-        Ok(Injected::Gone) => state.warned.clear(&object, None),
-        Ok(Injected::Raced) => {}
-        Ok(Injected::Refused(message)) => {
+        Ok(Outcome::Done(())) => state.warned.clear(&object, Some(FAILED)),
+        Ok(Outcome::Gone | Outcome::Held(_)) => state.warned.clear(&object, None),
+        Ok(Outcome::Raced) => {}
+        Ok(Outcome::Refused(message)) => {
             let note = format!("could not inject the CA bundle: the API server refused it: {message}");
             tracing::warn!(kind = K::KIND, %object, "{note}");
             state.warn(&object, &reference, FAILED, note).await;
@@ -263,24 +261,10 @@ async fn inject<K: Target>(obj: Arc<PartialObjectMeta<K>>, state: Arc<Injector>)
         Err(_) => {}
     }
     result.map(|outcome| match outcome {
-        Injected::Done | Injected::Gone => Action::await_change(),
-        Injected::Raced => Action::requeue(RACE_LOST),
-        Injected::Refused(_) => Action::requeue(RETRY_REFUSED),
+        Outcome::Done(()) | Outcome::Gone | Outcome::Held(_) => Action::await_change(),
+        Outcome::Raced => Action::requeue(RACE_LOST),
+        Outcome::Refused(_) => Action::requeue(RETRY_REFUSED),
     })
-}
-
-/// How an injection pass ended (other than in an error to retry with backoff).
-enum Injected {
-    /// The object holds the bundle and nothing of ours blocks other managers.
-    Done,
-    /// The object is gone.
-    Gone,
-    /// The object changed (or went) between read and write: look again soon.
-    Raced,
-    /// The API server refused the write (422 invalid, 403 admission or RBAC): it will
-    /// refuse it again until a person changes something. The API server's message,
-    /// bounded.
-    Refused(String),
 }
 
 /// Read → plan → write, until the plan asks for nothing (at most [`MAX_WRITES`]).
@@ -289,16 +273,16 @@ async fn inject_into<K: Target>(
     ctx: &Context,
     mode: Mode,
     object: &str,
-) -> Result<Injected, Error> {
+) -> Result<Outcome, Error> {
     let Some(signer) = ctx.signer.current() else {
-        return Ok(Injected::Done);
+        return Ok(Outcome::Done(()));
     };
     let name = obj.name_any();
     let api = K::api(ctx.client.clone(), obj.namespace().as_deref());
     let full =
         api.get_opt(&name).await.map_err(|source| Error::Read { kind: K::KIND, object: object.into(), source })?;
     let Some(mut current) = full else {
-        return Ok(Injected::Gone);
+        return Ok(Outcome::Gone);
     };
     let value = match mode {
         Mode::Bundle => signer.bundle_pem.clone(),
@@ -328,11 +312,10 @@ async fn inject_into<K: Target>(
             };
         current = match result {
             Ok(written) => written,
-            Err(e) if is_conflict(&e) || is_not_found(&e) => return Ok(Injected::Raced),
-            Err(e) if super::is_refused(&e) => {
-                return Ok(Injected::Refused(crate::bounded(&api_message(&e)).into_owned()));
-            }
-            Err(source) => return Err(Error::Write { kind: K::KIND, object: object.into(), source }),
+            Err(source) => match Outcome::of_failure(&source) {
+                Some(outcome) => return Ok(outcome),
+                None => return Err(Error::Write { kind: K::KIND, object: object.into(), source }),
+            },
         };
         if injects {
             ctx.metrics.injections.get_or_create(&crate::metrics::KindLabels { kind: K::RESOURCE }).inc();
@@ -341,7 +324,7 @@ async fn inject_into<K: Target>(
             tracing::info!(kind = K::KIND, %object, "dropped our managedFields entry so that we block no other manager");
         }
     }
-    Ok(Injected::Done)
+    Ok(Outcome::Done(()))
 }
 
 /// The legacy value: the bundle, then the cluster's root CA (`kube-root-ca.crt` of the

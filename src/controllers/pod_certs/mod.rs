@@ -32,7 +32,7 @@ use tokio::sync::watch;
 use self::index::ServiceIndex;
 use self::plan::{Plan, Settings};
 use super::watch::cached_watch;
-use super::{Categorised, Context, EventType, LOOK_AGAIN, Shard, api_category, api_message, drive};
+use super::{Categorised, Context, EventType, LOOK_AGAIN, Outcome, Shard, api_category, api_message, drive};
 use crate::metrics::ReasonLabels;
 use crate::names::{CA_BUNDLE, SIGNING_CABUNDLE};
 use crate::pki::PkiError;
@@ -300,16 +300,27 @@ async fn write_status(
     let mut answered = pcr.clone();
     answered.status = Some(status);
     ctx.metrics.write("podcertificaterequests/status", "update");
-    match api.replace_status(&name, &super::post_params(), &answered).await {
-        Ok(_) => {}
-        Err(e) if super::is_conflict(&e) || super::is_not_found(&e) => return Ok(Action::requeue(LOOK_AGAIN)),
-        Err(e) if outcome == "Issued" && api_category(&e) == "invalid" => {
-            let why = format!("the API server refused the issued certificate: {}", api_message(&e));
+    let written = match api.replace_status(&name, &super::post_params(), &answered).await {
+        Ok(_) => Outcome::Done(()),
+        // Only an Issued status is turned into Failed when refused (422); any other
+        // refusal is retried with backoff like an error.
+        Err(e) => match Outcome::<()>::of_failure(&e) {
+            Some(Outcome::Refused(_)) if outcome == "Issued" && api_category(&e) == "invalid" => {
+                Outcome::Refused(api_message(&e))
+            }
+            Some(Outcome::Raced) => Outcome::Raced,
+            _ => return Err(Error::WriteStatus(format!("{namespace}/{name}"), e)),
+        },
+    };
+    match written {
+        Outcome::Done(()) => {}
+        Outcome::Raced | Outcome::Gone | Outcome::Held(_) => return Ok(Action::requeue(LOOK_AGAIN)),
+        Outcome::Refused(why) => {
+            let why = format!("the API server refused the issued certificate: {why}");
             tracing::warn!(request = %format!("{namespace}/{name}"), %why, "pod certificate refused");
             let failed = final_status("Failed", "CannotSign", why, pcr);
             return Box::pin(write_status(ctx, pcr, failed)).await;
         }
-        Err(e) => return Err(Error::WriteStatus(format!("{namespace}/{name}"), e)),
     }
     let label = match outcome.as_str() {
         "Issued" => "issued",

@@ -31,9 +31,9 @@ use super::precondition::{Ask, Keyed, Step, ask, step};
 use super::progress::{self, Progress};
 use super::report::report_problem;
 use super::request::{leaf_request, originating_service};
-use super::secret::{Content, Written, desired, issue, read_secret, wait_for_deletion, write_secret};
+use super::secret::{Content, desired, issue, read_secret, wait_for_deletion, write_secret};
 use super::{Error, secret_ref};
-use crate::controllers::{Context, LOOK_AGAIN, Shard, drive, is_not_found, patch_params, until};
+use crate::controllers::{Context, LOOK_AGAIN, Outcome, Shard, drive, is_not_found, patch_params, until};
 use crate::names::MANAGED_LABEL;
 use crate::shutdown::Shutdown;
 
@@ -119,7 +119,7 @@ async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Resu
             Step::Issue(reason) => {
                 let written = issue(ctx, &svc, request, family, &name, secret.as_ref(), &signer, &reason).await?;
                 let refresh_at = match &written {
-                    Written::Done { expiry } => policy.refresh_at(*expiry, signer.ca.not_after()),
+                    Outcome::Done(expiry) => policy.refresh_at(*expiry, signer.ca.not_after()),
                     _ => None,
                 };
                 (written, refresh_at, true)
@@ -135,22 +135,22 @@ async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Resu
 async fn finish(
     ctx: &Context,
     svc: &Service,
-    written: Written,
+    written: Outcome<OffsetDateTime>,
     settled: impl Fn(bool),
     refresh_at: Option<OffsetDateTime>,
 ) -> Result<Action, Error> {
     match written {
-        Written::Done { .. } => {
+        Outcome::Done(_) => {
             settled(true);
             Ok(wake_at(refresh_at))
         }
-        Written::Raced => Ok(Action::requeue(LOOK_AGAIN)),
-        Written::Gone => Ok(Action::await_change()),
-        Written::Deleting(held) => {
+        Outcome::Raced => Ok(Action::requeue(LOOK_AGAIN)),
+        Outcome::Gone => Ok(Action::await_change()),
+        Outcome::Held(held) => {
             settled(false);
             wait_for_deletion(ctx, NAME, svc, &held).await
         }
-        Written::Refused(message) => {
+        Outcome::Refused(message) => {
             settled(false);
             report_problem(ctx, NAME, svc, &message).await
         }

@@ -17,7 +17,7 @@ use time::OffsetDateTime;
 use super::decision::{IssueReason, SecretFacts};
 use super::report::{announce_issued, report_problem};
 use super::{Error, secret_ref};
-use crate::controllers::{Context, api_message, is_conflict, is_not_found, is_refused, post_params};
+use crate::controllers::{Context, Outcome, api_message, post_params};
 use crate::keypool::Priority;
 use crate::metrics::ReasonLabels;
 use crate::names::{self as ann, Family, SECRET_TYPE_TLS, TLS_CERT, TLS_KEY};
@@ -115,23 +115,6 @@ pub async fn read_secret(ctx: &Context, namespace: &str, name: &str) -> Result<O
         .map_err(|source| Error::ReadSecret { secret: secret_ref(namespace, name), source })
 }
 
-/// How a write of a serving Secret ended.
-#[derive(Debug)]
-pub enum Written {
-    /// The Secret holds the certificate that expires at `expiry`.
-    Done { expiry: OffsetDateTime },
-    /// The Secret changed, appeared or went meanwhile (409/404): look again soon.
-    Raced,
-    /// Its namespace is being deleted: nothing more to do.
-    Gone,
-    /// The Secret is being deleted and something (a finalizer) holds it: nothing can be
-    /// written until it is gone (see [`wait_for_deletion`]). Its metadata.
-    Deleting(Box<ObjectMeta>),
-    /// The API server refused the write (validation, admission policy, quota, RBAC):
-    /// reported on the Service and retried with backoff up to the failure cap.
-    Refused(String),
-}
-
 /// Issues a certificate for `request` (what the Service `svc` asks for) and writes it
 /// into its Secret `name` (`existing`, if any), then records the outcome: on success
 /// the metric, a log line and a Normal Event; otherwise the failure metric. A write
@@ -146,7 +129,7 @@ pub async fn issue(
     existing: Option<&Secret>,
     signer: &Arc<Signer>,
     reason: &IssueReason,
-) -> Result<Written, Error> {
+) -> Result<Outcome<OffsetDateTime>, Error> {
     let policy = ctx.config.leaf_policy();
     let owner = request.uid.clone();
     let failed = |reason: &'static str| {
@@ -163,14 +146,14 @@ pub async fn issue(
     };
     let written = write_secret(ctx, existing, desired(existing, svc, family, name, Content::Issued(&leaf))).await;
     match &written {
-        Ok(Written::Done { .. }) => {
+        Ok(Outcome::Done(_)) => {
             ctx.keys.written(&owner);
             announce_issued(ctx, svc, name, reason, &leaf, &signer.ca).await;
         }
         // The key stays parked for the Secret's re-creation.
-        Ok(Written::Raced | Written::Deleting(_)) => {}
-        Ok(Written::Gone) => ctx.keys.written(&owner),
-        Ok(Written::Refused(_)) => {
+        Ok(Outcome::Raced | Outcome::Held(_)) => {}
+        Ok(Outcome::Gone) => ctx.keys.written(&owner),
+        Ok(Outcome::Refused(_)) => {
             failed("refused");
         }
         Err(_) => {
@@ -190,8 +173,12 @@ pub async fn issue(
 /// a user made dependent on it are not collected with it. The API server then keeps
 /// the Secret until the garbage collector has orphaned them, and any finalizer of the
 /// user's holds it longer: a Secret still there after the delete is not created over
-/// (that would fail, again and again) but waited for: [`Written::Deleting`].
-pub async fn write_secret(ctx: &Context, existing: Option<&Secret>, mut desired: Secret) -> Result<Written, Error> {
+/// (that would fail, again and again) but waited for: [`Outcome::Held`].
+pub async fn write_secret(
+    ctx: &Context,
+    existing: Option<&Secret>,
+    mut desired: Secret,
+) -> Result<Outcome<OffsetDateTime>, Error> {
     let namespace = desired.namespace().unwrap_or_default();
     let name = desired.name_any();
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -214,7 +201,7 @@ pub async fn write_secret(ctx: &Context, existing: Option<&Secret>, mut desired:
                     // Still there (the object, not a Status, came back): held.
                     if let Some(held) = deleted.left().filter(|s| s.metadata.deletion_timestamp.is_some()) {
                         tracing::info!(secret = %secret_ref(&namespace, &name), "deleting an immutable Secret to change its data; re-created once it is gone");
-                        return Ok(Written::Deleting(Box::new(held.metadata)));
+                        return Ok(Outcome::Held(Box::new(held.metadata)));
                     }
                     tracing::info!(secret = %secret_ref(&namespace, &name), "re-creating an immutable Secret to change its data");
                     desired.metadata.resource_version = None;
@@ -232,17 +219,18 @@ pub async fn write_secret(ctx: &Context, existing: Option<&Secret>, mut desired:
             api.replace(&name, &post_params(), &desired).await
         }
     };
-    match result {
-        Ok(_) => Ok(Written::Done { expiry }),
-        Err(e) if is_conflict(&e) || is_not_found(&e) => Ok(Written::Raced),
+    let source = match result {
+        Ok(_) => return Ok(Outcome::Done(expiry)),
         // A namespace being deleted refuses new objects: the Service goes with it.
-        Err(e) if api_message(&e).contains("because it is being terminated") => Ok(Written::Gone),
-        Err(e) if is_refused(&e) => Ok(Written::Refused(format!(
-            "the API server refused Secret {}: {}",
-            secret_ref(&namespace, &name),
-            crate::bounded(&api_message(&e))
-        ))),
-        Err(source) => Err(Error::WriteSecret { secret: secret_ref(&namespace, &name), source }),
+        Err(e) if api_message(&e).contains("because it is being terminated") => return Ok(Outcome::Gone),
+        Err(e) => e,
+    };
+    match Outcome::of_failure(&source) {
+        Some(Outcome::Refused(why)) => {
+            Ok(Outcome::Refused(format!("the API server refused Secret {}: {why}", secret_ref(&namespace, &name))))
+        }
+        Some(outcome) => Ok(outcome),
+        None => Err(Error::WriteSecret { secret: secret_ref(&namespace, &name), source }),
     }
 }
 

@@ -28,9 +28,9 @@ use super::decision::decide;
 use super::precondition::{Ask, Keyed, Step, ask, step};
 use super::report::{mark_signed, report_problem};
 use super::request::leaf_request;
-use super::secret::{Content, Written, desired, issue, read_secret, wait_for_deletion, write_secret};
+use super::secret::{Content, desired, issue, read_secret, wait_for_deletion, write_secret};
 use super::{Error, secret_ref};
-use crate::controllers::{Context, LOOK_AGAIN, Shard, drive};
+use crate::controllers::{Context, LOOK_AGAIN, Outcome, Shard, drive};
 use crate::shutdown::Shutdown;
 
 pub const NAME: &str = "serving-cert";
@@ -111,7 +111,7 @@ async fn reconcile(svc: Arc<Service>, st: Arc<State>) -> Result<Action, Error> {
         }
         Step::Issue(reason) => {
             let written = issue(ctx, &svc, request, family, name, existing.as_ref(), &signer, &reason).await?;
-            if matches!(written, Written::Gone) {
+            if matches!(written, Outcome::Gone) {
                 st.terminating.note(&namespace);
             }
             if let Some(next) = settle(ctx, &svc, written).await? {
@@ -133,12 +133,12 @@ async fn reconcile(svc: Arc<Service>, st: Arc<State>) -> Result<Action, Error> {
 
 /// What follows a write: `None` when it was done (go on), else the end of this pass —
 /// look again soon after a race, or report the refusal on the Service.
-async fn settle(ctx: &Context, svc: &Service, written: Written) -> Result<Option<Action>, Error> {
+async fn settle(ctx: &Context, svc: &Service, written: Outcome<OffsetDateTime>) -> Result<Option<Action>, Error> {
     match written {
-        Written::Done { .. } => Ok(None),
-        Written::Raced => Ok(Some(Action::requeue(LOOK_AGAIN))),
-        Written::Gone => Ok(Some(Action::await_change())),
-        Written::Deleting(held) => wait_for_deletion(ctx, NAME, svc, &held).await.map(Some),
-        Written::Refused(message) => report_problem(ctx, NAME, svc, &message).await.map(Some),
+        Outcome::Done(_) => Ok(None),
+        Outcome::Raced => Ok(Some(Action::requeue(LOOK_AGAIN))),
+        Outcome::Gone => Ok(Some(Action::await_change())),
+        Outcome::Held(held) => wait_for_deletion(ctx, NAME, svc, &held).await.map(Some),
+        Outcome::Refused(message) => report_problem(ctx, NAME, svc, &message).await.map(Some),
     }
 }
