@@ -18,10 +18,12 @@
 //!
 //! This module holds what they all share: the [`Context`], the cached watches
 //! ([`watch`]), the controller run loop with per-object retry backoff ([`drive`]),
-//! how a write ended ([`Outcome`]), and small helpers for API errors and writes.
+//! how a write ended ([`Outcome`]), when they look again ([`delays`]), how an object
+//! is printed ([`shown`]), and small helpers for API errors and writes.
 
 pub mod ca_bundle;
 pub mod ca_lifecycle;
+pub mod delays;
 pub mod events;
 pub mod outcome;
 pub mod pod_certs;
@@ -44,6 +46,9 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
 
+pub use self::delays::{
+    LOOK_AGAIN, LOOK_AGAIN_INJECTING, MAX_RETRY, NOT_YET, RETRY_REFUSED, UNREACHABLE_RETRY, WATCH_RETRY,
+};
 pub use self::events::EventType;
 use self::events::{Recorder, Report};
 pub use self::outcome::Outcome;
@@ -106,6 +111,21 @@ impl Context {
         self.observe(controller, started, result.as_ref().map(|_| ()));
         result
     }
+}
+
+/// How logs, Events and errors print an object: `Kind namespace/name` (`Kind name`
+/// when it is cluster-scoped).
+pub fn shown(kind: &str, namespace: Option<&str>, name: &str) -> String {
+    match namespace {
+        Some(namespace) => format!("{kind} {namespace}/{name}"),
+        None => format!("{kind} {name}"),
+    }
+}
+
+/// [`shown`] for an object at hand.
+pub fn shown_obj<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    let meta = obj.meta();
+    shown(&K::kind(&()), meta.namespace.as_deref(), meta.name.as_deref().unwrap_or_default())
 }
 
 /// A short digest of a message, to tell one message from another.
@@ -190,13 +210,6 @@ pub fn patch_params() -> PatchParams {
     PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() }
 }
 
-/// How soon to look again after a write lost a race (409) or found its object gone.
-pub const LOOK_AGAIN: Duration = Duration::from_millis(500);
-
-/// How soon to retry a write the API server refused (422): a person has to change
-/// something first, so there is no hurry.
-pub const RETRY_REFUSED: Duration = Duration::from_secs(60);
-
 /// Whether a controller's objects are shared across replicas, and by which key.
 pub enum Shard<K> {
     /// Singleton work (the leader's): every object.
@@ -272,7 +285,7 @@ pub async fn drive<K, S, E, Fut>(
         if error.unreachable() {
             delay = delay.min(UNREACHABLE_RETRY);
         }
-        tracing::warn!(controller = name, object = %key, %error, retry_in = ?delay, "reconcile failed");
+        tracing::warn!(controller = name, object = %shown_obj(obj.as_ref()), %error, retry_in = ?delay, "reconcile failed");
         Action::requeue(delay)
     };
     controller
@@ -302,10 +315,6 @@ struct Failures {
     swept: Option<Instant>,
 }
 
-/// The longest delay between two attempts on one failing object.
-pub const MAX_RETRY: Duration = Duration::from_secs(300);
-/// Retry delay while the API server cannot be reached.
-const UNREACHABLE_RETRY: Duration = Duration::from_secs(5);
 /// A failure count not renewed this long is forgotten: twice the longest delay, so a
 /// failing object is always retried (and counted again) before.
 pub const FORGET_FAILURES_AFTER: Duration = Duration::from_secs(600);
@@ -372,6 +381,16 @@ pub use crate::dates::until;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn objects_are_shown_as_kind_namespace_slash_name() {
+        assert_eq!(shown("Secret", Some("shop"), "web-tls"), "Secret shop/web-tls");
+        assert_eq!(shown("APIService", None, "v1.example.com"), "APIService v1.example.com");
+        let mut cm = k8s_openapi::api::core::v1::ConfigMap::default();
+        cm.metadata.name = Some("trust".into());
+        cm.metadata.namespace = Some("shop".into());
+        assert_eq!(shown_obj(&cm), "ConfigMap shop/trust");
+    }
 
     #[test]
     fn failure_counts_of_objects_that_went_expire_and_are_bounded() {

@@ -14,7 +14,6 @@ mod targets;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
@@ -31,14 +30,14 @@ use kube::{Api, ResourceExt};
 pub use targets::{Target, Write};
 
 use super::watch::cached_metadata_watch;
-use super::{Categorised, Context, EventType, Outcome, RETRY_REFUSED, Shard, api_message, drive, patch_params};
+use super::{
+    Categorised, Context, EventType, LOOK_AGAIN_INJECTING, Outcome, RETRY_REFUSED, Shard, api_message, drive,
+    patch_params, shown_obj,
+};
 use crate::names::{self as ann, KUBE_ROOT_CA, KUBE_ROOT_CA_KEY, SIGNING_CABUNDLE, is_true};
 use crate::shutdown::Shutdown;
 
 pub const NAME: &str = "ca-bundle";
-
-/// How soon to look again after the object changed or went while we wrote.
-const RACE_LOST: Duration = Duration::from_millis(200);
 
 /// What can fail in an injection: the operation and the object it was for.
 #[derive(Debug, thiserror::Error)]
@@ -115,15 +114,6 @@ fn keep_annotation(key: &str) -> bool {
     key == ann::BETA.inject_cabundle
         || key == ann::ALPHA.inject_cabundle
         || key == ann::INJECT_VULNERABLE_LEGACY_CABUNDLE
-}
-
-/// `namespace/name`, or `name` for a cluster-scoped object.
-fn shown(meta: &ObjectMeta) -> String {
-    let name = meta.name.as_deref().unwrap_or_default();
-    match meta.namespace.as_deref() {
-        Some(ns) => format!("{ns}/{name}"),
-        None => name.to_string(),
-    }
 }
 
 /// Whether `meta` names an object the operator writes for itself (`signing-cabundle`
@@ -226,10 +216,9 @@ async fn inject<K: Target>(obj: Arc<PartialObjectMeta<K>>, state: Arc<Injector>)
     };
     if own_object::<K>(&obj.metadata, &ctx.config.namespace) {
         let note = format!(
-            "{} {} is written by the operator itself and is never an injection target: nothing is injected. \
+            "{} is written by the operator itself and is never an injection target: nothing is injected. \
              Remove the inject annotation.",
-            K::KIND,
-            crate::bounded(&shown(&obj.metadata))
+            crate::bounded(&shown_obj(obj.as_ref()))
         );
         state.warn(&object, &reference, IGNORED, note).await;
         return Ok(Action::await_change());
@@ -241,7 +230,7 @@ async fn inject<K: Target>(obj: Arc<PartialObjectMeta<K>>, state: Arc<Injector>)
         Ok(Outcome::Raced) => {}
         Ok(Outcome::Refused(message)) => {
             let note = format!("could not inject the CA bundle: the API server refused it: {message}");
-            tracing::warn!(kind = K::KIND, %object, "{note}");
+            tracing::warn!(object = %shown_obj(obj.as_ref()), "{note}");
             state.warn(&object, &reference, FAILED, note).await;
         }
         // Retried with the per-object backoff of `drive`; reported once (a transport
@@ -262,7 +251,7 @@ async fn inject<K: Target>(obj: Arc<PartialObjectMeta<K>>, state: Arc<Injector>)
     }
     result.map(|outcome| match outcome {
         Outcome::Done(()) | Outcome::Gone | Outcome::Held(_) => Action::await_change(),
-        Outcome::Raced => Action::requeue(RACE_LOST),
+        Outcome::Raced => Action::requeue(LOOK_AGAIN_INJECTING),
         Outcome::Refused(_) => Action::requeue(RETRY_REFUSED),
     })
 }
@@ -319,9 +308,9 @@ async fn inject_into<K: Target>(
         };
         if injects {
             ctx.metrics.injections.get_or_create(&crate::metrics::KindLabels { kind: K::RESOURCE }).inc();
-            tracing::info!(kind = K::KIND, %object, "CA bundle injected");
+            tracing::info!(object = %shown_obj(obj), "CA bundle injected");
         } else {
-            tracing::info!(kind = K::KIND, %object, "dropped our managedFields entry so that we block no other manager");
+            tracing::info!(object = %shown_obj(obj), "dropped our managedFields entry so that we block no other manager");
         }
     }
     Ok(Outcome::Done(()))

@@ -157,7 +157,7 @@ fn observed<T>(object: Option<T>) -> Observed<T> {
 async fn watch_failed(ctx: &Context, object: &str, error: &watcher::Error) {
     ctx.health.observe_api(false);
     tracing::warn!(%error, "watching {object} failed; retrying");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(super::WATCH_RETRY).await;
 }
 
 /// One pass; returns when it next needs to run by itself.

@@ -32,16 +32,15 @@ use tokio::sync::watch;
 use self::index::ServiceIndex;
 use self::plan::{Plan, Settings};
 use super::watch::cached_watch;
-use super::{Categorised, Context, EventType, LOOK_AGAIN, Outcome, Shard, api_category, api_message, drive};
+use super::{
+    Categorised, Context, EventType, LOOK_AGAIN, NOT_YET, Outcome, Shard, api_category, api_message, drive, shown_obj,
+};
 use crate::metrics::ReasonLabels;
 use crate::names::{CA_BUNDLE, SIGNING_CABUNDLE};
 use crate::pki::PkiError;
 use crate::shutdown::Shutdown;
 
 pub const NAME: &str = "pod-certs";
-
-/// How soon to look again while the CA or the published bundle is not there yet.
-const NOT_YET: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -179,7 +178,7 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result
     let status = match planned {
         Plan::Nothing => return Ok(Action::await_change()),
         Plan::Wait { until } => {
-            tracing::debug!(request = %key, "no Service selects the pod yet; waiting");
+            tracing::debug!(object = %shown_obj(pcr.as_ref()), "no Service selects the pod yet; waiting");
             return Ok(look_again_at(until));
         }
         Plan::Deny { reason, message } => final_status("Denied", reason, message, &pcr),
@@ -188,7 +187,7 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result
             // The watches may be behind (a replica paused, then resumed after a hard
             // reset): sign only while the API server's signing-cabundle holds this CA.
             if !bundle_holds(ctx, &signer).await? {
-                tracing::info!(request = %key, ca = signer.ca.subject_cn(), "signing-cabundle no longer holds this replica's CA; waiting for the current one");
+                tracing::info!(object = %shown_obj(pcr.as_ref()), ca = signer.ca.subject_cn(), "signing-cabundle no longer holds this replica's CA; waiting for the current one");
                 return Ok(Action::requeue(NOT_YET));
             }
             sign(&pcr, &signer, names, lifetime, public).await?
@@ -317,7 +316,7 @@ async fn write_status(
         Outcome::Raced | Outcome::Gone | Outcome::Held(_) => return Ok(Action::requeue(LOOK_AGAIN)),
         Outcome::Refused(why) => {
             let why = format!("the API server refused the issued certificate: {why}");
-            tracing::warn!(request = %format!("{namespace}/{name}"), %why, "pod certificate refused");
+            tracing::warn!(object = %shown_obj(pcr), %why, "pod certificate refused");
             let failed = final_status("Failed", "CannotSign", why, pcr);
             return Box::pin(write_status(ctx, pcr, failed)).await;
         }
@@ -329,9 +328,9 @@ async fn write_status(
     };
     ctx.metrics.pod_certificate_requests.get_or_create(&ReasonLabels { reason: label }).inc();
     if outcome == "Issued" {
-        tracing::info!(request = %format!("{namespace}/{name}"), pod = %pcr.spec.pod_name, "pod certificate issued");
+        tracing::info!(object = %shown_obj(pcr), pod = %pcr.spec.pod_name, "pod certificate issued");
     } else {
-        tracing::info!(request = %format!("{namespace}/{name}"), %outcome, %reason, %message, "pod certificate request answered");
+        tracing::info!(object = %shown_obj(pcr), %outcome, %reason, %message, "pod certificate request answered");
         let note = format!("{outcome} ({reason}): {message}");
         ctx.event(&pcr.object_ref(&()), EventType::Warning, &format!("PodCertificate{outcome}"), note).await;
     }

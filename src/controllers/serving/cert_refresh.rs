@@ -112,7 +112,7 @@ async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Resu
             Step::Tidy { extra_keys, expiry, refresh_at } => {
                 let desired = desired(secret.as_ref(), &svc, family, &name, Content::Kept { expiry });
                 if !extra_keys.is_empty() {
-                    tracing::info!(secret = %secret_ref(&namespace, &name), ?extra_keys, "removing extra data keys");
+                    tracing::info!(object = %secret_ref(&namespace, &name), ?extra_keys, "removing extra data keys");
                 }
                 (write_secret(ctx, secret.as_ref(), desired).await?, refresh_at, false)
             }
@@ -170,7 +170,7 @@ async fn release(ctx: &Context, namespace: &str, name: &str) -> Result<Action, E
     ctx.metrics.write("secrets", "patch");
     match api.patch(name, &patch_params(), &Patch::Merge(&patch)).await {
         Ok(_) => {
-            tracing::info!(secret = %secret_ref(namespace, name), "its Service no longer names it: no longer managed");
+            tracing::info!(object = %secret_ref(namespace, name), "its Service no longer names it: no longer managed");
             Ok(Action::await_change())
         }
         Err(e) if is_not_found(&e) => Ok(Action::await_change()),

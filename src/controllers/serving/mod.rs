@@ -28,15 +28,15 @@ pub mod secret;
 pub mod serving_cert;
 pub mod watches;
 
-use crate::controllers::{Categorised, api_category};
+use crate::controllers::{Categorised, api_category, shown};
 use crate::pki::PkiError;
 
 /// What can fail in the serving controllers: the operation and the object it was for.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("reading Secret {secret}: {source}")]
+    #[error("reading {secret}: {source}")]
     ReadSecret { secret: String, source: kube::Error },
-    #[error("writing Secret {secret}: {source}")]
+    #[error("writing {secret}: {source}")]
     WriteSecret { secret: String, source: kube::Error },
     #[error("issuing a certificate for Service {service}: {source}")]
     IssueLeaf { service: String, source: PkiError },
@@ -75,9 +75,9 @@ impl Categorised for Error {
 /// edits (or removes) its error annotations.
 pub const MAX_FAILURES: u32 = 10;
 
-/// `namespace/name`, for messages.
+/// `Secret namespace/name`, as logs, Events and errors print it (see [`shown`]).
 pub fn secret_ref(namespace: &str, name: &str) -> String {
-    format!("{namespace}/{name}")
+    shown("Secret", Some(namespace), name)
 }
 
 /// What the tests of the serving rooms share.

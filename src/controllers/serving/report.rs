@@ -35,7 +35,7 @@ pub async fn announce_issued(
         _ => ("re-issued", "ServingCertificateRefreshed"),
     };
     let namespace = svc.namespace().unwrap_or_default();
-    tracing::info!(secret = %secret_ref(&namespace, name), %reason, "serving certificate {verb}");
+    tracing::info!(object = %secret_ref(&namespace, name), %reason, "serving certificate {verb}");
     let note = format!(
         "Secret {name} {verb} because {reason}: certificate valid until {}, signed by {}",
         format_expiry(leaf.not_after),

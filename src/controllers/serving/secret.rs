@@ -200,10 +200,10 @@ pub async fn write_secret(
                 Ok(deleted) => {
                     // Still there (the object, not a Status, came back): held.
                     if let Some(held) = deleted.left().filter(|s| s.metadata.deletion_timestamp.is_some()) {
-                        tracing::info!(secret = %secret_ref(&namespace, &name), "deleting an immutable Secret to change its data; re-created once it is gone");
+                        tracing::info!(object = %secret_ref(&namespace, &name), "deleting an immutable Secret to change its data; re-created once it is gone");
                         return Ok(Outcome::Held(Box::new(held.metadata)));
                     }
-                    tracing::info!(secret = %secret_ref(&namespace, &name), "re-creating an immutable Secret to change its data");
+                    tracing::info!(object = %secret_ref(&namespace, &name), "re-creating an immutable Secret to change its data");
                     desired.metadata.resource_version = None;
                     desired.metadata.uid = None;
                     desired.metadata.creation_timestamp = None;
@@ -227,7 +227,7 @@ pub async fn write_secret(
     };
     match Outcome::of_failure(&source) {
         Some(Outcome::Refused(why)) => {
-            Ok(Outcome::Refused(format!("the API server refused Secret {}: {why}", secret_ref(&namespace, &name))))
+            Ok(Outcome::Refused(format!("the API server refused {}: {why}", secret_ref(&namespace, &name))))
         }
         Some(outcome) => Ok(outcome),
         None => Err(Error::WriteSecret { secret: secret_ref(&namespace, &name), source }),
@@ -289,7 +289,7 @@ pub fn held_message(namespace: &str, meta: &ObjectMeta) -> String {
     };
     let since = meta.deletion_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default();
     format!(
-        "Secret {} is being deleted (since {since}) and is held by {holders}; the certificate is written once it \
+        "{} is being deleted (since {since}) and is held by {holders}; the certificate is written once it \
          is gone",
         secret_ref(namespace, &meta.name.clone().unwrap_or_default()),
     )

@@ -103,7 +103,7 @@ async fn reconcile(svc: Arc<Service>, st: Arc<State>) -> Result<Action, Error> {
         Step::WaitForDeletion(held) => return wait_for_deletion(ctx, NAME, &svc, held).await,
         Step::Foreign(why) => {
             let message = format!(
-                "Secret {} already exists and {why}; the operator never modifies it. Delete it, or set {} to another name",
+                "{} already exists and {why}; the operator never modifies it. Delete it, or set {} to another name",
                 secret_ref(&namespace, name),
                 family.serving_cert_secret_name
             );
