@@ -25,6 +25,7 @@ pub mod ca_bundle;
 pub mod ca_lifecycle;
 pub mod delays;
 pub mod events;
+pub mod failure;
 pub mod outcome;
 pub mod pod_certs;
 pub mod serving;
@@ -45,6 +46,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
+use tracing::Instrument;
 
 pub use self::delays::{
     LOOK_AGAIN, LOOK_AGAIN_INJECTING, MAX_RETRY, NOT_YET, RETRY_REFUSED, UNREACHABLE_RETRY, WATCH_RETRY,
@@ -126,6 +128,18 @@ pub fn shown(kind: &str, namespace: Option<&str>, name: &str) -> String {
 pub fn shown_obj<K: Resource<DynamicType = ()>>(obj: &K) -> String {
     let meta = obj.meta();
     shown(&K::kind(&()), meta.namespace.as_deref(), meta.name.as_deref().unwrap_or_default())
+}
+
+/// The span a reconcile pass of `controller` on `obj` runs in: it names the object, and
+/// the pass records why it writes (`reason`, see [`record_reason`]). kube's enclosing
+/// span ("reconciling object") carries what triggered the pass.
+fn pass_span<K: Resource<DynamicType = ()>>(controller: &'static str, obj: &K) -> tracing::Span {
+    tracing::info_span!("reconcile", controller, object = %shown_obj(obj), reason = tracing::field::Empty)
+}
+
+/// Records on the current reconcile span why this pass writes (a bounded label).
+pub fn record_reason(reason: &str) {
+    tracing::Span::current().record("reason", reason);
 }
 
 /// A short digest of a message, to tell one message from another.
@@ -265,9 +279,10 @@ pub async fn drive<K, S, E, Fut>(
                 (true, Some(namespace)) => gate.enter(&namespace, object).map(Some),
                 (owned, _) => owned.then_some(None),
             };
+            let span = pass_span(name, obj.as_ref());
             let pass = slot.map(|slot| (slot, reconcile(obj, state)));
             let (ctx, retries) = (ctx.clone(), retries.clone());
-            async move {
+            let pass = async move {
                 // Another replica's: nothing to do until it changes or the members do.
                 // Deferred: started again when its namespace's turn comes.
                 let Some((_slot, pass)) = pass else { return Ok(Action::await_change()) };
@@ -276,7 +291,8 @@ pub async fn drive<K, S, E, Fut>(
                     retries.forget(&key);
                 }
                 result
-            }
+            };
+            pass.instrument(span)
         }
     };
     let error_policy = move |obj: Arc<K>, error: &E, _: Arc<S>| {

@@ -31,9 +31,11 @@ use tokio::sync::watch;
 
 use self::index::ServiceIndex;
 use self::plan::{Plan, Settings};
+use super::failure::{Op, no_answer};
 use super::watch::cached_watch;
 use super::{
-    Categorised, Context, EventType, LOOK_AGAIN, NOT_YET, Outcome, Shard, api_category, api_message, drive, shown_obj,
+    Categorised, Context, EventType, LOOK_AGAIN, NOT_YET, Outcome, Shard, api_category, api_message, drive,
+    record_reason, shown_obj,
 };
 use crate::metrics::ReasonLabels;
 use crate::names::{CA_BUNDLE, SIGNING_CABUNDLE};
@@ -42,28 +44,30 @@ use crate::shutdown::Shutdown;
 
 pub const NAME: &str = "pod-certs";
 
+/// What can fail in signing a request: what was being done, to which object (the
+/// shape of every controller's errors, see [`super::failure`]). API failures are
+/// counted by their status (`conflict`, `invalid`, ...), not by what was being done.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("reading pod {0}: {1}")]
-    ReadPod(String, kube::Error),
-    #[error("writing the status of PodCertificateRequest {0}: {1}")]
-    WriteStatus(String, kube::Error),
-    #[error("reading ConfigMap {0}: {1}")]
-    ReadBundle(&'static str, kube::Error),
-    #[error("signing: {0}")]
-    Sign(PkiError),
+    #[error("{action} {object}: {source}")]
+    Kube { action: Op, object: String, source: kube::Error },
+    #[error("{action} {object}: {source}")]
+    Pki { action: Op, object: String, source: PkiError },
 }
+
+const READ: Op = Op { doing: "reading", category: "api" };
+const WRITE_STATUS: Op = Op { doing: "writing the status of", category: "api" };
+const SIGN: Op = Op { doing: "signing for", category: "pki" };
 
 impl Categorised for Error {
     fn category(&self) -> &'static str {
         match self {
-            Error::ReadPod(_, e) | Error::WriteStatus(_, e) | Error::ReadBundle(_, e) => api_category(e),
-            Error::Sign(_) => "pki",
+            Error::Kube { source, .. } => api_category(source),
+            Error::Pki { action, .. } => action.category,
         }
     }
     fn unreachable(&self) -> bool {
-        matches!(self, Error::ReadPod(_, e) | Error::WriteStatus(_, e) | Error::ReadBundle(_, e)
-            if super::status_code(e).is_none())
+        matches!(self, Error::Kube { source, .. } if no_answer(source))
     }
 }
 
@@ -181,9 +185,16 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result
             tracing::debug!(object = %shown_obj(pcr.as_ref()), "no Service selects the pod yet; waiting");
             return Ok(look_again_at(until));
         }
-        Plan::Deny { reason, message } => final_status("Denied", reason, message, &pcr),
-        Plan::Fail { message } => final_status("Failed", "CannotSign", message, &pcr),
+        Plan::Deny { reason, message } => {
+            record_reason(reason);
+            final_status("Denied", reason, message, &pcr)
+        }
+        Plan::Fail { message } => {
+            record_reason("CannotSign");
+            final_status("Failed", "CannotSign", message, &pcr)
+        }
         Plan::Issue { names, lifetime, key: public } => {
+            record_reason("Issued");
             // The watches may be behind (a replica paused, then resumed after a hard
             // reset): sign only while the API server's signing-cabundle holds this CA.
             if !bundle_holds(ctx, &signer).await? {
@@ -241,7 +252,11 @@ async fn sign(
         signing.ca.issue_pod_leaf(&names, &pod_uid, &public, OffsetDateTime::now_utc(), lifetime)
     })
     .await
-    .map_err(|e| Error::Sign(PkiError::Signing(format!("worker failed: {e}"))))?;
+    .map_err(|e| Error::Pki {
+        action: SIGN,
+        object: shown_obj(pcr),
+        source: PkiError::Signing(format!("worker failed: {e}")),
+    })?;
     let leaf = match signed {
         Ok(leaf) => leaf,
         Err(error) => return Ok(final_status("Failed", "CannotSign", format!("cannot sign: {error}"), pcr)),
@@ -308,7 +323,7 @@ async fn write_status(
                 Outcome::Refused(api_message(&e))
             }
             Some(Outcome::Raced) => Outcome::Raced,
-            _ => return Err(Error::WriteStatus(format!("{namespace}/{name}"), e)),
+            _ => return Err(Error::Kube { action: WRITE_STATUS, object: shown_obj(pcr), source: e }),
         },
     };
     match written {
@@ -341,7 +356,9 @@ async fn write_status(
 /// the signer's CA certificate.
 async fn bundle_holds(ctx: &Context, signer: &crate::signer::Signer) -> Result<bool, Error> {
     let api: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
-    let bundle = api.get_opt(SIGNING_CABUNDLE).await.map_err(|e| Error::ReadBundle(SIGNING_CABUNDLE, e))?;
+    let object = || super::shown("ConfigMap", Some(&ctx.config.namespace), SIGNING_CABUNDLE);
+    let bundle =
+        api.get_opt(SIGNING_CABUNDLE).await.map_err(|source| Error::Kube { action: READ, object: object(), source })?;
     let pem = bundle.as_ref().and_then(|cm| cm.data.as_ref()).and_then(|d| d.get(CA_BUNDLE));
     let ders = pem.and_then(|pem| crate::pki::pem::decode_certificates(CA_BUNDLE, pem.as_bytes()).ok());
     Ok(ders.is_some_and(|ders| ders.iter().any(|der| *der == signer.ca.certificate().der)))
@@ -373,7 +390,8 @@ fn planned_pod(pod: &Pod, signer: &str) -> plan::Pod {
 /// The pod by name (`None` when it does not exist).
 async fn read_pod(ctx: &Context, namespace: &str, name: &str) -> Result<Option<Pod>, Error> {
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
-    api.get_opt(name).await.map_err(|e| Error::ReadPod(format!("{namespace}/{name}"), e))
+    let object = || super::shown("Pod", Some(namespace), name);
+    api.get_opt(name).await.map_err(|source| Error::Kube { action: READ, object: object(), source })
 }
 
 fn time_of(t: &Time) -> OffsetDateTime {

@@ -32,8 +32,10 @@ use super::progress::{self, Progress};
 use super::report::report_problem;
 use super::request::{leaf_request, originating_service};
 use super::secret::{Content, desired, issue, read_secret, wait_for_deletion, write_secret};
-use super::{Error, secret_ref};
-use crate::controllers::{Context, LOOK_AGAIN, Outcome, Shard, drive, is_not_found, patch_params, until};
+use super::{Error, WRITE_SECRET, secret_ref};
+use crate::controllers::{
+    Context, LOOK_AGAIN, Outcome, Shard, drive, is_not_found, patch_params, record_reason, until,
+};
 use crate::names::MANAGED_LABEL;
 use crate::shutdown::Shutdown;
 
@@ -110,6 +112,7 @@ async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Resu
                 return Ok(wake_at(refresh_at));
             }
             Step::Tidy { extra_keys, expiry, refresh_at } => {
+                record_reason("tidy");
                 let desired = desired(secret.as_ref(), &svc, family, &name, Content::Kept { expiry });
                 if !extra_keys.is_empty() {
                     tracing::info!(object = %secret_ref(&namespace, &name), ?extra_keys, "removing extra data keys");
@@ -117,6 +120,7 @@ async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Resu
                 (write_secret(ctx, secret.as_ref(), desired).await?, refresh_at, false)
             }
             Step::Issue(reason) => {
+                record_reason(reason.category());
                 let written = issue(ctx, &svc, request, family, &name, secret.as_ref(), &signer, &reason).await?;
                 let refresh_at = match &written {
                     Outcome::Done(expiry) => policy.refresh_at(*expiry, signer.ca.not_after()),
@@ -174,6 +178,6 @@ async fn release(ctx: &Context, namespace: &str, name: &str) -> Result<Action, E
             Ok(Action::await_change())
         }
         Err(e) if is_not_found(&e) => Ok(Action::await_change()),
-        Err(source) => Err(Error::WriteSecret { secret: secret_ref(namespace, name), source }),
+        Err(source) => Err(Error::Kube { action: WRITE_SECRET, object: secret_ref(namespace, name), source }),
     }
 }

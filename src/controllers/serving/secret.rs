@@ -10,14 +10,13 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use time::OffsetDateTime;
 
 use super::decision::{IssueReason, SecretFacts};
 use super::report::{announce_issued, report_problem};
-use super::{Error, secret_ref};
-use crate::controllers::{Context, Outcome, api_message, post_params};
+use super::{Error, ISSUE, READ_SECRET, WRITE_SECRET, secret_ref};
+use crate::controllers::{Context, Outcome, api_message, post_params, shown_obj};
 use crate::keypool::Priority;
 use crate::metrics::ReasonLabels;
 use crate::names::{self as ann, Family, SECRET_TYPE_TLS, TLS_CERT, TLS_KEY};
@@ -109,10 +108,11 @@ fn is_service_owner(owner: &OwnerReference) -> bool {
 
 /// The Secret `namespace/name` read whole from the API server (`None`: absent).
 pub async fn read_secret(ctx: &Context, namespace: &str, name: &str) -> Result<Option<Secret>, Error> {
-    Api::<Secret>::namespaced(ctx.client.clone(), namespace)
-        .get_opt(name)
-        .await
-        .map_err(|source| Error::ReadSecret { secret: secret_ref(namespace, name), source })
+    Api::<Secret>::namespaced(ctx.client.clone(), namespace).get_opt(name).await.map_err(|source| Error::Kube {
+        action: READ_SECRET,
+        object: secret_ref(namespace, name),
+        source,
+    })
 }
 
 /// Issues a certificate for `request` (what the Service `svc` asks for) and writes it
@@ -141,7 +141,7 @@ pub async fn issue(
         Ok(leaf) => leaf,
         Err(source) => {
             failed("pki");
-            return Err(Error::IssueLeaf { service: ObjectRef::from_obj(svc).to_string(), source });
+            return Err(Error::Pki { action: ISSUE, object: shown_obj(svc), source });
         }
     };
     let written = write_secret(ctx, existing, desired(existing, svc, family, name, Content::Issued(&leaf))).await;
@@ -230,7 +230,7 @@ pub async fn write_secret(
             Ok(Outcome::Refused(format!("the API server refused {}: {why}", secret_ref(&namespace, &name))))
         }
         Some(outcome) => Ok(outcome),
-        None => Err(Error::WriteSecret { secret: secret_ref(&namespace, &name), source }),
+        None => Err(Error::Kube { action: WRITE_SECRET, object: secret_ref(&namespace, &name), source }),
     }
 }
 

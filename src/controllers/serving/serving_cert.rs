@@ -30,7 +30,7 @@ use super::report::{mark_signed, report_problem};
 use super::request::leaf_request;
 use super::secret::{Content, desired, issue, read_secret, wait_for_deletion, write_secret};
 use super::{Error, secret_ref};
-use crate::controllers::{Context, LOOK_AGAIN, Outcome, Shard, drive};
+use crate::controllers::{Context, LOOK_AGAIN, Outcome, Shard, drive, record_reason};
 use crate::shutdown::Shutdown;
 
 pub const NAME: &str = "serving-cert";
@@ -110,6 +110,7 @@ async fn reconcile(svc: Arc<Service>, st: Arc<State>) -> Result<Action, Error> {
             return report_problem(ctx, NAME, &svc, &message).await;
         }
         Step::Issue(reason) => {
+            record_reason(reason.category());
             let written = issue(ctx, &svc, request, family, name, existing.as_ref(), &signer, &reason).await?;
             if matches!(written, Outcome::Gone) {
                 st.terminating.note(&namespace);
@@ -119,6 +120,7 @@ async fn reconcile(svc: Arc<Service>, st: Arc<State>) -> Result<Action, Error> {
             }
         }
         Step::Tidy { expiry, .. } => {
+            record_reason("tidy");
             let secret = desired(existing.as_ref(), &svc, family, name, Content::Kept { expiry });
             let written = write_secret(ctx, existing.as_ref(), secret).await?;
             if let Some(next) = settle(ctx, &svc, written).await? {
