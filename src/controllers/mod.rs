@@ -51,8 +51,8 @@ use tracing::Instrument;
 pub use self::delays::{
     LOOK_AGAIN, LOOK_AGAIN_INJECTING, MAX_RETRY, NOT_YET, RETRY_REFUSED, UNREACHABLE_RETRY, WATCH_RETRY,
 };
-pub use self::events::EventType;
-use self::events::{Recorder, Report};
+use self::events::Recorder;
+pub use self::events::{EventType, digest};
 pub use self::outcome::Outcome;
 use crate::admin::Health;
 use crate::config::Config;
@@ -83,13 +83,7 @@ impl Context {
     /// behind an old one, the action carries a short digest of the note: the same
     /// message repeated is counted, a different message is a new Event.
     pub async fn event(&self, regarding: &ObjectReference, type_: EventType, reason: &str, note: String) {
-        let note = crate::bounded_to(&note, 1000);
-        let action = format!("{reason}/{:08x}", digest(&note) as u32);
-        self.metrics.write("events", "create");
-        let report = Report { type_, reason, action: &action, note: &note };
-        if let Err(error) = self.recorder.publish(&report, regarding).await {
-            tracing::warn!(%error, reason, "could not publish an Event");
-        }
+        self.recorder.note(&self.metrics, regarding, type_, reason, note).await;
     }
 
     /// Records a finished reconciliation in the metrics.
@@ -140,14 +134,6 @@ fn pass_span<K: Resource<DynamicType = ()>>(controller: &'static str, obj: &K) -
 /// Records on the current reconcile span why this pass writes (a bounded label).
 pub fn record_reason(reason: &str) {
     tracing::Span::current().record("reason", reason);
-}
-
-/// A short digest of a message, to tell one message from another.
-pub fn digest(text: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    text.hash(&mut hasher);
-    hasher.finish()
 }
 
 /// Errors with a bounded category for metrics.
