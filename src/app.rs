@@ -99,7 +99,7 @@ async fn with_lease(
     let issuing = async {
         if let Some(serving) = now {
             tokio::join!(
-                sharing::run(ctx.clone(), ctx.sharing.clone(), shutdown.clone()),
+                sharing::run(member(&ctx), ctx.sharing.clone(), shutdown.clone()),
                 issue(ctx.clone(), serving, pods, published.clone(), shutdown.clone()),
             );
         }
@@ -119,6 +119,18 @@ async fn with_lease(
         Ok::<_, anyhow::Error>(())
     };
     tokio::join!(issuing, leading).1
+}
+
+/// What the member loop of [`sharing`] uses of the context.
+fn member(ctx: &Context) -> sharing::Member<'_> {
+    sharing::Member {
+        client: ctx.client.clone(),
+        namespace: &ctx.config.namespace,
+        lease_duration: ctx.config.lease_duration,
+        metrics: &ctx.metrics,
+        health: &ctx.health,
+        recorder: &ctx.recorder,
+    }
 }
 
 /// Waits for the leader lease (`false`: shutdown came first). Meanwhile a member

@@ -66,7 +66,33 @@ pub struct Recorder {
     recent: Mutex<Recent>,
 }
 
+/// A short digest of a message, to tell one message from another.
+pub fn digest(text: &str) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
+}
+
 impl Recorder {
+    /// Publishes an Event (see `Context::event`: the note bounded, its digest in the
+    /// action); a failure to do so is logged, never fatal.
+    pub async fn note(
+        &self,
+        metrics: &crate::metrics::Metrics,
+        regarding: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let note = crate::bounded_to(&note, 1000);
+        let action = format!("{reason}/{:08x}", digest(&note) as u32);
+        metrics.write("events", "create");
+        let report = Report { type_, reason, action: &action, note: &note };
+        if let Err(error) = self.publish(&report, regarding).await {
+            tracing::warn!(%error, reason, "could not publish an Event");
+        }
+    }
+
     pub fn new(client: Client, controller: &str, instance: &str) -> Self {
         Recorder {
             client,

@@ -18,11 +18,15 @@
 //!
 //! This module holds what they all share: the [`Context`], the cached watches
 //! ([`watch`]), the controller run loop with per-object retry backoff ([`drive`]),
-//! and small helpers for API errors and writes.
+//! how a write ended ([`Outcome`]), when they look again ([`delays`]), how an object
+//! is printed ([`shown`]), and small helpers for API errors and writes.
 
 pub mod ca_bundle;
 pub mod ca_lifecycle;
+pub mod delays;
 pub mod events;
+pub mod failure;
+pub mod outcome;
 pub mod pod_certs;
 pub mod serving;
 pub mod sharing;
@@ -45,9 +49,14 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
+use tracing::Instrument;
 
-pub use self::events::EventType;
-use self::events::{Recorder, Report};
+pub use self::delays::{
+    LOOK_AGAIN, LOOK_AGAIN_INJECTING, MAX_RETRY, NOT_YET, RETRY_REFUSED, UNREACHABLE_RETRY, WATCH_RETRY,
+};
+use self::events::Recorder;
+pub use self::events::{EventType, digest};
+pub use self::outcome::Outcome;
 use crate::admin::Health;
 use crate::config::Config;
 use crate::keypool::KeyPool;
@@ -77,13 +86,7 @@ impl Context {
     /// behind an old one, the action carries a short digest of the note: the same
     /// message repeated is counted, a different message is a new Event.
     pub async fn event(&self, regarding: &ObjectReference, type_: EventType, reason: &str, note: String) {
-        let note = crate::bounded_to(&note, 1000);
-        let action = format!("{reason}/{:08x}", digest(&note) as u32);
-        self.metrics.write("events", "create");
-        let report = Report { type_, reason, action: &action, note: &note };
-        if let Err(error) = self.recorder.publish(&report, regarding).await {
-            tracing::warn!(%error, reason, "could not publish an Event");
-        }
+        self.recorder.note(&self.metrics, regarding, type_, reason, note).await;
     }
 
     /// Records a finished reconciliation in the metrics.
@@ -109,12 +112,31 @@ impl Context {
     }
 }
 
-/// A short digest of a message, to tell one message from another.
-pub fn digest(text: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    text.hash(&mut hasher);
-    hasher.finish()
+/// How logs, Events and errors print an object: `Kind namespace/name` (`Kind name`
+/// when it is cluster-scoped).
+pub fn shown(kind: &str, namespace: Option<&str>, name: &str) -> String {
+    match namespace {
+        Some(namespace) => format!("{kind} {namespace}/{name}"),
+        None => format!("{kind} {name}"),
+    }
+}
+
+/// [`shown`] for an object at hand.
+pub fn shown_obj<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    let meta = obj.meta();
+    shown(&K::kind(&()), meta.namespace.as_deref(), meta.name.as_deref().unwrap_or_default())
+}
+
+/// The span a reconcile pass of `controller` on `obj` runs in: it names the object, and
+/// the pass records why it writes (`reason`, see [`record_reason`]). kube's enclosing
+/// span ("reconciling object") carries what triggered the pass.
+fn pass_span<K: Resource<DynamicType = ()>>(controller: &'static str, obj: &K) -> tracing::Span {
+    tracing::info_span!("reconcile", controller, object = %shown_obj(obj), reason = tracing::field::Empty)
+}
+
+/// Records on the current reconcile span why this pass writes (a bounded label).
+pub fn record_reason(reason: &str) {
+    tracing::Span::current().record("reason", reason);
 }
 
 /// Errors with a bounded category for metrics.
@@ -191,13 +213,6 @@ pub fn patch_params() -> PatchParams {
     PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() }
 }
 
-/// How soon to look again after a write lost a race (409) or found its object gone.
-pub const LOOK_AGAIN: Duration = Duration::from_millis(500);
-
-/// How soon to retry a write the API server refused (422): a person has to change
-/// something first, so there is no hurry.
-pub const RETRY_REFUSED: Duration = Duration::from_secs(60);
-
 /// Whether a controller's objects are shared across replicas, and by which key.
 pub enum Shard<K> {
     /// Singleton work (the leader's): every object.
@@ -253,9 +268,10 @@ pub async fn drive<K, S, E, Fut>(
                 (true, Some(namespace)) => gate.enter(&namespace, object).map(Some),
                 (owned, _) => owned.then_some(None),
             };
+            let span = pass_span(name, obj.as_ref());
             let pass = slot.map(|slot| (slot, reconcile(obj, state)));
             let (ctx, retries) = (ctx.clone(), retries.clone());
-            async move {
+            let pass = async move {
                 // Another replica's: nothing to do until it changes or the members do.
                 // Deferred: started again when its namespace's turn comes.
                 let Some((_slot, pass)) = pass else { return Ok(Action::await_change()) };
@@ -264,7 +280,8 @@ pub async fn drive<K, S, E, Fut>(
                     retries.forget(&key);
                 }
                 result
-            }
+            };
+            pass.instrument(span)
         }
     };
     let error_policy = move |obj: Arc<K>, error: &E, _: Arc<S>| {
@@ -273,7 +290,7 @@ pub async fn drive<K, S, E, Fut>(
         if error.unreachable() {
             delay = delay.min(UNREACHABLE_RETRY);
         }
-        tracing::warn!(controller = name, object = %key, %error, retry_in = ?delay, "reconcile failed");
+        tracing::warn!(controller = name, object = %shown_obj(obj.as_ref()), %error, retry_in = ?delay, "reconcile failed");
         Action::requeue(delay)
     };
     controller
@@ -303,10 +320,6 @@ struct Failures {
     swept: Option<Instant>,
 }
 
-/// The longest delay between two attempts on one failing object.
-pub const MAX_RETRY: Duration = Duration::from_secs(300);
-/// Retry delay while the API server cannot be reached.
-const UNREACHABLE_RETRY: Duration = Duration::from_secs(5);
 /// A failure count not renewed this long is forgotten: twice the longest delay, so a
 /// failing object is always retried (and counted again) before.
 pub const FORGET_FAILURES_AFTER: Duration = Duration::from_secs(600);
@@ -373,6 +386,16 @@ pub use crate::dates::until;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn objects_are_shown_as_kind_namespace_slash_name() {
+        assert_eq!(shown("Secret", Some("shop"), "web-tls"), "Secret shop/web-tls");
+        assert_eq!(shown("APIService", None, "v1.example.com"), "APIService v1.example.com");
+        let mut cm = k8s_openapi::api::core::v1::ConfigMap::default();
+        cm.metadata.name = Some("trust".into());
+        cm.metadata.namespace = Some("shop".into());
+        assert_eq!(shown_obj(&cm), "ConfigMap shop/trust");
+    }
 
     #[test]
     fn failure_counts_of_objects_that_went_expire_and_are_bounded() {

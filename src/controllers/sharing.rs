@@ -30,8 +30,10 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
 
+use super::events::{EventType, Recorder};
 use super::watch::WatchBackoff;
-use super::{Context, EventType};
+use crate::admin::Health;
+use crate::metrics::Metrics;
 use crate::names::{FIELD_MANAGER, MEMBER_LABEL, MEMBER_LEASE_PREFIX};
 use crate::shutdown::Shutdown;
 
@@ -294,16 +296,27 @@ impl Members {
     }
 }
 
+/// What the member loop uses: where the Leases live, for how long one holds, and
+/// where it reports (metrics, readiness, Events).
+pub struct Member<'a> {
+    pub client: kube::Client,
+    pub namespace: &'a str,
+    pub lease_duration: Duration,
+    pub metrics: &'a Metrics,
+    pub health: &'a Health,
+    pub recorder: &'a Recorder,
+}
+
 /// Keeps this replica's Lease and follows the others' until `shutdown`; then deletes
 /// its Lease so that the others take its share at once.
-pub async fn run(ctx: Arc<Context>, sharing: Arc<Sharing>, shutdown: Shutdown) {
+pub async fn run(member: Member<'_>, sharing: Arc<Sharing>, shutdown: Shutdown) {
     if !sharing.enabled {
         return;
     }
     let resource = ApiResource::erase::<Lease>(&());
-    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ctx.config.namespace, &resource);
+    let api: Api<DynamicObject> = Api::namespaced_with(member.client.clone(), member.namespace, &resource);
     let name = lease_name(&sharing.me);
-    let duration = ctx.config.lease_duration.max(Duration::from_secs(3));
+    let duration = member.lease_duration.max(Duration::from_secs(3));
     let config = watcher::Config::default().labels(&format!("{MEMBER_LABEL}=true"));
     let mut events = watcher(api.clone(), config).backoff(WatchBackoff::default()).boxed();
     let mut members = Members::default();
@@ -318,7 +331,7 @@ pub async fn run(ctx: Arc<Context>, sharing: Arc<Sharing>, shutdown: Shutdown) {
                 Some(Ok(event)) => {
                     let (now, wall) = (std::time::Instant::now(), time::OffsetDateTime::now_utc());
                     if let Some((lease, reason)) = members.apply(event, now, wall, duration) {
-                        ignored(&ctx, &resource, &lease, reason).await;
+                        ignored(&member, &resource, &lease, reason).await;
                     }
                 }
                 Some(Err(error)) => tracing::warn!(%error, "watching the member Leases failed; retrying"),
@@ -336,8 +349,8 @@ pub async fn run(ctx: Arc<Context>, sharing: Arc<Sharing>, shutdown: Shutdown) {
         let live = if live.contains(&sharing.me) { live } else { Vec::new() };
         if *sharing.members.borrow() != live {
             tracing::info!(members = ?live, "issuance shared by {} replica(s)", live.len());
-            ctx.metrics.sharing_members.set(i64::try_from(live.len()).unwrap_or(i64::MAX));
-            ctx.health.set_members(live.len());
+            member.metrics.sharing_members.set(i64::try_from(live.len()).unwrap_or(i64::MAX));
+            member.health.set_members(live.len());
             sharing.members.send_replace(live);
         }
     }
@@ -348,11 +361,12 @@ pub async fn run(ctx: Arc<Context>, sharing: Arc<Sharing>, shutdown: Shutdown) {
 }
 
 /// One Warning (log and Event) for a Lease that newly became unusable as a member.
-async fn ignored(ctx: &Context, resource: &ApiResource, lease: &DynamicObject, reason: Ignored) {
+async fn ignored(member: &Member<'_>, resource: &ApiResource, lease: &DynamicObject, reason: Ignored) {
     let name = lease.name_any();
     tracing::warn!(lease = %crate::bounded(&name), reason = reason.describe(), "a member Lease is ignored");
     let note = format!("This Lease is not counted as a member sharing issuance: {}.", reason.describe());
-    ctx.event(&lease.object_ref(resource), EventType::Warning, "MemberLeaseIgnored", note).await;
+    let regarding = lease.object_ref(resource);
+    member.recorder.note(member.metrics, &regarding, EventType::Warning, "MemberLeaseIgnored", note).await;
 }
 
 /// Deletes the Leases this replica has not seen change for [`FORGET_AFTER`] (a member

@@ -14,7 +14,6 @@ mod targets;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
@@ -30,50 +29,51 @@ use kube::{Api, ResourceExt};
 
 pub use targets::{Target, Write};
 
+use super::failure::{Op, no_answer};
 use super::watch::cached_metadata_watch;
 use super::{
-    Categorised, Context, EventType, RETRY_REFUSED, Shard, api_message, drive, is_conflict, is_not_found, patch_params,
+    Categorised, Context, EventType, LOOK_AGAIN_INJECTING, Outcome, RETRY_REFUSED, Shard, api_message, drive,
+    patch_params, shown_obj,
 };
 use crate::names::{self as ann, KUBE_ROOT_CA, KUBE_ROOT_CA_KEY, SIGNING_CABUNDLE, is_true};
 use crate::shutdown::Shutdown;
 
 pub const NAME: &str = "ca-bundle";
 
-/// How soon to look again after the object changed or went while we wrote.
-const RACE_LOST: Duration = Duration::from_millis(200);
-
-/// What can fail in an injection: the operation and the object it was for.
+/// What can fail in an injection: what was being done, to which object (the shape of
+/// every controller's errors, see [`super::failure`]).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("reading {kind} {object}: {source}")]
-    Read { kind: &'static str, object: String, source: kube::Error },
-    #[error("injecting the CA bundle into {kind} {object}: {source}")]
-    Write { kind: &'static str, object: String, source: kube::Error },
-    #[error("reading ConfigMap {namespace}/{KUBE_ROOT_CA} for the legacy bundle: {source}")]
-    ReadRootCa { namespace: String, source: kube::Error },
-    #[error("ConfigMap {namespace}/{KUBE_ROOT_CA} has no {KUBE_ROOT_CA_KEY} yet: the legacy bundle cannot be made")]
-    NoRootCa { namespace: String },
-    #[error("encoding the patch for {kind} {object}: {source}")]
-    Encode { kind: &'static str, object: String, source: serde_json::Error },
+    #[error("{action} {object}: {source}")]
+    Kube { action: Op, object: String, source: kube::Error },
+    #[error("{action} {object}: {source}")]
+    Json { action: Op, object: String, source: serde_json::Error },
+    #[error("{object} has no {KUBE_ROOT_CA_KEY} yet: the legacy bundle cannot be made")]
+    NoRootCa { object: String },
 }
+
+const READ: Op = Op { doing: "reading", category: "read" };
+const INJECT: Op = Op { doing: "injecting the CA bundle into", category: "write" };
+const ENCODE: Op = Op { doing: "encoding the patch for", category: "write" };
+const READ_ROOT_CA: Op =
+    Op { doing: "reading the cluster root CA for the legacy bundle from", category: "legacy-root-ca" };
 
 impl Categorised for Error {
     fn category(&self) -> &'static str {
         match self {
-            Error::Read { .. } => "read",
-            Error::Write { .. } | Error::Encode { .. } => "write",
-            Error::ReadRootCa { .. } | Error::NoRootCa { .. } => "legacy-root-ca",
+            Error::Kube { action, .. } | Error::Json { action, .. } => action.category,
+            Error::NoRootCa { .. } => READ_ROOT_CA.category,
         }
     }
 
     fn unreachable(&self) -> bool {
         match self {
-            Error::Read { source, .. } | Error::ReadRootCa { source, .. } => !matches!(source, kube::Error::Api(_)),
             // The object was read a moment before: a write that gets no answer is more
             // likely cut off for its own sake (a body over the API server's limit) than
             // an outage, and must back off like any failing write instead of coming
             // back every few seconds with the same large patch.
-            Error::Write { .. } | Error::NoRootCa { .. } | Error::Encode { .. } => false,
+            Error::Kube { action, source, .. } => *action != INJECT && no_answer(source),
+            Error::NoRootCa { .. } | Error::Json { .. } => false,
         }
     }
 }
@@ -117,15 +117,6 @@ fn keep_annotation(key: &str) -> bool {
     key == ann::BETA.inject_cabundle
         || key == ann::ALPHA.inject_cabundle
         || key == ann::INJECT_VULNERABLE_LEGACY_CABUNDLE
-}
-
-/// `namespace/name`, or `name` for a cluster-scoped object.
-fn shown(meta: &ObjectMeta) -> String {
-    let name = meta.name.as_deref().unwrap_or_default();
-    match meta.namespace.as_deref() {
-        Some(ns) => format!("{ns}/{name}"),
-        None => name.to_string(),
-    }
 }
 
 /// Whether `meta` names an object the operator writes for itself (`signing-cabundle`
@@ -228,29 +219,28 @@ async fn inject<K: Target>(obj: Arc<PartialObjectMeta<K>>, state: Arc<Injector>)
     };
     if own_object::<K>(&obj.metadata, &ctx.config.namespace) {
         let note = format!(
-            "{} {} is written by the operator itself and is never an injection target: nothing is injected. \
+            "{} is written by the operator itself and is never an injection target: nothing is injected. \
              Remove the inject annotation.",
-            K::KIND,
-            crate::bounded(&shown(&obj.metadata))
+            crate::bounded(&shown_obj(obj.as_ref()))
         );
         state.warn(&object, &reference, IGNORED, note).await;
         return Ok(Action::await_change());
     }
-    let result = inject_into::<K>(&obj, ctx, mode, &object).await;
+    let result = inject_into::<K>(&obj, ctx, mode).await;
     match &result {
-        Ok(Injected::Done) => state.warned.clear(&object, Some(FAILED)),
-        Ok(Injected::Gone) => state.warned.clear(&object, None),
-        Ok(Injected::Raced) => {}
-        Ok(Injected::Refused(message)) => {
+        Ok(Outcome::Done(())) => state.warned.clear(&object, Some(FAILED)),
+        Ok(Outcome::Gone | Outcome::Held(_)) => state.warned.clear(&object, None),
+        Ok(Outcome::Raced) => {}
+        Ok(Outcome::Refused(message)) => {
             let note = format!("could not inject the CA bundle: the API server refused it: {message}");
-            tracing::warn!(kind = K::KIND, %object, "{note}");
+            tracing::warn!(object = %shown_obj(obj.as_ref()), "{note}");
             state.warn(&object, &reference, FAILED, note).await;
         }
         // Retried with the per-object backoff of `drive`; reported once (a transport
         // failure says nothing about the object and is not reported).
         Err(error) if !error.unreachable() => {
             let problem = match error {
-                Error::Write { source, .. } => match super::status_code(source) {
+                Error::Kube { action: INJECT, source, .. } => match super::status_code(source) {
                     Some(code) => format!("the API server answered {code}: {}", api_message(source)),
                     None => source.to_string(),
                 },
@@ -263,42 +253,23 @@ async fn inject<K: Target>(obj: Arc<PartialObjectMeta<K>>, state: Arc<Injector>)
         Err(_) => {}
     }
     result.map(|outcome| match outcome {
-        Injected::Done | Injected::Gone => Action::await_change(),
-        Injected::Raced => Action::requeue(RACE_LOST),
-        Injected::Refused(_) => Action::requeue(RETRY_REFUSED),
+        Outcome::Done(()) | Outcome::Gone | Outcome::Held(_) => Action::await_change(),
+        Outcome::Raced => Action::requeue(LOOK_AGAIN_INJECTING),
+        Outcome::Refused(_) => Action::requeue(RETRY_REFUSED),
     })
 }
 
-/// How an injection pass ended (other than in an error to retry with backoff).
-enum Injected {
-    /// The object holds the bundle and nothing of ours blocks other managers.
-    Done,
-    /// The object is gone.
-    Gone,
-    /// The object changed (or went) between read and write: look again soon.
-    Raced,
-    /// The API server refused the write (422 invalid, 403 admission or RBAC): it will
-    /// refuse it again until a person changes something. The API server's message,
-    /// bounded.
-    Refused(String),
-}
-
 /// Read → plan → write, until the plan asks for nothing (at most [`MAX_WRITES`]).
-async fn inject_into<K: Target>(
-    obj: &PartialObjectMeta<K>,
-    ctx: &Context,
-    mode: Mode,
-    object: &str,
-) -> Result<Injected, Error> {
+async fn inject_into<K: Target>(obj: &PartialObjectMeta<K>, ctx: &Context, mode: Mode) -> Result<Outcome, Error> {
     let Some(signer) = ctx.signer.current() else {
-        return Ok(Injected::Done);
+        return Ok(Outcome::Done(()));
     };
     let name = obj.name_any();
     let api = K::api(ctx.client.clone(), obj.namespace().as_deref());
     let full =
-        api.get_opt(&name).await.map_err(|source| Error::Read { kind: K::KIND, object: object.into(), source })?;
+        api.get_opt(&name).await.map_err(|source| Error::Kube { action: READ, object: shown_obj(obj), source })?;
     let Some(mut current) = full else {
-        return Ok(Injected::Gone);
+        return Ok(Outcome::Gone);
     };
     let value = match mode {
         Mode::Bundle => signer.bundle_pem.clone(),
@@ -314,49 +285,51 @@ async fn inject_into<K: Target>(
         // otherwise 409 and a fresh look.
         let write = write.guarded(&current.resource_version().unwrap_or_default());
         ctx.metrics.write(K::RESOURCE, "patch");
-        let result =
-            match write {
-                Write::Apply(patch) => {
-                    api.patch(&name, &PatchParams::apply(ann::FIELD_MANAGER).force(), &Patch::Apply(patch)).await
-                }
-                Write::Merge(patch) => api.patch(&name, &patch_params(), &Patch::Merge(patch)).await,
-                Write::Json(ops) | Write::Disown(ops) => {
-                    let ops = serde_json::from_value(serde_json::Value::Array(ops))
-                        .map_err(|source| Error::Encode { kind: K::KIND, object: object.into(), source })?;
-                    api.patch(&name, &patch_params(), &Patch::<serde_json::Value>::Json(ops)).await
-                }
-            };
         // A failed patch ends the pass (unit tier: `write_tests.rs`): 409/404 is a race
-        // (again after RACE_LOST); 403/422 a refusal (warned once, again after
+        // (looked at again soon); 403/422 a refusal (warned once, again after
         // RETRY_REFUSED); anything else (413, 5xx, no answer) an error for `drive`'s backoff.
+        let result = match write {
+            Write::Apply(patch) => {
+                api.patch(&name, &PatchParams::apply(ann::FIELD_MANAGER).force(), &Patch::Apply(patch)).await
+            }
+            Write::Merge(patch) => api.patch(&name, &patch_params(), &Patch::Merge(patch)).await,
+            Write::Json(ops) | Write::Disown(ops) => {
+                let ops = serde_json::from_value(serde_json::Value::Array(ops)).map_err(|source| Error::Json {
+                    action: ENCODE,
+                    object: shown_obj(obj),
+                    source,
+                })?;
+                api.patch(&name, &patch_params(), &Patch::<serde_json::Value>::Json(ops)).await
+            }
+        };
         current = match result {
             Ok(written) => written,
-            Err(e) if is_conflict(&e) || is_not_found(&e) => return Ok(Injected::Raced),
-            Err(e) if super::is_refused(&e) => {
-                return Ok(Injected::Refused(crate::bounded(&api_message(&e)).into_owned()));
-            }
-            Err(source) => return Err(Error::Write { kind: K::KIND, object: object.into(), source }),
+            Err(source) => match Outcome::of_failure(&source) {
+                Some(outcome) => return Ok(outcome),
+                None => return Err(Error::Kube { action: INJECT, object: shown_obj(obj), source }),
+            },
         };
         if injects {
             ctx.metrics.injections.get_or_create(&crate::metrics::KindLabels { kind: K::RESOURCE }).inc();
-            tracing::info!(kind = K::KIND, %object, "CA bundle injected");
+            tracing::info!(object = %shown_obj(obj), "CA bundle injected");
         } else {
-            tracing::info!(kind = K::KIND, %object, "dropped our managedFields entry so that we block no other manager");
+            tracing::info!(object = %shown_obj(obj), "dropped our managedFields entry so that we block no other manager");
         }
     }
-    Ok(Injected::Done)
+    Ok(Outcome::Done(()))
 }
 
 /// The legacy value: the bundle, then the cluster's root CA (`kube-root-ca.crt` of the
 /// same namespace), then a newline — what the original system wrote.
 async fn legacy_value(ctx: &Context, namespace: &str, bundle: &str) -> Result<String, Error> {
+    let root_ca = || super::shown("ConfigMap", Some(namespace), KUBE_ROOT_CA);
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
     let root = api
         .get_opt(KUBE_ROOT_CA)
         .await
-        .map_err(|source| Error::ReadRootCa { namespace: namespace.to_string(), source })?
+        .map_err(|source| Error::Kube { action: READ_ROOT_CA, object: root_ca(), source })?
         .and_then(|cm| cm.data.and_then(|mut d| d.remove(KUBE_ROOT_CA_KEY)))
-        .ok_or_else(|| Error::NoRootCa { namespace: namespace.to_string() })?;
+        .ok_or_else(|| Error::NoRootCa { object: root_ca() })?;
     Ok(format!("{bundle}{root}\n"))
 }
 
@@ -410,11 +383,14 @@ mod tests {
         // A patch over the API server's size limit may be cut off before any answer:
         // it must take the growing backoff, not the quick retry meant for outages.
         let cut = || kube::Error::Service("connection reset by peer".into());
-        let write = Error::Write { kind: "ValidatingWebhookConfiguration", object: "v".into(), source: cut() };
+        let write = Error::Kube { action: INJECT, object: "ValidatingWebhookConfiguration v".into(), source: cut() };
         assert!(!write.unreachable());
         assert_eq!(write.category(), "write");
-        assert!(Error::Read { kind: "ConfigMap", object: "c".into(), source: cut() }.unreachable());
-        assert!(!Error::NoRootCa { namespace: "ns".into() }.unreachable());
+        assert!(write.to_string().starts_with("injecting the CA bundle into ValidatingWebhookConfiguration v: "));
+        assert!(Error::Kube { action: READ, object: "ConfigMap ns/c".into(), source: cut() }.unreachable());
+        let no_root = Error::NoRootCa { object: "ConfigMap ns/kube-root-ca.crt".into() };
+        assert!(!no_root.unreachable());
+        assert_eq!(no_root.category(), "legacy-root-ca");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use kube::core::PartialObjectMetaExt;
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
 
-use super::{Error, Injector, RACE_LOST, Warned, inject};
+use super::{Error, Injector, LOOK_AGAIN_INJECTING, Warned, inject};
 use crate::controllers::test_api::{self, Seen};
 use crate::controllers::{Categorised, RETRY_REFUSED};
 use crate::names as ann;
@@ -52,7 +52,7 @@ async fn pass(state: &Arc<Injector>) -> Result<Action, Error> {
 async fn a_conflict_or_a_vanished_object_is_looked_at_again_soon_without_a_warning() {
     for answer in [test_api::status(409, "Conflict", "changed"), test_api::status(404, "NotFound", "gone")] {
         let (state, seen) = injector(answer);
-        assert_eq!(pass(&state).await.unwrap(), Action::requeue(RACE_LOST));
+        assert_eq!(pass(&state).await.unwrap(), Action::requeue(LOOK_AGAIN_INJECTING));
         assert_eq!(seen.count(Method::PATCH, CONFIGMAP), 1, "{:?}", seen.all());
         assert_eq!(seen.count(Method::POST, EVENTS), 0);
     }
@@ -74,7 +74,7 @@ async fn a_body_too_large_is_an_error_retried_with_backoff_and_warned_once() {
     let (state, seen) = injector(test_api::status(413, "RequestEntityTooLarge", "limit is 3145728"));
     for _ in 0..2 {
         let error = pass(&state).await.unwrap_err();
-        assert!(matches!(error, Error::Write { kind: "ConfigMap", .. }), "{error:?}");
+        assert!(matches!(error, Error::Kube { action: super::INJECT, .. }), "{error:?}");
         assert_eq!(error.category(), "write");
         assert!(!error.unreachable(), "answered: the backoff applies, not the quick retry of an outage");
     }

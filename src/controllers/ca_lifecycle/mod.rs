@@ -28,6 +28,7 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 pub use self::error::Error;
+use self::error::{BUILD_CA, GENERATE_KEY, WRITE_SIGNING_KEY};
 use self::plan::{Observed, Plan, publication};
 use super::{Context, EventType, is_conflict, post_params, retry_delay, until};
 use crate::metrics::KindLabels;
@@ -157,7 +158,7 @@ fn observed<T>(object: Option<T>) -> Observed<T> {
 async fn watch_failed(ctx: &Context, object: &str, error: &watcher::Error) {
     ctx.health.observe_api(false);
     tracing::warn!(%error, "watching {object} failed; retrying");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(super::WATCH_RETRY).await;
 }
 
 /// One pass; returns when it next needs to run by itself.
@@ -175,7 +176,7 @@ async fn reconcile(
                 ca
             }
             // Another writer was faster; the watch brings its Secret to us.
-            Err(Error::WriteSigningKey(e)) if is_conflict(&e) => return Ok(None),
+            Err(Error::Kube { action: WRITE_SIGNING_KEY, source, .. }) if is_conflict(&source) => return Ok(None),
             Err(e) => return Err(e),
         },
         Plan::Refuse(error) => {
@@ -253,8 +254,9 @@ async fn create(ctx: &Context) -> Result<(CertificateAuthority, Secret), Error> 
         }
     }
     let kind = plan::next_key_kind(None, ctx.config.ca_key_algorithm);
-    let key = ctx.keys.generate(kind).await.map_err(Error::GenerateKey)?;
-    let ca = CertificateAuthority::create(key, now, &ctx.config.ca_policy()).map_err(Error::BuildCa)?;
+    let key = ctx.keys.generate(kind).await.map_err(Error::pki(GENERATE_KEY, &ctx.config.namespace))?;
+    let ca = CertificateAuthority::create(key, now, &ctx.config.ca_policy())
+        .map_err(Error::pki(BUILD_CA, &ctx.config.namespace))?;
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(SIGNING_KEY.into()),
@@ -267,7 +269,7 @@ async fn create(ctx: &Context) -> Result<(CertificateAuthority, Secret), Error> 
     };
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
     ctx.metrics.write("secrets", "create");
-    let created = api.create(&post_params(), &secret).await.map_err(Error::WriteSigningKey)?;
+    let created = api.create(&post_params(), &secret).await.map_err(Error::write_signing_key(&ctx.config.namespace))?;
     let (kind, note) = match &previous {
         None => (
             "created",
@@ -310,10 +312,10 @@ async fn rotate(
     let kind = plan::next_key_kind(Some(ca.key_kind()), ctx.config.ca_key_algorithm);
     let key = match seen.spare_key.take() {
         Some(key) if key.kind() == kind => key,
-        _ => ctx.keys.generate(kind).await.map_err(Error::GenerateKey)?,
+        _ => ctx.keys.generate(kind).await.map_err(Error::pki(GENERATE_KEY, &ctx.config.namespace))?,
     };
     seen.spare_key = PrivateKey::from_pem(TLS_KEY, key.to_pem().as_bytes()).ok();
-    let rotated = ca.rotate(key, now, &ctx.config.ca_policy()).map_err(Error::BuildCa)?;
+    let rotated = ca.rotate(key, now, &ctx.config.ca_policy()).map_err(Error::pki(BUILD_CA, &ctx.config.namespace))?;
     let mut updated = secret.clone();
     updated.metadata.managed_fields = None;
     // Data keys of others (a person's notes) stay; ours are replaced.
@@ -329,7 +331,7 @@ async fn rotate(
     let written = match api.replace(SIGNING_KEY, &post_params(), &updated).await {
         Ok(written) => written,
         Err(e) if is_conflict(&e) => return Ok(None),
-        Err(e) => return Err(Error::WriteSigningKey(e)),
+        Err(e) => return Err(Error::write_signing_key(&ctx.config.namespace)(e)),
     };
     seen.spare_key = None;
     let previous_trusted_until = rotated.next_bundle_change(now).map(format_expiry).unwrap_or_default();
@@ -403,7 +405,7 @@ async fn publish(
         match written {
             Ok(written) => seen.bundle = Observed::Present(written),
             Err(e) if is_conflict(&e) => return Ok(None),
-            Err(e) => return Err(Error::WriteBundle(e)),
+            Err(e) => return Err(Error::write_bundle(&ctx.config.namespace, e)),
         }
     }
     if plan.swap_signer {

@@ -31,8 +31,12 @@ use tokio::sync::watch;
 
 use self::index::ServiceIndex;
 use self::plan::{Plan, Settings};
+use super::failure::{Op, no_answer};
 use super::watch::cached_watch;
-use super::{Categorised, Context, EventType, LOOK_AGAIN, Shard, api_category, api_message, drive};
+use super::{
+    Categorised, Context, EventType, LOOK_AGAIN, NOT_YET, Outcome, Shard, api_category, api_message, drive,
+    record_reason, shown_obj,
+};
 use crate::metrics::ReasonLabels;
 use crate::names::{CA_BUNDLE, SIGNING_CABUNDLE};
 use crate::pki::PkiError;
@@ -40,31 +44,30 @@ use crate::shutdown::Shutdown;
 
 pub const NAME: &str = "pod-certs";
 
-/// How soon to look again while the CA or the published bundle is not there yet.
-const NOT_YET: Duration = Duration::from_secs(1);
-
+/// What can fail in signing a request: what was being done, to which object (the
+/// shape of every controller's errors, see [`super::failure`]). API failures are
+/// counted by their status (`conflict`, `invalid`, ...), not by what was being done.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("reading pod {0}: {1}")]
-    ReadPod(String, kube::Error),
-    #[error("writing the status of PodCertificateRequest {0}: {1}")]
-    WriteStatus(String, kube::Error),
-    #[error("reading ConfigMap {0}: {1}")]
-    ReadBundle(&'static str, kube::Error),
-    #[error("signing: {0}")]
-    Sign(PkiError),
+    #[error("{action} {object}: {source}")]
+    Kube { action: Op, object: String, source: kube::Error },
+    #[error("{action} {object}: {source}")]
+    Pki { action: Op, object: String, source: PkiError },
 }
+
+const READ: Op = Op { doing: "reading", category: "api" };
+const WRITE_STATUS: Op = Op { doing: "writing the status of", category: "api" };
+const SIGN: Op = Op { doing: "signing for", category: "pki" };
 
 impl Categorised for Error {
     fn category(&self) -> &'static str {
         match self {
-            Error::ReadPod(_, e) | Error::WriteStatus(_, e) | Error::ReadBundle(_, e) => api_category(e),
-            Error::Sign(_) => "pki",
+            Error::Kube { source, .. } => api_category(source),
+            Error::Pki { action, .. } => action.category,
         }
     }
     fn unreachable(&self) -> bool {
-        matches!(self, Error::ReadPod(_, e) | Error::WriteStatus(_, e) | Error::ReadBundle(_, e)
-            if super::status_code(e).is_none())
+        matches!(self, Error::Kube { source, .. } if no_answer(source))
     }
 }
 
@@ -141,6 +144,8 @@ fn answered(pcr: &PodCertificateRequest) -> bool {
     conditions.iter().any(|c| matches!(c.type_.as_str(), "Issued" | "Denied" | "Failed") && c.status == "True")
 }
 
+/// Fetch (the CA, its published bundle, the Services, the pod) -> plan ([`plan::plan`])
+/// -> write and report the answer ([`write_status`]).
 async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result<Action, Error> {
     let ctx = &state.ctx;
     let namespace = pcr.namespace().unwrap_or_default();
@@ -168,8 +173,44 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result
         pod => pod.map(|pod| planned_pod(&pod, &ctx.config.pod_signer_name)),
     };
     let now = OffsetDateTime::now_utc();
-    let request = plan::Request {
-        namespace: &namespace,
+    let planned =
+        plan::plan(&planned_request(&pcr, &namespace, now), pod.as_ref(), &services, &settings(ctx, &signer, now));
+    match (&planned, &pod) {
+        (Plan::Wait { until }, Some(pod)) => state.waiting.note(&key, &pod.labels, *until, now),
+        _ => state.waiting.forget(&key),
+    }
+    let status = match planned {
+        Plan::Nothing => return Ok(Action::await_change()),
+        Plan::Wait { until } => {
+            tracing::debug!(object = %shown_obj(pcr.as_ref()), "no Service selects the pod yet; waiting");
+            return Ok(look_again_at(until));
+        }
+        Plan::Deny { reason, message } => {
+            record_reason(reason);
+            final_status("Denied", reason, message, &pcr)
+        }
+        Plan::Fail { message } => {
+            record_reason("CannotSign");
+            final_status("Failed", "CannotSign", message, &pcr)
+        }
+        Plan::Issue { names, lifetime, key: public } => {
+            record_reason("Issued");
+            // The watches may be behind (a replica paused, then resumed after a hard
+            // reset): sign only while the API server's signing-cabundle holds this CA.
+            if !bundle_holds(ctx, &signer).await? {
+                tracing::info!(object = %shown_obj(pcr.as_ref()), ca = signer.ca.subject_cn(), "signing-cabundle no longer holds this replica's CA; waiting for the current one");
+                return Ok(Action::requeue(NOT_YET));
+            }
+            sign(&pcr, &signer, names, lifetime, public).await?
+        }
+    };
+    write_status(ctx, &pcr, status).await
+}
+
+/// What the plan reads of the request.
+fn planned_request<'a>(pcr: &'a PodCertificateRequest, namespace: &'a str, now: OffsetDateTime) -> plan::Request<'a> {
+    plan::Request {
+        namespace,
         created: pcr.creation_timestamp().map_or(now, |t| time_of(&t)),
         pod_name: &pcr.spec.pod_name,
         pod_uid: &pcr.spec.pod_uid,
@@ -178,9 +219,13 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result
         max_expiration_seconds: pcr.spec.max_expiration_seconds,
         stub_pkcs10: &pcr.spec.stub_pkc_s10_request.0,
         user_annotations: pcr.spec.unverified_user_annotations.as_ref(),
-        answered: answered(&pcr),
-    };
-    let settings = Settings {
+        answered: answered(pcr),
+    }
+}
+
+/// What the plan reads of the configuration and the CA.
+fn settings<'a>(ctx: &'a Context, signer: &crate::signer::Signer, now: OffsetDateTime) -> Settings<'a> {
+    Settings {
         now,
         grace: ctx.config.pod_certificate_grace,
         // Never longer than the previous CA stays in the bundle after a rotation.
@@ -188,52 +233,41 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result
         cluster_domain: &ctx.config.cluster_domain,
         ca_not_after: signer.ca.not_after(),
         signer_name: &ctx.config.pod_signer_name,
-    };
-    let planned = plan::plan(&request, pod.as_ref(), &services, &settings);
-    match (&planned, &pod) {
-        (Plan::Wait { until }, Some(pod)) => state.waiting.note(&key, &pod.labels, *until, now),
-        _ => state.waiting.forget(&key),
     }
-    let status = match planned {
-        Plan::Nothing => return Ok(Action::await_change()),
-        Plan::Wait { until } => {
-            tracing::debug!(request = %key, "no Service selects the pod yet; waiting");
-            return Ok(look_again_at(until));
-        }
-        Plan::Deny { reason, message } => final_status("Denied", reason, message, &pcr),
-        Plan::Fail { message } => final_status("Failed", "CannotSign", message, &pcr),
-        Plan::Issue { names, lifetime, key: public } => {
-            // The watches may be behind (a replica paused, then resumed after a hard
-            // reset): sign only while the API server's signing-cabundle holds this CA.
-            if !bundle_holds(ctx, &signer).await? {
-                tracing::info!(request = %key, ca = signer.ca.subject_cn(), "signing-cabundle no longer holds this replica's CA; waiting for the current one");
-                return Ok(Action::requeue(NOT_YET));
-            }
-            let pod_uid = pcr.spec.pod_uid.clone();
-            let signing = signer.clone();
-            let signed = tokio::task::spawn_blocking(move || {
-                signing.ca.issue_pod_leaf(&names, &pod_uid, &public, OffsetDateTime::now_utc(), lifetime)
-            })
-            .await
-            .map_err(|e| Error::Sign(PkiError::Signing(format!("worker failed: {e}"))))?;
-            // What cannot be signed now never will be (the same names, key and CA).
-            let leaf = match signed {
-                Ok(leaf) => leaf,
-                Err(error) => {
-                    let failed = final_status("Failed", "CannotSign", format!("cannot sign: {error}"), &pcr);
-                    return write_status(ctx, &pcr, failed).await;
-                }
-            };
-            let half = crate::dates::between(leaf.not_before, leaf.not_after).checked_div(2).unwrap_or_default();
-            let mut status = final_status("Issued", "Issued", format!("signed by {}", signer.ca.subject_cn()), &pcr);
-            status.certificate_chain = Some(leaf.chain_pem);
-            status.not_before = Some(Time(to_jiff(leaf.not_before)));
-            status.not_after = Some(Time(to_jiff(leaf.not_after)));
-            status.begin_refresh_at = Some(Time(to_jiff(crate::dates::after(leaf.not_before, half))));
-            status
-        }
+}
+
+/// Signs the leaf the plan asks for (off the reactor): the Issued status, or Failed
+/// when it cannot be signed (what cannot be signed now never will be: the same names,
+/// key and CA).
+async fn sign(
+    pcr: &PodCertificateRequest,
+    signer: &Arc<crate::signer::Signer>,
+    names: Vec<String>,
+    lifetime: Duration,
+    public: crate::pki::RequestedKey,
+) -> Result<PodCertificateRequestStatus, Error> {
+    let pod_uid = pcr.spec.pod_uid.clone();
+    let signing = signer.clone();
+    let signed = tokio::task::spawn_blocking(move || {
+        signing.ca.issue_pod_leaf(&names, &pod_uid, &public, OffsetDateTime::now_utc(), lifetime)
+    })
+    .await
+    .map_err(|e| Error::Pki {
+        action: SIGN,
+        object: shown_obj(pcr),
+        source: PkiError::Signing(format!("worker failed: {e}")),
+    })?;
+    let leaf = match signed {
+        Ok(leaf) => leaf,
+        Err(error) => return Ok(final_status("Failed", "CannotSign", format!("cannot sign: {error}"), pcr)),
     };
-    write_status(ctx, &pcr, status).await
+    let half = crate::dates::between(leaf.not_before, leaf.not_after).checked_div(2).unwrap_or_default();
+    let mut status = final_status("Issued", "Issued", format!("signed by {}", signer.ca.subject_cn()), pcr);
+    status.certificate_chain = Some(leaf.chain_pem);
+    status.not_before = Some(Time(to_jiff(leaf.not_before)));
+    status.not_after = Some(Time(to_jiff(leaf.not_after)));
+    status.begin_refresh_at = Some(Time(to_jiff(crate::dates::after(leaf.not_before, half))));
+    Ok(status)
 }
 
 /// Looks again just after `until` (a waiting request's grace period ends).
@@ -280,16 +314,27 @@ async fn write_status(
     let mut answered = pcr.clone();
     answered.status = Some(status);
     ctx.metrics.write("podcertificaterequests/status", "update");
-    match api.replace_status(&name, &super::post_params(), &answered).await {
-        Ok(_) => {}
-        Err(e) if super::is_conflict(&e) || super::is_not_found(&e) => return Ok(Action::requeue(LOOK_AGAIN)),
-        Err(e) if outcome == "Issued" && api_category(&e) == "invalid" => {
-            let why = format!("the API server refused the issued certificate: {}", api_message(&e));
-            tracing::warn!(request = %format!("{namespace}/{name}"), %why, "pod certificate refused");
+    let written = match api.replace_status(&name, &super::post_params(), &answered).await {
+        Ok(_) => Outcome::Done(()),
+        // Only an Issued status is turned into Failed when refused (422); any other
+        // refusal is retried with backoff like an error.
+        Err(e) => match Outcome::<()>::of_failure(&e) {
+            Some(Outcome::Refused(_)) if outcome == "Issued" && api_category(&e) == "invalid" => {
+                Outcome::Refused(api_message(&e))
+            }
+            Some(Outcome::Raced) => Outcome::Raced,
+            _ => return Err(Error::Kube { action: WRITE_STATUS, object: shown_obj(pcr), source: e }),
+        },
+    };
+    match written {
+        Outcome::Done(()) => {}
+        Outcome::Raced | Outcome::Gone | Outcome::Held(_) => return Ok(Action::requeue(LOOK_AGAIN)),
+        Outcome::Refused(why) => {
+            let why = format!("the API server refused the issued certificate: {why}");
+            tracing::warn!(object = %shown_obj(pcr), %why, "pod certificate refused");
             let failed = final_status("Failed", "CannotSign", why, pcr);
             return Box::pin(write_status(ctx, pcr, failed)).await;
         }
-        Err(e) => return Err(Error::WriteStatus(format!("{namespace}/{name}"), e)),
     }
     let label = match outcome.as_str() {
         "Issued" => "issued",
@@ -298,9 +343,9 @@ async fn write_status(
     };
     ctx.metrics.pod_certificate_requests.get_or_create(&ReasonLabels { reason: label }).inc();
     if outcome == "Issued" {
-        tracing::info!(request = %format!("{namespace}/{name}"), pod = %pcr.spec.pod_name, "pod certificate issued");
+        tracing::info!(object = %shown_obj(pcr), pod = %pcr.spec.pod_name, "pod certificate issued");
     } else {
-        tracing::info!(request = %format!("{namespace}/{name}"), %outcome, %reason, %message, "pod certificate request answered");
+        tracing::info!(object = %shown_obj(pcr), %outcome, %reason, %message, "pod certificate request answered");
         let note = format!("{outcome} ({reason}): {message}");
         ctx.event(&pcr.object_ref(&()), EventType::Warning, &format!("PodCertificate{outcome}"), note).await;
     }
@@ -311,7 +356,9 @@ async fn write_status(
 /// the signer's CA certificate.
 async fn bundle_holds(ctx: &Context, signer: &crate::signer::Signer) -> Result<bool, Error> {
     let api: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
-    let bundle = api.get_opt(SIGNING_CABUNDLE).await.map_err(|e| Error::ReadBundle(SIGNING_CABUNDLE, e))?;
+    let object = || super::shown("ConfigMap", Some(&ctx.config.namespace), SIGNING_CABUNDLE);
+    let bundle =
+        api.get_opt(SIGNING_CABUNDLE).await.map_err(|source| Error::Kube { action: READ, object: object(), source })?;
     let pem = bundle.as_ref().and_then(|cm| cm.data.as_ref()).and_then(|d| d.get(CA_BUNDLE));
     let ders = pem.and_then(|pem| crate::pki::pem::decode_certificates(CA_BUNDLE, pem.as_bytes()).ok());
     Ok(ders.is_some_and(|ders| ders.iter().any(|der| *der == signer.ca.certificate().der)))
@@ -343,7 +390,8 @@ fn planned_pod(pod: &Pod, signer: &str) -> plan::Pod {
 /// The pod by name (`None` when it does not exist).
 async fn read_pod(ctx: &Context, namespace: &str, name: &str) -> Result<Option<Pod>, Error> {
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
-    api.get_opt(name).await.map_err(|e| Error::ReadPod(format!("{namespace}/{name}"), e))
+    let object = || super::shown("Pod", Some(namespace), name);
+    api.get_opt(name).await.map_err(|source| Error::Kube { action: READ, object: object(), source })
 }
 
 fn time_of(t: &Time) -> OffsetDateTime {

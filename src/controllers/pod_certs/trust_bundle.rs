@@ -20,7 +20,7 @@ use kube::Api;
 use kube::runtime::watcher;
 
 use super::Published;
-use crate::controllers::{Context, is_conflict, post_params, retry_delay};
+use crate::controllers::{Context, NOT_YET, WATCH_RETRY, is_conflict, post_params, retry_delay};
 use crate::names::{self as ann, MANAGED_LABEL, MANAGED_LABEL_VALUE, TRUST_BUNDLE_INSTANCE_LABEL};
 use crate::shutdown::Shutdown;
 
@@ -68,7 +68,7 @@ pub async fn run(ctx: Arc<Context>, published: Published, shutdown: Shutdown) {
                 Some(Err(error)) => {
                     ctx.health.observe_api(false);
                     tracing::warn!(%error, bundle = %name, "watching the ClusterTrustBundle failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    tokio::time::sleep(WATCH_RETRY).await;
                     continue;
                 }
                 None => return,
@@ -91,7 +91,7 @@ pub async fn run(ctx: Arc<Context>, published: Published, shutdown: Shutdown) {
                 published.send_if_modified(|p| replace(p, &signer.bundle_pem));
             }
             // Someone wrote it meanwhile: the watch brings the new state.
-            Err(error) if is_conflict(&error) => retry = Some(crate::dates::deadline(Duration::from_secs(1))),
+            Err(error) if is_conflict(&error) => retry = Some(crate::dates::deadline(NOT_YET)),
             Err(error) => {
                 failures = failures.saturating_add(1);
                 let delay = retry_delay(failures);
@@ -121,7 +121,7 @@ pub async fn observe(ctx: Arc<Context>, published: Published) {
             }
             Err(error) => {
                 tracing::warn!(%error, bundle = %name, "watching the ClusterTrustBundle failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(WATCH_RETRY).await;
             }
         }
     }

@@ -26,13 +26,16 @@ use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use time::OffsetDateTime;
 
-use super::decision::{Decision, decide};
+use super::decision::decide;
+use super::precondition::{Ask, Keyed, Step, ask, step};
 use super::progress::{self, Progress};
 use super::report::report_problem;
-use super::request::{Wanted, failures, key_algorithm, leaf_request, originating_service, wanted};
-use super::secret::{Content, Written, desired, issue, secret_facts, wait_for_deletion, write_secret};
-use super::{Error, MAX_FAILURES, secret_ref};
-use crate::controllers::{Context, LOOK_AGAIN, Shard, drive, is_not_found, patch_params, until};
+use super::request::{leaf_request, originating_service};
+use super::secret::{Content, desired, issue, read_secret, wait_for_deletion, write_secret};
+use super::{Error, WRITE_SECRET, secret_ref};
+use crate::controllers::{
+    Context, LOOK_AGAIN, Outcome, Shard, drive, is_not_found, patch_params, record_reason, until,
+};
 use crate::names::MANAGED_LABEL;
 use crate::shutdown::Shutdown;
 
@@ -74,84 +77,86 @@ async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Resu
     };
     // Counted once the Secret is settled for this CA (for the re-issue progress).
     let settled = |reissued: bool| st.progress.looked_at(secret_ref(&namespace, &name), reissued);
-    // The annotation was removed or now names another Secret: release this one.
-    let family = match wanted(&svc) {
-        Wanted::Named { name: wanted_name, family } if wanted_name == name => family,
-        _ => {
+    let keyed = Keyed::Secret(&name);
+    let (family, key) = match ask(&svc, keyed, ctx.config.default_key_algorithm, &ctx.config.allowed_key_algorithms) {
+        Ask::Read { family, key, .. } => (family, key),
+        Ask::Release => {
             settled(false);
             return release(ctx, &namespace, &name).await;
         }
-    };
-    // At the cap, nothing happens until a person edits the Service.
-    if failures(&svc) >= MAX_FAILURES {
-        settled(false);
-        return Ok(Action::await_change());
-    }
-    // An unknown key algorithm is the serving-cert controller's to report; the Secret
-    // stays as it is until the Service is fixed.
-    let Ok(key) = key_algorithm(&svc, ctx.config.default_key_algorithm, &ctx.config.allowed_key_algorithms) else {
-        settled(false);
-        return Ok(Action::await_change());
+        Ask::Wait | Ask::Report(_) => {
+            settled(false);
+            return Ok(Action::await_change());
+        }
     };
     let Some(signer) = ctx.signer.current() else {
         return Ok(Action::await_change());
     };
-    let secret = Api::<Secret>::namespaced(ctx.client.clone(), &namespace)
-        .get_opt(&name)
-        .await
-        .map_err(|source| Error::ReadSecret { secret: secret_ref(&namespace, &name), source })?;
-    let Some(secret) = secret else {
-        return Ok(Action::await_change());
-    };
-    // Being deleted, and held (a finalizer): nothing is written to it; waited for.
-    if secret.metadata.deletion_timestamp.is_some() {
-        settled(false);
-        return wait_for_deletion(ctx, NAME, &svc, &secret.metadata).await;
-    }
-
+    let secret = read_secret(ctx, &namespace, &name).await?;
     let policy = ctx.config.leaf_policy();
     let request = leaf_request(&svc, &policy.cluster_domain, key);
     let now = OffsetDateTime::now_utc();
-    let decision = decide(Some(&secret_facts(&secret)), &request, &signer.ca, &policy, now);
-    let (written, refresh_at, reissued) = match decision {
-        Decision::Foreign(_) => {
-            settled(false);
-            return Ok(Action::await_change());
-        }
-        Decision::Keep { refresh_at } => {
-            settled(false);
-            return Ok(wake_at(refresh_at));
-        }
-        Decision::Tidy { extra_keys, expiry, refresh_at } => {
-            let desired = desired(Some(&secret), &svc, family, &name, Content::Kept { expiry });
-            if !extra_keys.is_empty() {
-                tracing::info!(secret = %secret_ref(&namespace, &name), ?extra_keys, "removing extra data keys");
+    let (written, refresh_at, reissued) =
+        match step(keyed, secret.as_ref(), |facts| decide(facts, &request, &signer.ca, &policy, now)) {
+            Step::Wait => return Ok(Action::await_change()),
+            Step::WaitForDeletion(held) => {
+                settled(false);
+                return wait_for_deletion(ctx, NAME, &svc, held).await;
             }
-            (write_secret(ctx, Some(&secret), desired).await?, refresh_at, false)
-        }
-        Decision::Issue(reason) => {
-            let written = issue(ctx, &svc, request, family, &name, Some(&secret), &signer, &reason).await?;
-            let refresh_at = match &written {
-                Written::Done { expiry } => policy.refresh_at(*expiry, signer.ca.not_after()),
-                _ => None,
-            };
-            (written, refresh_at, true)
-        }
-    };
+            Step::Foreign(_) => {
+                settled(false);
+                return Ok(Action::await_change());
+            }
+            Step::Leave { refresh_at } => {
+                settled(false);
+                return Ok(wake_at(refresh_at));
+            }
+            Step::Tidy { extra_keys, expiry, refresh_at } => {
+                record_reason("tidy");
+                let desired = desired(secret.as_ref(), &svc, family, &name, Content::Kept { expiry });
+                if !extra_keys.is_empty() {
+                    tracing::info!(object = %secret_ref(&namespace, &name), ?extra_keys, "removing extra data keys");
+                }
+                (write_secret(ctx, secret.as_ref(), desired).await?, refresh_at, false)
+            }
+            Step::Issue(reason) => {
+                record_reason(reason.category());
+                let written = issue(ctx, &svc, request, family, &name, secret.as_ref(), &signer, &reason).await?;
+                let refresh_at = match &written {
+                    Outcome::Done(expiry) => policy.refresh_at(*expiry, signer.ca.not_after()),
+                    _ => None,
+                };
+                (written, refresh_at, true)
+            }
+        };
+    let settled = |done: bool| settled(done && reissued);
+    finish(ctx, &svc, written, settled, refresh_at).await
+}
+
+/// What follows a write: on success the Secret is settled (`settled(true)`) and looked
+/// at again at `refresh_at`; after a race soon; a Secret held in deletion is waited
+/// for and a refusal reported on the Service (both settled, `settled(false)`).
+async fn finish(
+    ctx: &Context,
+    svc: &Service,
+    written: Outcome<OffsetDateTime>,
+    settled: impl Fn(bool),
+    refresh_at: Option<OffsetDateTime>,
+) -> Result<Action, Error> {
     match written {
-        Written::Done { .. } => {
-            settled(reissued);
+        Outcome::Done(_) => {
+            settled(true);
             Ok(wake_at(refresh_at))
         }
-        Written::Raced => Ok(Action::requeue(LOOK_AGAIN)),
-        Written::Gone => Ok(Action::await_change()),
-        Written::Deleting(held) => {
+        Outcome::Raced => Ok(Action::requeue(LOOK_AGAIN)),
+        Outcome::Gone => Ok(Action::await_change()),
+        Outcome::Held(held) => {
             settled(false);
-            wait_for_deletion(ctx, NAME, &svc, &held).await
+            wait_for_deletion(ctx, NAME, svc, &held).await
         }
-        Written::Refused(message) => {
+        Outcome::Refused(message) => {
             settled(false);
-            report_problem(ctx, NAME, &svc, &message).await
+            report_problem(ctx, NAME, svc, &message).await
         }
     }
 }
@@ -169,10 +174,10 @@ async fn release(ctx: &Context, namespace: &str, name: &str) -> Result<Action, E
     ctx.metrics.write("secrets", "patch");
     match api.patch(name, &patch_params(), &Patch::Merge(&patch)).await {
         Ok(_) => {
-            tracing::info!(secret = %secret_ref(namespace, name), "its Service no longer names it: no longer managed");
+            tracing::info!(object = %secret_ref(namespace, name), "its Service no longer names it: no longer managed");
             Ok(Action::await_change())
         }
         Err(e) if is_not_found(&e) => Ok(Action::await_change()),
-        Err(source) => Err(Error::WriteSecret { secret: secret_ref(namespace, name), source }),
+        Err(source) => Err(Error::Kube { action: WRITE_SECRET, object: secret_ref(namespace, name), source }),
     }
 }

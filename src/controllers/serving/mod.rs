@@ -6,6 +6,8 @@
 //! - [`cert_refresh`] (keyed by managed Secret): the Secret stays right; re-issued on
 //!   time, on CA change, on tampering.
 //! - [`decision`]: the pure decision both make from (Secret, Service, CA, now).
+//! - [`precondition`]: the pure checks both make around it (is a Secret asked for,
+//!   the failure cap, the key algorithm, a Secret being deleted, whose it is to fix).
 //!
 //! The rest they share has one room per concern (this module keeps [`Error`],
 //! [`MAX_FAILURES`] and [`secret_ref`]):
@@ -18,6 +20,7 @@
 
 pub mod cert_refresh;
 pub mod decision;
+pub mod precondition;
 pub mod progress;
 pub mod report;
 pub mod request;
@@ -25,45 +28,40 @@ pub mod secret;
 pub mod serving_cert;
 pub mod watches;
 
-use crate::controllers::{Categorised, api_category};
+use crate::controllers::failure::{Op, no_answer};
+use crate::controllers::{Categorised, is_conflict, shown};
 use crate::pki::PkiError;
 
-/// What can fail in the serving controllers: the operation and the object it was for.
+/// What can fail in the serving controllers: what was being done, to which object
+/// (the shape of every controller's errors, see [`crate::controllers::failure`]).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("reading Secret {secret}: {source}")]
-    ReadSecret { secret: String, source: kube::Error },
-    #[error("writing Secret {secret}: {source}")]
-    WriteSecret { secret: String, source: kube::Error },
-    #[error("issuing a certificate for Service {service}: {source}")]
-    IssueLeaf { service: String, source: PkiError },
-    #[error("reading Service {service}: {source}")]
-    ReadService { service: String, source: kube::Error },
-    #[error("annotating Service {service}: {source}")]
-    PatchService { service: String, source: kube::Error },
+    #[error("{action} {object}: {source}")]
+    Kube { action: Op, object: String, source: kube::Error },
+    #[error("{action} {object}: {source}")]
+    Pki { action: Op, object: String, source: PkiError },
 }
+
+pub const READ_SECRET: Op = Op { doing: "reading", category: "read-secret" };
+pub const WRITE_SECRET: Op = Op { doing: "writing", category: "write-secret" };
+pub const ISSUE: Op = Op { doing: "issuing a certificate for", category: "issue" };
+pub const READ_SERVICE: Op = Op { doing: "reading", category: "read-service" };
+pub const PATCH_SERVICE: Op = Op { doing: "annotating", category: "patch-service" };
 
 impl Categorised for Error {
     fn category(&self) -> &'static str {
         match self {
-            Error::ReadSecret { .. } => "read-secret",
-            Error::WriteSecret { source, .. } => match api_category(source) {
-                "conflict" => "write-secret-conflict",
-                _ => "write-secret",
-            },
-            Error::IssueLeaf { .. } => "issue",
-            Error::ReadService { .. } => "read-service",
-            Error::PatchService { .. } => "patch-service",
+            Error::Kube { action, source, .. } if *action == WRITE_SECRET && is_conflict(source) => {
+                "write-secret-conflict"
+            }
+            Error::Kube { action, .. } | Error::Pki { action, .. } => action.category,
         }
     }
 
     fn unreachable(&self) -> bool {
         match self {
-            Error::ReadSecret { source, .. }
-            | Error::WriteSecret { source, .. }
-            | Error::ReadService { source, .. }
-            | Error::PatchService { source, .. } => !matches!(source, kube::Error::Api(_)),
-            Error::IssueLeaf { .. } => false,
+            Error::Kube { source, .. } => no_answer(source),
+            Error::Pki { .. } => false,
         }
     }
 }
@@ -72,9 +70,9 @@ impl Categorised for Error {
 /// edits (or removes) its error annotations.
 pub const MAX_FAILURES: u32 = 10;
 
-/// `namespace/name`, for messages.
+/// `Secret namespace/name`, as logs, Events and errors print it (see [`shown`]).
 pub fn secret_ref(namespace: &str, name: &str) -> String {
-    format!("{namespace}/{name}")
+    shown("Secret", Some(namespace), name)
 }
 
 #[cfg(test)]

@@ -5,14 +5,15 @@
 use k8s_openapi::api::core::v1::Service;
 use kube::api::Patch;
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use super::decision::IssueReason;
 use super::request::failures;
-use super::{Error, MAX_FAILURES, secret_ref};
-use crate::controllers::{Context, EventType, LOOK_AGAIN, is_conflict, is_not_found, patch_params, retry_delay};
+use super::{Error, MAX_FAILURES, PATCH_SERVICE, READ_SERVICE, secret_ref};
+use crate::controllers::{
+    Context, EventType, LOOK_AGAIN, is_conflict, is_not_found, patch_params, retry_delay, shown_obj,
+};
 use crate::metrics::ReasonLabels;
 use crate::names::{self as ann, Family};
 use crate::pki::{CertificateAuthority, IssuedLeaf, format_expiry};
@@ -35,7 +36,7 @@ pub async fn announce_issued(
         _ => ("re-issued", "ServingCertificateRefreshed"),
     };
     let namespace = svc.namespace().unwrap_or_default();
-    tracing::info!(secret = %secret_ref(&namespace, name), %reason, "serving certificate {verb}");
+    tracing::info!(object = %secret_ref(&namespace, name), %reason, "serving certificate {verb}");
     let note = format!(
         "Secret {name} {verb} because {reason}: certificate valid until {}, signed by {}",
         format_expiry(leaf.not_after),
@@ -62,10 +63,11 @@ pub(super) async fn mark_signed(ctx: &Context, svc: &Service, signer: &Signer) -
         return Ok(());
     }
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
-    let fresh = api
-        .get_opt(&svc.name_any())
-        .await
-        .map_err(|source| Error::ReadService { service: ObjectRef::from_obj(svc).to_string(), source })?;
+    let fresh = api.get_opt(&svc.name_any()).await.map_err(|source| Error::Kube {
+        action: READ_SERVICE,
+        object: shown_obj(svc),
+        source,
+    })?;
     match fresh {
         Some(fresh) if !up_to_date(&fresh) => {}
         _ => return Ok(()),
@@ -100,11 +102,10 @@ pub(super) async fn report_problem(
     match patch_annotations(ctx, svc, patch, svc.resource_version()).await {
         Ok(true) => {}
         Ok(false) => return Ok(Action::await_change()),
-        Err(Error::PatchService { source, .. }) if is_conflict(&source) => return Ok(Action::requeue(LOOK_AGAIN)),
+        Err(Error::Kube { source, .. }) if is_conflict(&source) => return Ok(Action::requeue(LOOK_AGAIN)),
         Err(error) => return Err(error),
     }
-    let service = ObjectRef::from_obj(svc).to_string();
-    tracing::warn!(%service, failures = count, "serving certificate not issued: {message}");
+    tracing::warn!(object = %shown_obj(svc), failures = count, "serving certificate not issued: {message}");
     let note = if count >= MAX_FAILURES {
         format!(
             "{message}. Stopped retrying after {count} consecutive failures: remove the annotation {} to retry",
@@ -135,6 +136,6 @@ async fn patch_annotations(
     match api.patch(&svc.name_any(), &patch_params(), &Patch::Merge(&patch)).await {
         Ok(_) => Ok(true),
         Err(e) if is_not_found(&e) => Ok(false),
-        Err(source) => Err(Error::PatchService { service: ObjectRef::from_obj(svc).to_string(), source }),
+        Err(source) => Err(Error::Kube { action: PATCH_SERVICE, object: shown_obj(svc), source }),
     }
 }

@@ -10,14 +10,13 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use time::OffsetDateTime;
 
 use super::decision::{IssueReason, SecretFacts};
 use super::report::{announce_issued, report_problem};
-use super::{Error, secret_ref};
-use crate::controllers::{Context, api_message, is_conflict, is_not_found, is_refused, post_params};
+use super::{Error, ISSUE, READ_SECRET, WRITE_SECRET, secret_ref};
+use crate::controllers::{Context, Outcome, api_message, post_params, shown_obj};
 use crate::keypool::Priority;
 use crate::metrics::ReasonLabels;
 use crate::names::{self as ann, Family, SECRET_TYPE_TLS, TLS_CERT, TLS_KEY};
@@ -107,21 +106,13 @@ fn is_service_owner(owner: &OwnerReference) -> bool {
     owner.kind == "Service" && owner.api_version == "v1"
 }
 
-/// How a write of a serving Secret ended.
-#[derive(Debug)]
-pub enum Written {
-    /// The Secret holds the certificate that expires at `expiry`.
-    Done { expiry: OffsetDateTime },
-    /// The Secret changed, appeared or went meanwhile (409/404): look again soon.
-    Raced,
-    /// Its namespace is being deleted: nothing more to do.
-    Gone,
-    /// The Secret is being deleted and something (a finalizer) holds it: nothing can be
-    /// written until it is gone (see [`wait_for_deletion`]). Its metadata.
-    Deleting(Box<ObjectMeta>),
-    /// The API server refused the write (validation, admission policy, quota, RBAC):
-    /// reported on the Service and retried with backoff up to the failure cap.
-    Refused(String),
+/// The Secret `namespace/name` read whole from the API server (`None`: absent).
+pub async fn read_secret(ctx: &Context, namespace: &str, name: &str) -> Result<Option<Secret>, Error> {
+    Api::<Secret>::namespaced(ctx.client.clone(), namespace).get_opt(name).await.map_err(|source| Error::Kube {
+        action: READ_SECRET,
+        object: secret_ref(namespace, name),
+        source,
+    })
 }
 
 /// Issues a certificate for `request` (what the Service `svc` asks for) and writes it
@@ -138,7 +129,7 @@ pub async fn issue(
     existing: Option<&Secret>,
     signer: &Arc<Signer>,
     reason: &IssueReason,
-) -> Result<Written, Error> {
+) -> Result<Outcome<OffsetDateTime>, Error> {
     let policy = ctx.config.leaf_policy();
     let owner = request.uid.clone();
     let failed = |reason: &'static str| {
@@ -150,19 +141,19 @@ pub async fn issue(
         Ok(leaf) => leaf,
         Err(source) => {
             failed("pki");
-            return Err(Error::IssueLeaf { service: ObjectRef::from_obj(svc).to_string(), source });
+            return Err(Error::Pki { action: ISSUE, object: shown_obj(svc), source });
         }
     };
     let written = write_secret(ctx, existing, desired(existing, svc, family, name, Content::Issued(&leaf))).await;
     match &written {
-        Ok(Written::Done { .. }) => {
+        Ok(Outcome::Done(_)) => {
             ctx.keys.written(&owner);
             announce_issued(ctx, svc, name, reason, &leaf, &signer.ca).await;
         }
         // The key stays parked for the Secret's re-creation.
-        Ok(Written::Raced | Written::Deleting(_)) => {}
-        Ok(Written::Gone) => ctx.keys.written(&owner),
-        Ok(Written::Refused(_)) => {
+        Ok(Outcome::Raced | Outcome::Held(_)) => {}
+        Ok(Outcome::Gone) => ctx.keys.written(&owner),
+        Ok(Outcome::Refused(_)) => {
             failed("refused");
         }
         Err(_) => {
@@ -182,8 +173,12 @@ pub async fn issue(
 /// a user made dependent on it are not collected with it. The API server then keeps
 /// the Secret until the garbage collector has orphaned them, and any finalizer of the
 /// user's holds it longer: a Secret still there after the delete is not created over
-/// (that would fail, again and again) but waited for: [`Written::Deleting`].
-pub async fn write_secret(ctx: &Context, existing: Option<&Secret>, mut desired: Secret) -> Result<Written, Error> {
+/// (that would fail, again and again) but waited for: [`Outcome::Held`].
+pub async fn write_secret(
+    ctx: &Context,
+    existing: Option<&Secret>,
+    mut desired: Secret,
+) -> Result<Outcome<OffsetDateTime>, Error> {
     let namespace = desired.namespace().unwrap_or_default();
     let name = desired.name_any();
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -205,10 +200,10 @@ pub async fn write_secret(ctx: &Context, existing: Option<&Secret>, mut desired:
                 Ok(deleted) => {
                     // Still there (the object, not a Status, came back): held.
                     if let Some(held) = deleted.left().filter(|s| s.metadata.deletion_timestamp.is_some()) {
-                        tracing::info!(secret = %secret_ref(&namespace, &name), "deleting an immutable Secret to change its data; re-created once it is gone");
-                        return Ok(Written::Deleting(Box::new(held.metadata)));
+                        tracing::info!(object = %secret_ref(&namespace, &name), "deleting an immutable Secret to change its data; re-created once it is gone");
+                        return Ok(Outcome::Held(Box::new(held.metadata)));
                     }
-                    tracing::info!(secret = %secret_ref(&namespace, &name), "re-creating an immutable Secret to change its data");
+                    tracing::info!(object = %secret_ref(&namespace, &name), "re-creating an immutable Secret to change its data");
                     desired.metadata.resource_version = None;
                     desired.metadata.uid = None;
                     desired.metadata.creation_timestamp = None;
@@ -229,17 +224,18 @@ pub async fn write_secret(ctx: &Context, existing: Option<&Secret>, mut desired:
     // the work; other 403 and 422 are refusals, reported on the Service and retried up
     // to the failure cap; anything else (413 too large, 5xx, no answer) is an error for
     // the backoff of `drive`.
-    match result {
-        Ok(_) => Ok(Written::Done { expiry }),
-        Err(e) if is_conflict(&e) || is_not_found(&e) => Ok(Written::Raced),
+    let source = match result {
+        Ok(_) => return Ok(Outcome::Done(expiry)),
         // A namespace being deleted refuses new objects: the Service goes with it.
-        Err(e) if api_message(&e).contains("because it is being terminated") => Ok(Written::Gone),
-        Err(e) if is_refused(&e) => Ok(Written::Refused(format!(
-            "the API server refused Secret {}: {}",
-            secret_ref(&namespace, &name),
-            crate::bounded(&api_message(&e))
-        ))),
-        Err(source) => Err(Error::WriteSecret { secret: secret_ref(&namespace, &name), source }),
+        Err(e) if api_message(&e).contains("because it is being terminated") => return Ok(Outcome::Gone),
+        Err(e) => e,
+    };
+    match Outcome::of_failure(&source) {
+        Some(Outcome::Refused(why)) => {
+            Ok(Outcome::Refused(format!("the API server refused {}: {why}", secret_ref(&namespace, &name))))
+        }
+        Some(outcome) => Ok(outcome),
+        None => Err(Error::Kube { action: WRITE_SECRET, object: secret_ref(&namespace, &name), source }),
     }
 }
 
@@ -298,7 +294,7 @@ pub fn held_message(namespace: &str, meta: &ObjectMeta) -> String {
     };
     let since = meta.deletion_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default();
     format!(
-        "Secret {} is being deleted (since {since}) and is held by {holders}; the certificate is written once it \
+        "{} is being deleted (since {since}) and is held by {holders}; the certificate is written once it \
          is gone",
         secret_ref(namespace, &meta.name.clone().unwrap_or_default()),
     )

@@ -17,20 +17,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::Service;
+use kube::ResourceExt;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
-use kube::{Api, ResourceExt};
 use time::OffsetDateTime;
 
-use super::decision::{Decision, decide};
+use super::decision::decide;
+use super::precondition::{Ask, Keyed, Step, ask, step};
 use super::report::{mark_signed, report_problem};
-use super::request::{Wanted, failures, key_algorithm, leaf_request, wanted};
-use super::secret::{Content, Written, desired, issue, secret_facts, wait_for_deletion, write_secret};
-use super::{Error, MAX_FAILURES, secret_ref};
-use crate::controllers::{Context, LOOK_AGAIN, Shard, drive};
-use crate::names::{self as ann, Family};
+use super::request::leaf_request;
+use super::secret::{Content, desired, issue, read_secret, wait_for_deletion, write_secret};
+use super::{Error, secret_ref};
+use crate::controllers::{Context, LOOK_AGAIN, Outcome, Shard, drive, record_reason};
 use crate::shutdown::Shutdown;
 
 pub const NAME: &str = "serving-cert";
@@ -80,20 +80,12 @@ impl Terminating {
 
 async fn reconcile(svc: Arc<Service>, st: Arc<State>) -> Result<Action, Error> {
     let ctx = &st.ctx;
-    // At the cap, nothing happens until a person edits the Service.
-    if failures(&svc) >= MAX_FAILURES {
-        return Ok(Action::await_change());
-    }
-    let (name, family) = match requested_secret(&svc) {
-        Ok(Some(requested)) => requested,
-        Ok(None) => return Ok(Action::await_change()),
-        Err(problem) => return report_problem(ctx, NAME, &svc, &problem).await,
-    };
-    // An unknown key algorithm: reported, and nothing is generated or written.
-    let key = match key_algorithm(&svc, ctx.config.default_key_algorithm, &ctx.config.allowed_key_algorithms) {
-        Ok(key) => key,
-        Err(problem) => return report_problem(ctx, NAME, &svc, &problem).await,
-    };
+    let (name, family, key) =
+        match ask(&svc, Keyed::Service, ctx.config.default_key_algorithm, &ctx.config.allowed_key_algorithms) {
+            Ask::Read { name, family, key } => (name, family, key),
+            Ask::Wait | Ask::Release => return Ok(Action::await_change()),
+            Ask::Report(problem) => return report_problem(ctx, NAME, &svc, &problem).await,
+        };
     let Some(signer) = ctx.signer.current() else {
         // The CA is not loaded yet; loading it re-triggers every Service.
         return Ok(Action::await_change());
@@ -102,81 +94,53 @@ async fn reconcile(svc: Arc<Service>, st: Arc<State>) -> Result<Action, Error> {
     if let Some(left) = st.terminating.remaining(&namespace) {
         return Ok(Action::requeue(left));
     }
-    let existing = Api::<Secret>::namespaced(ctx.client.clone(), &namespace)
-        .get_opt(name)
-        .await
-        .map_err(|source| Error::ReadSecret { secret: secret_ref(&namespace, name), source })?;
+    let existing = read_secret(ctx, &namespace, name).await?;
     let policy = ctx.config.leaf_policy();
     let request = leaf_request(&svc, &policy.cluster_domain, key);
-    let facts = existing.as_ref().map(secret_facts);
-    let labeled = facts.as_ref().is_some_and(|f| f.labeled);
-    // A Secret being deleted is waited for (by cert-refresh when it is labeled); its
-    // deletion brings us back to create it.
-    if let Some(held) = existing.as_ref().filter(|s| s.metadata.deletion_timestamp.is_some()) {
-        if labeled {
-            return Ok(Action::await_change());
-        }
-        return wait_for_deletion(ctx, NAME, &svc, &held.metadata).await;
-    }
-    let decision = decide(facts.as_ref(), &request, &signer.ca, &policy, OffsetDateTime::now_utc());
-
-    match decision {
-        Decision::Foreign(why) => {
+    let now = OffsetDateTime::now_utc();
+    match step(Keyed::Service, existing.as_ref(), |facts| decide(facts, &request, &signer.ca, &policy, now)) {
+        Step::Wait => return Ok(Action::await_change()),
+        Step::WaitForDeletion(held) => return wait_for_deletion(ctx, NAME, &svc, held).await,
+        Step::Foreign(why) => {
             let message = format!(
-                "Secret {} already exists and {why}; the operator never modifies it. Delete it, or set {} to another name",
+                "{} already exists and {why}; the operator never modifies it. Delete it, or set {} to another name",
                 secret_ref(&namespace, name),
                 family.serving_cert_secret_name
             );
             return report_problem(ctx, NAME, &svc, &message).await;
         }
-        // Labeled Secrets are the cert-refresh controller's to fix; its write brings
-        // us back here.
-        Decision::Issue(_) if labeled => return Ok(Action::await_change()),
-        Decision::Issue(reason) => {
+        Step::Issue(reason) => {
+            record_reason(reason.category());
             let written = issue(ctx, &svc, request, family, name, existing.as_ref(), &signer, &reason).await?;
-            if matches!(written, Written::Gone) {
+            if matches!(written, Outcome::Gone) {
                 st.terminating.note(&namespace);
             }
             if let Some(next) = settle(ctx, &svc, written).await? {
                 return Ok(next);
             }
         }
-        Decision::Tidy { expiry, .. } if !labeled => {
+        Step::Tidy { expiry, .. } => {
+            record_reason("tidy");
             let secret = desired(existing.as_ref(), &svc, family, name, Content::Kept { expiry });
             let written = write_secret(ctx, existing.as_ref(), secret).await?;
             if let Some(next) = settle(ctx, &svc, written).await? {
                 return Ok(next);
             }
         }
-        Decision::Tidy { .. } | Decision::Keep { .. } => {}
+        Step::Leave { .. } => {}
     }
     mark_signed(ctx, &svc, &signer).await?;
     Ok(Action::await_change())
 }
 
-/// The Secret name the Service asks for (`None`: none), or why it cannot have one.
-fn requested_secret(svc: &Service) -> Result<Option<(&str, Family)>, String> {
-    match wanted(svc) {
-        Wanted::NotRequested => Ok(None),
-        Wanted::Empty(family) => Err(format!(
-            "the annotation {} is empty: set it to the name of the Secret to create",
-            family.serving_cert_secret_name
-        )),
-        Wanted::Named { name, family } => match ann::check_subdomain(name) {
-            Ok(()) => Ok(Some((name, family))),
-            Err(why) => Err(format!("{:?} is not a valid Secret name: {why}", crate::bounded(name))),
-        },
-    }
-}
-
 /// What follows a write: `None` when it was done (go on), else the end of this pass —
 /// look again soon after a race, or report the refusal on the Service.
-async fn settle(ctx: &Context, svc: &Service, written: Written) -> Result<Option<Action>, Error> {
+async fn settle(ctx: &Context, svc: &Service, written: Outcome<OffsetDateTime>) -> Result<Option<Action>, Error> {
     match written {
-        Written::Done { .. } => Ok(None),
-        Written::Raced => Ok(Some(Action::requeue(LOOK_AGAIN))),
-        Written::Gone => Ok(Some(Action::await_change())),
-        Written::Deleting(held) => wait_for_deletion(ctx, NAME, svc, &held).await.map(Some),
-        Written::Refused(message) => report_problem(ctx, NAME, svc, &message).await.map(Some),
+        Outcome::Done(_) => Ok(None),
+        Outcome::Raced => Ok(Some(Action::requeue(LOOK_AGAIN))),
+        Outcome::Gone => Ok(Some(Action::await_change())),
+        Outcome::Held(held) => wait_for_deletion(ctx, NAME, svc, &held).await.map(Some),
+        Outcome::Refused(message) => report_problem(ctx, NAME, svc, &message).await.map(Some),
     }
 }

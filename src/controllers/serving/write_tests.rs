@@ -10,9 +10,10 @@ use time::OffsetDateTime;
 
 use super::decision::IssueReason;
 use super::fixtures::svc;
-use super::secret::{Content, Written, desired, issue, write_secret};
+use super::secret::{Content, desired, issue, write_secret};
 use super::{Error, request};
 use crate::controllers::Categorised;
+use crate::controllers::Outcome;
 use crate::controllers::test_api::{self, Seen};
 use crate::metrics::ReasonLabels;
 use crate::names as ann;
@@ -32,7 +33,10 @@ fn existing() -> Secret {
 
 /// Writes the Secret (created when `existing` is `None`, else replaced) against an
 /// API server that answers every request with `answer`.
-async fn write(existing: Option<&Secret>, answer: (u16, serde_json::Value)) -> (Result<Written, Error>, Seen) {
+async fn write(
+    existing: Option<&Secret>,
+    answer: (u16, serde_json::Value),
+) -> (Result<Outcome<OffsetDateTime>, Error>, Seen) {
     let (client, seen) = test_api::client(move |_, _| answer.clone());
     let ctx = test_api::context(client);
     let service = svc(&[(ann::BETA.serving_cert_secret_name, "tls")], None);
@@ -56,7 +60,7 @@ async fn a_conflict_or_a_vanished_secret_is_a_race_to_look_again() {
     for existing in [None, Some(&old)] {
         for answer in [test_api::status(409, "Conflict", "changed"), test_api::status(404, "NotFound", "gone")] {
             let (written, seen) = write(existing, answer).await;
-            assert!(matches!(written, Ok(Written::Raced)), "{written:?}");
+            assert!(matches!(written, Ok(Outcome::Raced)), "{written:?}");
             one_write(&seen, existing);
         }
     }
@@ -69,7 +73,7 @@ async fn a_refusal_is_reported_with_the_api_servers_message_bounded() {
     for existing in [None, Some(&old)] {
         for answer in [test_api::status(403, "Forbidden", &long), test_api::status(422, "Invalid", &long)] {
             let (written, seen) = write(existing, answer).await;
-            let Ok(Written::Refused(message)) = written else { panic!("{written:?}") };
+            let Ok(Outcome::Refused(message)) = written else { panic!("{written:?}") };
             assert!(
                 message.starts_with("the API server refused Secret shop/tls: admission webhook denied"),
                 "{message}"
@@ -85,7 +89,7 @@ async fn a_namespace_being_terminated_ends_the_work() {
     let message =
         "secrets \"tls\" is forbidden: unable to create new content in namespace shop because it is being terminated";
     let (written, seen) = write(None, test_api::status(403, "Forbidden", message)).await;
-    assert!(matches!(written, Ok(Written::Gone)), "{written:?}");
+    assert!(matches!(written, Ok(Outcome::Gone)), "{written:?}");
     one_write(&seen, None);
 }
 
@@ -96,7 +100,7 @@ async fn a_body_too_large_is_an_error_retried_with_backoff() {
         let answer = test_api::status(413, "RequestEntityTooLarge", "limit is 3145728");
         let (written, seen) = write(existing, answer).await;
         let Err(error) = written else { panic!("{written:?}") };
-        assert!(matches!(error, Error::WriteSecret { .. }), "{error:?}");
+        assert!(matches!(error, Error::Kube { action: super::WRITE_SECRET, .. }), "{error:?}");
         assert_eq!(error.category(), "write-secret");
         assert!(!error.unreachable(), "answered: the backoff applies, not the quick retry of an outage");
         assert!(error.to_string().contains("writing Secret shop/tls"), "{error}");
