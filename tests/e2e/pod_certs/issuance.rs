@@ -1,91 +1,20 @@
-//! Pod certificates and the ClusterTrustBundle on the real API server. No kubelet
-//! runs there, so each test does what the kubelet would: a Node, a Pod bound to it,
-//! and the PodCertificateRequest with a stub PKCS#10 request signed by the pod's key
-//! (the API server verifies it, and validates the status the operator writes: chain,
-//! times, conditions). Each test uses a signer name of its own, so that operators of
-//! other tests never see its requests.
+//! Issuing pod certificates: the certificate serves its Service's names and the
+//! ClusterTrustBundle trusts it; a request waits for its Service; unsupported keys and
+//! other signers; rotation and reset; only a pod that asked this signer is answered.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-
-use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
-use k8s_openapi::api::certificates::v1::{ClusterTrustBundle, PodCertificateRequest};
+use k8s_openapi::api::certificates::v1::ClusterTrustBundle;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::Api;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams};
 use serde_json::json;
 
-use crate::support::pods::{Kubelet, bundle_name, key_and_stub, trust_bundle};
+use super::{World, answers, p521_stub, verify_all};
+use crate::support::pods::{bundle_name, key_and_stub};
 use crate::support::tls::{self, TlsServer, connect_all};
-use crate::support::{Cleanup, Env, Operator, eventually};
-
-const T: Duration = Duration::from_secs(30);
-
-/// One test's world: its namespace, its own signer, its operator, and a kubelet (whose
-/// methods it offers).
-struct World {
-    env: Env,
-    signer: String,
-    kubelet: Kubelet,
-    op: Operator,
-    _cleanup: Cleanup,
-}
-
-impl World {
-    async fn new(test: &str, extra: &[&str]) -> World {
-        let env = Env::new(test).await;
-        let signer = format!("e2e.service-ca.test/{}", env.run);
-        let mut args = vec!["--pod-signer-name", &signer];
-        args.extend_from_slice(extra);
-        let op = env.start_operator(&args);
-        let mut cleanup = Cleanup::default();
-        cleanup.add::<ClusterTrustBundle>(bundle_name(&signer, &env.op_ns));
-        let kubelet = Kubelet::new(&env, &signer).await;
-        World { env, signer, kubelet, op, _cleanup: cleanup }
-    }
-
-    /// The published ClusterTrustBundle's bundle (waits until it exists).
-    async fn trust_bundle(&self) -> String {
-        trust_bundle(&self.env, &self.signer, &self.env.op_ns).await
-    }
-}
-
-impl std::ops::Deref for World {
-    type Target = Kubelet;
-    fn deref(&self) -> &Kubelet {
-        &self.kubelet
-    }
-}
-
-/// A stub PKCS#10 request over a P-521 key, made with OpenSSL (the signing library the
-/// operator uses cannot make or certify P-521 keys).
-fn p521_stub() -> Vec<u8> {
-    let dir = tls::scratch_dir();
-    let out = std::process::Command::new("openssl")
-        .args(["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-521", "-nodes", "-subj", "/CN=x"])
-        .args(["-outform", "DER", "-keyout"])
-        .arg(dir.join("key.pem"))
-        .arg("-out")
-        .arg(dir.join("req.der"))
-        .output()
-        .expect("run openssl");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    std::fs::read(dir.join("req.der")).unwrap()
-}
-
-fn verify_all(chain: &str, bundle: &str, name: &str) {
-    let results = [
-        ("rustls", tls::rustls_verify_at(chain, bundle, name, SystemTime::now())),
-        ("openssl", tls::openssl_verify(chain, bundle, name)),
-        ("go", tls::go_verify(chain, bundle, name)),
-    ];
-    for (stack, result) in results {
-        assert!(result.is_ok(), "{stack} does not verify the chain for {name}: {result:?}");
-    }
-}
+use crate::support::{T, eventually};
 
 #[tokio::test]
 async fn an_issued_pod_certificate_serves_its_service_names_and_the_cluster_trust_bundle_trusts_it() {
@@ -259,9 +188,7 @@ async fn the_trust_bundle_and_new_pod_certificates_follow_a_rotation_and_a_reset
     // Graceful rotation: the bundle gains the new CA; a new certificate is from it;
     // the old certificate still verifies against the new bundle, the new one against
     // the old bundle.
-    let patch =
-        json!({ "metadata": { "annotations": { "service-ca.operators.openshift.io/force-rotation": "pods" } } });
-    w.env.op_secrets().patch("signing-key", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    w.env.force_rotation("pods").await;
     let rotated = Instant::now();
     let bundle = eventually(T, "the bundle after the rotation", || async {
         let b = w.trust_bundle().await;
@@ -278,7 +205,7 @@ async fn the_trust_bundle_and_new_pod_certificates_follow_a_rotation_and_a_reset
     verify_all(&after, &first_bundle, &name);
 
     // Hard reset: a brand-new CA, the bundle is it alone, new certificates from it.
-    w.env.op_secrets().delete("signing-key", &DeleteParams::default()).await.unwrap();
+    w.env.hard_reset().await;
     let reset = Instant::now();
     let reset_bundle = eventually(T, "the bundle after the reset", || async {
         let b = w.trust_bundle().await;
@@ -291,15 +218,6 @@ async fn the_trust_bundle_and_new_pod_certificates_follow_a_rotation_and_a_reset
     let fresh = w.issued("reset").await;
     verify_all(&fresh, &reset_bundle, &name);
     assert!(tls::openssl_verify(&before, &reset_bundle, &name).is_err(), "a reset trusts nothing from before");
-}
-
-/// Waits for `names`' answers; returns `<type> <reason>` by request.
-async fn answers(w: &Kubelet, names: &[&str]) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    for name in names {
-        out.insert(name.to_string(), w.answered(name, T).await.0);
-    }
-    out
 }
 
 #[tokio::test]
@@ -373,247 +291,4 @@ async fn only_a_pod_that_asked_this_signer_gets_a_certificate_any_other_request_
     let (_, pcr) = w.answered("other-signer", T).await;
     let message = &pcr.status.unwrap().conditions.unwrap()[0].message;
     assert!(message.contains(&w.signer) && message.contains("other-signer"), "{message}");
-}
-
-#[tokio::test]
-async fn the_shipped_admission_policy_lets_only_the_node_a_request_names_create_one() {
-    let env = Env::new("pod-certs-vap").await;
-    let signer = service_ca_operator::names::POD_SIGNER_NAME;
-    // The policy and its binding, as shipped in manifests/.
-    let text =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/manifests/podcertificaterequest-policy.yaml"))
-            .expect("manifests/podcertificaterequest-policy.yaml");
-    let mut cleanup = Cleanup::default();
-    let apply = PatchParams::apply("e2e").force();
-    for doc in text.split("\n---") {
-        let value: serde_json::Value = serde_saphyr::from_str(doc).unwrap();
-        let name = value["metadata"]["name"].as_str().unwrap().to_string();
-        match value["kind"].as_str().unwrap() {
-            "ValidatingAdmissionPolicy" => {
-                let api: Api<ValidatingAdmissionPolicy> = Api::all(env.client.clone());
-                api.patch(&name, &apply, &Patch::Apply(&value)).await.unwrap();
-                cleanup.add::<ValidatingAdmissionPolicy>(name);
-            }
-            "ValidatingAdmissionPolicyBinding" => {
-                let api: Api<ValidatingAdmissionPolicyBinding> = Api::all(env.client.clone());
-                api.patch(&name, &apply, &Patch::Apply(&value)).await.unwrap();
-                cleanup.add::<ValidatingAdmissionPolicyBinding>(name);
-            }
-            kind => panic!("unexpected {kind}"),
-        }
-    }
-    let kubelet = Kubelet::new(&env, signer).await;
-    let pod = kubelet.pod("web", "web", None).await;
-    let (_, stub) = key_and_stub(&rcgen::PKCS_ECDSA_P256_SHA256);
-
-    // A user with `create` on requests in the namespace (a Role of the test's).
-    let tenant = format!("e2e-tenant-{}", env.run);
-    let role: Role = serde_json::from_value(json!({
-        "metadata": { "name": "requests", "namespace": env.ns },
-        "rules": [{ "apiGroups": ["certificates.k8s.io"], "resources": ["podcertificaterequests"], "verbs": ["create"] }]
-    }))
-    .unwrap();
-    let binding: RoleBinding = serde_json::from_value(json!({
-        "metadata": { "name": "requests", "namespace": env.ns },
-        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "requests" },
-        "subjects": [{ "apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": tenant }]
-    }))
-    .unwrap();
-    Api::<Role>::namespaced(env.client.clone(), &env.ns).create(&PostParams::default(), &role).await.unwrap();
-    Api::<RoleBinding>::namespaced(env.client.clone(), &env.ns).create(&PostParams::default(), &binding).await.unwrap();
-    let as_tenant: Api<PodCertificateRequest> =
-        Api::namespaced(crate::support::client_as(&tenant, &["system:authenticated"]).await, &env.ns);
-
-    // RBAC lets the tenant create requests (for another signer: admitted) ...
-    let other = kubelet.request_object("other", &format!("e2e.other.test/{}", env.run), &pod, stub.clone(), None).await;
-    eventually(T, "the tenant's RBAC", || async { as_tenant.create(&PostParams::default(), &other).await.ok() }).await;
-    // ... the policy refuses the tenant's request for the pod signer (once the API
-    // server has loaded the policy) ...
-    let started = Instant::now();
-    let base = kubelet.request_object("tenant", signer, &pod, stub.clone(), None).await;
-    let tries = std::sync::atomic::AtomicUsize::new(0);
-    let refusal = eventually(T, "the tenant's request refused by the policy", || {
-        let n = tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut request = base.clone();
-        request.metadata.name = Some(format!("tenant-{n}"));
-        let as_tenant = as_tenant.clone();
-        async move {
-            match as_tenant.create(&PostParams::default(), &request).await {
-                Err(kube::Error::Api(status)) => Some(status),
-                Ok(_) => None,
-                Err(error) => panic!("{error}"),
-            }
-        }
-    })
-    .await;
-    let n = tries.load(std::sync::atomic::Ordering::Relaxed);
-    eprintln!(
-        "tenant refused after {:?} ({} admitted while the policy loaded): {refusal:?}",
-        started.elapsed(),
-        n.saturating_sub(1)
-    );
-    assert_eq!(refusal.code, 403, "{refusal:?}");
-    assert!(refusal.message.contains("only the node") && refusal.message.contains(&tenant), "{}", refusal.message);
-    // ... and admits the node's own (system:node:<spec.nodeName>).
-    kubelet.request("from-node", signer, &pod, stub, None).await;
-    let admitted = kubelet.requests().get("from-node").await.unwrap();
-    assert_eq!(admitted.spec.node_name, kubelet.node_name());
-}
-
-#[tokio::test]
-async fn a_paused_member_that_resumes_after_a_hard_reset_answers_no_request_with_the_old_ca() {
-    let env = Env::new("pod-certs-paused").await;
-    let signer = format!("e2e.service-ca.test/{}", env.run);
-    // A long lease: the paused member stays a member (owning its share) while paused.
-    let mut ops: Vec<Operator> = (0..2)
-        .map(|i| {
-            let identity = format!("r{i}");
-            let args = env.leader_elect_args(
-                "30s",
-                &["--default-key-algorithm", "ecdsa", "--lease-identity", &identity, "--pod-signer-name", &signer],
-            );
-            Operator::start_with_kubeconfig(&env.name, &args, &env.kubeconfig)
-        })
-        .collect();
-    let mut cleanup = Cleanup::default();
-    cleanup.add::<ClusterTrustBundle>(bundle_name(&signer, &env.op_ns));
-    for op in &ops {
-        op.wait_ready(Duration::from_secs(60)).await;
-    }
-    let kubelet = Kubelet::new(&env, &signer).await;
-    kubelet.service("web", "web", false).await;
-    let pod = kubelet.pod("web", "web", None).await;
-    // Both replicas answer their share (each request belongs to one).
-    let warm = 8;
-    for i in 0..warm {
-        let (_, stub) = key_and_stub(&rcgen::PKCS_ECDSA_P256_SHA256);
-        kubelet.request(&format!("warm-{i}"), &signer, &pod, stub, None).await;
-    }
-    for i in 0..warm {
-        kubelet.issued(&format!("warm-{i}")).await;
-    }
-    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(env.client.clone(), &env.op_ns);
-    let holder = leases.get("service-ca-operator").await.unwrap().spec.unwrap().holder_identity.unwrap();
-    let member = if holder == "r0" { 1 } else { 0 };
-    let old_ca = crate::support::certs::ca_ski(&env.op_secrets().get("signing-key").await.unwrap());
-
-    // The member stops (SIGSTOP) ...
-    crate::support::unsafe_free_signal(ops[member].pid(), "STOP");
-    let paused = Instant::now();
-    // ... the leader hard-resets the CA and publishes it ...
-    env.op_secrets().delete("signing-key", &DeleteParams::default()).await.unwrap();
-    let new_bundle = eventually(T, "the new CA in the ClusterTrustBundle", || async {
-        let b = trust_bundle(&env, &signer, &env.op_ns).await;
-        let ca = env.op_secrets().get_opt("signing-key").await.ok()??;
-        let ski = crate::support::certs::ca_ski(&ca);
-        // The new CA alone in the published bundle (signing-key is written before it).
-        (ski != old_ca && crate::support::certs::skis(&b) == vec![ski] && env.ca_bundle().await == b).then_some(b)
-    })
-    .await;
-    let new_ca = crate::support::certs::ca_ski(&env.op_secrets().get("signing-key").await.unwrap());
-    // ... and pods ask for certificates: about half of them are the paused member's.
-    let n = 12;
-    for i in 0..n {
-        let (_, stub) = key_and_stub(&rcgen::PKCS_ECDSA_P256_SHA256);
-        kubelet.request(&format!("after-{i}"), &signer, &pod, stub, None).await;
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let pending = {
-        let list = kubelet.requests().list(&Default::default()).await.unwrap();
-        list.items
-            .iter()
-            .filter(|r| r.status.as_ref().and_then(|s| s.conditions.as_ref()).is_none_or(|c| c.is_empty()))
-            .count()
-    };
-    let pause = paused.elapsed();
-    eprintln!("paused for {pause:?}; {pending} of {n} requests wait for the paused member");
-    assert!(pause < Duration::from_secs(25), "the member's Lease must not expire while paused: {pause:?}");
-    crate::support::unsafe_free_signal(ops[member].pid(), "CONT");
-
-    let mut old = Vec::new();
-    for i in 0..n {
-        let name = format!("after-{i}");
-        let chain = kubelet.issued(&name).await;
-        if crate::support::certs::signer_of(&chain) != new_ca {
-            old.push(name);
-        }
-    }
-    println!(
-        "after a hard reset while a member was paused: {} of {n} requests ({pending} its share) signed by the old CA",
-        old.len()
-    );
-    assert!(old.is_empty(), "signed by the old CA after the reset: {old:?}");
-    for i in 0..n {
-        let chain = kubelet.issued(&format!("after-{i}")).await;
-        let verified = tls::openssl_verify(&chain, &new_bundle, &format!("web.{}.svc", env.ns));
-        assert!(verified.is_ok(), "after-{i}: {verified:?}\n{chain}");
-    }
-    for op in &mut ops {
-        assert!(op.running(), "no replica exited");
-    }
-}
-
-#[tokio::test]
-async fn memory_stays_bounded_when_tenants_put_huge_selectors_in_services() {
-    let env = Env::new("pod-certs-selectors").await;
-    let signer = format!("e2e.service-ca.test/{}", env.run);
-    // ECDSA keys: what is measured here is the selectors, not RSA keys' CPU.
-    let op = env.start_operator(&["--pod-signer-name", &signer, "--default-key-algorithm", "ecdsa"]);
-    let mut cleanup = Cleanup::default();
-    cleanup.add::<ClusterTrustBundle>(bundle_name(&signer, &env.op_ns));
-    op.wait_ready(Duration::from_secs(60)).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = op.rss_kib() as f64 / 1024.0;
-    // 100 Services of ~1.1 MB of selector each (20,000 label pairs), created while
-    // the operator runs, 8 at a time (the shared API server stalls with more).
-    let (n, pairs) = (100, 20_000);
-    let selector: serde_json::Map<String, serde_json::Value> =
-        (0..pairs).map(|i| (format!("k{i:05}"), json!("v".repeat(49)))).collect();
-    let bytes: usize = selector.iter().map(|(k, v)| k.len() + v.as_str().unwrap().len()).sum();
-    let started = Instant::now();
-    futures::stream::iter(0..n)
-        .map(|i| {
-            let service: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
-                "metadata": { "name": format!("big{i}"), "namespace": env.ns, "labels": env.labels() },
-                "spec": { "ports": [{ "port": 443 }], "selector": selector },
-            }))
-            .unwrap();
-            let api = env.services();
-            async move {
-                match api.create(&PostParams::default(), &service).await {
-                    Ok(_) => {}
-                    // A retried create that went through the first time.
-                    Err(kube::Error::Api(s)) if s.code == 409 => {}
-                    Err(e) => panic!("create big{i}: {e}"),
-                }
-            }
-        })
-        .buffer_unordered(8)
-        .collect::<Vec<_>>()
-        .await;
-    eprintln!("{n} Services of {bytes} selector bytes created in {:?}", started.elapsed());
-    // Every one was looked at: each got its one Warning.
-    let warned = eventually(Duration::from_secs(60), "a SelectorTooLarge Warning on every big Service", || async {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let events = env.events(&env.ns, None, Some("SelectorTooLarge")).await;
-        (events.len() >= n).then_some(events.len())
-    })
-    .await;
-    // A normal Service still gets its Secret promptly.
-    let limit = Duration::from_secs_f64(10.0 * crate::support::time_scale());
-    let asked = Instant::now();
-    env.annotated_service("normal", "normal-tls", false).await;
-    env.serving_secret("normal-tls", limit).await;
-    let waited = asked.elapsed();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let peak = op.peak_rss_kib() as f64 / 1024.0;
-    println!(
-        "{n} Services with {pairs}-pair selectors ({:.1} MB each): operator RSS {before:.1} MiB before, peak \
-         {peak:.1} MiB; {warned} SelectorTooLarge Warnings; a normal Service's Secret after {waited:?}",
-        bytes as f64 / 1e6
-    );
-    let warning = env.the_one_warning(&env.ns, "big0").await;
-    assert!(warning.note.as_deref().unwrap_or_default().contains("20000 label pairs"), "{warning:?}");
-    assert!(peak < 128.0, "peak RSS {peak:.1} MiB with {n} Services of 1.1 MB selectors (target < 128 MiB)");
-    assert!(waited < limit, "a normal Service waited {waited:?} for its Secret (limit {limit:?})");
 }
