@@ -106,9 +106,10 @@ async fn a_replica_killed_mid_issuance_leaves_its_share_to_the_others_within_the
     assert_eq!(recorded.first.len(), n, "every Secret seen");
     assert!(twice.is_empty(), "issued twice: {twice:?}");
     // The lease, then the victim's Services issued by the others: 2 s of issuance on an
-    // idle machine, scaled by this machine's key speed (the suite runs 4 tests at once
-    // on 2 cores). Without the takeover they would wait for ever (the wait above).
-    let catch_up = Duration::from_secs(2).mul_f64(crate::support::time_scale());
+    // idle machine, scaled by this machine's key speed, doubled (the suite runs 4 tests
+    // at once on 2 cores, beside other work: 12.9 s of catch-up was not enough once).
+    // Without the takeover they would wait for ever (the wait above).
+    let catch_up = Duration::from_secs(4).mul_f64(crate::support::time_scale());
     assert!(
         longest <= lease + catch_up,
         "a Service waited {longest:?} after the kill (lease {lease:?} + {catch_up:?} to catch up)"
@@ -271,7 +272,9 @@ async fn issuance_goes_on_without_a_pause_when_the_leader_is_killed() {
         leaders.len()
     );
     assert!(others.len() > 10, "Services of the other members created after the kill: {}", others.len());
-    assert!(longest < lease / 4, "a Service of a live member waited {longest:?} after the leader was killed");
+    // A pause would make a Service created just after the kill wait for the lease (8 s);
+    // without one it waits for its member's issuance only (2.2 s once on a loaded machine).
+    assert!(longest < lease / 2, "a Service of a live member waited {longest:?} after the leader was killed");
 }
 
 #[tokio::test]
