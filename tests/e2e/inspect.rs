@@ -11,14 +11,13 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 use service_ca_operator::pki::format_expiry;
 
-use crate::support::{Env, eventually};
+use crate::support::{Env, T, eventually};
 
-const T: Duration = Duration::from_secs(30);
 const BIN: &str = env!("CARGO_BIN_EXE_service-ca-operator");
 
 /// Runs `inspect` for the test's namespace; (exit code, stdout, stderr).
@@ -134,8 +133,7 @@ async fn inspect_reports_through_a_forced_rotation_and_a_hard_reset_and_restarts
 
     // 2. Forced rotation: after the re-issue everything is current, a bridge is live,
     // the reason is shown, and the Deployment runs with replaced material (exit 4).
-    let patch = json!({ "metadata": { "annotations": { "service-ca.operators.openshift.io/force-rotation": "inspect-test" } } });
-    env.op_secrets().patch("signing-key", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    env.force_rotation("inspect-test").await;
     let report = eventually(T, "inspect: rotated, re-issued, re-injected", || async {
         let (code, report) = json_report(&env);
         (code == 4 && report["summary"]["serving_current"] == 1 && report["summary"]["injected_current"] == 1)
@@ -160,7 +158,7 @@ async fn inspect_reports_through_a_forced_rotation_and_a_hard_reset_and_restarts
 
     // 3. Hard reset while the operator is down: no CA, exit 3.
     op.stop();
-    env.op_secrets().delete("signing-key", &DeleteParams::default()).await.unwrap();
+    env.hard_reset().await;
     let (code, table, _) = inspect(&env, &[]);
     assert_eq!(code, 3, "{table}");
     assert!(table.contains("signing-key does not exist"), "{table}");

@@ -7,21 +7,13 @@
 #[path = "../support/mod.rs"]
 mod support;
 
-mod algorithms;
-mod chart;
-mod cluster;
-mod fairness;
-mod faults;
-mod gitops;
-mod hardening;
-mod image;
+mod bad_input;
 mod injection;
 mod inspect;
-mod lifecycle;
 mod metrics;
 mod perf;
 mod pod_certs;
+mod replicas;
+mod rotation;
 mod serving;
-mod sharing;
 mod shipping;
-mod tenant_input;

@@ -13,9 +13,8 @@ use kube::api::PostParams;
 use serde_json::json;
 
 use crate::support::tls::{go_connect, openssl_connect, rustls_https_get};
-use crate::support::{Cleanup, Env, Operator, eventually, http_get};
+use crate::support::{Cleanup, Env, Operator, T, eventually, http_get};
 
-const T: Duration = Duration::from_secs(30);
 const METRICS_SERVICE: &str = "service-ca-operator-metrics";
 
 /// A ServiceAccount in the test namespace and a token for it.
@@ -23,7 +22,7 @@ async fn service_account_token(env: &Env, name: &str) -> String {
     let api: Api<ServiceAccount> = Api::namespaced(env.client.clone(), &env.ns);
     let sa: ServiceAccount = serde_json::from_value(json!({ "metadata": { "name": name } })).unwrap();
     api.create(&PostParams::default(), &sa).await.unwrap();
-    crate::cluster::token_for(&env.client, &env.ns, name).await
+    crate::support::objects::token_for(&env.client, &env.ns, name).await
 }
 
 /// An operator serving /metrics over TLS as shipped, in `env`'s operator namespace.
@@ -270,4 +269,30 @@ async fn made_up_tokens_do_not_evict_an_authorised_scrapers_verdict() {
     assert!(elapsed < Duration::from_secs(29), "too slow to conclude: the verdict may have expired ({elapsed:?})");
     assert!(!counts.contains_key(&200), "a made-up token was served: {counts:?}");
     assert_eq!(status, 200, "the authorised scraper's verdict was evicted by made-up tokens");
+}
+
+#[tokio::test]
+async fn admin_endpoints_serve_probes_and_the_spec_metrics() {
+    let env = Env::new("admin").await;
+    let op = env.start_operator(&[]);
+    op.wait_ready(T).await;
+    env.annotated_service("m", "m-tls", false).await;
+    env.serving_secret("m-tls", T).await;
+    assert_eq!(op.admin_get("/livez").await.unwrap().0, 200);
+    let (status, body) = op.admin_get("/readyz").await.unwrap();
+    assert_eq!((status, body.trim()), (200, "ok"));
+    let names = [
+        "service_ca_expiry_time_seconds ",
+        "service_ca_serving_certificate_expiry_time_seconds{",
+        "service_ca_reconcile_total{controller=\"serving-cert\"}",
+        "service_ca_reconcile_duration_seconds_bucket{controller=\"cert-refresh\"",
+        "service_ca_certificates_issued_total{reason=\"absent\"} 1",
+        "service_ca_signing_key_valid 1",
+    ];
+    let secret_series = format!("namespace=\"{}\",secret=\"m-tls\"", env.ns);
+    eventually(T, "every metric of docs/spec.md §4", || async {
+        let (_, m) = op.metrics().await?;
+        (m.contains(&secret_series) && names.iter().all(|n| m.contains(n))).then_some(())
+    })
+    .await;
 }

@@ -5,8 +5,11 @@
 
 #![allow(dead_code)]
 
+pub mod annotations;
 pub mod certs;
+pub mod objects;
 pub mod pods;
+pub mod steps;
 pub mod tls;
 
 use std::collections::BTreeMap;
@@ -191,6 +194,9 @@ pub fn time_scale() -> f64 {
     })
 }
 
+/// How long a test step usually waits ([`eventually`] stretches it by [`time_scale`]).
+pub const T: Duration = Duration::from_secs(30);
+
 /// Polls `f` every 100 ms until it returns `Some`, or panics after `timeout` (times
 /// [`time_scale`]) saying what was awaited.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
@@ -337,24 +343,6 @@ impl Env {
     /// The bundle currently in `signing-cabundle` (`ca-bundle.crt`). Waits (up to
     /// 30 s) only until the operator has first written it; once it is there this is
     /// a single read, so it also serves to follow the bundle through rotations.
-    /// Asks for a forced rotation of the CA with `reason` (docs/spec.md §3.3).
-    pub async fn force_rotation(&self, reason: &str) {
-        let patch =
-            json!({ "metadata": { "annotations": { "service-ca.operators.openshift.io/force-rotation": reason } } });
-        let params = kube::api::PatchParams::default();
-        self.op_secrets().patch("signing-key", &params, &kube::api::Patch::Merge(&patch)).await.unwrap();
-    }
-
-    /// `signing-key` once the forced rotation asked for with `reason` is done.
-    pub async fn rotated(&self, reason: &str) -> Secret {
-        eventually(Duration::from_secs(30), "the forced rotation", || async {
-            let s = self.op_secrets().get("signing-key").await.ok()?;
-            (annotation(&s.metadata, "service-ca.operators.openshift.io/forced-rotation-reason") == Some(reason))
-                .then_some(s)
-        })
-        .await
-    }
-
     pub async fn ca_bundle(&self) -> String {
         let api = self.op_configmaps();
         eventually(Duration::from_secs(30), "signing-cabundle", || {

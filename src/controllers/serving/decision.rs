@@ -193,3 +193,6 @@ fn check_metadata(secret: &SecretFacts<'_>, uid: &str) -> Result<(), IssueReason
         Some(_) => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -7,101 +7,17 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::api::{ListParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
-use serde_json::json;
 
-use crate::support::{Env, Operator, certs, data, eventually, metric};
-
-const T: Duration = Duration::from_secs(60);
-const MANAGED: &str = "service-ca.operators.openshift.io/managed=true";
-
-/// `n` replicas of this test's operator with leader election and shared issuance
-/// (the default), identities r0, r1, …; ECDSA keys keep the machine free for the API
-/// server.
-fn replicas(env: &Env, n: usize, lease: &str) -> Vec<Operator> {
-    replicas_with(env, n, lease, &[])
-}
-
-fn replicas_with(env: &Env, n: usize, lease: &str, extra: &[&str]) -> Vec<Operator> {
-    (0..n)
-        .map(|i| {
-            let identity = format!("r{i}");
-            let mut args = vec!["--default-key-algorithm", "ecdsa", "--lease-identity", &identity];
-            args.extend_from_slice(extra);
-            let args = env.leader_elect_args(lease, &args);
-            Operator::start_with_kubeconfig(&env.name, &args, &env.kubeconfig)
-        })
-        .collect()
-}
-
-/// Waits until every replica is ready and sees `n` members.
-async fn members(ops: &[Operator], n: usize) {
-    eventually(T, &format!("every replica ready and sharing with {n} members"), || async {
-        for op in ops {
-            let page = op.metrics().await?.1;
-            (metric(&page, "service_ca_sharing_members") == n as f64).then_some(())?;
-            op.admin_get("/readyz").await.filter(|(s, _)| *s == 200)?;
-        }
-        Some(())
-    })
-    .await;
-}
-
-async fn create_services(env: &Env, prefix: &str, n: usize) {
-    futures::stream::iter(0..n)
-        .map(
-            |i| async move { env.annotated_service(&format!("{prefix}{i}"), &format!("{prefix}{i}-tls"), false).await },
-        )
-        .buffer_unordered(32)
-        .collect::<Vec<_>>()
-        .await;
-}
-
-/// The managed Secrets with a certificate, by name.
-async fn issued(env: &Env) -> Option<BTreeMap<String, Secret>> {
-    let list = env.secrets().list(&ListParams::default().labels(MANAGED)).await.ok()?;
-    Some(
-        list.items
-            .into_iter()
-            .filter(|s| s.data.as_ref().is_some_and(|d| d.contains_key("tls.crt")))
-            .map(|s| (s.name_any(), s))
-            .collect(),
-    )
-}
-
-/// What a watch of the namespace's Secrets saw of each: every distinct `tls.crt` it
-/// ever had (a Secret issued twice would show two), and when it first had one.
-#[derive(Default)]
-struct Recorded {
-    certificates: BTreeMap<String, BTreeSet<String>>,
-    first: BTreeMap<String, Instant>,
-}
-
-fn record_certificates(env: &Env) -> Arc<Mutex<Recorded>> {
-    let seen: Arc<Mutex<Recorded>> = Arc::default();
-    let stream = watcher(env.secrets(), watcher::Config::default()).applied_objects();
-    let record = seen.clone();
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(Ok(secret)) = stream.next().await {
-            let crt = data(&secret, "tls.crt");
-            if !crt.is_empty() {
-                let mut record = record.lock().unwrap();
-                record.first.entry(secret.name_any()).or_insert_with(Instant::now);
-                record.certificates.entry(secret.name_any()).or_default().insert(crt);
-            }
-        }
-    });
-    seen
-}
+use super::{MANAGED_SELECTOR, T, create_services, issued, leader, members, record_certificates, rv};
+use crate::support::{Env, certs, data, eventually, metric};
 
 #[tokio::test]
 async fn three_replicas_share_issuance_with_one_write_per_certificate() {
     let env = Env::new("sharing").await;
-    let ops = replicas(&env, 3, "5s");
+    let ops = env.replicas(3, "5s", &[]);
     members(&ops, 3).await;
     let n = 1000;
     let started = Instant::now();
@@ -139,25 +55,11 @@ async fn three_replicas_share_issuance_with_one_write_per_certificate() {
     assert_eq!(creates - 1.0, n as f64, "one Secret create per certificate across the replicas");
 }
 
-/// resourceVersion as a number (etcd's revision: the API server's order of writes).
-fn rv(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> u64 {
-    meta.resource_version.as_deref().and_then(|v| v.parse().ok()).unwrap_or(0)
-}
-
-/// The replica identities (r0, r1, r2) in `ops` order; the leader's index.
-async fn leader(env: &Env) -> usize {
-    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.op_ns);
-    let holder =
-        eventually(T, "a leader", || async { leases.get("service-ca-operator").await.ok()?.spec?.holder_identity })
-            .await;
-    holder.trim_start_matches('r').parse().unwrap()
-}
-
 #[tokio::test]
 async fn a_replica_killed_mid_issuance_leaves_its_share_to_the_others_within_the_lease() {
     let env = Env::new("sharing-kill").await;
     let lease = Duration::from_secs(4);
-    let mut ops = replicas(&env, 3, "4s");
+    let mut ops = env.replicas(3, "4s", &[]);
     members(&ops, 3).await;
     let seen = record_certificates(&env);
     let n = 300;
@@ -204,9 +106,10 @@ async fn a_replica_killed_mid_issuance_leaves_its_share_to_the_others_within_the
     assert_eq!(recorded.first.len(), n, "every Secret seen");
     assert!(twice.is_empty(), "issued twice: {twice:?}");
     // The lease, then the victim's Services issued by the others: 2 s of issuance on an
-    // idle machine, scaled by this machine's key speed (the suite runs 4 tests at once
-    // on 2 cores). Without the takeover they would wait for ever (the wait above).
-    let catch_up = Duration::from_secs(2).mul_f64(crate::support::time_scale());
+    // idle machine, scaled by this machine's key speed, doubled (the suite runs 4 tests
+    // at once on 2 cores, beside other work: 12.9 s of catch-up was not enough once).
+    // Without the takeover they would wait for ever (the wait above).
+    let catch_up = Duration::from_secs(4).mul_f64(crate::support::time_scale());
     assert!(
         longest <= lease + catch_up,
         "a Service waited {longest:?} after the kill (lease {lease:?} + {catch_up:?} to catch up)"
@@ -222,7 +125,7 @@ async fn a_replica_killed_mid_issuance_leaves_its_share_to_the_others_within_the
 #[tokio::test]
 async fn after_a_forced_rotation_every_replica_signs_only_with_a_ca_already_in_the_bundle() {
     let env = Env::new("sharing-rotation").await;
-    let ops = replicas(&env, 3, "5s");
+    let ops = env.replicas(3, "5s", &[]);
     members(&ops, 3).await;
     let n = 90;
     create_services(&env, "r", n).await;
@@ -239,7 +142,7 @@ async fn after_a_forced_rotation_every_replica_signs_only_with_a_ca_already_in_t
     let bundles: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.op_ns);
     let cm_stream =
         watcher(bundles, watcher::Config::default().fields("metadata.name=signing-cabundle")).applied_objects();
-    let secret_stream = watcher(env.secrets(), watcher::Config::default().labels(MANAGED)).applied_objects();
+    let secret_stream = watcher(env.secrets(), watcher::Config::default().labels(MANAGED_SELECTOR)).applied_objects();
     {
         let log = log.clone();
         tokio::spawn(async move {
@@ -263,9 +166,7 @@ async fn after_a_forced_rotation_every_replica_signs_only_with_a_ca_already_in_t
         });
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let patch =
-        json!({ "metadata": { "annotations": { "service-ca.operators.openshift.io/force-rotation": "shared" } } });
-    env.op_secrets().patch("signing-key", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    env.force_rotation("shared").await;
     let new_ski = eventually(T, "the rotation", || async {
         let s = env.op_secrets().get("signing-key").await.ok()?;
         let reason = s.annotations().get("service-ca.operators.openshift.io/forced-rotation-reason").cloned();
@@ -314,7 +215,7 @@ async fn issuance_goes_on_without_a_pause_when_the_leader_is_killed() {
     let env = Env::new("sharing-leader").await;
     // A long lease: without shared issuance every Service would wait most of it.
     let lease = Duration::from_secs(8);
-    let mut ops = replicas(&env, 3, "8s");
+    let mut ops = env.replicas(3, "8s", &[]);
     members(&ops, 3).await;
     let seen = record_certificates(&env);
     let chief = leader(&env).await;
@@ -371,7 +272,9 @@ async fn issuance_goes_on_without_a_pause_when_the_leader_is_killed() {
         leaders.len()
     );
     assert!(others.len() > 10, "Services of the other members created after the kill: {}", others.len());
-    assert!(longest < lease / 4, "a Service of a live member waited {longest:?} after the leader was killed");
+    // A pause would make a Service created just after the kill wait for the lease (8 s);
+    // without one it waits for its member's issuance only (2.2 s once on a loaded machine).
+    assert!(longest < lease / 2, "a Service of a live member waited {longest:?} after the leader was killed");
 }
 
 #[tokio::test]
@@ -379,7 +282,7 @@ async fn pod_certificate_requests_are_shared_too() {
     use crate::support::pods::{Kubelet, bundle_name, key_and_stub};
     let env = Env::new("sharing-pods").await;
     let signer = format!("e2e.service-ca.test/{}", env.run);
-    let ops = replicas_with(&env, 3, "5s", &["--pod-signer-name", &signer]);
+    let ops = env.replicas(3, "5s", &["--pod-signer-name", &signer]);
     let mut cleanup = crate::support::Cleanup::default();
     cleanup.add::<k8s_openapi::api::certificates::v1::ClusterTrustBundle>(bundle_name(&signer, &env.op_ns));
     members(&ops, 3).await;
@@ -401,102 +304,4 @@ async fn pod_certificate_requests_are_shared_too() {
     println!("3 replicas, {n} pod certificate requests: issued per replica {answered:?}");
     assert_eq!(answered.iter().sum::<f64>(), n as f64, "each request answered once");
     assert!(answered.iter().all(|a| *a > 0.0), "every replica signs its share: {answered:?}");
-}
-
-#[tokio::test]
-async fn replicas_started_together_elect_one_leader_each_under_its_own_field_manager() {
-    // Three replicas race for a Lease nobody holds. The server-side apply that takes it
-    // must conflict for all but the first: each replica writes under a field manager
-    // of its own (with one shared manager, two could both apply and both lead until
-    // the earlier one's next renewal — seen once under full-suite load).
-    let env = Env::new("sharing-race").await;
-    let ops = replicas(&env, 3, "8s");
-    members(&ops, 3).await;
-    let chief = leader(&env).await;
-    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.op_ns);
-    let lease = leases.get("service-ca-operator").await.unwrap();
-    let holder_manager: Vec<String> = lease
-        .managed_fields()
-        .iter()
-        .filter(|m| m.fields_v1.as_ref().is_some_and(|f| f.0.pointer("/f:spec/f:holderIdentity").is_some()))
-        .filter_map(|m| m.manager.clone())
-        .collect();
-    assert_eq!(
-        holder_manager,
-        [format!("service-ca-operator-lease-r{chief}")],
-        "the holder field is the holder's own: {:?}",
-        lease.managed_fields()
-    );
-    // For a lease period, exactly one replica says it leads.
-    let until = Instant::now() + Duration::from_secs(8);
-    while Instant::now() < until {
-        let mut leading = Vec::new();
-        for (i, op) in ops.iter().enumerate() {
-            if op.admin_get("/readyz").await.is_some_and(|(_, body)| body.contains("ok: leader")) {
-                leading.push(i);
-            }
-        }
-        assert_eq!(leading, [chief], "replicas saying they lead");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-/// Membership is decided by what this replica saw. Member Leases
-/// "renewed" far in the future — one at the last instant a Lease can carry (which
-/// k8s-openapi's timestamp type cannot even decode), one on 9999-01-01 — never change,
-/// so they are not members: 20 new Services all get their Secret within 30 s, and no
-/// replica restarts. Before the fix: the first Lease broke the member watch (no
-/// replica ever became a member), the second would have taken a third of the Services.
-#[tokio::test]
-async fn phantom_member_leases_renewed_until_9999_take_no_share() {
-    let env = Env::new("phantom-members").await;
-    // Created untyped: k8s-openapi's Lease cannot hold the first renewTime.
-    let resource = kube::core::ApiResource::erase::<Lease>(&());
-    let leases: Api<kube::core::DynamicObject> = Api::namespaced_with(env.client.clone(), &env.op_ns, &resource);
-    for (holder, renewed) in
-        [("phantom-end", "9999-12-31T23:59:59.999999Z"), ("phantom-9999", "9999-01-01T00:00:00.000000Z")]
-    {
-        let lease: kube::core::DynamicObject = serde_json::from_value(json!({
-            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-            "metadata": { "name": format!("service-ca-operator-member-{holder}"),
-                          "labels": { "service-ca.operators.openshift.io/member": "true" } },
-            "spec": { "holderIdentity": holder, "leaseDurationSeconds": 5, "renewTime": renewed }
-        }))
-        .unwrap();
-        leases.create(&Default::default(), &lease).await.unwrap();
-    }
-    let mut ops = replicas(&env, 2, "5s");
-    let started = Instant::now();
-    let ready = eventually(T, "both replicas ready", || async {
-        for op in &ops {
-            op.admin_get("/readyz").await.filter(|(s, _)| *s == 200)?;
-        }
-        Some(started.elapsed())
-    });
-    // Before the fix the replicas never became ready: measure on, to show what was served.
-    let ready = tokio::time::timeout(T, ready).await.ok();
-    let created = Instant::now();
-    create_services(&env, "svc", 20).await;
-    let mut served = 0;
-    while created.elapsed() < Duration::from_secs(30) {
-        served = issued(&env).await.map(|m| m.len()).unwrap_or(0);
-        if served == 20 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let mut members = Vec::new();
-    for op in &ops {
-        members.push(op.metrics().await.map(|(_, page)| metric(&page, "service_ca_sharing_members")));
-    }
-    eprintln!(
-        "ready after {ready:?}; {served} of 20 Secrets within {:?}; members seen by each replica: {members:?}",
-        created.elapsed()
-    );
-    for op in &mut ops {
-        assert!(op.running(), "a replica exited:\n{}", op.logs());
-        assert!(!op.logs().contains("panicked"), "a replica panicked:\n{}", op.logs());
-    }
-    assert_eq!(served, 20, "Services left unserved with phantom members present");
-    assert_eq!(members, vec![Some(2.0), Some(2.0)], "the phantoms must not count as members");
 }

@@ -7,18 +7,14 @@ use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, 
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use crate::cluster::{apiservice_json, crd_json, webhook_json};
-use crate::support::{Cleanup, Env, eventually};
-
-const BETA: &str = "service.beta.openshift.io/inject-cabundle";
-const ALPHA: &str = "service.alpha.openshift.io/inject-cabundle";
-const LEGACY: &str = "service.alpha.openshift.io/inject-vulnerable-legacy-cabundle";
-const T: Duration = Duration::from_secs(30);
+use crate::support::annotations::{INJECT, INJECT_ALPHA, INJECT_LEGACY};
+use crate::support::objects::{apiservice_json, crd_json, webhook_json};
+use crate::support::{Cleanup, Env, T, eventually};
 
 async fn configmap(env: &Env, name: &str, annotations: &[(&str, &str)], data: &[(&str, &str)]) -> ConfigMap {
     let mut cm: ConfigMap =
@@ -110,7 +106,7 @@ async fn configmap_gets_the_bundle_other_data_removed_binary_data_labels_annotat
     cm.metadata = env.meta("cm");
     cm.metadata.labels.as_mut().unwrap().insert("team".into(), "a".into());
     cm.metadata.annotations =
-        Some(BTreeMap::from([(BETA.to_string(), "true".to_string()), ("note".to_string(), "kept".to_string())]));
+        Some(BTreeMap::from([(INJECT.to_string(), "true".to_string()), ("note".to_string(), "kept".to_string())]));
     let started = Instant::now();
     env.configmaps().create(&PostParams::default(), &cm).await.unwrap();
     let cm = injected_configmap(&env, "cm", &bundle).await;
@@ -126,16 +122,13 @@ async fn annotation_values_and_alpha_keys() {
     let env = Env::new("inject-values").await;
     let _op = env.start_operator(&[]);
     let bundle = env.ca_bundle().await;
-    configmap(&env, "upper", &[(BETA, "TRUE")], &[]).await;
-    configmap(&env, "alpha", &[(ALPHA, "true")], &[]).await;
-    let no = configmap(&env, "no", &[(BETA, "false")], &[("k", "v")]).await;
-    let yes = configmap(&env, "yes", &[(BETA, "yes")], &[("k", "v")]).await;
+    configmap(&env, "upper", &[(INJECT, "TRUE")], &[]).await;
+    configmap(&env, "alpha", &[(INJECT_ALPHA, "true")], &[]).await;
+    let no = configmap(&env, "no", &[(INJECT, "false")], &[("k", "v")]).await;
+    let yes = configmap(&env, "yes", &[(INJECT, "yes")], &[("k", "v")]).await;
     injected_configmap(&env, "upper", &bundle).await;
     injected_configmap(&env, "alpha", &bundle).await;
-    let warning = eventually(T, "a Warning Event for \"yes\"", || async {
-        env.events(&env.ns, Some("yes"), None).await.into_iter().find(|e| e.type_.as_deref() == Some("Warning"))
-    })
-    .await;
+    let warning = env.warning(&env.ns, "yes", None).await;
     assert!(warning.note.unwrap().contains("only \"true\""));
     assert_eq!(env.configmaps().get("no").await.unwrap().resource_version(), no.resource_version());
     assert_eq!(env.configmaps().get("yes").await.unwrap().resource_version(), yes.resource_version());
@@ -150,8 +143,8 @@ async fn legacy_configmap_gets_bundle_root_ca_and_newline_only_under_its_name() 
         env.configmaps().get_opt("kube-root-ca.crt").await.unwrap()?.data?.remove("ca.crt")
     })
     .await;
-    configmap(&env, "openshift-service-ca.crt", &[(LEGACY, "true")], &[]).await;
-    let other = configmap(&env, "something-else", &[(LEGACY, "true")], &[("k", "v")]).await;
+    configmap(&env, "openshift-service-ca.crt", &[(INJECT_LEGACY, "true")], &[]).await;
+    let other = configmap(&env, "something-else", &[(INJECT_LEGACY, "true")], &[("k", "v")]).await;
     let expected = format!("{bundle}{root}\n");
     injected_configmap(&env, "openshift-service-ca.crt", &expected).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -161,8 +154,13 @@ async fn legacy_configmap_gets_bundle_root_ca_and_newline_only_under_its_name() 
     let env2 = Env::new("inject-legacy2").await;
     let _op2 = env2.start_operator(&[]);
     env2.ca_bundle().await;
-    let stand_down =
-        configmap(&env2, "openshift-service-ca.crt", &[(LEGACY, "true"), (ALPHA, "false")], &[("k", "v")]).await;
+    let stand_down = configmap(
+        &env2,
+        "openshift-service-ca.crt",
+        &[(INJECT_LEGACY, "true"), (INJECT_ALPHA, "false")],
+        &[("k", "v")],
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         env2.configmaps().get("openshift-service-ca.crt").await.unwrap().resource_version(),
@@ -178,16 +176,17 @@ async fn crd_webhooks_and_apiservice_are_injected_every_entry_including_later_on
     let mut cleanup = Cleanup::default();
     let run = env.run.clone();
 
-    let crd: CustomResourceDefinition = create_cluster(&env, crd_json(&run), Some((BETA, "true"))).await;
+    let crd: CustomResourceDefinition = create_cluster(&env, crd_json(&run), Some((INJECT, "true"))).await;
     cleanup.add::<CustomResourceDefinition>(crd.name_any());
     let mwc: MutatingWebhookConfiguration =
-        create_cluster(&env, webhook_json("MutatingWebhookConfiguration", &run, &["a", "b"]), Some((BETA, "true")))
+        create_cluster(&env, webhook_json("MutatingWebhookConfiguration", &run, &["a", "b"]), Some((INJECT, "true")))
             .await;
     cleanup.add::<MutatingWebhookConfiguration>(mwc.name_any());
     let vwc: ValidatingWebhookConfiguration =
-        create_cluster(&env, webhook_json("ValidatingWebhookConfiguration", &run, &["a"]), Some((BETA, "true"))).await;
+        create_cluster(&env, webhook_json("ValidatingWebhookConfiguration", &run, &["a"]), Some((INJECT, "true")))
+            .await;
     cleanup.add::<ValidatingWebhookConfiguration>(vwc.name_any());
-    let apis: APIService = create_cluster(&env, apiservice_json(&run), Some((ALPHA, "true"))).await;
+    let apis: APIService = create_cluster(&env, apiservice_json(&run), Some((INJECT_ALPHA, "true"))).await;
     cleanup.add::<APIService>(apis.name_any());
 
     wait_injected(&Api::<CustomResourceDefinition>::all(env.client.clone()), &crd.name_any(), &bundle).await;
@@ -219,14 +218,18 @@ async fn crd_without_webhook_conversion_and_alpha_on_webhooks_are_left_alone() {
     let run = env.run.clone();
     let mut plain = crd_json(&run);
     plain["spec"]["conversion"] = json!({ "strategy": "None" });
-    let crd: CustomResourceDefinition = create_cluster(&env, plain, Some((BETA, "true"))).await;
+    let crd: CustomResourceDefinition = create_cluster(&env, plain, Some((INJECT, "true"))).await;
     cleanup.add::<CustomResourceDefinition>(crd.name_any());
-    let vwc: ValidatingWebhookConfiguration =
-        create_cluster(&env, webhook_json("ValidatingWebhookConfiguration", &run, &["a"]), Some((ALPHA, "true"))).await;
+    let vwc: ValidatingWebhookConfiguration = create_cluster(
+        &env,
+        webhook_json("ValidatingWebhookConfiguration", &run, &["a"]),
+        Some((INJECT_ALPHA, "true")),
+    )
+    .await;
     cleanup.add::<ValidatingWebhookConfiguration>(vwc.name_any());
     let mut empty = webhook_json("MutatingWebhookConfiguration", &run, &[]);
     empty["webhooks"] = json!([]);
-    let mwc: MutatingWebhookConfiguration = create_cluster(&env, empty, Some((BETA, "true"))).await;
+    let mwc: MutatingWebhookConfiguration = create_cluster(&env, empty, Some((INJECT, "true"))).await;
     cleanup.add::<MutatingWebhookConfiguration>(mwc.name_any());
     tokio::time::sleep(Duration::from_secs(4)).await;
     // (A CRD's status changes by itself after creation: look for our writes, not for
@@ -249,10 +252,11 @@ async fn tampering_is_undone_others_fields_survive_and_nothing_is_written_when_e
     let bundle = env.ca_bundle().await;
     let mut cleanup = Cleanup::default();
     let run = env.run.clone();
-    configmap(&env, "cm", &[(BETA, "true")], &[]).await;
+    configmap(&env, "cm", &[(INJECT, "true")], &[]).await;
     injected_configmap(&env, "cm", &bundle).await;
     let vwc: ValidatingWebhookConfiguration =
-        create_cluster(&env, webhook_json("ValidatingWebhookConfiguration", &run, &["a"]), Some((BETA, "true"))).await;
+        create_cluster(&env, webhook_json("ValidatingWebhookConfiguration", &run, &["a"]), Some((INJECT, "true")))
+            .await;
     cleanup.add::<ValidatingWebhookConfiguration>(vwc.name_any());
     let vwcs = Api::<ValidatingWebhookConfiguration>::all(env.client.clone());
     wait_injected(&vwcs, &vwc.name_any(), &bundle).await;
@@ -302,16 +306,17 @@ async fn every_kind_is_reinjected_when_the_ca_is_reset() {
     let bundle = env.ca_bundle().await;
     let mut cleanup = Cleanup::default();
     let run = env.run.clone();
-    configmap(&env, "cm", &[(BETA, "true")], &[]).await;
-    let crd: CustomResourceDefinition = create_cluster(&env, crd_json(&run), Some((BETA, "true"))).await;
+    configmap(&env, "cm", &[(INJECT, "true")], &[]).await;
+    let crd: CustomResourceDefinition = create_cluster(&env, crd_json(&run), Some((INJECT, "true"))).await;
     cleanup.add::<CustomResourceDefinition>(crd.name_any());
     let mwc: MutatingWebhookConfiguration =
-        create_cluster(&env, webhook_json("MutatingWebhookConfiguration", &run, &["a"]), Some((BETA, "true"))).await;
+        create_cluster(&env, webhook_json("MutatingWebhookConfiguration", &run, &["a"]), Some((INJECT, "true"))).await;
     cleanup.add::<MutatingWebhookConfiguration>(mwc.name_any());
     let vwc: ValidatingWebhookConfiguration =
-        create_cluster(&env, webhook_json("ValidatingWebhookConfiguration", &run, &["a"]), Some((BETA, "true"))).await;
+        create_cluster(&env, webhook_json("ValidatingWebhookConfiguration", &run, &["a"]), Some((INJECT, "true")))
+            .await;
     cleanup.add::<ValidatingWebhookConfiguration>(vwc.name_any());
-    let apis: APIService = create_cluster(&env, apiservice_json(&run), Some((BETA, "true"))).await;
+    let apis: APIService = create_cluster(&env, apiservice_json(&run), Some((INJECT, "true"))).await;
     cleanup.add::<APIService>(apis.name_any());
     let (crds, mwcs, vwcs, apiss) = (
         Api::<CustomResourceDefinition>::all(env.client.clone()),
@@ -327,7 +332,7 @@ async fn every_kind_is_reinjected_when_the_ca_is_reset() {
 
     // Hard reset: a person deletes signing-key.
     let started = Instant::now();
-    env.op_secrets().delete("signing-key", &DeleteParams::default()).await.unwrap();
+    env.hard_reset().await;
     let new_bundle = eventually(T, "a new bundle", || async {
         let b = env.op_configmaps().get("signing-cabundle").await.ok()?.data?.remove("ca-bundle.crt")?;
         (b != bundle).then_some(b)
@@ -371,7 +376,7 @@ async fn the_real_aggregator_trusts_the_injected_bundle_for_an_issued_certificat
     let apis = Api::<APIService>::all(env.client.clone());
     let api_service: APIService = serde_json::from_value(json!({
         "metadata": { "name": format!("v1alpha1.{group}"), "labels": { crate::support::RUN_LABEL: env.run },
-                      "annotations": { BETA: "true" } },
+                      "annotations": { INJECT: "true" } },
         "spec": { "group": group, "version": "v1alpha1", "groupPriorityMinimum": 100, "versionPriority": 10,
                   "service": { "namespace": env.ns, "name": "aggregated", "port": server.port } }
     }))

@@ -1,20 +1,20 @@
-//! What a tenant may do that the operator must take calmly: a
-//! serving Secret whose delete a finalizer holds is waited for, not hammered; an object
-//! with the longest name still gets its Event; control characters a user put in an
-//! annotation are shown escaped.
+//! What tenants put in their objects, taken calmly: bad serving-cert annotations get
+//! clear errors and nothing else changes; the longest names get a certificate every
+//! stack accepts and their Events; a serving Secret whose delete a finalizer holds is
+//! waited for, not hammered; control characters in an annotation are shown escaped.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::api::{Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
-use crate::support::{Env, annotation, certs, client_for, data, eventually, metric};
+use crate::support::annotations::{BETA_ERR, BETA_ERR_NUM, BETA_NAME};
+use crate::support::tls::{self, TlsServer};
+use crate::support::{Env, T, annotation, certs, client_for, data, eventually, metric};
 
-const T: Duration = Duration::from_secs(30);
-const BETA_ERR: &str = "service.beta.openshift.io/serving-cert-generation-error";
-const BETA_ERR_NUM: &str = "service.beta.openshift.io/serving-cert-generation-error-num";
 const HOLD: &str = "e2e.test/hold";
 const DELETES: &str = "service_ca_api_writes_total{resource=\"secrets\",verb=\"delete\"";
 
@@ -185,4 +185,105 @@ async fn control_characters_in_an_annotation_are_shown_escaped_by_inspect_and_in
     assert!(logs.contains("FORGED"), "the reason is logged");
     assert!(!logs.lines().any(|l| l.starts_with("ERROR FORGED")), "a forged log line");
     assert!(!logs.contains('\u{1b}'), "a raw escape character in the log");
+}
+
+async fn error_of(env: &Env, svc: &str) -> String {
+    eventually(T, &format!("an error annotation on {svc}"), || async {
+        let s = env.services().get(svc).await.unwrap();
+        annotation(&s.metadata, BETA_ERR).map(str::to_string)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn bad_service_input_gets_clear_errors_and_nothing_else_changes() {
+    let env = Env::new("bad-svc").await;
+    let op = env.start_operator(&[]);
+    env.ca_bundle().await;
+    let other_tls: Secret = serde_json::from_value(json!({
+        "metadata": { "name": "other-owner", "annotations": { "service.beta.openshift.io/originating-service-uid": "00000000-0000-0000-0000-000000000000" } },
+        "type": "kubernetes.io/tls", "data": { "tls.crt": "", "tls.key": "" }
+    }))
+    .unwrap();
+    let other_tls = env.secrets().create(&PostParams::default(), &other_tls).await.unwrap();
+    let docker: Secret = serde_json::from_value(json!({
+        "metadata": { "name": "docker-cfg" }, "type": "kubernetes.io/dockerconfigjson",
+        "data": { ".dockerconfigjson": "e30=" }
+    }))
+    .unwrap();
+    let docker = env.secrets().create(&PostParams::default(), &docker).await.unwrap();
+
+    // 1. Empty annotation value.
+    env.service_with("empty", &[(BETA_NAME, "")], false).await;
+    assert!(error_of(&env, "empty").await.contains("is empty"));
+    // 2. Invalid Secret name.
+    env.annotated_service("invalid", "Bad_Name!", false).await;
+    assert!(error_of(&env, "invalid").await.contains("not a valid Secret name"));
+    // 3. The name of an existing Secret of another type.
+    env.annotated_service("docker", "docker-cfg", false).await;
+    assert!(error_of(&env, "docker").await.contains("docker-cfg"));
+    // 4. A TLS Secret made for another Service.
+    env.annotated_service("stolen", "other-owner", false).await;
+    assert!(error_of(&env, "stolen").await.contains("another Service"));
+    // 5. ExternalName Service: not bad input after all — clients (the API server's
+    // aggregator among them) verify `<svc>.<ns>.svc` whatever the Service type, so it
+    // gets its certificate like any Service (see the injection tests).
+    let mut ext: Service =
+        serde_json::from_value(json!({ "spec": { "type": "ExternalName", "externalName": "db.example.com" } }))
+            .unwrap();
+    ext.metadata = env.meta("ext");
+    ext.metadata.annotations = Some(BTreeMap::from([(BETA_NAME.to_string(), "ext-tls".to_string())]));
+    env.services().create(&PostParams::default(), &ext).await.unwrap();
+    env.serving_secret("ext-tls", T).await;
+    // 6. A garbage failure count is read as 0.
+    env.service_with(
+        "garbage-count",
+        &[(BETA_NAME, "Bad_Name"), ("service.beta.openshift.io/serving-cert-generation-error-num", "many")],
+        false,
+    )
+    .await;
+    eventually(T, "the count restarted at 1", || async {
+        let s = env.services().get("garbage-count").await.unwrap();
+        (annotation(&s.metadata, "service.beta.openshift.io/serving-cert-generation-error-num") == Some("1"))
+            .then_some(())
+    })
+    .await;
+    // 7. Surrounding whitespace in the name is ignored.
+    env.annotated_service("spaced", "  spaced-tls  ", false).await;
+    env.serving_secret("spaced-tls", T).await;
+    for svc in ["empty", "invalid", "docker", "stolen"] {
+        env.warning_containing(&env.ns, svc, "").await;
+    }
+    assert_eq!(env.secrets().get("other-owner").await.unwrap().resource_version(), other_tls.resource_version());
+    assert_eq!(env.secrets().get("docker-cfg").await.unwrap().resource_version(), docker.resource_version());
+    let managed = env
+        .secrets()
+        .list(&ListParams::default().labels("service-ca.operators.openshift.io/managed=true"))
+        .await
+        .unwrap();
+    assert_eq!(managed.items.len(), 2, "only the valid requests (spaced, ext) got a Secret");
+    assert!(op.admin_get("/livez").await.is_some_and(|(s, _)| s == 200));
+}
+
+#[tokio::test]
+async fn longest_names_get_a_certificate_every_stack_accepts() {
+    // A 63-character Service name in a 63-character namespace: a 131-character DNS
+    // name, and a common name longer than X.509's 64-character bound.
+    let client = crate::support::client().await;
+    let ns = format!("long-{}-{}", std::process::id(), "n".repeat(63)).chars().take(63).collect::<String>();
+    crate::support::create_namespace(&client, &ns).await;
+    let mut env = Env::new("long").await;
+    env.ns = ns.clone();
+    let _op = env.start_operator(&[]);
+    let bundle = env.ca_bundle().await;
+    let svc = "s".repeat(63);
+    env.annotated_service(&svc, "long-tls", false).await;
+    let secret = env.serving_secret("long-tls", T).await;
+    let name = format!("{svc}.{ns}.svc");
+    assert_eq!(name.len(), 131);
+    let server = TlsServer::start(&data(&secret, "tls.crt"), &data(&secret, "tls.key"));
+    for (stack, result) in tls::connect_all(server.port, &bundle, &name) {
+        result.unwrap_or_else(|e| panic!("{stack}: {e}"));
+    }
+    let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(client).delete(&ns, &DeleteParams::background()).await;
 }

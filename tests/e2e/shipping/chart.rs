@@ -15,10 +15,9 @@ use kube::Api;
 use kube::api::PostParams;
 use serde_json::{Value, json};
 
-use crate::cluster::token_for;
-use crate::support::{Env, Operator, RUN_LABEL, eventually};
+use crate::support::objects::token_for;
+use crate::support::{Env, Operator, RUN_LABEL, T, eventually};
 
-const T: Duration = Duration::from_secs(30);
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/service-ca-operator");
 
 /// The pinned helm (scripts/helm.sh builds it once and caches it outside the checkout).

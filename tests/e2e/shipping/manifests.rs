@@ -1,26 +1,24 @@
-//! Shipping, on the real API server: the manifests apply, the operator runs with the
-//! identity they create and needs exactly the permissions they grant (checked against
-//! the API server's audit log), leader election, graceful shutdown, admin endpoints.
+//! The manifests on the real API server: they apply, the operator runs with the identity
+//! they create and needs exactly the permissions they grant (checked against the API
+//! server's audit log).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
 use k8s_openapi::api::certificates::v1::ClusterTrustBundle;
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 
-use crate::cluster::{apiservice_json, crd_json, token_for, webhook_json};
-use crate::support::{self, Env, Operator, RUN_LABEL, controlplane_dir, eventually, kubeconfig_path};
+use crate::support::objects::{apiservice_json, crd_json, token_for, webhook_json};
+use crate::support::{self, Env, Operator, RUN_LABEL, T, controlplane_dir, eventually, kubeconfig_path};
 
-const T: Duration = Duration::from_secs(30);
 const NS: &str = "openshift-service-ca";
 /// The manifests grant `sign` and `attest` for the default pod signer only.
 const POD_SIGNER: &str = "service-ca.operators.openshift.io/serving";
@@ -413,194 +411,4 @@ fn rbac_compare_with_the_audit_log(audit_start: usize) {
     println!("operator requests by (group, resource, verb): {used:?}");
     assert!(ungranted.is_empty(), "used but not granted (would fail in a cluster): {ungranted:?}");
     assert!(unused.is_empty(), "granted but never used by the code (remove from the manifests): {unused:?}");
-}
-
-#[tokio::test]
-async fn leader_election_one_writer_fast_handover_no_duplicate_issuance() {
-    let env = Env::new("leader").await;
-    let args = env.leader_elect_args("4s", &["--share-issuance=false"]);
-    let mut a = Operator::start("leader-a", &args);
-    a.wait_ready(T).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let mut b = Operator::start("leader-b", &args);
-    b.wait_ready(T).await;
-    let n = 20;
-    for i in 0..n {
-        env.annotated_service(&format!("s{i}"), &format!("s{i}-tls"), false).await;
-    }
-    for i in 0..n {
-        env.serving_secret(&format!("s{i}-tls"), T).await;
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let writes = |metrics: &str, resource: &str, verb: &str| -> u64 {
-        let key = format!("service_ca_api_writes_total{{resource=\"{resource}\",verb=\"{verb}\"}} ");
-        metrics.lines().find_map(|l| l.strip_prefix(&key)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
-    };
-    let metrics_a = a.metrics().await.unwrap().1;
-    let metrics_b = b.metrics().await.unwrap().1;
-    let (leader, follower, leader_metrics, follower_metrics) = if writes(&metrics_a, "secrets", "create") > 0 {
-        (&mut a, &mut b, metrics_a, metrics_b)
-    } else {
-        (&mut b, &mut a, metrics_b, metrics_a)
-    };
-    assert_eq!(
-        writes(&leader_metrics, "secrets", "create"),
-        n as u64 + 1,
-        "the leader created the CA and one Secret per Service"
-    );
-    assert!(
-        !follower_metrics.contains("service_ca_api_writes_total"),
-        "the standby wrote nothing:\n{follower_metrics}"
-    );
-    assert!(follower.admin_get("/readyz").await.unwrap().1.contains("standby"));
-
-    // Kill the leader (no chance to release the lease); measure the handover.
-    let killed = Instant::now();
-    leader.kill();
-    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.op_ns);
-    eventually(Duration::from_secs(30), "the standby to take the lease", || async {
-        let (_, body) = follower.admin_get("/readyz").await?;
-        (!body.contains("standby")).then_some(())
-    })
-    .await;
-    let handover = killed.elapsed();
-    env.annotated_service("after", "after-tls", false).await;
-    env.serving_secret("after-tls", T).await;
-    let served = killed.elapsed();
-    println!(
-        "leader killed: standby took over after {handover:?}; a new Service was served {served:?} after the kill (lease 4 s)"
-    );
-    assert!(handover < Duration::from_secs(12), "handover took {handover:?}");
-    let holder = leases.get("service-ca-operator").await.unwrap().spec.unwrap().holder_identity.unwrap();
-    assert!(!holder.is_empty());
-
-    // No duplicate issuance: the new leader issued only for the new Service.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let m = follower.metrics().await.unwrap().1;
-    assert_eq!(writes(&m, "secrets", "create"), 1, "{m}");
-    assert_eq!(writes(&m, "secrets", "update"), 0, "existing Secrets were not re-issued");
-    let managed = env
-        .secrets()
-        .list(&ListParams::default().labels("service-ca.operators.openshift.io/managed=true"))
-        .await
-        .unwrap();
-    assert_eq!(managed.items.len(), n + 1);
-}
-
-#[tokio::test]
-async fn sigterm_finishes_work_and_releases_the_lease() {
-    let env = Env::new("shutdown").await;
-    let args = env.leader_elect_args("15s", &["--share-issuance=false"]);
-    let mut first = Operator::start("shutdown-a", &args);
-    first.wait_ready(T).await;
-    env.annotated_service("s", "s-tls", false).await;
-    env.serving_secret("s-tls", T).await;
-    let status = first.stop().expect("exit status");
-    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
-    let logs = first.logs();
-    assert!(logs.contains("released the leader lease"), "{logs}");
-    // A successor does not wait out the 15 s lease.
-    let started = Instant::now();
-    let second = Operator::start("shutdown-b", &args);
-    second.wait_ready(T).await;
-    let took = started.elapsed();
-    println!("successor ready {took:?} after the previous leader exited on SIGTERM (lease 15 s)");
-    assert!(took < Duration::from_secs(10), "{took:?}");
-}
-
-#[tokio::test]
-async fn admin_endpoints_serve_probes_and_the_spec_metrics() {
-    let env = Env::new("admin").await;
-    let op = env.start_operator(&[]);
-    op.wait_ready(T).await;
-    env.annotated_service("m", "m-tls", false).await;
-    env.serving_secret("m-tls", T).await;
-    assert_eq!(op.admin_get("/livez").await.unwrap().0, 200);
-    let (status, body) = op.admin_get("/readyz").await.unwrap();
-    assert_eq!((status, body.trim()), (200, "ok"));
-    let names = [
-        "service_ca_expiry_time_seconds ",
-        "service_ca_serving_certificate_expiry_time_seconds{",
-        "service_ca_reconcile_total{controller=\"serving-cert\"}",
-        "service_ca_reconcile_duration_seconds_bucket{controller=\"cert-refresh\"",
-        "service_ca_certificates_issued_total{reason=\"absent\"} 1",
-        "service_ca_signing_key_valid 1",
-    ];
-    let secret_series = format!("namespace=\"{}\",secret=\"m-tls\"", env.ns);
-    eventually(T, "every metric of docs/spec.md §4", || async {
-        let (_, m) = op.metrics().await?;
-        (m.contains(&secret_series) && names.iter().all(|n| m.contains(n))).then_some(())
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn a_paused_leader_that_lost_its_lease_signs_nothing_when_it_resumes() {
-    let env = Env::new("paused").await;
-    let args = env.leader_elect_args("4s", &["--share-issuance=false"]);
-    let mut a = Operator::start("paused-a", &args);
-    a.wait_ready(T).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let mut b = Operator::start("paused-b", &args);
-    b.wait_ready(T).await;
-    let n = 10;
-    for i in 0..n {
-        env.annotated_service(&format!("s{i}"), &format!("s{i}-tls"), false).await;
-    }
-    for i in 0..n {
-        env.serving_secret(&format!("s{i}-tls"), T).await;
-    }
-    let (leader, follower) = if standby(&b).await { (&mut a, &mut b) } else { (&mut b, &mut a) };
-    let old_ca = support::certs::ca_ski(&env.op_secrets().get("signing-key").await.unwrap());
-
-    // The leader stops (SIGSTOP: no chance to release anything) ...
-    crate::support::unsafe_free_signal(leader.pid(), "STOP");
-    eventually(Duration::from_secs(30), "the standby to take over", || async {
-        (!standby(follower).await).then_some(())
-    })
-    .await;
-    // ... the new leader hard-resets the CA and re-issues everything ...
-    env.op_secrets().delete("signing-key", &DeleteParams::default()).await.unwrap();
-    let new_ca = eventually(T, "a new CA", || async {
-        let s = env.op_secrets().get_opt("signing-key").await.ok()??;
-        let ski = support::certs::ca_ski(&s);
-        (ski != old_ca).then_some(ski)
-    })
-    .await;
-    for i in 0..n {
-        let name = format!("s{i}-tls");
-        eventually(T, &format!("{name} from the new CA"), || async {
-            (support::certs::leaf_aki(&env.secrets().get(&name).await.ok()?) == new_ca).then_some(())
-        })
-        .await;
-    }
-    // ... and a Service appears that the old leader would also like to serve.
-    env.annotated_service("late", "late-tls", false).await;
-    env.serving_secret("late-tls", T).await;
-
-    // The old leader resumes: it exits without writing, and nothing from the old CA appears.
-    crate::support::unsafe_free_signal(leader.pid(), "CONT");
-    let resumed = Instant::now();
-    while leader.running() {
-        assert!(resumed.elapsed() < T, "the old leader did not exit after it resumed");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    println!("the paused leader exited {:?} after it resumed", resumed.elapsed());
-    assert!(leader.logs().contains("lost the leader lease"), "{}", leader.logs());
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(support::certs::ca_ski(&env.op_secrets().get("signing-key").await.unwrap()), new_ca, "still the new CA");
-    for name in (0..n).map(|i| format!("s{i}-tls")).chain(["late-tls".to_string()]) {
-        let secret = env.secrets().get(&name).await.unwrap();
-        assert_eq!(support::certs::leaf_aki(&secret), new_ca, "{name}: signed by the new CA only");
-    }
-    let bundle = env.ca_bundle().await;
-    assert_eq!(
-        support::certs::ders(&bundle).len(),
-        1,
-        "the bundle holds the new CA alone (a hard reset has no bridge)"
-    );
-}
-
-async fn standby(op: &Operator) -> bool {
-    op.admin_get("/readyz").await.is_some_and(|(_, body)| body.contains("standby"))
 }

@@ -15,29 +15,19 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::admissionregistration::v1::{
-    MutatingWebhookConfiguration, ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
-    ValidatingWebhookConfiguration,
-};
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 
-use crate::cluster::{crd_json, webhook_json};
-use crate::support::{Cleanup, Env, RUN_LABEL, eventually};
+use crate::support::annotations::INJECT;
+use crate::support::objects::{crd_json, webhook_json, with_inject_annotation};
+use crate::support::steps::metric_with;
+use crate::support::{Cleanup, Env, RUN_LABEL, T, eventually};
 
-const BETA: &str = "service.beta.openshift.io/inject-cabundle";
-const LEGACY: &str = "service.alpha.openshift.io/inject-vulnerable-legacy-cabundle";
 const OURS: &str = "service-ca-operator";
-const T: Duration = Duration::from_secs(30);
-
-fn annotated(mut obj: Value) -> Value {
-    obj["metadata"]["annotations"] = json!({ BETA: "true" });
-    obj
-}
 
 /// The CRD of `crd_json`, as a complete apply configuration.
 fn crd(run: &str) -> Value {
@@ -106,9 +96,9 @@ async fn gitops_server_side_apply_removes_an_injected_webhook_and_switches_a_crd
 
     // gitops applies two webhook configurations of two entries each and a CRD with a
     // conversion webhook, all asking for the bundle.
-    let vwc = annotated(webhook_json("ValidatingWebhookConfiguration", &run, &["a", "b"]));
-    let mwc = annotated(webhook_json("MutatingWebhookConfiguration", &run, &["a", "b"]));
-    let crd = annotated(crd(&run));
+    let vwc = with_inject_annotation(webhook_json("ValidatingWebhookConfiguration", &run, &["a", "b"]));
+    let mwc = with_inject_annotation(webhook_json("MutatingWebhookConfiguration", &run, &["a", "b"]));
+    let crd = with_inject_annotation(self::crd(&run));
     let (vwc_name, mwc_name, crd_name) = (
         vwc["metadata"]["name"].as_str().unwrap().to_string(),
         mwc["metadata"]["name"].as_str().unwrap().to_string(),
@@ -139,9 +129,9 @@ async fn gitops_server_side_apply_removes_an_injected_webhook_and_switches_a_crd
     println!("our managedFields entries on the injected CRD: {:?}", ours(c.managed_fields()));
     // gitops re-applies: one webhook fewer in each configuration, and the CRD without
     // its conversion webhook. Every apply succeeds.
-    let vwc = annotated(webhook_json("ValidatingWebhookConfiguration", &run, &["a"]));
-    let mwc = annotated(webhook_json("MutatingWebhookConfiguration", &run, &["a"]));
-    let crd = annotated(without_conversion_webhook(crate::gitops::crd(&run)));
+    let vwc = with_inject_annotation(webhook_json("ValidatingWebhookConfiguration", &run, &["a"]));
+    let mwc = with_inject_annotation(webhook_json("MutatingWebhookConfiguration", &run, &["a"]));
+    let crd = with_inject_annotation(without_conversion_webhook(self::crd(&run)));
     let refused = |result: Result<(), kube::Error>| result.err().map(|e| api_message(&e));
     let applies = [
         (
@@ -224,8 +214,8 @@ async fn kubectl_client_side_apply_removes_an_injected_webhook_and_switches_a_cr
     let mut cleanup = Cleanup::default();
     let vwcs = Api::<ValidatingWebhookConfiguration>::all(env.client.clone());
     let crds = Api::<CustomResourceDefinition>::all(env.client.clone());
-    let vwc = annotated(webhook_json("ValidatingWebhookConfiguration", &run, &["a", "b"]));
-    let crd = annotated(crd(&run));
+    let vwc = with_inject_annotation(webhook_json("ValidatingWebhookConfiguration", &run, &["a", "b"]));
+    let crd = with_inject_annotation(self::crd(&run));
     let (vwc_name, crd_name) =
         (vwc["metadata"]["name"].as_str().unwrap().to_string(), crd["metadata"]["name"].as_str().unwrap().to_string());
     cleanup.add::<ValidatingWebhookConfiguration>(vwc_name.clone());
@@ -238,8 +228,8 @@ async fn kubectl_client_side_apply_removes_an_injected_webhook_and_switches_a_cr
     })
     .await;
 
-    let vwc = annotated(webhook_json("ValidatingWebhookConfiguration", &run, &["a"]));
-    let crd = annotated(without_conversion_webhook(crate::gitops::crd(&run)));
+    let vwc = with_inject_annotation(webhook_json("ValidatingWebhookConfiguration", &run, &["a"]));
+    let crd = with_inject_annotation(without_conversion_webhook(self::crd(&run)));
     kubectl_apply(&env, "v2.json", &[vwc, crd]);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let v = vwc_entries(&vwcs.get(&vwc_name).await.unwrap());
@@ -290,7 +280,7 @@ async fn a_server_side_apply_of_the_bundle_would_block_gitops_and_the_operator_d
 
     // Annotated: the operator sees the object, finds the bundle in place, and drops
     // its server-side-apply entry.
-    let annotate = json!({ "metadata": { "annotations": { BETA: "true" } } });
+    let annotate = json!({ "metadata": { "annotations": { INJECT: "true" } } });
     vwcs.patch(&name, &PatchParams::default(), &Patch::Merge(&annotate)).await.unwrap();
     eventually(T, "the operator to drop its server-side-apply entry", || async {
         let v = vwcs.get(&name).await.unwrap();
@@ -304,15 +294,6 @@ async fn a_server_side_apply_of_the_bundle_would_block_gitops_and_the_operator_d
     assert!(all_hold(&v, &bundle), "{v:?}");
 }
 
-/// The sum of the samples of metric `name` whose labels include `labels`.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' ')))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test]
 async fn the_operators_own_signing_cabundle_is_never_an_injection_target() {
     let env = Env::new("gitops-own").await;
@@ -320,12 +301,12 @@ async fn the_operators_own_signing_cabundle_is_never_an_injection_target() {
     let bundle = env.ca_bundle().await;
     // Someone annotates the operator's own ConfigMap (and labels it for this test's
     // operator, whose selector would otherwise hide it).
-    let patch = json!({ "metadata": { "labels": { RUN_LABEL: env.run }, "annotations": { BETA: "true" } } });
+    let patch = json!({ "metadata": { "labels": { RUN_LABEL: env.run }, "annotations": { INJECT: "true" } } });
     env.op_configmaps().patch("signing-cabundle", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     // For five seconds: no ConfigMap patch by the operator, and ca-bundle.crt intact in
     // every read.
     let patches =
-        |text: &str| metric(text, "service_ca_api_writes_total", &[("resource", "configmaps"), ("verb", "patch")]);
+        |text: &str| metric_with(text, "service_ca_api_writes_total", &[("resource", "configmaps"), ("verb", "patch")]);
     let before = patches(&op.metrics_page().await);
     let started = Instant::now();
     let mut reads = 0;
@@ -343,120 +324,4 @@ async fn the_operators_own_signing_cabundle_is_never_an_injection_target() {
     println!("{:?}: {:?}", warning.reason, warning.note);
     assert!(warning.note.as_deref().unwrap_or_default().contains("never an injection target"), "{warning:?}");
     println!("{reads} reads, all intact");
-}
-
-#[tokio::test]
-async fn a_legacy_configmap_without_a_root_ca_backs_off_with_one_warning() {
-    let env = Env::new("gitops-noroot").await;
-    let mut cleanup = Cleanup::default();
-    // kube-controller-manager re-creates kube-root-ca.crt within milliseconds of its
-    // deletion: an admission policy (in-process CEL, no webhook) refuses that create in
-    // this test's namespace only.
-    let policy_name = format!("no-root-ca-{}", env.run);
-    let policy: ValidatingAdmissionPolicy = serde_json::from_value(json!({
-        "metadata": { "name": policy_name },
-        "spec": {
-            "failurePolicy": "Fail",
-            "matchConstraints": { "resourceRules": [{ "apiGroups": [""], "apiVersions": ["v1"],
-                                                     "operations": ["CREATE"], "resources": ["configmaps"] }] },
-            "validations": [{ "expression": "object.metadata.name != 'kube-root-ca.crt'",
-                              "message": "this test's namespace has no root CA" }]
-        }
-    }))
-    .unwrap();
-    let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(json!({
-        "metadata": { "name": policy_name },
-        "spec": { "policyName": policy_name, "validationActions": ["Deny"],
-                  "matchResources": { "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": env.ns } } } }
-    }))
-    .unwrap();
-    Api::<ValidatingAdmissionPolicy>::all(env.client.clone()).create(&PostParams::default(), &policy).await.unwrap();
-    cleanup.add::<ValidatingAdmissionPolicy>(policy_name.clone());
-    Api::<ValidatingAdmissionPolicyBinding>::all(env.client.clone())
-        .create(&PostParams::default(), &binding)
-        .await
-        .unwrap();
-    cleanup.add::<ValidatingAdmissionPolicyBinding>(policy_name.clone());
-    let cms = env.configmaps();
-    let dry_run = PostParams { dry_run: true, ..Default::default() };
-    let probe: ConfigMap = serde_json::from_value(json!({ "metadata": { "name": "kube-root-ca.crt" } })).unwrap();
-    eventually(T, "the admission policy to be in force", || async {
-        match cms.create(&dry_run, &probe).await {
-            Err(kube::Error::Api(s)) if s.message.contains("no root CA") => Some(()),
-            _ => None,
-        }
-    })
-    .await;
-    eventually(T, "kube-root-ca.crt gone", || async {
-        let _ = cms.delete("kube-root-ca.crt", &DeleteParams::default()).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        cms.get_opt("kube-root-ca.crt").await.unwrap().is_none().then_some(())
-    })
-    .await;
-
-    let mut legacy = ConfigMap { metadata: env.meta("openshift-service-ca.crt"), ..Default::default() };
-    legacy.metadata.annotations = Some([(LEGACY.to_string(), "true".to_string())].into());
-    let legacy = cms.create(&PostParams::default(), &legacy).await.unwrap();
-    let op = env.start_operator(&[]);
-    env.ca_bundle().await;
-    let errors = |text: &str| metric(text, "service_ca_reconcile_errors_total", &[("controller", "ca-bundle")]);
-    eventually(T, "a failed injection", || async { (errors(&op.metrics_page().await) > 0.0).then_some(()) }).await;
-
-    // 20 seconds: retries 2 s, 4 s, 8 s … apart, so at most 5 failed attempts.
-    let before = errors(&op.metrics_page().await);
-    tokio::time::sleep(Duration::from_secs(20)).await;
-    let after = errors(&op.metrics_page().await);
-    println!("failed injection attempts in 20 s: {}", after - before);
-    assert!(after - before <= 5.0, "{before} → {after} errors in 20 s");
-    let warning = env.the_one_warning(&env.ns, "openshift-service-ca.crt").await;
-    println!("{:?}: {:?}", warning.reason, warning.note);
-    assert!(warning.note.as_deref().unwrap_or_default().contains("kube-root-ca.crt"), "{warning:?}");
-    assert_eq!(cms.get("openshift-service-ca.crt").await.unwrap().resource_version(), legacy.resource_version());
-}
-
-#[tokio::test]
-async fn a_write_the_api_server_cannot_take_backs_off_with_one_warning() {
-    // 2,000 webhook entries: the configuration itself is small enough to store, but a
-    // bundle in every entry is not (the patch is over the API server's request limit,
-    // the object over etcd's). The operator must not come back every few seconds with
-    // the same large patch.
-    let env = Env::new("gitops-large").await;
-    let op = env.start_operator(&[]);
-    env.ca_bundle().await;
-    let run = env.run.clone();
-    let mut cleanup = Cleanup::default();
-    let names: Vec<String> = (0..2000).map(|i| format!("w{i}")).collect();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let mut vwc = annotated(webhook_json("ValidatingWebhookConfiguration", &run, &names));
-    for webhook in vwc["webhooks"].as_array_mut().unwrap() {
-        webhook.as_object_mut().unwrap().remove("rules");
-        webhook["objectSelector"] = json!({ "matchLabels": { "nothing": "matches" } });
-    }
-    let name = vwc["metadata"]["name"].as_str().unwrap().to_string();
-    cleanup.add::<ValidatingWebhookConfiguration>(name.clone());
-    let vwcs = Api::<ValidatingWebhookConfiguration>::all(env.client.clone());
-    let created = vwcs.create(&PostParams::default(), &serde_json::from_value(vwc).unwrap()).await.unwrap();
-
-    let errors = |text: &str| metric(text, "service_ca_reconcile_errors_total", &[("controller", "ca-bundle")]);
-    let writes = |text: &str| {
-        metric(
-            text,
-            "service_ca_api_writes_total",
-            &[("resource", "validatingwebhookconfigurations"), ("verb", "patch")],
-        )
-    };
-    eventually(T, "a failed injection", || async { (errors(&op.metrics_page().await) > 0.0).then_some(()) }).await;
-    let text = op.metrics_page().await;
-    let (errors_before, writes_before) = (errors(&text), writes(&text));
-    tokio::time::sleep(Duration::from_secs(20)).await;
-    let text = op.metrics_page().await;
-    let (errors_after, writes_after) = (errors(&text), writes(&text));
-    println!("in 20 s: {} failed attempts, {} patches", errors_after - errors_before, writes_after - writes_before);
-    assert!(errors_after - errors_before <= 5.0, "{errors_before} → {errors_after} errors in 20 s");
-    assert!(writes_after - writes_before <= 5.0, "{writes_before} → {writes_after} patches in 20 s");
-    let warning = env.the_one_warning("default", &name).await;
-    println!("{:?}: {:?}", warning.reason, warning.note);
-    assert!(warning.note.as_deref().unwrap_or_default().contains("could not inject"), "{warning:?}");
-    let now = vwcs.get(&name).await.unwrap();
-    assert_eq!(now.resource_version(), created.resource_version(), "nothing was written");
 }

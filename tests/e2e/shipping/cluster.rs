@@ -4,14 +4,14 @@
 use std::time::Duration;
 
 use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
-use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
 use kube::api::{DeleteParams, PostParams};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, ResourceExt};
 use serde_json::json;
 
+use crate::support::objects::{apiservice_json, client_with_token, crd_json, token_for, webhook_json};
 use crate::support::{self, Env, eventually};
 
 #[tokio::test]
@@ -78,23 +78,6 @@ async fn rbac_denies_a_service_account_without_a_role() {
     }
 }
 
-/// A bound ServiceAccount token from the TokenRequest API.
-pub async fn token_for(client: &Client, ns: &str, sa: &str) -> String {
-    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
-    let request: TokenRequest =
-        serde_json::from_value(json!({ "spec": { "audiences": [], "expirationSeconds": 3600 } })).unwrap();
-    let response = api.create_token_request(sa, &PostParams::default(), &request).await.expect("TokenRequest");
-    response.status.and_then(|s| s.token).expect("token in the TokenRequest status")
-}
-
-/// A client that authenticates with a bearer token instead of the admin certificate.
-pub async fn client_with_token(token: &str) -> Client {
-    let kubeconfig = kube::config::Kubeconfig::read_from(support::kubeconfig_path()).unwrap();
-    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap();
-    config.auth_info = kube::config::AuthInfo { token: Some(token.to_string().into()), ..Default::default() };
-    Client::try_from(config).unwrap()
-}
-
 #[tokio::test]
 async fn crd_with_webhook_conversion_apiservice_and_webhook_configurations_round_trip() {
     let env = Env::new("kinds").await;
@@ -135,55 +118,4 @@ async fn crd_with_webhook_conversion_apiservice_and_webhook_configurations_round
     apis.delete(&name, &DeleteParams::default()).await.unwrap();
     mutating.delete(&m.name_any(), &DeleteParams::default()).await.unwrap();
     validating.delete(&v.name_any(), &DeleteParams::default()).await.unwrap();
-}
-
-/// A CRD converted by a webhook (that never runs: only one version is stored).
-pub fn crd_json(suffix: &str) -> serde_json::Value {
-    json!({
-        "metadata": { "name": format!("widgets.{suffix}.example.com"), "labels": { support::RUN_LABEL: suffix } },
-        "spec": {
-            "group": format!("{suffix}.example.com"),
-            "names": { "plural": "widgets", "singular": "widget", "kind": "Widget" },
-            "scope": "Namespaced",
-            "versions": [{ "name": "v1", "served": true, "storage": true,
-                           "schema": { "openAPIV3Schema": { "type": "object", "x-kubernetes-preserve-unknown-fields": true } } }],
-            "conversion": { "strategy": "Webhook", "webhook": {
-                "conversionReviewVersions": ["v1"],
-                "clientConfig": { "service": { "namespace": "default", "name": "converter", "path": "/convert" } } } }
-        }
-    })
-}
-
-pub fn apiservice_json(suffix: &str) -> serde_json::Value {
-    json!({
-        "metadata": { "name": format!("v1alpha1.{suffix}.example.com"), "labels": { support::RUN_LABEL: suffix } },
-        "spec": { "group": format!("{suffix}.example.com"), "version": "v1alpha1", "groupPriorityMinimum": 100,
-                  "versionPriority": 10, "service": { "namespace": "default", "name": "aggregated", "port": 443 } }
-    })
-}
-
-/// Webhooks that never get called: their rules match a resource that does not exist,
-/// and failures are ignored anyway.
-pub fn webhook_json(kind: &str, suffix: &str, names: &[&str]) -> serde_json::Value {
-    let webhooks: Vec<_> = names
-        .iter()
-        .map(|n| {
-            json!({
-                "name": format!("{n}.{suffix}.example.com"),
-                "clientConfig": { "service": { "namespace": "default", "name": "hook", "path": "/hook" } },
-                "rules": [{ "apiGroups": [format!("{suffix}.example.com")], "apiVersions": ["v1"],
-                            "operations": ["CREATE"], "resources": ["nothings"] }],
-                "admissionReviewVersions": ["v1"],
-                "sideEffects": "None",
-                "failurePolicy": "Ignore",
-                "timeoutSeconds": 1
-            })
-        })
-        .collect();
-    json!({
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": kind,
-        "metadata": { "name": format!("{}-{suffix}", kind.to_lowercase()), "labels": { support::RUN_LABEL: suffix } },
-        "webhooks": webhooks
-    })
 }

@@ -6,21 +6,14 @@
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
-use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
-use crate::support::{Env, annotation, certs, eventually, metric};
-
-const T: Duration = Duration::from_secs(30);
-const BETA_NAME: &str = "service.beta.openshift.io/serving-cert-secret-name";
-const BETA_ERR: &str = "service.beta.openshift.io/serving-cert-generation-error";
-const BETA_ERR_NUM: &str = "service.beta.openshift.io/serving-cert-generation-error-num";
-const ALPHA_ERR_NUM: &str = "service.alpha.openshift.io/serving-cert-generation-error-num";
-const MANAGED: &str = "service-ca.operators.openshift.io/managed";
+use crate::support::annotations::{ALPHA_ERR_NUM, BETA_ERR, BETA_ERR_NUM, BETA_NAME, MANAGED};
+use crate::support::{Env, T, annotation, certs, eventually, metric};
 
 async fn error_count(env: &Env, svc: &str) -> u32 {
     let s = env.services().get(svc).await.unwrap();
@@ -365,91 +358,4 @@ fn flags_that_can_only_misbehave_are_refused_at_start_up_naming_the_flag() {
         assert!(stderr.contains(flag), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked") && !stderr.contains("memory allocation"), "{args:?}: {stderr}");
     }
-}
-
-#[tokio::test]
-async fn memory_does_not_grow_with_what_tenants_put_in_annotations() {
-    let env = Env::new("bigannotations").await;
-    // ECDSA keys: what is measured here is the annotations, not 500 RSA keys' CPU.
-    let ecdsa = ["--default-key-algorithm", "ecdsa"];
-    let op = env.start_operator(&ecdsa);
-    env.ca_bundle().await;
-    let n = 500;
-    let blob = "x".repeat(200_000);
-    // Annotated while the operator runs: each arrives by watch, is trimmed to what the
-    // controllers read, and only that stays.
-    create_16_at_a_time(&env, "b", n, |name| {
-        vec![(BETA_NAME, format!("{name}-tls")), ("tenant.example/blob", blob.clone())]
-    })
-    .await;
-    let managed = kube::api::ListParams::default().labels("service-ca.operators.openshift.io/managed=true");
-    eventually(Duration::from_secs(180), "all 500 Secrets", || async {
-        (env.secrets().list_metadata(&managed).await.ok()?.items.len() >= n).then_some(())
-    })
-    .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let peak = op.peak_rss_kib() as f64 / 1024.0;
-    println!("{n} annotated Services carrying 200 KB each ({} MB in all): operator peak RSS {peak:.1} MiB", n / 5);
-    drop(op);
-    assert!(peak < 64.0, "peak RSS {peak:.1} MiB with {n} Services of 200 KB each (target < 64 MiB)");
-    // A fresh start with all of it present: the first list streams object by object,
-    // each trimmed as it comes, never held whole.
-    let restarted = env.start_operator(&ecdsa);
-    restarted.wait_ready(Duration::from_secs(60)).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let fresh = restarted.peak_rss_kib() as f64 / 1024.0;
-    println!("fresh start with all {n} present: operator peak RSS {fresh:.1} MiB");
-    assert!(fresh < 64.0, "peak RSS {fresh:.1} MiB starting with {n} Services of 200 KB each (target < 64 MiB)");
-    drop(restarted);
-    drop(env);
-
-    // Our own annotation, with a value no Secret name can have: such a Service stays
-    // in the cache (it asks for a certificate), but not its 200 KB. (After the phases
-    // above, not beside them: 100 MB of Services at once is load enough for the
-    // shared API server.)
-    let env = Env::new("bignames").await;
-    let op = env.start_operator(&[]);
-    env.ca_bundle().await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = op.rss_kib() as f64 / 1024.0;
-    let n = 150;
-    let name = "n".repeat(200_000);
-    create_16_at_a_time(&env, "n", n, |_| vec![(BETA_NAME, name.clone())]).await;
-    // Every one was looked at: each carries the error annotation.
-    eventually(Duration::from_secs(180), "an error annotation on all 150 Services", || async {
-        // Each list carries 30 MB: not more often than once a second.
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let services = env.services().list_metadata(&Default::default()).await.ok()?;
-        let reported = services.items.iter().filter(|s| s.annotations().contains_key(BETA_ERR)).count();
-        (reported >= n).then_some(())
-    })
-    .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let growth = op.peak_rss_kib() as f64 / 1024.0 - before;
-    println!("{n} Services naming a 200 KB Secret ({} MB in all): operator peak RSS +{growth:.1} MiB", n / 5);
-    assert!(growth < 15.0, "peak RSS grew {growth:.1} MiB with {n} Services naming a 200 KB Secret (30 MB in all)");
-}
-
-/// Creates Services `{prefix}0` to `{prefix}{n-1}`, each with `annotations(its name)`,
-/// 16 at a time: 500 requests of 200 KB at once stall the shared API server past its
-/// timeouts, and the client's retry of a create that went through then fails with
-/// AlreadyExists.
-async fn create_16_at_a_time(
-    env: &Env,
-    prefix: &str,
-    n: usize,
-    annotations: impl Fn(&str) -> Vec<(&'static str, String)>,
-) {
-    futures::stream::iter(0..n)
-        .map(|i| {
-            let name = format!("{prefix}{i}");
-            let annotations = annotations(&name);
-            async move {
-                let pairs: Vec<(&str, &str)> = annotations.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                env.service_with(&name, &pairs, false).await
-            }
-        })
-        .buffer_unordered(16)
-        .collect::<Vec<_>>()
-        .await;
 }

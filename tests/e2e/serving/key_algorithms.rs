@@ -11,17 +11,10 @@ use serde_json::json;
 use service_ca_operator::pki::{KeyKind, PrivateKey};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use crate::support::annotations::{ALPHA_ALG, ALPHA_NAME, BETA_ALG, BETA_ERR, BETA_ERR_NUM, BETA_NAME};
 use crate::support::tls::{self, TlsServer};
-use crate::support::{Env, annotation, certs, data, eventually, metric};
+use crate::support::{Env, T, annotation, certs, data, eventually, metric};
 
-const T: Duration = Duration::from_secs(30);
-const BETA_NAME: &str = "service.beta.openshift.io/serving-cert-secret-name";
-const BETA_ALG: &str = "service.beta.openshift.io/serving-cert-key-algorithm";
-const ALPHA_NAME: &str = "service.alpha.openshift.io/serving-cert-secret-name";
-const ALPHA_ALG: &str = "service.alpha.openshift.io/serving-cert-key-algorithm";
-const BETA_ERR: &str = "service.beta.openshift.io/serving-cert-generation-error";
-const BETA_ERR_NUM: &str = "service.beta.openshift.io/serving-cert-generation-error-num";
-const FORCE: &str = "service-ca.operators.openshift.io/force-rotation";
 const RSA: KeyKind = KeyKind::Rsa { bits: 2048 };
 
 /// The kind of the private key in a Secret's `tls.key`.
@@ -106,13 +99,7 @@ async fn an_invalid_value_is_reported_and_nothing_is_generated_or_written() {
         message.contains(BETA_ALG) && message.contains("\"dsa-1024\"") && message.contains("ecdsa-p384"),
         "{message}"
     );
-    let warning = eventually(T, "the Warning Event", || async {
-        env.events(&env.ns, Some("web"), Some("ServingCertificateError"))
-            .await
-            .into_iter()
-            .find(|e| e.type_.as_deref() == Some("Warning"))
-    })
-    .await;
+    let warning = env.warning(&env.ns, "web", Some("ServingCertificateError")).await;
     assert!(warning.note.as_deref().unwrap_or_default().contains("dsa-1024"), "{warning:?}");
     // Retried with backoff (2 s), still no Secret and no serving key: only the CA's.
     eventually(T, "the failure count to reach 2", || async {
@@ -252,8 +239,7 @@ async fn the_ca_moves_from_rsa_to_ecdsa_at_the_next_rotation_and_old_bundles_kee
     assert_eq!(certs::ca_ski(&ca), certs::ca_ski(&old_ca), "no rotation without a reason");
     assert_eq!(certs::serial(&env.secrets().get("rsa-tls").await.unwrap()), certs::serial(&old_rsa));
 
-    let patch = json!({ "metadata": { "annotations": { FORCE: "to-ecdsa" } } });
-    env.op_secrets().patch("signing-key", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    env.force_rotation("to-ecdsa").await;
     let new_ca = eventually(T, "the rotation", || async {
         let s = env.op_secrets().get("signing-key").await.ok()?;
         (certs::ca_ski(&s) != certs::ca_ski(&old_ca)).then_some(s)

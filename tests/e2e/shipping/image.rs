@@ -7,13 +7,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{Env, Operator};
-
-const T: Duration = Duration::from_secs(30);
+use crate::support::{Env, Operator, T};
 
 fn image() -> String {
     std::env::var("SERVICE_CA_TEST_IMAGE").unwrap_or_else(|_| "localhost/service-ca-operator:dev".into())

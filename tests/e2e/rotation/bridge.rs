@@ -1,0 +1,224 @@
+//! Rotation with a trust bridge (docs/spec.md §3.3), automatic and forced: zero failed
+//! handshakes, the oldest CA dropping out when its bridge expires, two forced rotations
+//! in a row, the bulk re-issue's progress.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use kube::ResourceExt;
+use service_ca_operator::pki;
+
+use super::{FollowingServer, all_stacks, handshake_loop, signing_key};
+use crate::support::tls::{self, TlsServer};
+use crate::support::{Env, T, certs, data, eventually};
+
+#[tokio::test]
+async fn zero_failed_handshakes_through_an_automatic_and_a_forced_rotation() {
+    let env = Env::new("ca-zero-downtime").await;
+    // A 120 s CA rotated when 60 s are left: the automatic rotation comes 60 s in.
+    let _op = env.start_operator(&["--ca-lifetime", "120s", "--ca-rotate-before", "60s"]);
+    let b0 = env.ca_bundle().await;
+    let created = Instant::now();
+    let ski0 = certs::ca_ski(&signing_key(&env).await);
+    env.annotated_service("web", "web-tls", false).await;
+    env.annotated_service("db", "db-tls", true).await;
+    let lag = Duration::from_secs(3);
+    let web = FollowingServer::start(&env, "web-tls", lag).await;
+    let db = FollowingServer::start(&env, "db-tls", lag).await;
+    let ns = env.ns.clone();
+    let servers = [(&web, format!("web.{ns}.svc")), (&db, format!("web-0.db.{ns}.svc")), (&db, format!("db.{ns}.svc"))];
+
+    // Phase 1: the automatic rotation.
+    let newest = Arc::new(Mutex::new(None::<Vec<u8>>));
+    let (env_ref, newest_ref) = (&env, newest.clone());
+    let watcher = async move {
+        loop {
+            let ski = certs::ca_ski(&signing_key(env_ref).await);
+            if ski != ski0 {
+                *newest_ref.lock().unwrap() = Some(ski);
+                return Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let rotated_at = Arc::new(Mutex::new(None::<Instant>));
+    let flag = rotated_at.clone();
+    let watch_task = async move {
+        let at = watcher.await;
+        *flag.lock().unwrap() = Some(at);
+    };
+    let done = || rotated_at.lock().unwrap().is_some_and(|at| at.elapsed() > lag * 3);
+    let newest_ca = || newest.lock().unwrap().clone();
+    let (tally, _) = tokio::join!(handshake_loop(&env, &servers, b0.clone(), newest_ca, done), watch_task);
+    let auto_at = rotated_at.lock().unwrap().unwrap();
+    println!(
+        "automatic rotation {:?} after CA creation; {} handshakes, {} failed, combinations {:?}",
+        auto_at - created,
+        tally.handshakes,
+        tally.failures.len(),
+        tally.combos
+    );
+    assert!(tally.failures.is_empty(), "failed handshakes: {:?}", tally.failures);
+    assert_eq!(tally.combos.len(), 4, "all four {{old, new leaf}} x {{old, new bundle}}: {:?}", tally.combos);
+    let b1 = env.ca_bundle().await;
+    assert_eq!(certs::ders(&b1).len(), 2, "[new CA, X1]");
+    for (server, name) in &servers {
+        all_stacks(server.server.port, &b0, name);
+        all_stacks(server.server.port, &b1, name);
+    }
+    let rotated = env.events(&env.op_ns, None, Some("ServiceCARotated")).await;
+    let note = rotated[0].note.clone().unwrap();
+    assert!(note.contains("automatic") && note.contains("previous CA stays trusted until"), "{note}");
+
+    // Phase 2: a forced rotation, with the post-rotation-1 bundle as the "old" one.
+    let ski1 = certs::ca_ski(&signing_key(&env).await);
+    env.force_rotation("test-forced").await;
+    *rotated_at.lock().unwrap() = None;
+    let (env_ref, newest_ref, flag) = (&env, newest.clone(), rotated_at.clone());
+    let watch_task = async move {
+        loop {
+            let ski = certs::ca_ski(&signing_key(env_ref).await);
+            if ski != ski1 {
+                *newest_ref.lock().unwrap() = Some(ski);
+                *flag.lock().unwrap() = Some(Instant::now());
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let done = || rotated_at.lock().unwrap().is_some_and(|at| at.elapsed() > lag * 3);
+    let newest_ca = || newest.lock().unwrap().clone();
+    let (tally, _) = tokio::join!(handshake_loop(&env, &servers, b1.clone(), newest_ca, done), watch_task);
+    println!(
+        "forced rotation: {} handshakes, {} failed, combinations {:?}",
+        tally.handshakes,
+        tally.failures.len(),
+        tally.combos
+    );
+    assert!(tally.failures.is_empty(), "failed handshakes: {:?}", tally.failures);
+    assert_eq!(tally.combos.len(), 4, "{:?}", tally.combos);
+    let key = signing_key(&env).await;
+    assert_eq!(
+        key.annotations().get("service-ca.operators.openshift.io/forced-rotation-reason").map(String::as_str),
+        Some("test-forced")
+    );
+    let b2 = env.ca_bundle().await;
+    for (server, name) in &servers {
+        all_stacks(server.server.port, &b1, name);
+        all_stacks(server.server.port, &b2, name);
+    }
+    // The same reason again does nothing.
+    let cn_ski = certs::ca_ski(&key);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(certs::ca_ski(&signing_key(&env).await), cn_ski, "one rotation per distinct reason");
+}
+
+#[tokio::test]
+async fn the_oldest_ca_drops_out_when_its_bridge_expires() {
+    let env = Env::new("ca-bridge-expiry").await;
+    // 60 s CA, rotated with 20 s left: rotation at 40 s, X1 (the old CA) valid until 60 s.
+    let _op = env.start_operator(&["--ca-lifetime", "60s", "--ca-rotate-before", "20s"]);
+    env.ca_bundle().await;
+    env.annotated_service("old", "old-tls", false).await;
+    let leaf0 = env.serving_secret("old-tls", T).await;
+    let chain0 = data(&leaf0, "tls.crt");
+    let name = format!("old.{}.svc", env.ns);
+    let key0 = signing_key(&env).await;
+    let ca0 = certs::of_secret(&key0);
+
+    let b1 = eventually(Duration::from_secs(60), "the automatic rotation", || async {
+        let b = env.ca_bundle().await;
+        (certs::ders(&b).len() == 2).then_some(b)
+    })
+    .await;
+    tls::rustls_verify_at(&chain0, &b1, &name, SystemTime::now()).expect("CA0's leaf trusted through X1");
+    let x1 = pki::CertInfo::parse("x1", certs::ders(&b1)[1].clone()).unwrap();
+    assert_eq!(x1.not_after, ca0.not_after, "X1 lasts as long as CA0");
+
+    // When X1 expires the operator drops it from the bundle by itself (scheduled).
+    let dropped = eventually(Duration::from_secs(40), "X1 left out of the bundle", || async {
+        let b = env.ca_bundle().await;
+        (certs::ders(&b).len() == 1).then_some(b)
+    })
+    .await;
+    let now = time::OffsetDateTime::now_utc();
+    assert!(now >= x1.not_after, "dropped only once expired");
+    assert!(tls::rustls_verify_at(&chain0, &dropped, &name, SystemTime::now()).is_err());
+
+    // A second (forced) rotation bridges to CA1 only: CA0 stays out.
+    env.force_rotation("second").await;
+    let b2 = eventually(T, "the second rotation", || async {
+        let b = env.ca_bundle().await;
+        (certs::ders(&b).len() == 2 && b != b1).then_some(b)
+    })
+    .await;
+    assert!(tls::rustls_verify_at(&chain0, &b2, &name, SystemTime::now()).is_err(), "two rotations back: not trusted");
+}
+
+#[tokio::test]
+async fn bulk_reissue_after_a_rotation_reports_progress_with_an_eta() {
+    let env = Env::new("progress").await;
+    // One key at a time, no ready keys: the re-issue takes a few seconds.
+    let op = env.start_operator(&["--progress-interval", "1s", "--max-concurrent-issuance", "1", "--key-buffer", "0"]);
+    let n = 60;
+    for i in 0..n {
+        env.annotated_service(&format!("p{i}"), &format!("p{i}-tls"), false).await;
+    }
+    for i in 0..n {
+        env.serving_secret(&format!("p{i}-tls"), T).await;
+    }
+    env.force_rotation("progress").await;
+    let finished = format!("re-issue after the CA change: {n} of {n} Secrets done ({n} re-issued) in ");
+    eventually(Duration::from_secs(60), "the re-issue to finish", || async {
+        op.logs().contains(&finished).then_some(())
+    })
+    .await;
+    let lines: Vec<String> =
+        op.logs().lines().filter(|l| l.contains("re-issue after the CA change")).map(str::to_string).collect();
+    for line in &lines {
+        println!("{}", line.split("INFO").last().unwrap_or(line));
+    }
+    assert!(lines.iter().any(|l| l.contains(&format!(" of {n} Secrets done")) && l.contains("ETA")), "{lines:?}");
+    let page = op.metrics().await.unwrap().1;
+    assert!(page.contains("service_ca_reissue_remaining 0"), "nothing left");
+}
+
+#[tokio::test]
+async fn two_forced_rotations_a_second_apart_keep_the_first_bundle_working() {
+    let env = Env::new("twice").await;
+    let _op = env.start_operator(&[]);
+    let bundle0 = env.ca_bundle().await;
+    env.annotated_service("web", "web-tls", false).await;
+    let leaf0 = env.serving_secret("web-tls", T).await;
+    let name = format!("web.{}.svc", env.ns);
+    let force = |reason: &'static str| {
+        let env = &env;
+        async move {
+            env.force_rotation(reason).await;
+            env.rotated(reason).await
+        }
+    };
+    force("first").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let newest = certs::ca_ski(&force("second").await);
+    let leaf2 = eventually(T, "the leaf from the newest CA", || async {
+        let s = env.secrets().get("web-tls").await.ok()?;
+        (certs::leaf_aki(&s) == newest).then_some(s)
+    })
+    .await;
+    let bundle2 = eventually(T, "the newest bundle", || async {
+        let b = env.ca_bundle().await;
+        (certs::ders(&b).len() == 3).then_some(b)
+    })
+    .await;
+    // A client still holding the bundle from before the first rotation, and one with the
+    // newest bundle talking to a server not yet restarted: every stack verifies.
+    for (case, leaf, bundle) in
+        [("new leaf × first bundle", &leaf2, &bundle0), ("old leaf × newest bundle", &leaf0, &bundle2)]
+    {
+        let server = TlsServer::start(&data(leaf, "tls.crt"), &data(leaf, "tls.key"));
+        for (stack, result) in tls::connect_all(server.port, bundle, &name) {
+            result.unwrap_or_else(|e| panic!("{case}, {stack}: {e}"));
+        }
+    }
+}

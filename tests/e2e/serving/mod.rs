@@ -1,0 +1,6 @@
+//! Serving certificates (docs/spec.md §1): the Secret's shape, headless Services, the
+//! alpha and beta annotations, re-issue, key algorithms, real TLS.
+
+mod issuance;
+mod key_algorithms;
+mod reissue;
