@@ -1,7 +1,7 @@
 //! Shipping artefacts checked without a cluster: the Dockerfile's shape (no Docker
-//! engine here; the same layout is built with buildah and run by tests/e2e/image.rs), and the manifests' least-privilege and hardening rules.
+//! engine here; the same layout is built with buildah and run by tests/e2e/shipping/image.rs), and the manifests' least-privilege and hardening rules.
 //! That the manifests apply and grant exactly what the code uses is proven on the real
-//! API server in tests/e2e/shipping.rs.
+//! API server in tests/e2e/shipping/manifests.rs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 

@@ -4,7 +4,7 @@
 //! How each kind is written, so that the operator never becomes a co-owner that stops
 //! another manager (Flux, Argo CD, `kubectl apply --server-side`) from removing what
 //! surrounds the injected field (measured on the real API server, see
-//! `tests/e2e/gitops.rs`):
+//! `tests/e2e/injection/managers.rs`):
 //!
 //! - ConfigMap: server-side apply of `data["service-ca.crt"]` (nobody else removes a
 //!   ConfigMap's structure around one data key); a merge patch when other `data` keys
