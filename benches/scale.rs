@@ -3,17 +3,23 @@
 //!
 //! With RSA serving keys (the default): B1 time to ready, B2 bulk issuance vs. the
 //! key-generation limit, B3 rotation, B4 injection, B5 memory, B6 API economy, B7 pod
-//! certificates. With ECDSA serving keys (a second operator instance with its own CA):
-//! B2-EC and B3-EC. Then B8 scale (10,000 ECDSA Services) and B9 tenant annotations
+//! certificates; first, RSA-2048 key generation against Go's crypto/rsa
+//! (benches/scale/keygen.rs; the Go side is benches/gokeys, built by scripts/bench.sh).
+//! With ECDSA serving keys (a second operator instance with its own CA): B2-EC and
+//! B3-EC. Then B8 scale (10,000 ECDSA Services) and B9 tenant annotations
 //! (500 Services carrying 200 KB each), B10 scale-out (1 and 2 replicas sharing
 //! issuance). Prints a table and writes
 //! target/bench/results.json. Sizes scale with BENCH_SCALE (default 1.0);
-//! BENCH_ONLY=rsa,ec,b8,b9,b10,fairness (any of them) runs only those parts.
+//! BENCH_ONLY=rsa,ec,b8,b9,b10,fairness (any of them) runs only those parts;
+//! BENCH_ONLY=keygen only the key-generation comparison (no cluster).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "../tests/support/mod.rs"]
 mod support;
+
+#[path = "scale/keygen.rs"]
+mod keygen;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -256,6 +262,9 @@ async fn main() {
     // measurement.
     let mut envs = Vec::new();
     let mut rsa = None;
+    if part("rsa") || part("keygen") {
+        keygen::rsa_vs_go(cores, &mut report);
+    }
     if part("rsa") {
         let (env, rates) = rsa_benchmarks(cores, &mut report).await;
         envs.push(env);

@@ -5,5 +5,8 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 unset SERVICE_CA_TEST_KUBECONFIG
+# The reference for the RSA key-generation figures (BENCH_ONLY=rsa): Go's crypto/rsa.
+mkdir -p target/bench
+(cd benches/gokeys && go build -o "$top/target/bench/gokeys" .)
 export CONTROLPLANE_DIR="$top/target/bench-controlplane"
 scripts/with-controlplane.sh cargo bench --bench scale "$@"

@@ -1,0 +1,3 @@
+module servicecaoperator/benches/gokeys
+
+go 1.22
