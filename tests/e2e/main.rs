@@ -14,6 +14,7 @@ mod fairness;
 mod faults;
 mod gitops;
 mod hardening;
+mod hsm;
 mod image;
 mod injection;
 mod inspect;
