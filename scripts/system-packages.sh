@@ -4,13 +4,14 @@
 # compiled from C, the image binary is linked statically and stripped), OpenSSL's
 # command-line client (interoperability tests), buildah (the image is built and run
 # without Docker), python3 (the import-cycle check) and kubectl (the shipping and GitOps
-# tests drive the cluster with it, as people do). Installs all but kubectl with apt
+# tests drive the cluster with it, as people do), SoftHSM2 and OpenSC's pkcs11-tool (the
+# tests of the CA key in a PKCS#11 token). Installs all but kubectl with apt
 # when run as root; kubectl is not in Debian's own archive, so it must be present (the
 # development machines and CI have it); otherwise says what to install.
 set -euo pipefail
 declare -A package=([cc]=build-essential [make]=build-essential [strip]=binutils [openssl]=openssl
-  [buildah]=buildah [python3]=python3)
-tools=(cc make strip openssl buildah python3)
+  [buildah]=buildah [python3]=python3 [softhsm2-util]=softhsm2 [pkcs11-tool]=opensc)
+tools=(cc make strip openssl buildah python3 softhsm2-util pkcs11-tool)
 missing=()
 for tool in "${tools[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("${package[$tool]}")

@@ -40,6 +40,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let admin = start_admin(&client, &config, &health, &metrics, &shutdown).await?;
     let recorder = Recorder::new(client.clone(), "service-ca-operator", &identity);
     let sharing = if config.leader_elect && config.share_issuance { Sharing::new(&identity) } else { Sharing::off() };
+    let reporter = health.clone();
+    let ca_token = config
+        .pkcs11
+        .open(
+            config.ca_key_algorithm,
+            Box::new(move |problem| reporter.set_ca_key_problem(problem.map(|p| p.readiness()))),
+        )
+        .map_err(anyhow::Error::msg)?;
     let ctx = Arc::new(Context {
         client,
         keys: KeyPool::new(
@@ -53,6 +61,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         health: health.clone(),
         recorder,
         sharing,
+        ca_token,
         config,
     });
     let pods = pod_certs::enabled(&ctx).await;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::names;
-use crate::pki::{CaPolicy, KeyKind, LeafPolicy};
+use crate::pki::{CaPolicy, KeyKind, LeafPolicy, pkcs11::Pkcs11Flags};
 use crate::selector::parse_selector;
 
 #[derive(Debug, Parser)]
@@ -178,6 +178,8 @@ pub struct Config {
 
     #[command(flatten)]
     pub policy: PolicyFlags,
+    #[command(flatten)]
+    pub pkcs11: Pkcs11Flags,
 
     /// DNS domain of the cluster, used in the `<svc>.<ns>.svc.<domain>` name.
     #[arg(long, env = "SERVICE_CA_CLUSTER_DOMAIN", default_value = "cluster.local")]

@@ -39,6 +39,8 @@ pub struct Health {
     api_reachable: AtomicBool,
     signing_key_usable: AtomicBool,
     rotation_failing: AtomicBool,
+    /// Why the CA key's PKCS#11 token cannot be used, if it cannot.
+    ca_key_problem: std::sync::Mutex<Option<&'static str>>,
     /// Replicas sharing issuance (0: sharing is off).
     members: std::sync::atomic::AtomicUsize,
 }
@@ -52,6 +54,7 @@ impl Default for Health {
             api_reachable: AtomicBool::new(true),
             signing_key_usable: AtomicBool::new(true),
             rotation_failing: AtomicBool::new(false),
+            ca_key_problem: std::sync::Mutex::new(None),
             members: std::sync::atomic::AtomicUsize::new(0),
         }
     }
@@ -78,6 +81,12 @@ impl Health {
     pub fn set_rotation_failing(&self, failing: bool) {
         self.rotation_failing.store(failing, Ordering::Relaxed);
     }
+    /// Told by the CA key's PKCS#11 token: why it cannot be used, or `None`.
+    pub fn set_ca_key_problem(&self, problem: Option<&'static str>) {
+        if let Ok(mut held) = self.ca_key_problem.lock() {
+            *held = problem;
+        }
+    }
     pub fn set_members(&self, members: usize) {
         self.members.store(members, Ordering::Relaxed);
     }
@@ -94,6 +103,10 @@ impl Health {
         }
         if !self.signer_loaded.load(Ordering::Relaxed) {
             problems.push("no usable CA loaded yet");
+        }
+        // A key that cannot sign leaves nothing to sign with, whatever CA is loaded.
+        if let Some(problem) = self.ca_key_problem.lock().ok().and_then(|held| *held) {
+            problems.push(problem);
         }
         if !self.caches_synced.load(Ordering::Relaxed) {
             problems.push("caches not synced yet");

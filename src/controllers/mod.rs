@@ -76,6 +76,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Which objects this replica issues for (all of them unless issuance is shared).
     pub sharing: Arc<sharing::Sharing>,
+    /// The PKCS#11 token holding the CA key (`--ca-key-pkcs11-uri`), if any.
+    pub ca_token: Option<Arc<crate::pki::pkcs11::Token>>,
 }
 
 impl Context {

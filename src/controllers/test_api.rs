@@ -81,6 +81,7 @@ pub fn context(client: kube::Client) -> Context {
         recorder: Recorder::new(client.clone(), "service-ca-operator", "test"),
         health: Arc::new(Health::default()),
         sharing: Sharing::off(),
+        ca_token: None,
         metrics,
         config: *config,
         client,

@@ -6,13 +6,15 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue, IsCa, Issuer, KeyIdMethod, KeyPair,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue, IsCa, Issuer, KeyIdMethod,
     KeyUsagePurpose, SubjectPublicKeyInfo,
 };
 use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
 
-use super::keys::{KeyKind, PrivateKey, certificate_public_key, random_serial};
+use super::ca_key::{CaKey, CaSigner, PKCS11_KEY_URI};
+use super::keys::{KeyKind, certificate_public_key, random_serial};
+use super::pkcs11::Token;
 use super::{PkiError, pem};
 use crate::dates;
 use crate::names::{CA_BUNDLE, INTERMEDIATE, TLS_CERT, TLS_KEY};
@@ -89,8 +91,8 @@ pub struct CaPolicy {
 /// bundle `[new CA, X1]` and the bridge `X2`).
 pub struct CertificateAuthority {
     cert: CertInfo,
-    key: PrivateKey,
-    issuer: Issuer<'static, KeyPair>,
+    key: CaKey,
+    issuer: Issuer<'static, CaSigner>,
     /// `ca-bundle.crt` as stored (after a rotation); `None` means "just tls.crt".
     bundle: Option<Vec<CertInfo>>,
     /// `intermediate-ca.crt`: the bridges X2, newest first: this CA's certificate
@@ -111,20 +113,32 @@ impl std::fmt::Debug for CertificateAuthority {
 
 impl CertificateAuthority {
     /// A brand-new self-signed CA per docs/spec.md §3.2 (`key` is normally a fresh RSA-2048).
-    pub fn create(key: PrivateKey, now: OffsetDateTime, policy: &CaPolicy) -> Result<Self, PkiError> {
+    pub fn create(key: impl Into<CaKey>, now: OffsetDateTime, policy: &CaPolicy) -> Result<Self, PkiError> {
+        let key = key.into();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, format!("{CA_NAME_PREFIX}{}", now.unix_timestamp()));
         let params = ca_params(dn, now, dates::after(now, policy.lifetime), KeyIdMethod::Sha256, key.kind());
-        let signing = key.signing_key()?;
+        let signing = key.signer()?;
         let cert = params.self_signed(&signing).map_err(signing_error)?;
         Self::assemble(CertInfo::parse(TLS_CERT, cert.der().to_vec())?, key, signing, None, Vec::new())
     }
 
-    /// Loads and validates the CA from a `signing-key` Secret's data.
+    /// Loads and validates the CA from a `signing-key` Secret's data (its key in `tls.key`).
     pub fn from_secret_data(data: &BTreeMap<String, Vec<u8>>, now: OffsetDateTime) -> Result<Self, PkiError> {
+        Self::load(data, now, None)
+    }
+
+    /// Loads and validates the CA, its key in `token` when one is configured.
+    pub fn load(
+        data: &BTreeMap<String, Vec<u8>>,
+        now: OffsetDateTime,
+        token: Option<&std::sync::Arc<Token>>,
+    ) -> Result<Self, PkiError> {
         let field = |name: &'static str| data.get(name).map(Vec::as_slice);
         let cert_pem = field(TLS_CERT).ok_or(PkiError::Missing { field: TLS_CERT })?;
-        let key_pem = field(TLS_KEY).ok_or(PkiError::Missing { field: TLS_KEY })?;
+        if token.is_none() && !data.contains_key(PKCS11_KEY_URI) {
+            field(TLS_KEY).ok_or(PkiError::Missing { field: TLS_KEY })?;
+        }
         let cert = single_certificate(TLS_CERT, cert_pem)?;
         if !cert.is_ca {
             return Err(PkiError::NotCa);
@@ -153,11 +167,8 @@ impl CertificateAuthority {
         let public = certificate_public_key(&parsed).ok_or_else(|| {
             PkiError::UnsupportedKey(format!("the CA certificate's key: {}", super::keys::SUPPORTED_KEYS))
         })?;
-        let key = PrivateKey::from_pem(TLS_KEY, key_pem)?;
-        if key.public_key() != &public {
-            return Err(PkiError::KeyMismatch);
-        }
-        let signing = key.signing_key()?;
+        let key = CaKey::load(data, &public, token)?;
+        let signing = key.signer()?;
         let bundle = field(CA_BUNDLE).map(|pem| certificates(CA_BUNDLE, pem)).transpose()?;
         let intermediates =
             field(INTERMEDIATE).map(|pem| certificates(INTERMEDIATE, pem)).transpose()?.unwrap_or_default();
@@ -188,8 +199,8 @@ impl CertificateAuthority {
 
     fn assemble(
         cert: CertInfo,
-        key: PrivateKey,
-        signing: KeyPair,
+        key: CaKey,
+        signing: CaSigner,
         bundle: Option<Vec<CertInfo>>,
         intermediates: Vec<CertInfo>,
     ) -> Result<Self, PkiError> {
@@ -203,7 +214,7 @@ impl CertificateAuthority {
     pub fn to_secret_data(&self) -> BTreeMap<String, Vec<u8>> {
         let mut data = BTreeMap::new();
         data.insert(TLS_CERT.to_string(), self.cert.pem().into_bytes());
-        data.insert(TLS_KEY.to_string(), self.key.to_pem().as_bytes().to_vec());
+        self.key.secret_data(&mut data);
         if let Some(bundle) = &self.bundle {
             data.insert(
                 CA_BUNDLE.to_string(),
@@ -229,12 +240,13 @@ impl CertificateAuthority {
     /// bundle from before several rotations still reaches the CA it trusts. All CAs
     /// share one subject; path building follows the key identifiers. At most
     /// [`MAX_BRIDGES`] of each are kept.
-    pub fn rotate(&self, new_key: PrivateKey, now: OffsetDateTime, policy: &CaPolicy) -> Result<Self, PkiError> {
+    pub fn rotate(&self, new_key: impl Into<CaKey>, now: OffsetDateTime, policy: &CaPolicy) -> Result<Self, PkiError> {
+        let new_key = new_key.into();
         let (_, current) = X509Certificate::from_der(&self.cert.der)
             .map_err(|e| PkiError::BadCertificate { field: TLS_CERT, reason: e.to_string() })?;
         let subject = distinguished_name(&current)?;
         let current_ski = self.cert.subject_key_id.clone().ok_or(PkiError::MissingSubjectKeyId)?;
-        let new_signing = new_key.signing_key()?;
+        let new_signing = new_key.signer()?;
 
         // The new self-signed CA.
         let new_kind = new_key.kind();
@@ -273,7 +285,7 @@ impl CertificateAuthority {
         x2.use_authority_key_identifier_extension = true;
         let x2 = CertInfo::parse(
             INTERMEDIATE,
-            x2.signed_by(new_key.public_key(), &self.issuer).map_err(signing_error)?.der().to_vec(),
+            x2.signed_by(&new_signing, &self.issuer).map_err(signing_error)?.der().to_vec(),
         )?;
 
         let older_x1 = self.bundle_certs().filter(|c| c.der != self.cert.der && now <= c.not_after).cloned();
@@ -339,7 +351,7 @@ impl CertificateAuthority {
         dates::before(self.cert.not_after, policy.rotate_before)
     }
 
-    pub(crate) fn issuer(&self) -> &Issuer<'static, KeyPair> {
+    pub(crate) fn issuer(&self) -> &Issuer<'static, CaSigner> {
         &self.issuer
     }
 }

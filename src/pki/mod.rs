@@ -8,12 +8,15 @@
 //! instant without waiting.
 
 mod ca;
+mod ca_key;
 mod keys;
 mod leaf;
 pub mod pem;
+pub mod pkcs11;
 mod pod;
 
 pub use ca::{CA_NAME_PREFIX, CaPolicy, CertInfo, CertificateAuthority, MAX_BRIDGES};
+pub use ca_key::{CaKey, PKCS11_KEY_URI};
 pub use keys::{KEY_ALGORITHMS, KeyKind, PrivateKey, PublicKey, key_matches, key_values};
 pub use leaf::{IssuedLeaf, LeafInfo, LeafPolicy, LeafRequest, SERVICE_UID_OID, format_expiry, parse_expiry};
 pub use pod::{KeyError, PodLeaf, RequestedKey, SUPPORTED_POD_KEYS, requested_key};
@@ -72,4 +75,6 @@ pub enum PkiError {
     KeyGeneration(String),
     #[error("signing failed: {0}")]
     Signing(String),
+    #[error("{0}")]
+    Token(pkcs11::TokenError),
 }

@@ -8,6 +8,7 @@
 mod support;
 
 mod bad_input;
+mod hsm;
 mod injection;
 mod inspect;
 mod metrics;

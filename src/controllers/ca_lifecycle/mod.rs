@@ -11,6 +11,7 @@
 //! Report: Events, metrics, readiness.
 
 mod error;
+mod new_key;
 pub mod plan;
 
 use std::collections::BTreeMap;
@@ -28,14 +29,15 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 pub use self::error::Error;
-use self::error::{BUILD_CA, GENERATE_KEY, WRITE_SIGNING_KEY};
+use self::error::{BUILD_CA, WRITE_SIGNING_KEY};
+use self::new_key::{key_kind, new_key};
 use self::plan::{Observed, Plan, publication};
 use super::{Context, EventType, is_conflict, post_params, retry_delay, until};
 use crate::metrics::KindLabels;
 use crate::names::{
     self as ann, CA_BUNDLE, INTERMEDIATE, SECRET_TYPE_TLS, SIGNING_CABUNDLE, SIGNING_KEY, TLS_CERT, TLS_KEY,
 };
-use crate::pki::{CA_NAME_PREFIX, CertificateAuthority, PkiError, PrivateKey, format_expiry};
+use crate::pki::{CA_NAME_PREFIX, CaKey, CertificateAuthority, PKCS11_KEY_URI, PkiError, format_expiry};
 use crate::shutdown::Shutdown;
 use crate::signer::Signer;
 
@@ -49,7 +51,7 @@ struct Seen {
     /// resourceVersion of an unusable Secret already reported (one Event per version).
     reported_invalid: Option<String>,
     /// The key generated for a rotation that failed, kept for the next attempt.
-    spare_key: Option<PrivateKey>,
+    spare_key: Option<CaKey>,
     /// The last rotation failure reported (one Event per distinct message).
     reported_rotation_failure: Option<String>,
 }
@@ -132,7 +134,7 @@ pub async fn follow(ctx: Arc<Context>) {
         }
         ctx.health.observe_api(true);
         let now = OffsetDateTime::now_utc();
-        let ca = match plan::plan(secret.as_ref(), &ctx.config.ca_policy(), now) {
+        let ca = match plan::plan_with(secret.as_ref(), &ctx.config.ca_policy(), now, ctx.ca_token.as_ref()) {
             Plan::Use(ca) | Plan::Rotate { ca, .. } => ca,
             Plan::Create | Plan::Refuse(_) => continue,
         };
@@ -169,7 +171,7 @@ async fn reconcile(
     seen: &mut Seen,
 ) -> Result<Option<OffsetDateTime>, Error> {
     let now = OffsetDateTime::now_utc();
-    let ca = match plan::plan(secret.as_ref(), &ctx.config.ca_policy(), now) {
+    let ca = match plan::plan_with(secret.as_ref(), &ctx.config.ca_policy(), now, ctx.ca_token.as_ref()) {
         Plan::Create => match create(ctx).await {
             Ok((ca, created)) => {
                 seen.secret = Observed::Present(created);
@@ -182,6 +184,10 @@ async fn reconcile(
         Plan::Refuse(error) => {
             if let Some(secret) = &secret {
                 report_unusable(ctx, secret, &error, seen).await;
+            }
+            // The token may come back (inserted, PIN fixed): look again with backoff.
+            if matches!(error, PkiError::Token(_)) {
+                return Err(Error::pki(BUILD_CA, &ctx.config.namespace)(error));
             }
             return Ok(None);
         }
@@ -253,8 +259,7 @@ async fn create(ctx: &Context) -> Result<(CertificateAuthority, Secret), Error> 
             now = OffsetDateTime::now_utc();
         }
     }
-    let kind = plan::next_key_kind(None, ctx.config.ca_key_algorithm);
-    let key = ctx.keys.generate(kind).await.map_err(Error::pki(GENERATE_KEY, &ctx.config.namespace))?;
+    let key = new_key(ctx, key_kind(ctx, None)).await?;
     let ca = CertificateAuthority::create(key, now, &ctx.config.ca_policy())
         .map_err(Error::pki(BUILD_CA, &ctx.config.namespace))?;
     let secret = Secret {
@@ -309,18 +314,18 @@ async fn rotate(
 ) -> Result<Option<(CertificateAuthority, Secret)>, Error> {
     let now = OffsetDateTime::now_utc();
     // A retry after a failed attempt signs with the key generated for it.
-    let kind = plan::next_key_kind(Some(ca.key_kind()), ctx.config.ca_key_algorithm);
+    let kind = key_kind(ctx, Some(ca.key_kind()));
     let key = match seen.spare_key.take() {
         Some(key) if key.kind() == kind => key,
-        _ => ctx.keys.generate(kind).await.map_err(Error::pki(GENERATE_KEY, &ctx.config.namespace))?,
+        _ => new_key(ctx, kind).await?,
     };
-    seen.spare_key = PrivateKey::from_pem(TLS_KEY, key.to_pem().as_bytes()).ok();
+    seen.spare_key = key.duplicate();
     let rotated = ca.rotate(key, now, &ctx.config.ca_policy()).map_err(Error::pki(BUILD_CA, &ctx.config.namespace))?;
     let mut updated = secret.clone();
     updated.metadata.managed_fields = None;
     // Data keys of others (a person's notes) stay; ours are replaced.
     let mut data = secret.data.clone().unwrap_or_default();
-    data.retain(|k, _| ![TLS_CERT, TLS_KEY, CA_BUNDLE, INTERMEDIATE].contains(&k.as_str()));
+    data.retain(|k, _| ![TLS_CERT, TLS_KEY, CA_BUNDLE, INTERMEDIATE, PKCS11_KEY_URI].contains(&k.as_str()));
     data.extend(to_bytestrings(rotated.to_secret_data()));
     updated.data = Some(data);
     if let Some(reason) = &forced_reason {

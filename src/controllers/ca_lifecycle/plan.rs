@@ -2,6 +2,7 @@
 //! ([`plan`]), and what to publish once the CA is settled ([`publication`]).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
@@ -9,6 +10,7 @@ use kube::ResourceExt;
 use time::OffsetDateTime;
 
 use crate::names::{FORCE_ROTATION, FORCED_ROTATION_REASON};
+use crate::pki::pkcs11::Token;
 use crate::pki::{CaPolicy, CertificateAuthority, KeyKind, PkiError};
 use crate::signer::Signer;
 
@@ -38,11 +40,17 @@ pub enum Plan {
 
 /// Decides from the Secret (`None`: it does not exist) what the CA needs.
 pub fn plan(secret: Option<&Secret>, policy: &CaPolicy, now: OffsetDateTime) -> Plan {
+    plan_with(secret, policy, now, None)
+}
+
+/// [`plan`], with the CA key in `token` when one is configured (loading it asks the
+/// token for a probe signature).
+pub fn plan_with(secret: Option<&Secret>, policy: &CaPolicy, now: OffsetDateTime, token: Option<&Arc<Token>>) -> Plan {
     let Some(secret) = secret else {
         return Plan::Create;
     };
     let data: BTreeMap<String, Vec<u8>> = secret.data.iter().flatten().map(|(k, v)| (k.clone(), v.0.clone())).collect();
-    let ca = match CertificateAuthority::from_secret_data(&data, now) {
+    let ca = match CertificateAuthority::load(&data, now, token) {
         Ok(ca) => ca,
         Err(error) => return Plan::Refuse(error),
     };

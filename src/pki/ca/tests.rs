@@ -1,6 +1,6 @@
 use super::*;
 use crate::dates::{EARLIEST, LATEST};
-use crate::pki::{LeafInfo, LeafPolicy, LeafRequest};
+use crate::pki::{LeafInfo, LeafPolicy, LeafRequest, PrivateKey};
 
 const DAY: Duration = Duration::from_secs(86_400);
 
