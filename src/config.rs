@@ -46,8 +46,7 @@ pub enum Output {
 /// The flags of `inspect`.
 #[derive(Debug, Clone, Args)]
 pub struct InspectArgs {
-    /// Only this namespace (cluster-scoped objects are then left out). Default: all
-    /// namespaces.
+    /// Only this namespace (cluster-scoped objects are then left out). Default: all namespaces.
     #[arg(short = 'n', long = "namespace", conflicts_with = "all_namespaces")]
     pub namespace: Option<String>,
 
@@ -178,6 +177,8 @@ pub struct Config {
 
     #[command(flatten)]
     pub policy: PolicyFlags,
+    #[command(flatten)]
+    pub trust: trust::TrustFlags,
 
     /// DNS domain of the cluster, used in the `<svc>.<ns>.svc.<domain>` name.
     #[arg(long, env = "SERVICE_CA_CLUSTER_DOMAIN", default_value = "cluster.local")]
@@ -224,8 +225,7 @@ pub struct Config {
     #[arg(long, env = "SERVICE_CA_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,
 
-    /// Log filter in tracing's EnvFilter syntax (e.g. `info`, `debug`,
-    /// `service_ca_operator=trace`).
+    /// Log filter in tracing's EnvFilter syntax (e.g. `info`, `debug`, `service_ca_operator=trace`).
     #[arg(long, env = "SERVICE_CA_LOG", default_value = "info")]
     pub log_level: String,
 
@@ -365,6 +365,7 @@ impl Config {
             ));
         }
         parse_selector(&self.selector).map_err(|e| format!("--selector {:?}: {e}", self.selector))?;
+        self.trust.validate()?;
         if self.lease_identity.as_ref().is_some_and(|i| i.len() > crate::controllers::sharing::MAX_IDENTITY_LEN) {
             return Err(format!(
                 "--lease-identity must be at most {} bytes (longer ones cannot be members)",
@@ -445,3 +446,4 @@ pub fn check_signer_name(name: &str) -> Result<(), &'static str> {
 
 #[cfg(test)]
 mod tests;
+pub mod trust;

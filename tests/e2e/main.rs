@@ -25,3 +25,4 @@ mod serving;
 mod sharing;
 mod shipping;
 mod tenant_input;
+mod trust;

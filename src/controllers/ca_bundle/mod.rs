@@ -103,7 +103,8 @@ pub fn mode<K: Target>(meta: &ObjectMeta) -> (Option<Mode>, Option<String>) {
         })
     });
     if keys.iter().any(|k| is_true(annotations.get(*k))) {
-        return (Some(Mode::Bundle), None);
+        let bad = K::bad_annotation(&annotations);
+        return (bad.is_none().then_some(Mode::Bundle), bad);
     }
     let legacy = K::KIND == "ConfigMap"
         && meta.name.as_deref() == Some(ann::LEGACY_CONFIGMAP_NAME)
@@ -117,6 +118,7 @@ fn keep_annotation(key: &str) -> bool {
     key == ann::BETA.inject_cabundle
         || key == ann::ALPHA.inject_cabundle
         || key == ann::INJECT_VULNERABLE_LEGACY_CABUNDLE
+        || key == ann::INJECT_CABUNDLE_KEY
 }
 
 /// `namespace/name`, or `name` for a cluster-scoped object.
