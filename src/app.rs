@@ -274,12 +274,28 @@ async fn lead(ctx: Arc<Context>, pods: bool, published: pod_certs::Published, sh
         ca_lifecycle::run(ctx.clone(), shutdown.clone()),
         ca_bundle::run(ctx.clone(), shutdown.clone()),
         namespace_bundle::run(ctx.clone(), shutdown.clone()),
+        observe_bundle(ctx.clone(), pods, shutdown.clone()),
         async {
             if pods {
                 trust_bundle::run(ctx.clone(), published, shutdown).await;
             }
         },
     );
+}
+
+/// `service_ca_bundle_certificate_expiry_seconds` after every change of the signer.
+async fn observe_bundle(ctx: Arc<Context>, pods: bool, shutdown: Shutdown) {
+    let mut changes = std::pin::pin!(ctx.signer.changes());
+    let mut stop = std::pin::pin!(shutdown.signal());
+    loop {
+        if let Some(signer) = ctx.signer.current() {
+            ctx.metrics.trust.observe_bundle(&signer, pods);
+        }
+        tokio::select! {
+            _ = &mut stop => return,
+            changed = changes.next() => if changed.is_none() { return },
+        }
+    }
 }
 
 /// Whether we lead, and the task that keeps the lease.

@@ -15,6 +15,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::names as ann;
+
+pub mod trust;
 use crate::pki::parse_expiry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -73,6 +75,8 @@ pub struct Metrics {
     pub sharing_members: Gauge,
     /// Annotated Services this replica owns (all of them when sharing is off).
     pub sharing_owned: Gauge,
+    /// Bundle certificates, injected objects and per-namespace bundles (see [`trust`]).
+    pub trust: trust::TrustMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -170,6 +174,7 @@ impl Metrics {
             "Annotated Services this replica issues for (all of them when sharing is off)",
             sharing_owned.clone(),
         );
+        let trust = trust::register(&mut registry);
         if let Some(store) = serving_secrets {
             registry.register_collector(Box::new(ServingCertExpiry(store)));
         }
@@ -191,6 +196,7 @@ impl Metrics {
             api_writes,
             sharing_members,
             sharing_owned,
+            trust,
         }
     }
 

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{DeleteParams, ObjectMeta, PostParams, WatchEvent, WatchParams};
 use kube::{Api, ResourceExt};
 
-use crate::support::{Env, Operator, eventually};
+use crate::support::{Env, Operator, eventually, metric};
 
 const NAME: &str = "openshift-service-ca.crt";
 const KEY: &str = "service-ca.crt";
@@ -136,6 +136,26 @@ async fn namespace_bundles_reach_new_namespaces_come_back_and_follow_a_rotation_
     for ns in &spaces.0 {
         assert_eq!(writes.get(ns), Some(&1), "one write in {ns} for one bundle change: {writes:?}");
     }
+    trust_metrics(&op).await;
+}
+
+/// The trust metrics after a rotation: three namespaces, all current; the bundle's
+/// certificates by role (the new CA and the bridge that keeps the previous one trusted).
+async fn trust_metrics(op: &Operator) {
+    let page = eventually(Duration::from_secs(30), "service_ca_namespace_bundles current", || async {
+        let page = op.metrics_page().await;
+        (metric(&page, "service_ca_namespace_bundles{state=\"current\"}") == 3.0).then_some(page)
+    })
+    .await;
+    let lines: Vec<&str> =
+        page.lines().filter(|l| l.starts_with("service_ca_bundle_certificate_expiry_seconds{")).collect();
+    println!("{}", lines.join("\n"));
+    assert_eq!(metric(&page, "service_ca_namespace_bundles{state=\"selected\"}"), 3.0);
+    for role in ["current", "bridge"] {
+        let series =
+            format!("service_ca_bundle_certificate_expiry_seconds{{bundle=\"signing-cabundle\",role=\"{role}\"");
+        assert!(metric(&page, &series) > 1.7e9, "{role}: {lines:?}");
+    }
 }
 
 /// Counts the modifications of the bundle ConfigMaps in `namespaces` from now on.
@@ -244,6 +264,11 @@ async fn inject_cabundle_key_writes_that_key_alone_and_another_managers_key_surv
     .await;
     let data = data_with(&env, "trust", "ca.crt", &rotated).await;
     assert_eq!(data.get("app.conf").map(String::as_str), Some("two"), "{data:?}");
+    let series = "service_ca_injected_objects{kind=\"configmaps\",status=\"current\"}";
+    eventually(Duration::from_secs(10), series, || async {
+        (metric(&op.metrics_page().await, series) == 1.0).then_some(())
+    })
+    .await;
     let cm = env.configmaps().get("trust").await.unwrap();
     let owners: Vec<(String, String)> = cm
         .managed_fields()

@@ -225,6 +225,7 @@ async fn inject<K: Target>(obj: Arc<PartialObjectMeta<K>>, state: Arc<Injector>)
         ctx.event(&reference, EventType::Warning, INVALID_ANNOTATION, warning).await;
     }
     let Some(mode) = mode else {
+        ctx.metrics.trust.injected.record(&object, K::RESOURCE, None);
         state.warned.clear(&object, Some(FAILED));
         return Ok(Action::await_change());
     };
@@ -239,6 +240,12 @@ async fn inject<K: Target>(obj: Arc<PartialObjectMeta<K>>, state: Arc<Injector>)
         return Ok(Action::await_change());
     }
     let result = inject_into::<K>(&obj, ctx, mode, &object).await;
+    let status = match &result {
+        Ok(Injected::Done) => ctx.signer.current().map(|s| Some(crate::metrics::trust::bundle_digest(&s.bundle_pem))),
+        Ok(Injected::Gone | Injected::Raced) => None,
+        Ok(Injected::Refused(_)) | Err(_) => Some(None),
+    };
+    ctx.metrics.trust.injected.record(&object, K::RESOURCE, status);
     match &result {
         Ok(Injected::Done) => state.warned.clear(&object, Some(FAILED)),
         Ok(Injected::Gone) => state.warned.clear(&object, None),

@@ -34,6 +34,7 @@ use self::plan::Plan;
 use super::ca_bundle::Warned;
 use super::watch::cached_watch;
 use super::{Categorised, Context, EventType, LOOK_AGAIN, RETRY_REFUSED, Shard, drive, patch_params, post_params};
+use crate::metrics::trust::StateLabels;
 use crate::names::{self as ann, BUNDLE_DIGEST, INJECTED_CONFIGMAP_KEY, NAMESPACE_BUNDLE, NAMESPACE_BUNDLE_LABEL};
 use crate::shutdown::Shutdown;
 
@@ -104,13 +105,46 @@ pub async fn run(ctx: Arc<Context>, shutdown: Shutdown) {
         },
         |_, _| true,
     );
+    let counting = count(ctx.clone(), namespaces.clone(), bundles.clone(), shutdown.clone());
     let controller = Controller::for_stream(namespace_changes, namespaces)
         .watches_stream(bundle_changes, |cm: BundleMeta| {
             cm.metadata.namespace.map(|ns| ObjectRef::<NamespaceMeta>::new(&ns))
         });
     let state =
         Arc::new(State { ctx: ctx.clone(), bundles, seen_current: Mutex::default(), warned: Warned::default() });
-    drive(controller, NAME, ctx, shutdown, state, Shard::All, reconcile).await;
+    tokio::join!(drive(controller, NAME, ctx, shutdown, state, Shard::All, reconcile), counting);
+}
+
+/// `service_ca_namespace_bundles{state="selected"|"current"}` every 10 s, from the caches.
+async fn count(ctx: Arc<Context>, namespaces: Store<NamespaceMeta>, bundles: Store<BundleMeta>, shutdown: Shutdown) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
+    let mut stop = std::pin::pin!(shutdown.signal());
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = every.tick() => {}
+        }
+        let Some(signer) = ctx.signer.current() else { continue };
+        let digest = plan::digest(&signer.bundle_pem);
+        let live: Vec<String> = namespaces
+            .state()
+            .iter()
+            .filter(|n| n.metadata.deletion_timestamp.is_none())
+            .map(|n| n.name_any())
+            .collect();
+        let current = live
+            .iter()
+            .filter(|ns| {
+                let key = ObjectRef::<BundleMeta>::new(NAMESPACE_BUNDLE).within(ns);
+                bundles.get(&key).is_some_and(|cm| {
+                    plan::ours(&cm.metadata, &ctx.config.namespace) && plan::current(&cm.metadata, &digest)
+                })
+            })
+            .count();
+        let gauge = |state| ctx.metrics.trust.namespace_bundles.get_or_create(&StateLabels { state });
+        gauge("selected").set(i64::try_from(live.len()).unwrap_or(i64::MAX));
+        gauge("current").set(i64::try_from(current).unwrap_or(i64::MAX));
+    }
 }
 
 /// Name, namespace, UID and resourceVersion only.
