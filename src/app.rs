@@ -18,7 +18,7 @@ use crate::controllers::serving::request::service_key;
 use crate::controllers::serving::watches::ServingWatches;
 use crate::controllers::serving::{cert_refresh, serving_cert};
 use crate::controllers::sharing::{self, Sharing};
-use crate::controllers::{Context, ca_bundle, ca_lifecycle};
+use crate::controllers::{Context, ca_bundle, ca_lifecycle, namespace_bundle};
 use crate::keypool::KeyPool;
 use crate::metrics::Metrics;
 use crate::names::{self as ann, LEASE_NAME};
@@ -289,17 +289,34 @@ async fn count_owned(ctx: Arc<Context>, services: kube::runtime::reflector::Stor
     }
 }
 
-/// The leader's work: the CA, injection, the ClusterTrustBundle, until shutdown.
+/// The leader's work: the CA, injection, the per-namespace bundles, the ClusterTrustBundle, until shutdown.
 async fn lead(ctx: Arc<Context>, pods: bool, published: pod_certs::Published, shutdown: Shutdown) {
     tokio::join!(
         ca_lifecycle::run(ctx.clone(), shutdown.clone()),
         ca_bundle::run(ctx.clone(), shutdown.clone()),
+        namespace_bundle::run(ctx.clone(), shutdown.clone()),
+        observe_bundle(ctx.clone(), pods, shutdown.clone()),
         async {
             if pods {
                 trust_bundle::run(ctx.clone(), published, shutdown).await;
             }
         },
     );
+}
+
+/// `service_ca_bundle_certificate_expiry_seconds` after every change of the signer.
+async fn observe_bundle(ctx: Arc<Context>, pods: bool, shutdown: Shutdown) {
+    let mut changes = std::pin::pin!(ctx.signer.changes());
+    let mut stop = std::pin::pin!(shutdown.signal());
+    loop {
+        if let Some(signer) = ctx.signer.current() {
+            ctx.metrics.trust.observe_bundle(&signer, pods);
+        }
+        tokio::select! {
+            _ = &mut stop => return,
+            changed = changes.next() => if changed.is_none() { return },
+        }
+    }
 }
 
 /// Whether we lead, and the task that keeps the lease.

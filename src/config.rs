@@ -46,8 +46,7 @@ pub enum Output {
 /// The flags of `inspect`.
 #[derive(Debug, Clone, Args)]
 pub struct InspectArgs {
-    /// Only this namespace (cluster-scoped objects are then left out). Default: all
-    /// namespaces.
+    /// Only this namespace (cluster-scoped objects are then left out). Default: all namespaces.
     #[arg(short = 'n', long = "namespace", conflicts_with = "all_namespaces")]
     pub namespace: Option<String>,
 
@@ -135,36 +134,6 @@ pub enum LogFormat {
     Json,
 }
 
-/// The certificate-policy flags `run` and `inspect` share.
-#[derive(Debug, Clone, Args)]
-pub struct PolicyFlags {
-    /// Rotate the CA when less than this is left; also the minimum time the previous
-    /// CA stays trusted after a rotation.
-    #[arg(long, env = "SERVICE_CA_CA_ROTATE_BEFORE", default_value = "395d", value_parser = humantime::parse_duration)]
-    pub ca_rotate_before: Duration,
-
-    /// Validity of a serving certificate (capped at the CA's own expiry).
-    #[arg(long, env = "SERVICE_CA_CERT_LIFETIME", default_value = "730d", value_parser = humantime::parse_duration)]
-    pub cert_lifetime: Duration,
-
-    /// Re-issue a serving certificate when less than this is left. Default: a third of
-    /// --cert-lifetime, at least 1h, at most half of --cert-lifetime.
-    #[arg(long, env = "SERVICE_CA_CERT_REFRESH_BEFORE", value_parser = humantime::parse_duration)]
-    pub cert_refresh_before: Option<Duration>,
-}
-
-impl PolicyFlags {
-    /// `--cert-refresh-before`, or its default for `--cert-lifetime`.
-    pub fn cert_refresh_before(&self) -> Duration {
-        self.cert_refresh_before.unwrap_or_else(|| LeafPolicy::default_refresh_before(self.cert_lifetime))
-    }
-
-    /// The serving-certificate policy these flags set, for `cluster_domain`.
-    pub fn leaf_policy(&self, cluster_domain: String) -> LeafPolicy {
-        LeafPolicy { cluster_domain, lifetime: self.cert_lifetime, refresh_before: self.cert_refresh_before() }
-    }
-}
-
 #[derive(Debug, Clone, Args)]
 pub struct Config {
     /// Namespace of the operator: holds the `signing-key` Secret, the
@@ -180,6 +149,8 @@ pub struct Config {
     pub policy: PolicyFlags,
     #[command(flatten)]
     pub pkcs11: Pkcs11Flags,
+    #[command(flatten)]
+    pub trust: trust::TrustFlags,
 
     /// DNS domain of the cluster, used in the `<svc>.<ns>.svc.<domain>` name.
     #[arg(long, env = "SERVICE_CA_CLUSTER_DOMAIN", default_value = "cluster.local")]
@@ -226,8 +197,7 @@ pub struct Config {
     #[arg(long, env = "SERVICE_CA_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,
 
-    /// Log filter in tracing's EnvFilter syntax (e.g. `info`, `debug`,
-    /// `service_ca_operator=trace`).
+    /// Log filter in tracing's EnvFilter syntax (e.g. `info`, `debug`, `service_ca_operator=trace`).
     #[arg(long, env = "SERVICE_CA_LOG", default_value = "info")]
     pub log_level: String,
 
@@ -367,6 +337,7 @@ impl Config {
             ));
         }
         parse_selector(&self.selector).map_err(|e| format!("--selector {:?}: {e}", self.selector))?;
+        self.trust.validate()?;
         if self.lease_identity.as_ref().is_some_and(|i| i.len() > crate::controllers::sharing::MAX_IDENTITY_LEN) {
             return Err(format!(
                 "--lease-identity must be at most {} bytes (longer ones cannot be members)",
@@ -445,5 +416,9 @@ pub fn check_signer_name(name: &str) -> Result<(), &'static str> {
     crate::names::check_subdomain(path)
 }
 
+mod policy;
 #[cfg(test)]
 mod tests;
+pub mod trust;
+
+pub use policy::PolicyFlags;

@@ -15,6 +15,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::names as ann;
+
+pub mod trust;
 use crate::pki::parse_expiry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -73,6 +75,8 @@ pub struct Metrics {
     pub sharing_members: Gauge,
     /// Annotated Services this replica owns (all of them when sharing is off).
     pub sharing_owned: Gauge,
+    /// Bundle certificates, injected objects and per-namespace bundles (see [`trust`]).
+    pub trust: trust::TrustMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -103,6 +107,7 @@ impl Metrics {
             api_writes: Family::default(),
             sharing_members: Gauge::default(),
             sharing_owned: Gauge::default(),
+            trust: trust::TrustMetrics::default(),
         };
         // Registered in this order, which is the order of the text exposition.
         metrics.register_ca_state();
@@ -110,6 +115,7 @@ impl Metrics {
         metrics.register_issuance();
         metrics.register_ca_changes();
         metrics.register_writes_and_sharing();
+        trust::register(&metrics.trust, &mut metrics.registry);
         if let Some(store) = serving_secrets {
             metrics.registry.register_collector(Box::new(ServingCertExpiry(store)));
         }

@@ -87,6 +87,36 @@ pub const INJECT_VULNERABLE_LEGACY_CABUNDLE: &str = "service.alpha.openshift.io/
 /// The only ConfigMap name the legacy annotation applies to.
 pub const LEGACY_CONFIGMAP_NAME: &str = "openshift-service-ca.crt";
 
+/// The per-namespace bundle ConfigMap (OpenShift's name; docs/spec.md §5.5), holding
+/// [`INJECTED_CONFIGMAP_KEY`]. The same name as the legacy ConfigMap: one of that name
+/// without [`NAMESPACE_BUNDLE_LABEL`] is not ours and is left alone.
+pub const NAMESPACE_BUNDLE: &str = LEGACY_CONFIGMAP_NAME;
+/// Label on the per-namespace bundles the operator makes; its value is the operator's
+/// namespace, so that two instances tell theirs apart.
+pub const NAMESPACE_BUNDLE_LABEL: &str = "service-ca.operators.openshift.io/namespace-bundle";
+/// On a per-namespace bundle: a digest of the bundle it holds, so that the operator
+/// knows from metadata alone (its watch caches no ConfigMap bodies) whether it is current.
+pub const BUNDLE_DIGEST: &str = "service-ca.operators.openshift.io/bundle-digest";
+
+/// On a ConfigMap with inject-cabundle: the one data key to write the bundle under
+/// (e.g. `ca.crt`); every other key stays (docs/spec.md §5.5).
+pub const INJECT_CABUNDLE_KEY: &str = "service-ca.operators.openshift.io/inject-cabundle-key";
+
+/// A ConfigMap data key as the API server accepts it: at most 253 characters of
+/// letters, digits, '-', '_' and '.', and not `.`, `..` or starting with `..`.
+pub fn check_configmap_key(key: &str) -> Result<(), &'static str> {
+    if key.is_empty() || key.len() > MAX_NAME {
+        return Err("a key has 1 to 253 characters");
+    }
+    if !key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) {
+        return Err("only letters, digits, '-', '_' and '.' are allowed");
+    }
+    if key == "." || key.starts_with("..") {
+        return Err("a key may not be '.' or start with '..'");
+    }
+    Ok(())
+}
+
 /// On `signing-key`: a person asks for a graceful rotation, once per distinct value.
 pub const FORCE_ROTATION: &str = "service-ca.operators.openshift.io/force-rotation";
 /// On `signing-key`: the force-rotation value last acted on.
@@ -155,6 +185,16 @@ mod tests {
         }
         for bad in ["", "Web", "under_score", "-lead", "trail-", "a..b", "spa ce", &"x".repeat(254)] {
             assert!(super::check_subdomain(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn configmap_keys_follow_the_api_servers_rules() {
+        for ok in ["ca.crt", "service-ca.crt", "CA_bundle", ".hidden", "a..b", &"x".repeat(253)] {
+            assert!(super::check_configmap_key(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", "..x", "a/b", "spa ce", "ü", &"x".repeat(254)] {
+            assert!(super::check_configmap_key(bad).is_err(), "{bad}");
         }
     }
 }

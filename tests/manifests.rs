@@ -162,6 +162,8 @@ fn chart_values_have_the_binary_defaults() {
     assert_eq!(o["metricsSecure"], c.metrics_secure);
     assert_eq!(o["logLevel"], c.log_level.as_str());
     assert_eq!(o["selector"], c.selector.as_str());
+    assert_eq!(o["namespaceBundles"], c.trust.namespace_bundles);
+    assert_eq!(o["namespaceBundleSelector"], c.trust.namespace_bundle_selector.as_str());
     assert_eq!(o["keyBuffer"], c.key_buffer as u64);
     assert_eq!(o["controllerConcurrency"], c.controller_concurrency as u64);
     assert_eq!(duration("progressInterval"), c.progress_interval);

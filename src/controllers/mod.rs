@@ -10,6 +10,8 @@
 //!   [`serving::decision`].
 //! - [`ca_bundle`]: annotated ConfigMaps, APIServices, CRDs and webhook
 //!   configurations carry the CA bundle.
+//! - [`namespace_bundle`]: every namespace holds the bundle in ConfigMap
+//!   `openshift-service-ca.crt`.
 //! - [`ca_lifecycle`]: the `signing-key` Secret — create, load, rotate, reset — and the
 //!   shared signer.
 //! - [`pod_certs`]: PodCertificateRequests for the pod signer are signed for the names
@@ -26,6 +28,7 @@ pub mod ca_lifecycle;
 pub mod delays;
 pub mod events;
 pub mod failure;
+pub mod namespace_bundle;
 pub mod outcome;
 pub mod pod_certs;
 pub mod serving;

@@ -18,3 +18,4 @@ mod replicas;
 mod rotation;
 mod serving;
 mod shipping;
+mod trust;

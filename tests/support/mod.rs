@@ -282,6 +282,9 @@ impl Env {
             "--selector".into(),
             format!("{RUN_LABEL}={}", self.run),
             "--leader-elect=false".into(),
+            // Per-namespace bundles reach every namespace of the shared cluster: off
+            // unless a test narrows them to its own namespaces (tests/e2e/trust.rs).
+            "--namespace-bundles=false".into(),
         ]
     }
 

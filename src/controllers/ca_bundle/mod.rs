@@ -12,7 +12,7 @@
 
 mod targets;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
@@ -23,7 +23,7 @@ use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
 use kube::api::{Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 
@@ -103,7 +103,8 @@ pub fn mode<K: Target>(meta: &ObjectMeta) -> (Option<Mode>, Option<String>) {
         })
     });
     if keys.iter().any(|k| is_true(annotations.get(*k))) {
-        return (Some(Mode::Bundle), None);
+        let bad = K::bad_annotation(&annotations);
+        return (bad.is_none().then_some(Mode::Bundle), bad);
     }
     let legacy = K::KIND == "ConfigMap"
         && meta.name.as_deref() == Some(ann::LEGACY_CONFIGMAP_NAME)
@@ -117,6 +118,7 @@ fn keep_annotation(key: &str) -> bool {
     key == ann::BETA.inject_cabundle
         || key == ann::ALPHA.inject_cabundle
         || key == ann::INJECT_VULNERABLE_LEGACY_CABUNDLE
+        || key == ann::INJECT_CABUNDLE_KEY
 }
 
 /// Whether `meta` names an object the operator writes for itself (`signing-cabundle`
@@ -185,8 +187,31 @@ async fn run_kind<K: Target>(ctx: Arc<Context>, shutdown: Shutdown) {
     let config = watcher::Config::default().labels(&ctx.config.selector);
     let (store, stream) = cached_metadata_watch::<K>(ctx.client.clone(), config, ctx.health.clone(), keep_annotation);
     let state = Arc::new(Injector { ctx: ctx.clone(), warned: Warned::default() });
-    drive(Controller::for_stream(stream, store), NAME, ctx, shutdown, state, Shard::All, inject::<K>).await;
+    let forget = forget_gone::<K>(store.clone(), state.clone());
+    let controller = Controller::for_stream(stream, store);
+    tokio::select! {
+        () = drive(controller, NAME, ctx, shutdown, state, Shard::All, inject::<K>) => {}
+        () = forget => {}
+    }
 }
+
+/// Every [`FORGET_GONE_EVERY`], forgets what is remembered of objects no longer in the
+/// cache (deleted, or no longer annotated): their Warnings sent and their injection
+/// status in the metrics. A deleted object gets no reconcile to do it.
+async fn forget_gone<K: Target>(store: Store<PartialObjectMeta<K>>, state: Arc<Injector>) {
+    let mut every = tokio::time::interval(FORGET_GONE_EVERY);
+    loop {
+        every.tick().await;
+        let present: HashSet<String> =
+            store.state().iter().map(|o| ObjectRef::from_obj(o.as_ref()).to_string()).collect();
+        state.ctx.metrics.trust.injected.retain(K::RESOURCE, |object| present.contains(object));
+        if let Ok(mut seen) = state.warned.0.lock() {
+            seen.retain(|(object, _), _| present.contains(object));
+        }
+    }
+}
+
+const FORGET_GONE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// At most this many writes in one pass (inject, then give up ownership); anything
 /// left is seen on the next pass, which our own write triggers.
@@ -214,6 +239,7 @@ async fn inject<K: Target>(obj: Arc<PartialObjectMeta<K>>, state: Arc<Injector>)
         ctx.event(&reference, EventType::Warning, INVALID_ANNOTATION, warning).await;
     }
     let Some(mode) = mode else {
+        ctx.metrics.trust.injected.record(&object, K::RESOURCE, None);
         state.warned.clear(&object, Some(FAILED));
         return Ok(Action::await_change());
     };
@@ -227,6 +253,14 @@ async fn inject<K: Target>(obj: Arc<PartialObjectMeta<K>>, state: Arc<Injector>)
         return Ok(Action::await_change());
     }
     let result = inject_into::<K>(&obj, ctx, mode).await;
+    let status = match &result {
+        Ok(Outcome::Done(())) => {
+            ctx.signer.current().map(|s| Some(crate::metrics::trust::bundle_digest(&s.bundle_pem)))
+        }
+        Ok(Outcome::Gone | Outcome::Raced | Outcome::Held(_)) => None,
+        Ok(Outcome::Refused(_)) | Err(_) => Some(None),
+    };
+    ctx.metrics.trust.injected.record(&object, K::RESOURCE, status);
     match &result {
         Ok(Outcome::Done(())) => state.warned.clear(&object, Some(FAILED)),
         Ok(Outcome::Gone | Outcome::Held(_)) => state.warned.clear(&object, None),

@@ -20,6 +20,7 @@
 //! Every write is sent guarded by the resourceVersion the plan was made from
 //! ([`Write::guarded`]).
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 
 use k8s_openapi::ByteString;
@@ -32,7 +33,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use crate::names::{FIELD_MANAGER, INJECTED_CONFIGMAP_KEY as CONFIGMAP_KEY};
+use crate::names::{FIELD_MANAGER, INJECT_CABUNDLE_KEY, INJECTED_CONFIGMAP_KEY as CONFIGMAP_KEY, check_configmap_key};
 
 /// A write that makes the injected field hold the bundle, or that gives up our
 /// ownership of it.
@@ -92,6 +93,10 @@ pub trait Target: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug 
     /// place for a bundle (a CRD whose conversion is not a webhook). `inspect` reads
     /// the bundles through it.
     fn bundle_fields(&self) -> Vec<Option<&[u8]>>;
+    /// A problem with this kind's own annotations that turns injection off (reported).
+    fn bad_annotation(_annotations: &BTreeMap<String, String>) -> Option<String> {
+        None
+    }
     /// The API for an object of this kind (cluster-scoped unless overridden).
     fn api(client: Client, _namespace: Option<&str>) -> Api<Self> {
         Api::all(client)
@@ -140,11 +145,34 @@ impl Target for ConfigMap {
     }
 
     fn bundle_fields(&self) -> Vec<Option<&[u8]>> {
-        vec![self.data.as_ref().and_then(|d| d.get(CONFIGMAP_KEY)).map(String::as_bytes)]
+        // The key asked for with inject-cabundle-key, or the usual one.
+        let key = self.annotations().get(INJECT_CABUNDLE_KEY).map_or(CONFIGMAP_KEY, String::as_str);
+        vec![self.data.as_ref().and_then(|d| d.get(key)).map(String::as_bytes)]
+    }
+
+    fn bad_annotation(annotations: &BTreeMap<String, String>) -> Option<String> {
+        let key = annotations.get(INJECT_CABUNDLE_KEY)?;
+        let why = check_configmap_key(key).err()?;
+        Some(format!(
+            "{INJECT_CABUNDLE_KEY} has value {:?}, which is not a ConfigMap key ({why}), so nothing is injected",
+            crate::bounded(key)
+        ))
     }
 
     fn plan(&self, value: &str) -> Option<Write> {
         let data = self.data.clone().unwrap_or_default();
+        // The key asked for, alone: every other key stays as its managers wrote it.
+        if let Some(key) = self.annotations().get(INJECT_CABUNDLE_KEY) {
+            if check_configmap_key(key).is_err() || data.get(key).map(String::as_str) == Some(value) {
+                return None;
+            }
+            return Some(Write::Apply(json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": { "name": self.name_any(), "namespace": self.namespace() },
+                "data": { key: value },
+            })));
+        }
         if data.len() == 1 && data.get(CONFIGMAP_KEY).map(String::as_str) == Some(value) {
             return None;
         }
@@ -301,6 +329,24 @@ mod tests {
         assert_eq!(v["metadata"], json!({ "name": "cm", "namespace": "ns" }));
         let Some(Write::Merge(v)) = configmap(&[(CONFIGMAP_KEY, "B"), ("other", "x")]).plan("B") else { panic!() };
         assert_eq!(v, json!({ "data": { "other": null, CONFIGMAP_KEY: "B" } }));
+    }
+
+    #[test]
+    fn a_configmap_naming_its_key_gets_that_key_alone() {
+        let keyed = |data: &[(&str, &str)], key: &str| {
+            let mut cm = configmap(data);
+            cm.metadata.annotations = Some(BTreeMap::from([(INJECT_CABUNDLE_KEY.to_string(), key.to_string())]));
+            cm
+        };
+        assert_eq!(keyed(&[("ca.crt", "B"), ("other", "x")], "ca.crt").plan("B"), None, "other keys stay");
+        let Some(Write::Apply(v)) = keyed(&[("ca.crt", "old"), ("other", "x")], "ca.crt").plan("B") else { panic!() };
+        assert_eq!(v["data"], json!({ "ca.crt": "B" }), "only that key is applied");
+        assert_eq!(keyed(&[], "../etc").plan("B"), None, "an invalid key: nothing written");
+        let bad = BTreeMap::from([(INJECT_CABUNDLE_KEY.to_string(), "a/b".to_string())]);
+        assert!(ConfigMap::bad_annotation(&bad).is_some_and(|w| w.contains("\"a/b\"")));
+        let good = BTreeMap::from([(INJECT_CABUNDLE_KEY.to_string(), "ca.crt".to_string())]);
+        assert_eq!(ConfigMap::bad_annotation(&good), None);
+        assert_eq!(APIService::bad_annotation(&bad), None, "ConfigMaps only");
     }
 
     #[test]

@@ -232,6 +232,10 @@ async fn helm_install_runs_the_operator_as_its_service_account_upgrade_changes_i
     std::fs::write(&sa_kubeconfig, config.to_string()).unwrap();
     let mut args = flags_from_deployment(&d);
     args.extend(["--namespace".to_string(), env.op_ns.clone()]);
+    // The per-namespace bundle only in this test's operator namespace (not every
+    // namespace of the shared cluster).
+    args.retain(|a| !a.starts_with("--namespace-bundle-selector"));
+    args.push(format!("--namespace-bundle-selector=kubernetes.io/metadata.name={}", env.op_ns));
     assert!(args.contains(&"--leader-elect=true".to_string()), "{args:?}");
     let audit = crate::support::controlplane_dir().join("audit.log");
     let audit_start = std::fs::metadata(&audit).map(|m| m.len() as usize).unwrap_or(0);

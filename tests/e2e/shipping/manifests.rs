@@ -196,6 +196,10 @@ async fn rbac_start_operator_as_service_account(env: &Env) -> (Operator, String)
         "--lease-duration",
         "5s",
         "--metrics-secure=true",
+        // The per-namespace bundle (namespaces watched, one ConfigMap created) only in
+        // this test's spare namespace, not in every namespace of the shared cluster.
+        "--namespace-bundle-selector",
+        &format!("kubernetes.io/metadata.name={}", env.op_ns),
     ]
     .iter()
     .map(|s| s.to_string())
