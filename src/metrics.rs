@@ -276,6 +276,9 @@ mod tests {
         m.rotations.get_or_create(&kind).inc();
         m.rotation_failures.inc();
         m.write("secrets", "create");
+        let cert = trust::BundleCertLabels { bundle: "b", role: "current", subject: "s".into() };
+        m.trust.bundle_expiry.get_or_create(&cert).set(1);
+        m.trust.namespace_bundles.get_or_create(&trust::StateLabels { state: "current" }).set(1);
         let text = m.render();
         let types: Vec<&str> = text
             .lines()
@@ -301,6 +304,9 @@ mod tests {
                 "service_ca_api_writes",
                 "service_ca_sharing_members",
                 "service_ca_sharing_owned_services",
+                "service_ca_bundle_certificate_expiry_seconds",
+                "service_ca_namespace_bundles",
+                "service_ca_injected_objects",
             ]
         );
         assert!(text.contains("service_ca_api_writes_total{resource=\"secrets\",verb=\"create\"} 1"), "{text}");
