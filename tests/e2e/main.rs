@@ -17,6 +17,7 @@ mod hardening;
 mod image;
 mod injection;
 mod inspect;
+mod kubelet;
 mod lifecycle;
 mod metrics;
 mod perf;

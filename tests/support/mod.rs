@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod node;
 pub mod pods;
 pub mod tls;
 
