@@ -6,4 +6,7 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 unset SERVICE_CA_TEST_KUBECONFIG
 export CONTROLPLANE_DIR="$top/target/bench-controlplane"
+# No node: the bench makes its own Nodes and pods by hand (tests/support/pods.rs), and
+# its figures stay comparable with runs before the node existed.
+export CONTROLPLANE_ARGS="--node=false"
 scripts/with-controlplane.sh cargo bench --bench scale "$@"

@@ -24,15 +24,17 @@ import (
 	"go.etcd.io/etcd/server/v3/embed"
 )
 
-// The kube-controller-manager runs what the operator's behaviour and the hollow node
-// need to be real: owner-reference garbage collection, namespace deletion, default
-// service accounts, their tokens and kube-root-ca.crt; the workload controllers, so a
-// Deployment becomes pods; and node lifecycle, which lifts the not-ready taint a new
-// node registers with (without it nothing is ever scheduled).
+// The kube-controller-manager runs what the operator's behaviour needs to be real:
+// owner-reference garbage collection, namespace deletion, default service accounts,
+// their tokens, and kube-root-ca.crt.
 const controllers = "garbage-collector-controller,namespace-controller,serviceaccount-controller," +
-	"serviceaccount-token-controller,root-ca-certificate-publisher-controller," +
-	"deployment-controller,replicaset-controller,statefulset-controller,daemonset-controller,job-controller," +
-	"node-lifecycle-controller,ttl-controller"
+	"serviceaccount-token-controller,root-ca-certificate-publisher-controller"
+
+// With the node it also runs the workload controllers, so a Deployment becomes pods,
+// and node lifecycle, which lifts the not-ready taint a new node registers with
+// (without it nothing is ever scheduled).
+const nodeControllers = ",deployment-controller,replicaset-controller,statefulset-controller," +
+	"daemonset-controller,job-controller,node-lifecycle-controller,ttl-controller"
 
 type harness struct {
 	dataDir     string
@@ -285,9 +287,13 @@ rules:
 `
 
 func (h *harness) controllerManagerArgs() []string {
+	enabled := controllers
+	if h.withNode {
+		enabled += nodeControllers
+	}
 	return []string{
 		"--kubeconfig=" + h.kubeconfig,
-		"--controllers=" + controllers,
+		"--controllers=" + enabled,
 		"--service-account-private-key-file=" + h.pki.saKey,
 		"--root-ca-file=" + h.pki.caCert,
 		"--use-service-account-credentials=false",
