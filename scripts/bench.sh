@@ -9,4 +9,7 @@ unset SERVICE_CA_TEST_KUBECONFIG
 mkdir -p target/bench
 (cd benches/gokeys && go build -o "$top/target/bench/gokeys" .)
 export CONTROLPLANE_DIR="$top/target/bench-controlplane"
+# No node: the bench makes its own Nodes and pods by hand (tests/support/pods.rs), and
+# its figures stay comparable with runs before the node existed.
+export CONTROLPLANE_ARGS="--node=false"
 scripts/with-controlplane.sh cargo bench --bench scale "$@"

@@ -12,7 +12,9 @@ dir=${CONTROLPLANE_DIR:-$top/target/test-controlplane}
 bin=$("$top/tests/controlplane/build.sh")
 mkdir -p "$dir"
 log="$dir/harness.out"
-"$bin" run --data-dir "$dir" --exit-with-parent >"$log" 2>&1 &
+# CONTROLPLANE_ARGS: more harness flags (the bench passes --node=false).
+# shellcheck disable=SC2086
+"$bin" run --data-dir "$dir" --exit-with-parent ${CONTROLPLANE_ARGS:-} >"$log" 2>&1 &
 harness=$!
 cleanup() {
   kill -TERM "$harness" 2>/dev/null || true

@@ -24,11 +24,17 @@ import (
 	"go.etcd.io/etcd/server/v3/embed"
 )
 
-// The kube-controller-manager runs only what a cluster without nodes needs for the
-// operator's behaviour to be real: owner-reference garbage collection, namespace
-// deletion, default service accounts, their tokens, and kube-root-ca.crt.
+// The kube-controller-manager runs what the operator's behaviour needs to be real:
+// owner-reference garbage collection, namespace deletion, default service accounts,
+// their tokens, and kube-root-ca.crt.
 const controllers = "garbage-collector-controller,namespace-controller,serviceaccount-controller," +
 	"serviceaccount-token-controller,root-ca-certificate-publisher-controller"
+
+// With the node it also runs the workload controllers, so a Deployment becomes pods,
+// and node lifecycle, which lifts the not-ready taint a new node registers with
+// (without it nothing is ever scheduled).
+const nodeControllers = ",deployment-controller,replicaset-controller,statefulset-controller," +
+	"daemonset-controller,job-controller,node-lifecycle-controller,ttl-controller"
 
 type harness struct {
 	dataDir     string
@@ -44,8 +50,11 @@ type harness struct {
 	spawn  chan spawnRequest
 	exited chan childExit
 
-	etcd           *embed.Etcd
-	apiserver, kcm *child
+	withNode bool
+	nodeName string
+
+	etcd                               *embed.Etcd
+	apiserver, kcm, scheduler, kubelet *child
 }
 
 type child struct {
@@ -69,6 +78,7 @@ func runHarness(args []string) error {
 	dataDir := fs.String("data-dir", "target/controlplane", "directory for state, logs and the admin kubeconfig (wiped at start)")
 	verbosity := fs.Int("v", 1, "log verbosity passed to kube-apiserver and kube-controller-manager")
 	exitWithParent := fs.Bool("exit-with-parent", false, "shut down when the process that started the harness exits")
+	withNode := fs.Bool("node", true, "also run kube-scheduler and one hollow node (the real kubelet over a fake container runtime)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -78,7 +88,8 @@ func runHarness(args []string) error {
 	}
 	// Every start is a fresh cluster: stale etcd data or certificates from an earlier
 	// run would only make tests depend on history.
-	for _, stale := range []string{"etcd", "pki", "kubeconfig", "harness.pid", "kube-apiserver.log", "kube-controller-manager.log", "etcd.log", "audit.log", "audit-policy.yaml"} {
+	for _, stale := range []string{"etcd", "pki", "kubeconfig", "harness.pid", "kube-apiserver.log", "kube-controller-manager.log", "etcd.log", "audit.log", "audit-policy.yaml",
+		"kube-scheduler.log", "kubelet.log", "node", nodeInfoFile} {
 		if err := os.RemoveAll(filepath.Join(dir, stale)); err != nil {
 			return err
 		}
@@ -92,7 +103,9 @@ func runHarness(args []string) error {
 		verbosity:   *verbosity,
 		kubeconfig:  filepath.Join(dir, "kubeconfig"),
 		spawn:       make(chan spawnRequest),
-		exited:      make(chan childExit, 4),
+		exited:      make(chan childExit, 8),
+		withNode:    *withNode,
+		nodeName:    nodeName,
 	}
 	go h.spawner()
 
@@ -111,7 +124,7 @@ func runHarness(args []string) error {
 		}
 		fmt.Fprintf(os.Stderr, "note: a port was taken meanwhile (%v); starting again\n", err)
 		h.shutdown()
-		h.etcd, h.apiserver, h.kcm = nil, nil, nil
+		h.etcd, h.apiserver, h.kcm, h.scheduler, h.kubelet = nil, nil, nil, nil, nil
 		if err := os.RemoveAll(filepath.Join(dir, "etcd")); err != nil {
 			return err
 		}
@@ -133,7 +146,7 @@ func (h *harness) start() error {
 	}
 	h.apiPort = ports[2]
 	h.serverURL = fmt.Sprintf("https://127.0.0.1:%d", h.apiPort)
-	if h.pki, err = writePKI(filepath.Join(h.dataDir, "pki")); err != nil {
+	if h.pki, err = writePKI(filepath.Join(h.dataDir, "pki"), h.nodeName); err != nil {
 		return fmt.Errorf("minting certificates: %w", err)
 	}
 	if err := os.WriteFile(filepath.Join(h.dataDir, "harness.pid"), []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644); err != nil {
@@ -160,7 +173,7 @@ func (h *harness) start() error {
 	if err := h.startAPIServer(); err != nil {
 		return err
 	}
-	if err := h.writeKubeconfig(); err != nil {
+	if err := writeKubeconfig(h.kubeconfig, h.serverURL, h.pki.caPEM, "admin", h.pki.adminCertPEM, h.pki.adminKeyPEM); err != nil {
 		return err
 	}
 	if h.kcm, err = h.startChild("kube-controller-manager", h.controllerManagerArgs()); err != nil {
@@ -171,7 +184,14 @@ func (h *harness) start() error {
 			return err
 		}
 	}
-	fmt.Printf("READY kubeconfig=%s server=%s pid=%d startup=%s\n", h.kubeconfig, h.serverURL, os.Getpid(), time.Since(began).Round(time.Millisecond))
+	node := ""
+	if h.withNode {
+		if err := h.startNode(); err != nil {
+			return err
+		}
+		node = fmt.Sprintf(" node=%s node-root=%s", h.nodeName, h.nodeRoot())
+	}
+	fmt.Printf("READY kubeconfig=%s server=%s pid=%d startup=%s%s\n", h.kubeconfig, h.serverURL, os.Getpid(), time.Since(began).Round(time.Millisecond), node)
 	return nil
 }
 
@@ -230,7 +250,10 @@ func (h *harness) apiServerArgs() []string {
 		"--tls-cert-file=" + p.servingCert,
 		"--tls-private-key-file=" + p.servingKey,
 		"--client-ca-file=" + p.caCert,
-		"--authorization-mode=RBAC",
+		// As in a cluster: the node's kubelet is authorised by the Node authorizer and
+		// its writes checked by NodeRestriction (both inert for other identities).
+		"--authorization-mode=Node,RBAC",
+		"--enable-admission-plugins=NodeRestriction",
 		"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
 		"--service-account-key-file=" + p.saPub,
 		"--service-account-signing-key-file=" + p.saKey,
@@ -264,9 +287,13 @@ rules:
 `
 
 func (h *harness) controllerManagerArgs() []string {
+	enabled := controllers
+	if h.withNode {
+		enabled += nodeControllers
+	}
 	return []string{
 		"--kubeconfig=" + h.kubeconfig,
-		"--controllers=" + controllers,
+		"--controllers=" + enabled,
 		"--service-account-private-key-file=" + h.pki.saKey,
 		"--root-ca-file=" + h.pki.caCert,
 		"--use-service-account-credentials=false",
@@ -375,6 +402,8 @@ func (h *harness) stopChild(c *child) {
 }
 
 func (h *harness) shutdown() {
+	h.stopChild(h.kubelet)
+	h.stopChild(h.scheduler)
 	h.stopChild(h.kcm)
 	h.stopChild(h.apiserver)
 	if h.etcd != nil {
@@ -411,9 +440,9 @@ func (h *harness) waitOK(path string, timeout time.Duration) error {
 	return fmt.Errorf("GET %s not OK after %s (last: %s)", path, timeout, last)
 }
 
-// writeKubeconfig writes the admin kubeconfig atomically (temp file + rename), so a
-// reader never sees half a file.
-func (h *harness) writeKubeconfig() error {
+// writeKubeconfig writes a kubeconfig for one client-certificate identity atomically
+// (temp file + rename), so a reader never sees half a file.
+func writeKubeconfig(path, server string, caPEM []byte, user string, certPEM, keyPEM []byte) error {
 	b64 := base64.StdEncoding.EncodeToString
 	content := fmt.Sprintf(`apiVersion: v1
 kind: Config
@@ -423,7 +452,7 @@ clusters:
     server: %s
     certificate-authority-data: %s
 users:
-- name: admin
+- name: %s
   user:
     client-certificate-data: %s
     client-key-data: %s
@@ -431,10 +460,10 @@ contexts:
 - name: controlplane
   context:
     cluster: controlplane
-    user: admin
+    user: %s
 current-context: controlplane
-`, h.serverURL, b64(h.pki.caPEM), b64(h.pki.adminCertPEM), b64(h.pki.adminKeyPEM))
-	tmp, err := os.CreateTemp(h.dataDir, ".kubeconfig-*")
+`, server, b64(caPEM), user, b64(certPEM), b64(keyPEM), user)
+	tmp, err := os.CreateTemp(filepath.Dir(path), ".kubeconfig-*")
 	if err != nil {
 		return err
 	}
@@ -449,7 +478,7 @@ current-context: controlplane
 	if err := tmp.Close(); err != nil {
 		return err
 	}
-	return os.Rename(tmp.Name(), h.kubeconfig)
+	return os.Rename(tmp.Name(), path)
 }
 
 // watchParent turns the death of the starting process into a SIGTERM for ourselves.

@@ -102,14 +102,16 @@ type pkiFiles struct {
 	frontProxyCA                 string
 	proxyClientCert, proxyClient string
 	saKey, saPub                 string
-	// PEM for the admin kubeconfig (kept in memory; written into the kubeconfig).
+	// PEM for the admin and node kubeconfigs (kept in memory; written into them).
 	caPEM, adminCertPEM, adminKeyPEM []byte
+	nodeCertPEM, nodeKeyPEM          []byte
 }
 
 // writePKI mints the cluster CA, the API server serving certificate, an admin client
-// certificate in system:masters, the front-proxy (aggregation) pair and the
-// service-account signing key into dir.
-func writePKI(dir string) (*pkiFiles, error) {
+// certificate in system:masters, the node's system:node:<nodeName> client certificate
+// (group system:nodes), the front-proxy (aggregation) pair and the service-account
+// signing key into dir.
+func writePKI(dir, nodeName string) (*pkiFiles, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -151,6 +153,15 @@ func writePKI(dir string) (*pkiFiles, error) {
 	}
 	p.adminCertPEM = certPEM(admin)
 	if p.adminKeyPEM, err = keyPEM(adminKey); err != nil {
+		return nil, err
+	}
+
+	node, nodeKey, err := ca.issue("system:node:"+nodeName, []string{"system:nodes"}, nil, nil)
+	if err != nil {
+		return nil, err
+	}
+	p.nodeCertPEM = certPEM(node)
+	if p.nodeKeyPEM, err = keyPEM(nodeKey); err != nil {
 		return nil, err
 	}
 

@@ -1,20 +1,18 @@
 //! `service-ca-operator inspect` (and `kubectl service-ca inspect`) on the real API
 //! server, through a forced rotation and a hard reset, with a Deployment whose pod
-//! mounts a serving Secret and an injected ConfigMap. No kubelet runs: the
-//! Deployment, its ReplicaSet and its pod are created directly, and the pod's
-//! status.startTime is set through the pods/status subresource.
+//! mounts a serving Secret and an injected ConfigMap (its pod runs on the test control
+//! plane's node).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
-use kube::api::{Patch, PatchParams, PostParams};
-use kube::{Api, ResourceExt};
+use kube::api::PostParams;
+use kube::Api;
 use serde_json::{Value, json};
-use service_ca_operator::pki::format_expiry;
 
 use crate::support::{Env, T, eventually};
 
@@ -49,12 +47,14 @@ fn json_report(env: &Env) -> (i32, Value) {
     (code, report)
 }
 
-/// A Deployment → ReplicaSet → Pod chain, as the controllers would have made it, with
-/// the pod mounting `web-tls` and the ConfigMap `trust`, started now.
+/// The Deployment `web`, whose pod (made by the cluster's controllers, run by the
+/// node's kubelet, which sets its status.startTime) mounts `web-tls` and the ConfigMap
+/// `trust`; returns once that pod runs.
 async fn workload(env: &Env) -> Deployment {
     let labels = json!({ "app": "web" });
     let pod_spec = json!({
         "automountServiceAccountToken": false,
+        "nodeSelector": { "kubernetes.io/hostname": crate::support::node::node().name },
         "containers": [{ "name": "app", "image": "example.invalid/app:1" }],
         "volumes": [
             { "name": "tls", "secret": { "secretName": "web-tls" } },
@@ -68,26 +68,12 @@ async fn workload(env: &Env) -> Deployment {
     }))
     .unwrap();
     let d = deployments.create(&PostParams::default(), &d).await.unwrap();
-    let owner = |kind: &str, name: &str, uid: &str, api: &str| json!([{ "apiVersion": api, "kind": kind, "name": name, "uid": uid, "controller": true }]);
-    let replicasets: Api<ReplicaSet> = Api::namespaced(env.client.clone(), &env.ns);
-    let rs: ReplicaSet = serde_json::from_value(json!({
-        "metadata": { "name": "web-5d8f", "ownerReferences": owner("Deployment", "web", &d.uid().unwrap(), "apps/v1") },
-        "spec": { "selector": { "matchLabels": labels }, "template": { "metadata": { "labels": labels }, "spec": pod_spec } }
-    }))
-    .unwrap();
-    let rs = replicasets.create(&PostParams::default(), &rs).await.unwrap();
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": { "name": "web-5d8f-abcde", "labels": labels,
-                      "ownerReferences": owner("ReplicaSet", "web-5d8f", &rs.uid().unwrap(), "apps/v1") },
-        "spec": pod_spec
-    }))
-    .unwrap();
-    // The namespace's default ServiceAccount may not exist yet (admission needs it).
-    eventually(T, "pod created", || async { pods.create(&PostParams::default(), &pod).await.ok() }).await;
-    let started = format_expiry(time::OffsetDateTime::now_utc());
-    let status = json!({ "status": { "startTime": started, "phase": "Running" } });
-    pods.patch_status("web-5d8f-abcde", &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+    eventually(T, "the Deployment's pod running", || async {
+        let list = pods.list(&kube::api::ListParams::default().labels("app=web")).await.ok()?.items;
+        (list.len() == 1 && list[0].status.as_ref()?.phase.as_deref() == Some("Running")).then_some(())
+    })
+    .await;
     d
 }
 

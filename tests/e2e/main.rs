@@ -1,6 +1,7 @@
 //! End-to-end tests on the real control plane (tests/controlplane): real
-//! kube-apiserver, etcd and kube-controller-manager, the real operator binary, real
-//! TLS handshakes. Run them with `make test`.
+//! kube-apiserver, etcd, kube-controller-manager, kube-scheduler and one hollow node
+//! (the real kubelet over a fake container runtime), the real operator binary, real TLS
+//! handshakes. Run them with `make test`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -11,6 +12,7 @@ mod bad_input;
 mod hsm;
 mod injection;
 mod inspect;
+mod kubelet;
 mod metrics;
 mod perf;
 mod pod_certs;

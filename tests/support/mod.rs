@@ -7,6 +7,7 @@
 
 pub mod annotations;
 pub mod certs;
+pub mod node;
 pub mod objects;
 pub mod pods;
 pub mod steps;

@@ -1,5 +1,5 @@
-//! What the kubelet does for a pod with a `podCertificate` volume, done by hand (no
-//! kubelet runs on the test control plane): a Node, Pods bound to it (running as the
+//! What the kubelet does for a pod with a `podCertificate` volume, done by hand (for
+//! requests a kubelet would not make; tests/e2e/kubelet.rs has the real one): a Node, Pods bound to it (running as the
 //! namespace's `default` ServiceAccount, with a projected `podCertificate` volume
 //! source for the signer), Services that select them, and PodCertificateRequests with
 //! a stub PKCS#10 request signed by the pod's key, created as the node
@@ -20,8 +20,10 @@ use serde_json::{Value, json};
 use super::{Cleanup, Env, client_as, eventually};
 
 /// The ClusterRole (and its binding to the group `system:nodes`) that lets a node
-/// create PodCertificateRequests: the test control plane authorises by RBAC alone (no
-/// Node authorizer). Shared by all tests, never deleted.
+/// create PodCertificateRequests. The test control plane now runs the Node authorizer
+/// (which allows the create) and NodeRestriction (which checks it against the pod);
+/// kept for a control plane authorising by RBAC alone. Shared by all tests, never
+/// deleted.
 pub const NODE_ROLE: &str = "e2e-nodes-create-podcertificaterequests";
 
 const T: Duration = Duration::from_secs(30);

@@ -149,7 +149,9 @@ async fn unsupported_keys_and_unknown_annotations_are_denied_at_once_and_other_s
     let annotations = BTreeMap::from([("example.com/spiffe-path".to_string(), "x".to_string())]);
     w.request("annotated", &w.signer, &pod, stub.clone(), Some(annotations)).await;
     let other = format!("e2e.other.test/{}", w.env.run);
-    w.request("other-signer", &other, &pod, stub.clone(), None).await;
+    // As the administrator: NodeRestriction refuses the node a request for a signer its
+    // pod does not mount.
+    w.admin_request("other-signer", &pod, stub.clone(), |spec| spec["signerName"] = json!(other)).await;
     w.request("ours", &w.signer, &pod, stub, None).await;
 
     let (condition, pcr) = w.answered("p521", T).await;
