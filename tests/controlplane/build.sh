@@ -18,7 +18,7 @@ fi
 if [ ! -x "$bin" ]; then
   command -v go >/dev/null || { echo "go is not installed: the test control plane is built from source with Go 1.26 (https://go.dev/dl)" >&2; exit 1; }
   version=$(awk '$1 == "k8s.io/kubernetes" { print $2 }' "$here/go.mod")
-  echo "building the control-plane harness (k8s.io/kubernetes $version); a cold build takes 6-10 minutes on 2 cores" >&2
+  echo "building the control-plane harness (k8s.io/kubernetes $version); a cold build takes 10-25 minutes on 2 cores" >&2
   mkdir -p "$(dirname "$bin")"
   start=$(date +%s)
   (cd "$here" && GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-buildvcs=false go build -trimpath -o "$bin.tmp.$$" .)

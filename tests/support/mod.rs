@@ -61,7 +61,7 @@ fn harness_binary() -> PathBuf {
     let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
     assert!(
         bin.is_file(),
-        "the test control plane is not built ({}).\nRun the tests with `make test`, which builds it (6-10 minutes the first time), \
+        "the test control plane is not built ({}).\nRun the tests with `make test`, which builds it (10-25 minutes the first time), \
          or build it with `tests/controlplane/build.sh`, or point SERVICE_CA_TEST_KUBECONFIG at a running one (`make controlplane`).",
         bin.display()
     );
