@@ -1,4 +1,4 @@
-//! One shape for the four controllers' errors. Each enum has the same variants where
+//! One shape for the controllers' errors. Each enum has the same variants where
 //! they apply — `Kube { action, object, source }` for an API call, `Pki { action,
 //! object, source }` for key or certificate work, and a few of its own — and prints
 //! them the same way: `<action> <object>: <source>`, the object as [`super::shown`]

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
-use kube::api::PostParams;
 use kube::Api;
+use kube::api::PostParams;
 use serde_json::{Value, json};
 
 use crate::support::{Env, T, eventually};

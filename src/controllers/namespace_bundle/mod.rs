@@ -32,8 +32,11 @@ use serde_json::json;
 
 use self::plan::Plan;
 use super::ca_bundle::Warned;
+use super::failure::{Op, no_answer};
 use super::watch::cached_watch;
-use super::{Categorised, Context, EventType, LOOK_AGAIN, RETRY_REFUSED, Shard, drive, patch_params, post_params};
+use super::{
+    Categorised, Context, EventType, LOOK_AGAIN, Outcome, RETRY_REFUSED, Shard, drive, patch_params, post_params, shown,
+};
 use crate::metrics::trust::StateLabels;
 use crate::names::{self as ann, BUNDLE_DIGEST, INJECTED_CONFIGMAP_KEY, NAMESPACE_BUNDLE, NAMESPACE_BUNDLE_LABEL};
 use crate::shutdown::Shutdown;
@@ -45,23 +48,32 @@ const REFUSED: &str = "NamespaceBundleRefused";
 type NamespaceMeta = PartialObjectMeta<Namespace>;
 type BundleMeta = PartialObjectMeta<ConfigMap>;
 
+/// What can fail in a pass (the shape of every controller's errors, see
+/// [`super::failure`]).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("reading ConfigMap {namespace}/{NAMESPACE_BUNDLE}: {source}")]
-    Read { namespace: String, source: kube::Error },
-    #[error("writing ConfigMap {namespace}/{NAMESPACE_BUNDLE}: {source}")]
-    Write { namespace: String, source: kube::Error },
+    #[error("{action} {object}: {source}")]
+    Kube { action: Op, object: String, source: kube::Error },
+}
+
+const READ: Op = Op { doing: "reading", category: "read" };
+const WRITE: Op = Op { doing: "writing", category: "write" };
+
+impl Error {
+    fn kube(action: Op, namespace: &str) -> impl FnOnce(kube::Error) -> Error {
+        let object = shown("ConfigMap", Some(namespace), NAMESPACE_BUNDLE);
+        move |source| Error::Kube { action, object, source }
+    }
 }
 
 impl Categorised for Error {
     fn category(&self) -> &'static str {
-        match self {
-            Error::Read { .. } => "read",
-            Error::Write { .. } => "write",
-        }
+        let Error::Kube { action, .. } = self;
+        action.category
     }
     fn unreachable(&self) -> bool {
-        matches!(self, Error::Read { source, .. } | Error::Write { source, .. } if !matches!(source, kube::Error::Api(_)))
+        let Error::Kube { source, .. } = self;
+        no_answer(source)
     }
 }
 
@@ -215,10 +227,7 @@ async fn reconcile(ns: Arc<NamespaceMeta>, state: Arc<State>) -> Result<Action, 
         }
         Plan::Update(version) => update(ctx, &api, &version, instance, &signer.bundle_pem, &digest).await,
         Plan::Verify => {
-            let full = api
-                .get_opt(NAMESPACE_BUNDLE)
-                .await
-                .map_err(|source| Error::Read { namespace: namespace.clone(), source })?;
+            let full = api.get_opt(NAMESPACE_BUNDLE).await.map_err(Error::kube(READ, &namespace))?;
             let Some(full) = full else { return Ok(Action::requeue(LOOK_AGAIN)) };
             let version = full.resource_version().unwrap_or_default();
             let holds = full.data.as_ref().and_then(|d| d.get(INJECTED_CONFIGMAP_KEY)) == Some(&signer.bundle_pem);
@@ -284,17 +293,18 @@ impl State {
                 self.saw_current(namespace, written.resource_version().unwrap_or_default());
                 Ok(Action::await_change())
             }
-            // Raced with another writer (or the namespace went): the watch shows the news.
-            Err(e) if super::is_conflict(&e) || super::is_not_found(&e) => Ok(Action::requeue(LOOK_AGAIN)),
             // A terminating namespace refuses new objects: nothing to do there.
-            Err(e) if super::status_code(&e) == Some(403) && super::api_message(&e).contains("being terminated") => {
-                Ok(Action::await_change())
-            }
-            Err(e) if super::is_refused(&e) => {
-                let note = format!(
-                    "could not write ConfigMap {NAMESPACE_BUNDLE}: the API server refused it: {}",
-                    crate::bounded(&super::api_message(&e))
-                );
+            Err(e) if super::api_message(&e).contains("because it is being terminated") => Ok(Action::await_change()),
+            Err(source) => self.failed(namespace, source).await,
+        }
+    }
+
+    /// A failed write: a lost race (the watch shows the news), a refusal (warned once),
+    /// or an error for the backoff of `drive`.
+    async fn failed(&self, namespace: &str, source: kube::Error) -> Result<Action, Error> {
+        match Outcome::<()>::of_failure(&source) {
+            Some(Outcome::Refused(why)) => {
+                let note = format!("could not write ConfigMap {NAMESPACE_BUNDLE}: the API server refused it: {why}");
                 let meta = ObjectMeta {
                     name: Some(NAMESPACE_BUNDLE.into()),
                     namespace: Some(namespace.into()),
@@ -303,7 +313,8 @@ impl State {
                 self.warn(&meta, REFUSED, note).await;
                 Ok(Action::requeue(RETRY_REFUSED))
             }
-            Err(source) => Err(Error::Write { namespace: namespace.to_string(), source }),
+            Some(_) => Ok(Action::requeue(LOOK_AGAIN)),
+            None => Err(Error::kube(WRITE, namespace)(source)),
         }
     }
 
