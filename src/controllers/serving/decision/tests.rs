@@ -90,101 +90,140 @@ fn leaf_policy() -> LeafPolicy {
     LeafPolicy { cluster_domain: "cluster.local".into(), lifetime: LEAF_LIFETIME, refresh_before: 243 * DAY }
 }
 
+/// The case every rule of docs/spec.md §1 varies: a good leaf of `ca` for `svc`, at `at`.
+struct Case {
+    at: OffsetDateTime,
+    ca: CertificateAuthority,
+    leaf: IssuedLeaf,
+    good: Stored,
+    svc: LeafRequest,
+    policy: LeafPolicy,
+    refresh_at: OffsetDateTime,
+}
+
+impl Case {
+    fn new() -> Case {
+        let at = now();
+        let ca = new_ca(at);
+        let leaf = issue(&ca, false, at);
+        let good = Stored::from_leaf(&leaf);
+        let policy = leaf_policy();
+        let refresh_at = leaf.not_after - policy.refresh_before;
+        Case { at, ca, leaf, good, svc: service(false), policy, refresh_at }
+    }
+
+    /// The decision for `stored` and `svc` at `when`.
+    fn d(&self, stored: &Stored, svc: &LeafRequest, when: OffsetDateTime) -> Decision {
+        decide(Some(&stored.facts()), svc, &self.ca, &self.policy, when)
+    }
+
+    fn stored(&self) -> Stored {
+        Stored::from_leaf(&self.leaf)
+    }
+}
+
 #[test]
-fn decision_covers_every_rule_of_spec_section_1() {
-    let at = now();
-    let ca = new_ca(at);
-    let leaf = issue(&ca, false, at);
-    let good = Stored::from_leaf(&leaf);
-    let svc = service(false);
-    let p = leaf_policy();
-    let refresh_at = leaf.not_after - p.refresh_before;
-    let d = |s: &Stored, svc: &LeafRequest, when| decide(Some(&s.facts()), svc, &ca, &p, when);
+fn an_absent_secret_is_issued_and_a_good_one_kept_until_its_refresh() {
+    let c = Case::new();
+    assert_eq!(decide(None, &c.svc, &c.ca, &c.policy, c.at), Decision::Issue(IssueReason::Absent));
+    assert_eq!(c.d(&c.good, &c.svc, c.at), Decision::Keep { refresh_at: Some(c.refresh_at) });
+    // Refresh exactly at the threshold.
+    let before = c.refresh_at - Duration::from_secs(1);
+    assert_eq!(c.d(&c.good, &c.svc, before), Decision::Keep { refresh_at: Some(c.refresh_at) });
+    assert_eq!(c.d(&c.good, &c.svc, c.refresh_at), Decision::Issue(IssueReason::DueForRefresh));
+}
 
-    assert_eq!(decide(None, &svc, &ca, &p, at), Decision::Issue(IssueReason::Absent));
-    assert_eq!(d(&good, &svc, at), Decision::Keep { refresh_at: Some(refresh_at) });
-
-    // Ownership: never touch a Secret that is not ours.
-    let mut foreign = Stored::from_leaf(&leaf);
+#[test]
+fn a_secret_that_is_not_ours_is_never_touched() {
+    let c = Case::new();
+    let at = c.at;
+    let mut foreign = c.stored();
     foreign.annotations.clear();
-    assert!(matches!(d(&foreign, &svc, at), Decision::Foreign(_)));
-    let mut other = Stored::from_leaf(&leaf);
+    assert!(matches!(c.d(&foreign, &c.svc, at), Decision::Foreign(_)));
+    let mut other = c.stored();
     other.annotations.insert(ann::BETA.originating_service_uid.into(), "someone-else".into());
-    assert!(matches!(d(&other, &svc, at), Decision::Foreign(m) if m.contains("someone-else")));
-    let mut alpha = Stored::from_leaf(&leaf);
+    assert!(matches!(c.d(&other, &c.svc, at), Decision::Foreign(m) if m.contains("someone-else")));
+    let mut alpha = c.stored();
     alpha.annotations.remove(ann::BETA.originating_service_uid);
     alpha.annotations.insert(ann::ALPHA.originating_service_uid.into(), UID.into());
-    assert_eq!(d(&alpha, &svc, at), Decision::Keep { refresh_at: Some(refresh_at) }, "alpha keys are ours too");
-    let mut opaque = Stored::from_leaf(&leaf);
+    let kept = Decision::Keep { refresh_at: Some(c.refresh_at) };
+    assert_eq!(c.d(&alpha, &c.svc, c.at), kept, "alpha keys are ours too");
+    let mut opaque = c.stored();
     opaque.secret_type = "Opaque".into();
-    assert!(matches!(d(&opaque, &svc, at), Decision::Foreign(m) if m.contains("Opaque")));
+    assert!(matches!(c.d(&opaque, &c.svc, c.at), Decision::Foreign(m) if m.contains("Opaque")));
+}
 
-    // Missing or tampered data.
+#[test]
+fn missing_or_tampered_data_is_issued_again() {
+    let c = Case::new();
     for key in [TLS_CERT, TLS_KEY] {
-        let mut s = Stored::from_leaf(&leaf);
+        let mut s = c.stored();
         s.data.remove(key);
-        assert_eq!(d(&s, &svc, at), Decision::Issue(IssueReason::MissingData(key)));
+        assert_eq!(c.d(&s, &c.svc, c.at), Decision::Issue(IssueReason::MissingData(key)));
     }
-    let mut garbage = Stored::from_leaf(&leaf);
+    let mut garbage = c.stored();
     garbage.data.insert(TLS_CERT.into(), b"garbage".to_vec());
-    assert!(matches!(d(&garbage, &svc, at), Decision::Issue(IssueReason::Unparseable(_))));
-    let mut swapped = Stored::from_leaf(&leaf);
+    assert!(matches!(c.d(&garbage, &c.svc, c.at), Decision::Issue(IssueReason::Unparseable(_))));
+    let mut swapped = c.stored();
     swapped.data.insert(TLS_KEY.into(), key().to_pem().as_bytes().to_vec());
-    assert_eq!(d(&swapped, &svc, at), Decision::Issue(IssueReason::KeyMismatch));
+    assert_eq!(c.d(&swapped, &c.svc, c.at), Decision::Issue(IssueReason::KeyMismatch));
+}
 
+#[test]
+fn another_ca_other_names_or_another_key_kind_are_issued_again() {
+    let c = Case::new();
     // Signed by another CA (e.g. after a hard reset).
-    let other_ca = new_ca(at);
-    assert_eq!(decide(Some(&good.facts()), &svc, &other_ca, &p, at), Decision::Issue(IssueReason::OtherCa));
-
+    let other_ca = new_ca(c.at);
+    let issue_other = decide(Some(&c.good.facts()), &c.svc, &other_ca, &c.policy, c.at);
+    assert_eq!(issue_other, Decision::Issue(IssueReason::OtherCa));
     // The Service became headless.
-    assert_eq!(d(&good, &service(true), at), Decision::Issue(IssueReason::NamesChanged));
-
+    assert_eq!(c.d(&c.good, &service(true), c.at), Decision::Issue(IssueReason::NamesChanged));
     // The Service (or the cluster default) asks for another kind of key.
     let rsa = KeyKind::Rsa { bits: 2048 };
     let ec = LeafRequest { key: KeyKind::EcdsaP256, ..service(false) };
-    assert_eq!(d(&good, &ec, at), Decision::Issue(IssueReason::KeyAlgorithm { have: rsa, want: KeyKind::EcdsaP256 }));
-    let ec_leaf = ca.issue(&ec, &PrivateKey::generate(KeyKind::EcdsaP256).unwrap(), at, LEAF_LIFETIME).unwrap();
+    let want_ec = Decision::Issue(IssueReason::KeyAlgorithm { have: rsa, want: KeyKind::EcdsaP256 });
+    assert_eq!(c.d(&c.good, &ec, c.at), want_ec);
+    let ec_leaf = c.ca.issue(&ec, &PrivateKey::generate(KeyKind::EcdsaP256).unwrap(), c.at, LEAF_LIFETIME).unwrap();
     let ec_stored = Stored::from_leaf(&ec_leaf);
-    assert!(matches!(d(&ec_stored, &ec, at), Decision::Keep { .. }), "an EC leaf is kept when EC is asked for");
+    assert!(matches!(c.d(&ec_stored, &ec, c.at), Decision::Keep { .. }), "an EC leaf is kept when EC is asked for");
     let p384 = LeafRequest { key: KeyKind::EcdsaP384, ..service(false) };
-    assert!(matches!(d(&ec_stored, &p384, at), Decision::Issue(IssueReason::KeyAlgorithm { .. })));
-    assert!(matches!(d(&ec_stored, &svc, at), Decision::Issue(IssueReason::KeyAlgorithm { .. })), "and back");
+    assert!(matches!(c.d(&ec_stored, &p384, c.at), Decision::Issue(IssueReason::KeyAlgorithm { .. })));
+    let back = c.d(&ec_stored, &c.svc, c.at);
+    assert!(matches!(back, Decision::Issue(IssueReason::KeyAlgorithm { .. })), "and back");
+}
 
-    // Metadata docs/spec.md §1 requires.
-    let mut orphan = Stored::from_leaf(&leaf);
+#[test]
+fn metadata_the_contract_requires_is_issued_again_when_missing() {
+    let c = Case::new();
+    let mut orphan = c.stored();
     orphan.owners.clear();
-    assert_eq!(d(&orphan, &svc, at), Decision::Issue(IssueReason::NoOwnerReference));
-    let mut no_expiry = Stored::from_leaf(&leaf);
+    assert_eq!(c.d(&orphan, &c.svc, c.at), Decision::Issue(IssueReason::NoOwnerReference));
+    let mut no_expiry = c.stored();
     no_expiry.annotations.remove(ann::BETA.expiry);
     no_expiry.annotations.remove(ann::ALPHA.expiry);
-    assert_eq!(d(&no_expiry, &svc, at), Decision::Issue(IssueReason::NoExpiry));
-    let mut bad_expiry = Stored::from_leaf(&leaf);
+    assert_eq!(c.d(&no_expiry, &c.svc, c.at), Decision::Issue(IssueReason::NoExpiry));
+    let mut bad_expiry = c.stored();
     bad_expiry.annotations.insert(ann::BETA.expiry.into(), "next tuesday".into());
-    assert_eq!(d(&bad_expiry, &svc, at), Decision::Issue(IssueReason::BadExpiry));
+    assert_eq!(c.d(&bad_expiry, &c.svc, c.at), Decision::Issue(IssueReason::BadExpiry));
+}
 
-    // Refresh exactly at the threshold.
-    assert_eq!(d(&good, &svc, refresh_at - Duration::from_secs(1)), Decision::Keep { refresh_at: Some(refresh_at) });
-    assert_eq!(d(&good, &svc, refresh_at), Decision::Issue(IssueReason::DueForRefresh));
-
-    // Fixable without re-issuing.
-    let mut extra = Stored::from_leaf(&leaf);
+#[test]
+fn what_can_be_fixed_without_a_new_certificate_is_tidied() {
+    let c = Case::new();
+    let tidy = |extra_keys: Vec<String>| Decision::Tidy {
+        extra_keys,
+        expiry: c.leaf.not_after,
+        refresh_at: Some(c.refresh_at),
+    };
+    let mut extra = c.stored();
     extra.data.insert("ca.crt".into(), b"x".to_vec());
-    assert_eq!(
-        d(&extra, &svc, at),
-        Decision::Tidy { extra_keys: vec!["ca.crt".into()], expiry: leaf.not_after, refresh_at: Some(refresh_at) }
-    );
-    let mut unlabeled = Stored::from_leaf(&leaf);
+    assert_eq!(c.d(&extra, &c.svc, c.at), tidy(vec!["ca.crt".into()]));
+    let mut unlabeled = c.stored();
     unlabeled.labeled = false;
-    assert_eq!(
-        d(&unlabeled, &svc, at),
-        Decision::Tidy { extra_keys: vec![], expiry: leaf.not_after, refresh_at: Some(refresh_at) }
-    );
-    let mut half = Stored::from_leaf(&leaf);
+    assert_eq!(c.d(&unlabeled, &c.svc, c.at), tidy(vec![]));
+    let mut half = c.stored();
     half.annotations.remove(ann::ALPHA.expiry);
-    assert_eq!(
-        d(&half, &svc, at),
-        Decision::Tidy { extra_keys: vec![], expiry: leaf.not_after, refresh_at: Some(refresh_at) }
-    );
+    assert_eq!(c.d(&half, &c.svc, c.at), tidy(vec![]));
 }
 
 #[test]
