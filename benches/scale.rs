@@ -11,7 +11,8 @@
 //! issuance). Prints a table and writes
 //! target/bench/results.json. Sizes scale with BENCH_SCALE (default 1.0);
 //! BENCH_ONLY=rsa,ec,b8,b9,b10,fairness (any of them) runs only those parts;
-//! BENCH_ONLY=keygen only the key-generation comparison (no cluster).
+//! BENCH_ONLY=keygen only the key-generation comparison (no cluster); BENCH_ONLY=hsm
+//! only the CA key in SoftHSM2 vs in memory (benches/scale/hsm.rs; no cluster).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -20,6 +21,9 @@ mod support;
 
 #[path = "scale/keygen.rs"]
 mod keygen;
+
+#[path = "scale/hsm.rs"]
+mod hsm;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -254,6 +258,9 @@ struct RsaRates {
 #[tokio::main]
 async fn main() {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    if hsm::run_child_if_asked(cores) {
+        return;
+    }
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let part = |name: &str| only.is_empty() || only.split(',').any(|p| p.trim() == name);
     let mut report = Report { rows: Vec::new(), json: serde_json::Map::new() };
@@ -264,6 +271,9 @@ async fn main() {
     let mut rsa = None;
     if part("rsa") || part("keygen") {
         keygen::rsa_vs_go(cores, &mut report);
+    }
+    if part("hsm") {
+        hsm::hsm_vs_memory(&mut report);
     }
     if part("rsa") {
         let (env, rates) = rsa_benchmarks(cores, &mut report).await;

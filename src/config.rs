@@ -26,14 +26,14 @@ enum Command {
     Run(Box<Config>),
     /// Report the CA, serving certificates, injected bundles and workloads that need a
     /// restart; exit status 0 healthy, 3 untrusted or broken, 4 restart needed, 1 error.
-    Inspect(InspectArgs),
+    Inspect(Box<InspectArgs>),
 }
 
 /// What the command line asks for.
 #[derive(Debug)]
 pub enum Mode {
     Run(Box<Config>),
-    Inspect(InspectArgs),
+    Inspect(Box<InspectArgs>),
 }
 
 /// `inspect`'s output format.
@@ -87,6 +87,11 @@ pub struct InspectArgs {
     /// Kubeconfig context (default: the current one).
     #[arg(long)]
     pub context: Option<String>,
+
+    /// The operator's PKCS#11 flags (the same variables): a CA key in a token is then
+    /// checked there; without them it is reported as not checked.
+    #[command(flatten, next_help_heading = "The operator's CA key token (checked when given)")]
+    pub pkcs11: Pkcs11Flags,
 }
 
 /// The file name under which kubectl finds the binary as a plugin (`kubectl service-ca`).

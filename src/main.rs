@@ -12,7 +12,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 fn main() -> std::process::ExitCode {
     let config = match Cli::parse_args().into_mode() {
         Mode::Run(config) => *config,
-        Mode::Inspect(args) => return inspect(args),
+        Mode::Inspect(args) => return inspect(*args),
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level).unwrap_or_else(|e| {
         eprintln!("invalid --log-level {:?}: {e}; using info", config.log_level);

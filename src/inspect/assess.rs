@@ -14,7 +14,7 @@ use super::model::{
 };
 use crate::controllers::serving::request::{self, Wanted};
 use crate::names::{self as ann, ALPHA, BETA};
-use crate::pki::{self, CertInfo, CertificateAuthority, format_expiry, pem};
+use crate::pki::{self, CertInfo, format_expiry, pem};
 
 /// One certificate as `inspect` shows it.
 #[derive(Clone, Debug)]
@@ -117,9 +117,9 @@ fn ca_section(snapshot: &Snapshot, policy: &Policy, now: OffsetDateTime) -> (CaR
     {
         report.force_rotation_pending = Some(asked.clone());
     }
-    if let Err(e) = CertificateAuthority::from_secret_data(&ca.data, now) {
-        report.error = Some(format!("signing-key cannot be used: {e}"));
-    }
+    let (key_location, error) = super::ca_key::assess(&ca.data, snapshot.token_check.as_ref(), now);
+    report.key_location = Some(key_location.into());
+    report.error = error;
     match ca.data.get(ann::TLS_CERT).map(|b| read_certs(ann::TLS_CERT, b)) {
         Some(Ok(certs)) if !certs.is_empty() => {
             let cert = &certs[0];

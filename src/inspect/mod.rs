@@ -7,6 +7,7 @@
 //! objects, prints, and patches.
 
 pub mod assess;
+pub mod ca_key;
 pub mod model;
 mod render;
 
@@ -58,9 +59,16 @@ async fn inspect(args: &InspectArgs) -> anyhow::Result<u8> {
     if let Err(e) = crate::selector::parse_selector(&args.selector) {
         anyhow::bail!("-l {:?}: {e}", args.selector);
     }
+    // The operator's token flags, if given: the CA key is checked in the token.
+    let token = args.pkcs11.open(None, Box::new(|_| {})).map_err(anyhow::Error::msg)?;
     let client = client(args).await?;
-    let snapshot = read(&client, args).await?;
-    let report = assess::assess(&snapshot, &args.policy(), OffsetDateTime::now_utc());
+    let mut snapshot = read(&client, args).await?;
+    let now = OffsetDateTime::now_utc();
+    if let (Some(token), Some(ca)) = (&token, &snapshot.ca) {
+        let loaded = crate::pki::CertificateAuthority::load(&ca.data, now, Some(token));
+        snapshot.token_check = Some(loaded.map(|_| ()).map_err(|e| e.to_string()));
+    }
+    let report = assess::assess(&snapshot, &args.policy(), now);
     let text = match args.output {
         Output::Json => serde_json::to_string_pretty(&report)? + "\n",
         Output::Table => render::table(&report),

@@ -96,6 +96,9 @@ pub struct Snapshot {
     pub pods: Vec<PodObj>,
     /// (namespace, ReplicaSet) → the Deployment that controls it.
     pub replica_set_owners: BTreeMap<(String, String), String>,
+    /// The CA loaded with its key in the PKCS#11 token of `inspect`'s flags, as the
+    /// operator loads it (`None`: no token given).
+    pub token_check: Option<Result<(), String>>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -117,6 +120,8 @@ pub struct CaReport {
     pub error: Option<String>,
     pub subject: Option<String>,
     pub key_type: Option<String>,
+    /// Where the CA key is ([`super::ca_key`]).
+    pub key_location: Option<String>,
     pub not_before: Option<String>,
     pub not_after: Option<String>,
     pub rotation_due: Option<String>,

@@ -89,6 +89,7 @@ fn ca_lines(out: &mut String, report: &Report) {
     if let Some(subject) = &ca.subject {
         let _ = writeln!(out, "  subject          CN={}", crate::escaped(subject));
         let _ = writeln!(out, "  key              {}", shown(&ca.key_type));
+        let _ = writeln!(out, "  key location     {}", shown(&ca.key_location));
         let _ = writeln!(out, "  not after        {}", shown(&ca.not_after));
         let _ = writeln!(out, "  rotation due     {}", shown(&ca.rotation_due));
         let bridge = match (&ca.bridge_live, &ca.previous_ca_trusted_until) {

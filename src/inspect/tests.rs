@@ -350,3 +350,67 @@ fn a_managed_secret_whose_leaf_starts_in_9999_is_assessed_without_overflow() {
     assert_eq!(row.not_before.as_deref(), Some("9999-12-31T23:59:59Z"));
     assert_eq!(row.status, CertStatus::Untrusted);
 }
+
+/// `signing-key` as the operator writes it with the key in a token: `tls.key` empty and
+/// a reference (made here from a CA whose key is in memory; no token is opened).
+fn token_backed(ca: &CertificateAuthority) -> BTreeMap<String, Vec<u8>> {
+    let mut data = ca.to_secret_data();
+    data.insert("tls.key".into(), Vec::new());
+    data.insert(crate::pki::PKCS11_KEY_URI.into(), b"pkcs11:token=service-ca;object=service-ca-key;id=%01".to_vec());
+    data
+}
+
+#[test]
+fn a_ca_whose_key_is_in_a_token_is_healthy_unchecked_without_the_token_flags() {
+    let now = OffsetDateTime::now_utc();
+    let ca =
+        CertificateAuthority::create(PrivateKey::generate(crate::pki::KeyKind::EcdsaP256).unwrap(), now, &ca_policy())
+            .unwrap();
+    let mut snap = snapshot(&ca, now);
+    snap.ca.as_mut().unwrap().data = token_backed(&ca);
+    snap.services = vec![service("app", "web")];
+    snap.secrets = vec![secret_for(&ca, "app", "web", now)];
+    let report = assess(&snap, &policy(), now);
+    assert_eq!(report.ca.error, None);
+    assert_eq!(report.ca.key_location.as_deref(), Some(super::ca_key::IN_TOKEN_NOT_CHECKED));
+    assert_eq!(report.ca.key_type.as_deref(), Some("ECDSA P-256"), "the CA is read from tls.crt");
+    assert_eq!(report.serving_certificates[0].status, CertStatus::Current);
+    assert_eq!(report.exit_code(), exit::OK);
+    assert!(super::render::table(&report).contains("key location     in a PKCS#11 token (not checked"));
+
+    // The rest of the CA is still checked: a bundle without the CA is broken.
+    let other = new_ca(now);
+    snap.ca.as_mut().unwrap().data.insert("ca-bundle.crt".into(), other.certificate().pem().into_bytes());
+    let report = assess(&snap, &policy(), now);
+    assert!(report.ca.error.as_deref().is_some_and(|e| e.contains("ca-bundle.crt")), "{:?}", report.ca.error);
+    assert_eq!(report.exit_code(), exit::BROKEN);
+    // An expired CA too.
+    snap.ca.as_mut().unwrap().data = token_backed(&ca);
+    let report = assess(&snap, &policy(), now + 800 * DAY);
+    assert!(report.ca.error.is_some());
+}
+
+#[test]
+fn with_the_token_flags_the_key_is_checked_and_a_failure_is_a_problem() {
+    let now = OffsetDateTime::now_utc();
+    let ca =
+        CertificateAuthority::create(PrivateKey::generate(crate::pki::KeyKind::EcdsaP256).unwrap(), now, &ca_policy())
+            .unwrap();
+    let mut snap = snapshot(&ca, now);
+    snap.ca.as_mut().unwrap().data = token_backed(&ca);
+    snap.token_check = Some(Ok(()));
+    let report = assess(&snap, &policy(), now);
+    assert_eq!(report.ca.key_location.as_deref(), Some(super::ca_key::IN_TOKEN_CHECKED));
+    assert_eq!((report.ca.error.as_deref(), report.exit_code()), (None, exit::OK));
+
+    let refused = "the PKCS#11 token refuses the PIN of --pkcs11-pin-file: C_Login answered PinIncorrect";
+    snap.token_check = Some(Err(refused.into()));
+    let report = assess(&snap, &policy(), now);
+    assert_eq!(report.ca.error, Some(format!("signing-key cannot be used: {refused}")));
+    assert_eq!(report.exit_code(), exit::BROKEN);
+
+    // A key in memory without the flags: as before.
+    let report = assess(&snapshot(&ca, now), &policy(), now);
+    assert_eq!(report.ca.key_location.as_deref(), Some(super::ca_key::IN_SECRET));
+    assert_eq!(report.exit_code(), exit::OK);
+}

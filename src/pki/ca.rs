@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
 
 use super::ca_key::{CaKey, CaSigner, PKCS11_KEY_URI};
-use super::keys::{KeyKind, certificate_public_key, random_serial};
+use super::keys::{KeyKind, PublicKey, certificate_public_key, random_serial};
 use super::pkcs11::Token;
 use super::{PkiError, pem};
 use crate::dates;
@@ -87,6 +87,10 @@ pub struct CaPolicy {
     pub rotate_before: Duration,
 }
 
+/// What loading checks before the key: the CA certificate, its public key, the bundle
+/// and the bridges.
+type Parts = (CertInfo, PublicKey, Option<Vec<CertInfo>>, Vec<CertInfo>);
+
 /// The service CA: its certificate and key, plus what a rotation left behind (the
 /// bundle `[new CA, X1]` and the bridge `X2`).
 pub struct CertificateAuthority {
@@ -134,9 +138,23 @@ impl CertificateAuthority {
         now: OffsetDateTime,
         token: Option<&std::sync::Arc<Token>>,
     ) -> Result<Self, PkiError> {
+        let (cert, public, bundle, intermediates) = Self::check_parts(data, now, token.is_some())?;
+        let key = CaKey::load(data, &public, token)?;
+        let signing = key.signer()?;
+        Self::assemble(cert, key, signing, bundle, intermediates)
+    }
+
+    /// Validates everything of a `signing-key` whose key is in a PKCS#11 token except
+    /// the key itself (`inspect` without the token's flags).
+    pub fn check_without_token(data: &BTreeMap<String, Vec<u8>>, now: OffsetDateTime) -> Result<(), PkiError> {
+        Self::check_parts(data, now, false).map(|_| ())
+    }
+
+    /// Every check of [`Self::load`] but the key's.
+    fn check_parts(data: &BTreeMap<String, Vec<u8>>, now: OffsetDateTime, token: bool) -> Result<Parts, PkiError> {
         let field = |name: &'static str| data.get(name).map(Vec::as_slice);
         let cert_pem = field(TLS_CERT).ok_or(PkiError::Missing { field: TLS_CERT })?;
-        if token.is_none() && !data.contains_key(PKCS11_KEY_URI) {
+        if !token && !data.contains_key(PKCS11_KEY_URI) {
             field(TLS_KEY).ok_or(PkiError::Missing { field: TLS_KEY })?;
         }
         let cert = single_certificate(TLS_CERT, cert_pem)?;
@@ -167,8 +185,6 @@ impl CertificateAuthority {
         let public = certificate_public_key(&parsed).ok_or_else(|| {
             PkiError::UnsupportedKey(format!("the CA certificate's key: {}", super::keys::SUPPORTED_KEYS))
         })?;
-        let key = CaKey::load(data, &public, token)?;
-        let signing = key.signer()?;
         let bundle = field(CA_BUNDLE).map(|pem| certificates(CA_BUNDLE, pem)).transpose()?;
         let intermediates =
             field(INTERMEDIATE).map(|pem| certificates(INTERMEDIATE, pem)).transpose()?.unwrap_or_default();
@@ -194,7 +210,7 @@ impl CertificateAuthority {
                 });
             }
         }
-        Self::assemble(cert, key, signing, bundle, intermediates)
+        Ok((cert, public, bundle, intermediates))
     }
 
     fn assemble(

@@ -2,17 +2,22 @@
 //! token, never written to a Secret, a log or an Event; leaves it signs verify in real
 //! handshakes; a forced rotation bridges old and new bundles with both signatures made
 //! in the token; a hard reset makes a new key there; a refused PIN is a readiness
-//! reason. Each test runs its own token under a private SOFTHSM2_CONF.
+//! reason; pod certificates and the ClusterTrustBundle come from the key in the token;
+//! `inspect` reads such a CA, and checks its key with the token's flags. Each test runs
+//! its own token under a private SOFTHSM2_CONF.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::certificates::v1::ClusterTrustBundle;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, ListParams};
+use serde_json::Value;
 
+use crate::support::pods::{Kubelet, bundle_name, key_and_stub, trust_bundle};
 use crate::support::tls::{self, TlsServer};
-use crate::support::{Env, Operator, certs, data, eventually, time_scale};
+use crate::support::{Cleanup, Env, Operator, certs, data, eventually, time_scale};
 
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const PIN: &str = "4711-service-ca";
@@ -67,6 +72,11 @@ impl SoftHsm {
     /// Starts the operator of this build with SOFTHSM2_CONF pointing at this token (a
     /// wrapper script: the variable is this test's alone, not the test process's).
     fn start_operator(&self, env: &Env, pin_file: &Path) -> Operator {
+        self.start_operator_with(env, pin_file, &[])
+    }
+
+    /// [`Self::start_operator`] with `extra` flags.
+    fn start_operator_with(&self, env: &Env, pin_file: &Path, extra: &[&str]) -> Operator {
         let wrapper = self.dir.join("operator.sh");
         let script = format!(
             "#!/bin/sh\nSOFTHSM2_CONF='{}' exec '{}' \"$@\"\n",
@@ -77,7 +87,23 @@ impl SoftHsm {
         Command::new("chmod").args(["+x"]).arg(&wrapper).status().unwrap();
         let mut args = env.operator_args();
         args.extend(self.flags(pin_file));
+        args.extend(extra.iter().map(|s| s.to_string()));
         Operator::start_program(&wrapper, &env.name, &args, &env.kubeconfig)
+    }
+
+    /// Runs `inspect` for the test's namespace with this token's SOFTHSM2_CONF and
+    /// `extra` flags; (exit code, stdout, stderr).
+    fn inspect(&self, env: &Env, extra: &[String]) -> (i32, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_service-ca-operator"))
+            .args(["inspect", "-n", &env.ns, "--operator-namespace", &env.op_ns])
+            .args(extra)
+            .env("KUBECONFIG", &env.kubeconfig)
+            .env("SOFTHSM2_CONF", &self.conf)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
     }
 
     /// The private key objects in the token, as `pkcs11-tool --list-objects` prints them.
@@ -245,4 +271,97 @@ async fn a_refused_pin_keeps_the_operator_unready_with_the_reason_and_no_softwar
     op.wait_ready(t(90)).await;
     assert_key_in_token(&env.op_secrets().get("signing-key").await.unwrap(), &hsm);
     println!("/readyz with a refused PIN: {status} {}", body.trim());
+}
+
+#[tokio::test]
+async fn inspect_reads_a_ca_whose_key_is_in_the_token_and_checks_the_key_with_the_token_flags() {
+    let env = Env::new("hsm-inspect").await;
+    let hsm = SoftHsm::new("hsm-inspect");
+    let op = hsm.start_operator(&env, &hsm.pin_file());
+    env.ca_bundle().await;
+    env.annotated_service("web", "web-tls", false).await;
+    env.serving_secret("web-tls", t(60)).await;
+    op.wait_ready(t(30)).await;
+
+    // Without the token's flags: the CA from tls.crt, its key not checked, no problem.
+    let started = Instant::now();
+    let (code, table, err) = hsm.inspect(&env, &[]);
+    let unchecked_after = started.elapsed();
+    assert_eq!(code, 0, "{table}\n{err}");
+    assert!(table.contains("key location     in a PKCS#11 token (not checked"), "{table}");
+    assert!(!table.contains("BROKEN"), "{table}");
+
+    // With them (as the operator has them): the key is checked in the token.
+    let mut flags = hsm.flags(&hsm.pin_file());
+    flags.extend(["-o".to_string(), "json".to_string()]);
+    let started = Instant::now();
+    let (code, out, err) = hsm.inspect(&env, &flags);
+    let checked_after = started.elapsed();
+    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(report["ca"]["key_location"], "in a PKCS#11 token (checked)");
+    assert_eq!(report["ca"]["error"], Value::Null);
+    assert_eq!(report["summary"]["serving_current"], 1);
+
+    // A refused PIN is a broken CA (exit 3) and says why, without the PIN.
+    let wrong = hsm.dir.join("inspect-wrong-pin");
+    std::fs::write(&wrong, "0000\n").unwrap();
+    let mut flags = hsm.flags(&wrong);
+    flags.extend(["-o".to_string(), "json".to_string()]);
+    let (code, out, err) = hsm.inspect(&env, &flags);
+    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
+    assert_eq!(code, 3, "{out}\n{err}");
+    let error = report["ca"]["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains("refuses the PIN"), "{error}");
+    assert!(!out.contains(PIN) && !err.contains(PIN), "no PIN in the output");
+    println!(
+        "inspect: exit 0 without the token flags in {unchecked_after:?}, with them in {checked_after:?}; a wrong PIN: exit 3 ({error})"
+    );
+}
+
+#[tokio::test]
+async fn pod_certificates_and_the_cluster_trust_bundle_come_from_the_ca_key_in_the_token() {
+    let env = Env::new("hsm-pods").await;
+    let hsm = SoftHsm::new("hsm-pods");
+    let signer = format!("e2e.service-ca.test/{}", env.run);
+    let mut cleanup = Cleanup::default();
+    cleanup.add::<ClusterTrustBundle>(bundle_name(&signer, &env.op_ns));
+    let op = hsm.start_operator_with(&env, &hsm.pin_file(), &["--pod-signer-name", &signer]);
+    let kubelet = Kubelet::new(&env, &signer).await;
+    kubelet.service("web", "web", false).await;
+    let pod = kubelet.pod("web-0", "web", None).await;
+    let (key, stub) = key_and_stub(&rcgen::PKCS_ECDSA_P256_SHA256);
+    let started = Instant::now();
+    kubelet.request("web-0", &signer, &pod, stub, None).await;
+    let chain = kubelet.issued("web-0").await;
+    let issued_after = started.elapsed();
+
+    let ca = env.op_secrets().get("signing-key").await.unwrap();
+    assert_key_in_token(&ca, &hsm);
+    assert_eq!(certs::signer_of(&chain), certs::ca_ski(&ca), "signed by the CA whose key is in the token");
+    let bundle = trust_bundle(&env, &signer, &env.op_ns).await;
+    let ca_der = certs::ders(&data(&ca, "tls.crt")).remove(0);
+    assert!(certs::ders(&bundle).contains(&ca_der), "the ClusterTrustBundle holds the CA of the token's key");
+    assert_eq!(bundle, env.ca_bundle().await, "and what signing-cabundle holds");
+
+    let name = format!("web.{}.svc", env.ns);
+    let verified = [
+        ("rustls", tls::rustls_verify_at(&chain, &bundle, &name, std::time::SystemTime::now())),
+        ("openssl", tls::openssl_verify(&chain, &bundle, &name)),
+        ("go", tls::go_verify(&chain, &bundle, &name)),
+    ];
+    for (stack, result) in verified {
+        assert!(
+            result.is_ok(),
+            "{stack} does not verify the pod certificate against the ClusterTrustBundle: {result:?}"
+        );
+    }
+    let server = TlsServer::start(&chain, &key.serialize_pem());
+    for (stack, result) in tls::connect_all(server.port, &bundle, &name) {
+        assert!(result.is_ok(), "{stack}: {result:?}");
+    }
+    assert_no_private_key_leaves(&env, &op, &hsm).await;
+    println!(
+        "pod certificate issued with the CA key in SoftHSM2 in {issued_after:?}; verified against the ClusterTrustBundle by 3 stacks, 3 handshakes"
+    );
 }
