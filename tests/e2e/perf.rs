@@ -26,7 +26,8 @@ async fn perf_smoke_time_to_ready_bulk_issuance_and_memory() {
     latencies.sort();
     let p50 = latencies[latencies.len() / 2];
 
-    let n = 100;
+    // 40: enough for a rate; the scale itself is make bench's (1,200 Services).
+    let n = 40;
     let started = Instant::now();
     futures::future::join_all((0..n).map(|i| {
         let env = &env;
@@ -34,7 +35,7 @@ async fn perf_smoke_time_to_ready_bulk_issuance_and_memory() {
     }))
     .await;
     let managed = ListParams::default().labels("service-ca.operators.openshift.io/managed=true");
-    crate::support::eventually(Duration::from_secs(120), "100 Secrets", || async {
+    crate::support::eventually(Duration::from_secs(120), "the bulk Secrets", || async {
         (env.secrets().list(&managed).await.unwrap().items.len() >= n + 10).then_some(())
     })
     .await;
@@ -52,6 +53,7 @@ async fn perf_smoke_time_to_ready_bulk_issuance_and_memory() {
     // 30 MiB with 1,200 managed. Several times those, with room for the debug build;
     // the times also scale with this machine's key generation (as every wait does).
     assert!(p50 < Duration::from_secs(2).mul_f64(scale), "time to ready p50 {p50:?}");
-    assert!(bulk < Duration::from_secs(90).mul_f64(scale), "100 certificates took {bulk:?}");
+    // 0.9 s per certificate (20/s recorded), as when this test made 100.
+    assert!(bulk < Duration::from_secs_f64(0.9 * n as f64).mul_f64(scale), "{n} certificates took {bulk:?}");
     assert!(peak_mib < 200.0, "peak RSS {peak_mib:.1} MiB");
 }

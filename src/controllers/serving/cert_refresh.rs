@@ -26,9 +26,9 @@ use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use time::OffsetDateTime;
 
-use super::decision::decide;
+use super::decision::{IssueReason, decide};
 use super::precondition::{Ask, Keyed, Step, ask, step};
-use super::progress::{self, Progress};
+use super::progress::{self, Looked, Progress};
 use super::report::report_problem;
 use super::request::{leaf_request, originating_service};
 use super::secret::{Content, desired, issue, read_secret, wait_for_deletion, write_secret};
@@ -76,16 +76,16 @@ async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Resu
         return Ok(Action::await_change());
     };
     // Counted once the Secret is settled for this CA (for the re-issue progress).
-    let settled = |reissued: bool| st.progress.looked_at(secret_ref(&namespace, &name), reissued);
+    let settled = |looked: Looked| st.progress.looked_at(secret_ref(&namespace, &name), looked);
     let keyed = Keyed::Secret(&name);
     let (family, key) = match ask(&svc, keyed, ctx.config.default_key_algorithm, &ctx.config.allowed_key_algorithms) {
         Ask::Read { family, key, .. } => (family, key),
         Ask::Release => {
-            settled(false);
+            settled(Looked::Left);
             return release(ctx, &namespace, &name).await;
         }
         Ask::Wait | Ask::Report(_) => {
-            settled(false);
+            settled(Looked::Left);
             return Ok(Action::await_change());
         }
     };
@@ -100,15 +100,15 @@ async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Resu
         match step(keyed, secret.as_ref(), |facts| decide(facts, &request, &signer.ca, &policy, now)) {
             Step::Wait => return Ok(Action::await_change()),
             Step::WaitForDeletion(held) => {
-                settled(false);
+                settled(Looked::Left);
                 return wait_for_deletion(ctx, NAME, &svc, held).await;
             }
             Step::Foreign(_) => {
-                settled(false);
+                settled(Looked::Left);
                 return Ok(Action::await_change());
             }
             Step::Leave { refresh_at } => {
-                settled(false);
+                settled(Looked::Left);
                 return Ok(wake_at(refresh_at));
             }
             Step::Tidy { extra_keys, expiry, refresh_at } => {
@@ -117,7 +117,7 @@ async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Resu
                 if !extra_keys.is_empty() {
                     tracing::info!(object = %secret_ref(&namespace, &name), ?extra_keys, "removing extra data keys");
                 }
-                (write_secret(ctx, secret.as_ref(), desired).await?, refresh_at, false)
+                (write_secret(ctx, secret.as_ref(), desired).await?, refresh_at, Looked::Left)
             }
             Step::Issue(reason) => {
                 record_reason(reason.category());
@@ -126,10 +126,11 @@ async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Resu
                     Outcome::Done(expiry) => policy.refresh_at(*expiry, signer.ca.not_after()),
                     _ => None,
                 };
-                (written, refresh_at, true)
+                let by_ca = matches!(reason, IssueReason::OtherCa);
+                (written, refresh_at, if by_ca { Looked::ReissuedForTheCa } else { Looked::Reissued })
             }
         };
-    let settled = |done: bool| settled(done && reissued);
+    let settled = |done: bool| settled(if done { reissued } else { Looked::Left });
     finish(ctx, &svc, written, settled, refresh_at).await
 }
 

@@ -3,13 +3,16 @@
 //! pool. The cert-refresh controller records each Secret it has looked at since the
 //! change; a reporter logs "N of M" with an ETA at a steady cadence and keeps
 //! `service_ca_reissue_remaining` current, until every Secret has been looked at.
+//! The first CA loaded counts as a change too once a Secret signed by another CA is
+//! found: a rotation forced before start-up, or a CA changed while no operator ran.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Secret, Service};
+use kube::ResourceExt;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::Store;
 
@@ -23,24 +26,31 @@ use crate::shutdown::Shutdown;
 #[derive(Default)]
 pub struct Progress(Mutex<Option<Round>>);
 
+/// What the cert-refresh controller did with a Secret it looked at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Looked {
+    /// Left as it was (or only tidied), or not ours to write.
+    Left,
+    /// Re-issued for another reason (e.g. due, names changed).
+    Reissued,
+    /// Re-issued because another CA signed it.
+    ReissuedForTheCa,
+}
+
 /// One bulk re-issue.
 #[derive(Default)]
 struct Round {
-    /// Secrets looked at since the change (by `namespace/name`).
-    seen: HashSet<String>,
-    /// Of those, re-issued.
-    reissued: u64,
+    /// Secrets looked at since the change (as `secret_ref` shows them), with what was done.
+    seen: HashMap<String, Looked>,
 }
 
 impl Progress {
-    /// The cert-refresh controller looked at `secret` (and re-issued it or not).
-    pub fn looked_at(&self, secret: String, reissued: bool) {
+    /// The cert-refresh controller looked at `secret` (the first look counts).
+    pub fn looked_at(&self, secret: String, looked: Looked) {
         if let Ok(mut guard) = self.0.lock()
             && let Some(round) = guard.as_mut()
-            && round.seen.insert(secret)
-            && reissued
         {
-            round.reissued = round.reissued.saturating_add(1);
+            round.seen.entry(secret).or_insert(looked);
         }
     }
 
@@ -58,12 +68,31 @@ impl Progress {
         }
     }
 
-    fn counts(&self) -> (u64, u64) {
-        match self.0.lock().as_deref() {
-            Ok(Some(round)) => (round.seen.len() as u64, round.reissued),
-            _ => (0, 0),
+    /// Of the Secrets `current`ly to be looked at: how many were, how many of those were
+    /// re-issued, and how many of those because another CA signed them. Secrets deleted
+    /// meanwhile no longer count (the round would otherwise never end).
+    fn counts(&self, current: &[String]) -> Counts {
+        let mut counts = Counts::default();
+        if let Ok(Some(round)) = self.0.lock().as_deref() {
+            for looked in current.iter().filter_map(|secret| round.seen.get(secret)) {
+                counts.done = counts.done.saturating_add(1);
+                if *looked != Looked::Left {
+                    counts.reissued = counts.reissued.saturating_add(1);
+                }
+                if *looked == Looked::ReissuedForTheCa {
+                    counts.for_the_ca = counts.for_the_ca.saturating_add(1);
+                }
+            }
         }
+        counts
     }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Counts {
+    done: u64,
+    reissued: u64,
+    for_the_ca: u64,
 }
 
 /// "N of M" as the reporter words it, with the ETA from the rate so far.
@@ -95,35 +124,37 @@ pub async fn report(
             _ = &mut stop => return,
             change = changes.next() => if change.is_none() { return },
         }
-        // Only a new CA means a bulk re-issue (not the first load, nor a bundle change).
+        // Only a new CA means a bulk re-issue (not a bundle change).
         let current = ctx.signer.current().map(|s| s.ca.subject_key_id().to_vec());
         let previous = std::mem::replace(&mut held, current.clone());
-        if previous.is_none() || previous == current {
+        if current.is_none() || previous == current {
             continue;
         }
+        // The first CA loaded may be new too: rotated before it was loaded (a forced
+        // rotation waiting at start-up), or changed while no operator ran. That round is
+        // shown only once a Secret signed by another CA is found.
+        let quiet = previous.is_none();
         progress.restart();
-        // The managed Secrets whose Service we serve (and, when issuance is shared,
-        // own): each will be looked at again.
-        let total = secrets
-            .state()
-            .iter()
-            .filter(|s| originating_service(s.as_ref()).is_some_and(|svc| services.get(&svc).is_some()))
-            .filter(|s| ctx.sharing.owns(&super::request::secret_key(s)))
-            .count() as u64;
         let started = Instant::now();
         loop {
-            let (done, reissued) = progress.counts();
-            ctx.metrics.reissue_remaining.set(total.saturating_sub(done) as i64);
-            if done >= total {
-                tracing::info!(
-                    "{} in {:.1}s",
-                    describe(done, reissued, total, started.elapsed()),
-                    started.elapsed().as_secs_f64()
-                );
+            let owned = owned_secrets(&ctx, &secrets, &services);
+            let total = owned.len() as u64;
+            let counts = progress.counts(&owned);
+            let shown = !quiet || counts.for_the_ca > 0;
+            let line = describe(counts.done, counts.reissued, total, started.elapsed());
+            if shown {
+                ctx.metrics.reissue_remaining.set(total.saturating_sub(counts.done) as i64);
+            }
+            if counts.done >= total {
+                if shown {
+                    tracing::info!("{line} in {:.1}s", started.elapsed().as_secs_f64());
+                }
                 progress.finish();
                 break;
             }
-            tracing::info!("{}", describe(done, reissued, total, started.elapsed()));
+            if shown {
+                tracing::info!("{line}");
+            }
             tokio::select! {
                 _ = &mut stop => return,
                 _ = tokio::time::sleep(every) => {}
@@ -136,30 +167,48 @@ pub async fn report(
     }
 }
 
+/// The managed Secrets whose Service we serve (and, when issuance is shared, own): each
+/// is looked at again after a CA change.
+fn owned_secrets(ctx: &Context, secrets: &Store<PartialObjectMeta<Secret>>, services: &Store<Service>) -> Vec<String> {
+    secrets
+        .state()
+        .iter()
+        .filter(|s| originating_service(s.as_ref()).is_some_and(|svc| services.get(&svc).is_some()))
+        .filter(|s| ctx.sharing.owns(&super::request::secret_key(s)))
+        .map(|s| super::secret_ref(&s.namespace().unwrap_or_default(), &s.name_any()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn counts_each_secret_once_and_words_an_eta() {
+        use Looked::*;
         let p = Progress::default();
-        p.looked_at("a/before".into(), true);
-        assert_eq!(p.counts(), (0, 0), "no re-issue under way: nothing recorded");
+        let current: Vec<String> = ["a/x", "a/y", "a/z"].map(String::from).to_vec();
+        let counts = |done, reissued, for_the_ca| Counts { done, reissued, for_the_ca };
+        p.looked_at("a/x".into(), ReissuedForTheCa);
+        assert_eq!(p.counts(&current), counts(0, 0, 0), "no re-issue under way: nothing recorded");
         p.restart();
-        p.looked_at("a/x".into(), true);
-        p.looked_at("a/x".into(), true);
-        p.looked_at("a/y".into(), false);
-        assert_eq!(p.counts(), (2, 1));
+        p.looked_at("a/x".into(), ReissuedForTheCa);
+        p.looked_at("a/x".into(), Left);
+        p.looked_at("a/y".into(), Left);
+        p.looked_at("a/z".into(), Reissued);
+        p.looked_at("a/gone".into(), ReissuedForTheCa);
+        assert_eq!(p.counts(&current), counts(3, 2, 1), "the first look counts; a Secret deleted since does not");
+        assert_eq!(p.counts(&current[..2]), counts(2, 1, 1));
         assert_eq!(
             describe(400, 380, 1200, Duration::from_secs(15)),
             "re-issue after the CA change: 400 of 1200 Secrets done (380 re-issued), ETA 30s"
         );
         assert!(!describe(1200, 1200, 1200, Duration::from_secs(45)).contains("ETA"));
         p.restart();
-        assert_eq!(p.counts(), (0, 0));
-        p.looked_at("a/x".into(), true);
+        assert_eq!(p.counts(&current), counts(0, 0, 0));
+        p.looked_at("a/x".into(), Reissued);
         p.finish();
-        p.looked_at("a/after".into(), true);
-        assert_eq!(p.counts(), (0, 0), "the finished round is dropped, and nothing recorded after it");
+        p.looked_at("a/y".into(), Reissued);
+        assert_eq!(p.counts(&current), counts(0, 0, 0), "the finished round is dropped, and nothing recorded after it");
     }
 }

@@ -2,6 +2,7 @@
 //! in the middle of a rotation, a signing-key that cannot be used, the CA's key algorithm.
 
 mod bridge;
+mod progress;
 mod reset;
 
 use std::collections::BTreeSet;
