@@ -32,6 +32,7 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	python3 scripts/import-cycles.py src
+	python3 scripts/design-tree.py
 
 ## Unit and PKI tests only (no cluster).
 unit:
