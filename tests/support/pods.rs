@@ -151,7 +151,21 @@ impl Kubelet {
     ) -> PodCertificateRequest {
         let pcr = self.request_object(name, signer, pod, stub, annotations).await;
         let api: Api<PodCertificateRequest> = Api::namespaced(self.as_node.clone(), &self.ns);
-        api.create(&PostParams::default(), &pcr).await.expect("create PodCertificateRequest as the node")
+        // NodeRestriction reads the pod from the API server's own cache, which may not
+        // hold a pod created a moment ago (500 "pod ... not found"): look again, as the
+        // kubelet does.
+        let started = Instant::now();
+        loop {
+            match api.create(&PostParams::default(), &pcr).await {
+                Ok(created) => return created,
+                Err(kube::Error::Api(status))
+                    if status.code == 500 && status.message.contains("not found") && started.elapsed() < T =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("create PodCertificateRequest as the node: {e:?}"),
+            }
+        }
     }
 
     /// Creates a request for `pod` as the cluster administrator (the API server checks
