@@ -8,9 +8,10 @@
 //! With ECDSA serving keys (a second operator instance with its own CA): B2-EC and
 //! B3-EC. Then B8 scale (10,000 ECDSA Services) and B9 tenant annotations
 //! (500 Services carrying 200 KB each), B10 scale-out (1 and 2 replicas sharing
-//! issuance). Prints a table and writes
+//! issuance). Last, trust distribution: the per-namespace bundle in 10,000 namespaces
+//! (benches/scale/namespaces.rs; NS_COUNT sets how many). Prints a table and writes
 //! target/bench/results.json. Sizes scale with BENCH_SCALE (default 1.0);
-//! BENCH_ONLY=rsa,ec,b8,b9,b10,fairness (any of them) runs only those parts;
+//! BENCH_ONLY=rsa,ec,b8,b9,b10,fairness,namespaces (any of them) runs only those parts;
 //! BENCH_ONLY=keygen only the key-generation comparison (no cluster); BENCH_ONLY=hsm
 //! only the CA key in SoftHSM2 vs in memory (benches/scale/hsm.rs; no cluster).
 
@@ -24,6 +25,8 @@ mod keygen;
 
 #[path = "scale/hsm.rs"]
 mod hsm;
+#[path = "scale/namespaces.rs"]
+mod namespaces;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -294,6 +297,9 @@ async fn main() {
     }
     if part("fairness") {
         envs.extend(fairness(&mut report).await);
+    }
+    if part("namespaces") {
+        envs.push(namespaces::namespace_bundles(&mut report).await);
     }
 
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");

@@ -190,6 +190,11 @@ async fn reconcile(ns: Arc<NamespaceMeta>, state: Arc<State>) -> Result<Action, 
     };
     let namespace = ns.name_any();
     let key = ObjectRef::<BundleMeta>::new(NAMESPACE_BUNDLE).within(&namespace);
+    // Until the ConfigMaps are listed, a namespace whose bundle is not cached yet would
+    // be planned as new (a create the API server refuses): look again once they are.
+    if futures::FutureExt::now_or_never(state.bundles.wait_until_ready()).is_none_or(|ready| ready.is_err()) {
+        return Ok(Action::requeue(LOOK_AGAIN));
+    }
     let cached = state.bundles.get(&key);
     let digest = plan::digest(&signer.bundle_pem);
     let seen = state.seen_current.lock().ok().and_then(|s| s.get(&namespace).cloned());
