@@ -76,16 +76,17 @@ async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Resu
         return Ok(Action::await_change());
     };
     // Counted once the Secret is settled for this CA (for the re-issue progress).
-    let settled = |looked: Looked| st.progress.looked_at(secret_ref(&namespace, &name), looked);
+    let settled = |looked: Looked, ca: &[u8]| st.progress.looked_at(secret_ref(&namespace, &name), looked, ca);
+    let current_ca = || ctx.signer.current().map(|s| s.ca.subject_key_id().to_vec()).unwrap_or_default();
     let keyed = Keyed::Secret(&name);
     let (family, key) = match ask(&svc, keyed, ctx.config.default_key_algorithm, &ctx.config.allowed_key_algorithms) {
         Ask::Read { family, key, .. } => (family, key),
         Ask::Release => {
-            settled(Looked::Left);
+            settled(Looked::Left, &current_ca());
             return release(ctx, &namespace, &name).await;
         }
         Ask::Wait | Ask::Report(_) => {
-            settled(Looked::Left);
+            settled(Looked::Left, &current_ca());
             return Ok(Action::await_change());
         }
     };
@@ -100,15 +101,15 @@ async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Resu
         match step(keyed, secret.as_ref(), |facts| decide(facts, &request, &signer.ca, &policy, now)) {
             Step::Wait => return Ok(Action::await_change()),
             Step::WaitForDeletion(held) => {
-                settled(Looked::Left);
+                settled(Looked::Left, signer.ca.subject_key_id());
                 return wait_for_deletion(ctx, NAME, &svc, held).await;
             }
             Step::Foreign(_) => {
-                settled(Looked::Left);
+                settled(Looked::Left, signer.ca.subject_key_id());
                 return Ok(Action::await_change());
             }
             Step::Leave { refresh_at } => {
-                settled(Looked::Left);
+                settled(Looked::Left, signer.ca.subject_key_id());
                 return Ok(wake_at(refresh_at));
             }
             Step::Tidy { extra_keys, expiry, refresh_at } => {
@@ -130,7 +131,7 @@ async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Resu
                 (written, refresh_at, if by_ca { Looked::ReissuedForTheCa } else { Looked::Reissued })
             }
         };
-    let settled = |done: bool| settled(if done { reissued } else { Looked::Left });
+    let settled = |done: bool| settled(if done { reissued } else { Looked::Left }, signer.ca.subject_key_id());
     finish(ctx, &svc, written, settled, refresh_at).await
 }
 
