@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::PostParams;
 use serde_json::{Value, json};
@@ -88,16 +88,7 @@ async fn inspect_reports_through_a_forced_rotation_and_a_hard_reset_and_restarts
     op.wait_ready(T).await;
     env.annotated_service("web", "web-tls", false).await;
     env.serving_secret("web-tls", T).await;
-    let mut cm: ConfigMap = serde_json::from_value(json!({})).unwrap();
-    cm.metadata = env.meta("trust");
-    cm.metadata.annotations =
-        Some(BTreeMap::from([("service.beta.openshift.io/inject-cabundle".into(), "true".into())]));
-    env.configmaps().create(&PostParams::default(), &cm).await.unwrap();
-    let bundle = env.ca_bundle().await;
-    eventually(T, "ConfigMap injected", || async {
-        (env.configmaps().get("trust").await.ok()?.data?.get("service-ca.crt") == Some(&bundle)).then_some(())
-    })
-    .await;
+    env.injected_configmap("trust", T).await;
     // Wait a second so that the pod starts strictly after the Secret and ConfigMap
     // were written (the API keeps whole seconds).
     tokio::time::sleep(Duration::from_millis(1100)).await;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::certificates::v1::{ClusterTrustBundle, PodCertificateRequest};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use serde_json::{Value, json};
@@ -283,15 +283,7 @@ async fn pods_see_rotated_files_and_inspect_restarts_exactly_the_stale_deploymen
     op.wait_ready(T).await;
     env.annotated_service("web", "web-tls", false).await;
     env.serving_secret("web-tls", T).await;
-    let mut cm: ConfigMap = serde_json::from_value(json!({})).unwrap();
-    cm.metadata = env.meta("trust");
-    cm.metadata.annotations = Some([("service.beta.openshift.io/inject-cabundle".into(), "true".into())].into());
-    env.configmaps().create(&PostParams::default(), &cm).await.unwrap();
-    let bundle = env.ca_bundle().await;
-    eventually(T, "ConfigMap injected", || async {
-        (env.configmaps().get("trust").await.ok()?.data?.get("service-ca.crt") == Some(&bundle)).then_some(())
-    })
-    .await;
+    let bundle = env.injected_configmap("trust", T).await;
     // Pods start strictly after the Secret and ConfigMap were written (whole seconds).
     tokio::time::sleep(Duration::from_millis(1100)).await;
     deployment(&env, "web", vec![json!({ "name": "tls", "secret": { "secretName": "web-tls" } })]).await;

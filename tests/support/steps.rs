@@ -3,15 +3,30 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
-use super::annotations::{FORCE_ROTATION, FORCED_ROTATION_REASON};
+use super::annotations::{FORCE_ROTATION, FORCED_ROTATION_REASON, INJECT};
 use super::{Env, Operator, annotation, eventually};
 
 impl Env {
+    /// Creates ConfigMap `name` asking for the bundle and waits (up to `timeout`) until it
+    /// holds the current one under `service-ca.crt`; returns that bundle.
+    pub async fn injected_configmap(&self, name: &str, timeout: Duration) -> String {
+        let mut cm: ConfigMap = serde_json::from_value(json!({})).unwrap();
+        cm.metadata = self.meta(name);
+        cm.metadata.annotations = Some([(INJECT.to_string(), "true".to_string())].into());
+        self.configmaps().create(&PostParams::default(), &cm).await.unwrap();
+        let bundle = self.ca_bundle().await;
+        eventually(timeout, &format!("ConfigMap {name} injected"), || async {
+            (self.configmaps().get(name).await.ok()?.data?.get("service-ca.crt") == Some(&bundle)).then_some(())
+        })
+        .await;
+        bundle
+    }
+
     /// Asks for a forced rotation of the CA with `reason` (docs/spec.md §3.3).
     pub async fn force_rotation(&self, reason: &str) {
         let patch = json!({ "metadata": { "annotations": { FORCE_ROTATION: reason } } });

@@ -12,7 +12,6 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
 use kube::Api;
-use kube::api::PostParams;
 use serde_json::{Value, json};
 
 use crate::support::objects::token_for;
@@ -243,17 +242,7 @@ async fn helm_install_runs_the_operator_as_its_service_account_upgrade_changes_i
     op.wait_ready(Duration::from_secs(60)).await;
     env.annotated_service("web", "web-tls", false).await;
     env.serving_secret("web-tls", T).await;
-    let mut cm: ConfigMap = serde_json::from_value(json!({})).unwrap();
-    cm.metadata = env.meta("trust");
-    cm.metadata.annotations =
-        Some(BTreeMap::from([("service.beta.openshift.io/inject-cabundle".into(), "true".into())]));
-    env.configmaps().create(&PostParams::default(), &cm).await.unwrap();
-    let bundle = env.ca_bundle().await;
-    eventually(T, "ConfigMap injected", || async {
-        let data = env.configmaps().get("trust").await.ok()?.data?;
-        (data.get("service-ca.crt") == Some(&bundle)).then_some(())
-    })
-    .await;
+    let bundle = env.injected_configmap("trust", T).await;
     // A forced rotation: the CA Secret updated, the bundle re-published, the leaf
     // re-issued, all as the chart's ServiceAccount.
     let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.op_ns);
