@@ -268,6 +268,9 @@ pub struct Config {
     /// comes after its pods) before it is denied.
     #[arg(long, env = "SERVICE_CA_POD_CERTIFICATE_GRACE", default_value = "5m", value_parser = humantime::parse_duration)]
     pub pod_certificate_grace: Duration,
+
+    #[command(flatten)]
+    pub pod_timing: PodTimingFlags,
 }
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -343,6 +346,7 @@ impl Config {
         }
         parse_selector(&self.selector).map_err(|e| format!("--selector {:?}: {e}", self.selector))?;
         self.trust.validate()?;
+        self.pod_timing.validate()?;
         if self.lease_identity.as_ref().is_some_and(|i| i.len() > crate::controllers::sharing::MAX_IDENTITY_LEN) {
             return Err(format!(
                 "--lease-identity must be at most {} bytes (longer ones cannot be members)",
@@ -426,4 +430,4 @@ mod policy;
 mod tests;
 pub mod trust;
 
-pub use policy::PolicyFlags;
+pub use policy::{PodTimingFlags, PolicyFlags};

@@ -177,6 +177,8 @@ fn chart_values_have_the_binary_defaults() {
     assert_eq!(o["podSignerName"], c.pod_signer_name.as_str());
     assert_eq!(duration("podCertificateMaxLifetime"), c.pod_certificate_max_lifetime);
     assert_eq!(duration("podCertificateGrace"), c.pod_certificate_grace);
+    assert_eq!(o["podCertificateRefreshAt"].as_f64(), Some(c.pod_timing.pod_certificate_refresh_at));
+    assert_eq!(duration("podCertificateBackdate"), c.pod_timing.pod_certificate_backdate);
     // The one deliberate difference: JSON logs in a cluster (the binary prints plain
     // text for people at a terminal).
     assert_eq!(o["logFormat"], "json");

@@ -119,3 +119,29 @@ fn flags_that_can_only_misbehave_are_refused_naming_the_flag() {
     let error = parse(&["x", "--pod-certificate-max-lifetime", "30m"]).validate().unwrap_err();
     assert!(error.contains("--pod-certificate-max-lifetime"), "{error}");
 }
+
+#[test]
+fn pod_certificate_timing_defaults_ranges_and_refusals() {
+    let c = parse(&["x"]);
+    assert_eq!(c.pod_timing.timing(), crate::pki::PodTiming { backdate: Duration::from_secs(1), refresh_at: 0.5 });
+    assert_eq!(c.pod_timing.timing(), crate::pki::PodTiming::default(), "the flags' defaults are the PKI's");
+    for args in [
+        &["x", "--pod-certificate-refresh-at", "0", "--pod-certificate-backdate", "0s"][..],
+        &["x", "--pod-certificate-refresh-at", "1", "--pod-certificate-backdate", "4m"],
+        &["x", "--pod-certificate-refresh-at", "0.8", "--pod-certificate-backdate", "90s"],
+    ] {
+        assert_eq!(parse(args).validate(), Ok(()), "{args:?}");
+    }
+    let c = parse(&["x", "--pod-certificate-refresh-at", "0.25", "--pod-certificate-backdate", "2m"]);
+    assert_eq!(c.pod_timing.timing(), crate::pki::PodTiming { backdate: Duration::from_secs(120), refresh_at: 0.25 });
+    for (args, expected) in [
+        (&["x", "--pod-certificate-refresh-at", "1.5"][..], "--pod-certificate-refresh-at (1.5) must be a fraction"),
+        (&["x", "--pod-certificate-refresh-at=-0.1"], "--pod-certificate-refresh-at (-0.1)"),
+        (&["x", "--pod-certificate-refresh-at", "NaN"], "--pod-certificate-refresh-at (NaN)"),
+        (&["x", "--pod-certificate-backdate", "5m"], "--pod-certificate-backdate (5m) must be between 0s and 4m"),
+    ] {
+        let error = parse(args).validate().unwrap_err();
+        assert!(error.starts_with(expected), "{args:?}: {error}");
+    }
+    assert!(Cli::try_parse_from(["x", "--pod-certificate-refresh-at", "half"]).is_err());
+}

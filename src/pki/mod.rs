@@ -19,7 +19,7 @@ pub use ca::{CA_NAME_PREFIX, CaPolicy, CertInfo, CertificateAuthority, MAX_BRIDG
 pub use ca_key::{CaKey, PKCS11_KEY_URI};
 pub use keys::{KEY_ALGORITHMS, KeyKind, PrivateKey, PublicKey, key_matches, key_values};
 pub use leaf::{IssuedLeaf, LeafInfo, LeafPolicy, LeafRequest, SERVICE_UID_OID, format_expiry, parse_expiry};
-pub use pod::{KeyError, PodLeaf, RequestedKey, SUPPORTED_POD_KEYS, requested_key};
+pub use pod::{KeyError, PodLeaf, PodTiming, RequestedKey, SUPPORTED_POD_KEYS, begin_refresh_at, requested_key};
 
 /// `signing-key` data with a CA of one's own, valid exactly from and until the dates given.
 #[cfg(test)]

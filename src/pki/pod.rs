@@ -107,13 +107,52 @@ pub struct PodLeaf {
     pub chain_pem: String,
     pub not_before: OffsetDateTime,
     pub not_after: OffsetDateTime,
+    /// When the kubelet begins refreshing it ([`begin_refresh_at`]).
+    pub begin_refresh_at: OffsetDateTime,
+}
+
+/// When a pod certificate starts and when its holder begins refreshing it
+/// (`--pod-certificate-backdate`, `--pod-certificate-refresh-at`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PodTiming {
+    /// How long before issuance NotBefore is (for clocks behind the operator's).
+    pub backdate: Duration,
+    /// Where in the lifetime refreshing begins: 0 at NotBefore, 1 at NotAfter.
+    pub refresh_at: f64,
+}
+
+impl Default for PodTiming {
+    fn default() -> Self {
+        PodTiming { backdate: Duration::from_secs(1), refresh_at: 0.5 }
+    }
+}
+
+/// The API server's rule for `beginRefreshAt`: at least this long after NotBefore and
+/// before NotAfter.
+pub const REFRESH_MARGIN: Duration = Duration::from_secs(600);
+
+/// `beginRefreshAt` of a leaf valid from `not_before` to `not_after` (whole seconds):
+/// `fraction` (0 to 1) of the way through its life, kept inside the window the API
+/// server accepts ([`REFRESH_MARGIN`] from either end). A leaf too short for that
+/// window (which the API server refuses anyway: it wants an hour) gets its half-life.
+pub fn begin_refresh_at(not_before: OffsetDateTime, not_after: OffsetDateTime, fraction: f64) -> OffsetDateTime {
+    let lifetime = dates::between(not_before, not_after);
+    let earliest = dates::after(not_before, REFRESH_MARGIN);
+    let latest = dates::before(not_after, REFRESH_MARGIN);
+    let at = if earliest > latest {
+        dates::after(not_before, lifetime.checked_div(2).unwrap_or_default())
+    } else {
+        let offset = Duration::try_from_secs_f64(lifetime.as_secs_f64() * fraction.clamp(0.0, 1.0)).unwrap_or_default();
+        dates::after(not_before, offset).clamp(earliest, latest)
+    };
+    at.replace_nanosecond(0).unwrap_or(at)
 }
 
 impl CertificateAuthority {
     /// Signs a serving certificate for a pod: `names` (the first is also the CN) over
-    /// the request's key, valid for exactly `lifetime` from one second ago — capped at
-    /// the CA's NotAfter — with the pod's UID where a Service's certificate carries the
-    /// Service's.
+    /// the request's key, valid for exactly `lifetime` from `timing.backdate` ago —
+    /// capped at the CA's NotAfter — with the pod's UID where a Service's certificate
+    /// carries the Service's.
     pub fn issue_pod_leaf(
         &self,
         names: &[String],
@@ -121,13 +160,15 @@ impl CertificateAuthority {
         key: &RequestedKey,
         now: OffsetDateTime,
         lifetime: Duration,
+        timing: PodTiming,
     ) -> Result<PodLeaf, PkiError> {
         self.check_unexpired(now)?;
         // Whole seconds: the request's status repeats these times exactly.
-        let not_before = dates::before(now, Duration::from_secs(1)).replace_nanosecond(0).unwrap_or(now);
+        let not_before = dates::before(now, timing.backdate).replace_nanosecond(0).unwrap_or(now);
         let (leaf, chain_pem) =
             self.sign_serving_leaf(names, pod_uid, &key.spki, (not_before, dates::after(not_before, lifetime)), now)?;
-        Ok(PodLeaf { chain_pem, not_before: leaf.not_before, not_after: leaf.not_after })
+        let begin_refresh_at = begin_refresh_at(leaf.not_before, leaf.not_after, timing.refresh_at);
+        Ok(PodLeaf { chain_pem, not_before: leaf.not_before, not_after: leaf.not_after, begin_refresh_at })
     }
 }
 
@@ -166,7 +207,8 @@ mod tests {
             let (der, spki) = csr(alg);
             let key = requested_key(&der).unwrap();
             let names = vec!["web.shop.svc".to_string(), "web.shop.svc.cluster.local".to_string()];
-            let leaf = ca.issue_pod_leaf(&names, "uid-1", &key, now, Duration::from_secs(3600)).unwrap();
+            let leaf =
+                ca.issue_pod_leaf(&names, "uid-1", &key, now, Duration::from_secs(3600), PodTiming::default()).unwrap();
             assert_eq!(leaf_spki(&leaf.chain_pem).unwrap(), spki, "{}", key.description);
             assert_eq!(leaf.not_after - leaf.not_before, time::Duration::hours(1));
             assert_eq!(leaf.not_before.nanosecond(), 0);
@@ -190,7 +232,14 @@ mod tests {
         let (der, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256);
         let key = requested_key(&der).unwrap();
         let leaf = ca
-            .issue_pod_leaf(&["a.b.svc".into()], "u", &key, OffsetDateTime::now_utc(), Duration::from_secs(86_400 * 90))
+            .issue_pod_leaf(
+                &["a.b.svc".into()],
+                "u",
+                &key,
+                OffsetDateTime::now_utc(),
+                Duration::from_secs(86_400 * 90),
+                PodTiming::default(),
+            )
             .unwrap();
         assert_eq!(leaf.not_after, ca.not_after());
     }
@@ -203,12 +252,64 @@ mod tests {
         let (der, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256);
         let key = requested_key(&der).unwrap();
         let names = ["a.b.svc".to_string()];
-        let leaf = ca.issue_pod_leaf(&names, "u", &key, now, Duration::from_secs(86_400)).unwrap();
+        let leaf =
+            ca.issue_pod_leaf(&names, "u", &key, now, Duration::from_secs(86_400), PodTiming::default()).unwrap();
         assert_eq!(leaf.not_after - leaf.not_before, time::Duration::days(1));
         let late = crate::dates::before(LATEST, Duration::from_secs(60));
-        let leaf = ca.issue_pod_leaf(&names, "u", &key, late, Duration::from_secs(86_400)).unwrap();
+        let leaf =
+            ca.issue_pod_leaf(&names, "u", &key, late, Duration::from_secs(86_400), PodTiming::default()).unwrap();
         assert_eq!(leaf.not_after, LATEST);
-        let leaf = ca.issue_pod_leaf(&names, "u", &key, now, Duration::MAX).unwrap();
+        let leaf = ca.issue_pod_leaf(&names, "u", &key, now, Duration::MAX, PodTiming::default()).unwrap();
         assert_eq!(leaf.not_after, LATEST);
+    }
+    fn at(unix: i64) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(unix).unwrap()
+    }
+
+    #[test]
+    fn refreshing_begins_at_the_fraction_of_the_lifetime_kept_inside_the_api_servers_window() {
+        let (nb, hour, day) = (1_800_000_000, 3600, 86_400);
+        // The default: half-life.
+        assert_eq!(begin_refresh_at(at(nb), at(nb + day), 0.5), at(nb + day / 2));
+        assert_eq!(begin_refresh_at(at(nb), at(nb + day), 0.75), at(nb + 64_800));
+        // 0 and 1: as early and as late as the API server accepts (10 min from either end).
+        assert_eq!(begin_refresh_at(at(nb), at(nb + hour), 0.0), at(nb + 600));
+        assert_eq!(begin_refresh_at(at(nb), at(nb + hour), 1.0), at(nb + hour - 600));
+        // A fraction landing inside the margins is moved out of them.
+        assert_eq!(begin_refresh_at(at(nb), at(nb + hour), 0.1), at(nb + 600));
+        assert_eq!(begin_refresh_at(at(nb), at(nb + hour), 0.9), at(nb + hour - 600));
+        // Out of range or not a number (the flag refuses them): kept inside the window.
+        assert_eq!(begin_refresh_at(at(nb), at(nb + hour), -3.0), at(nb + 600));
+        assert_eq!(begin_refresh_at(at(nb), at(nb + hour), 7.0), at(nb + hour - 600));
+        assert_eq!(begin_refresh_at(at(nb), at(nb + hour), f64::NAN), at(nb + 600));
+        // Whole seconds, as the status carries them.
+        assert_eq!(begin_refresh_at(at(nb), at(nb + hour + 1), 0.5), at(nb + 1800));
+        // Shorter than the two margins (the API server refuses it anyway): half-life.
+        assert_eq!(begin_refresh_at(at(nb), at(nb + 900), 0.0), at(nb + 450));
+        // The ends of time neither overflow nor panic.
+        let (earliest, latest) = (crate::dates::EARLIEST, crate::dates::LATEST);
+        let mid = begin_refresh_at(earliest, latest, 1.0);
+        assert_eq!(mid, crate::dates::before(latest, REFRESH_MARGIN).replace_nanosecond(0).unwrap());
+    }
+
+    #[test]
+    fn pod_leaves_are_backdated_and_carry_their_refresh_time() {
+        let ca = ca();
+        let (der, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let key = requested_key(&der).unwrap();
+        let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+        let names = ["a.b.svc".to_string()];
+        let hour = Duration::from_secs(3600);
+        let leaf = ca.issue_pod_leaf(&names, "u", &key, now, hour, PodTiming::default()).unwrap();
+        assert_eq!(
+            (leaf.not_before, leaf.not_after),
+            (now - time::Duration::SECOND, now + time::Duration::seconds(3599))
+        );
+        assert_eq!(leaf.begin_refresh_at, leaf.not_before + time::Duration::minutes(30));
+        let timing = PodTiming { backdate: Duration::from_secs(240), refresh_at: 0.0 };
+        let leaf = ca.issue_pod_leaf(&names, "u", &key, now, hour, timing).unwrap();
+        assert_eq!(leaf.not_before, now - time::Duration::minutes(4));
+        assert_eq!(leaf.not_after - leaf.not_before, time::Duration::hours(1), "the lifetime counts from NotBefore");
+        assert_eq!(leaf.begin_refresh_at, now + time::Duration::minutes(6), "NotBefore + 10 min");
     }
 }

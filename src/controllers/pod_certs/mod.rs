@@ -201,7 +201,7 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, state: Arc<State>) -> Result
                 tracing::info!(object = %shown_obj(pcr.as_ref()), ca = signer.ca.subject_cn(), "signing-cabundle no longer holds this replica's CA; waiting for the current one");
                 return Ok(Action::requeue(NOT_YET));
             }
-            sign(&pcr, &signer, names, lifetime, public).await?
+            sign(&pcr, &signer, names, lifetime, public, ctx.config.pod_timing.timing()).await?
         }
     };
     write_status(ctx, &pcr, status).await
@@ -245,11 +245,12 @@ async fn sign(
     names: Vec<String>,
     lifetime: Duration,
     public: crate::pki::RequestedKey,
+    timing: crate::pki::PodTiming,
 ) -> Result<PodCertificateRequestStatus, Error> {
     let pod_uid = pcr.spec.pod_uid.clone();
     let signing = signer.clone();
     let signed = tokio::task::spawn_blocking(move || {
-        signing.ca.issue_pod_leaf(&names, &pod_uid, &public, OffsetDateTime::now_utc(), lifetime)
+        signing.ca.issue_pod_leaf(&names, &pod_uid, &public, OffsetDateTime::now_utc(), lifetime, timing)
     })
     .await
     .map_err(|e| Error::Pki {
@@ -261,12 +262,11 @@ async fn sign(
         Ok(leaf) => leaf,
         Err(error) => return Ok(final_status("Failed", "CannotSign", format!("cannot sign: {error}"), pcr)),
     };
-    let half = crate::dates::between(leaf.not_before, leaf.not_after).checked_div(2).unwrap_or_default();
     let mut status = final_status("Issued", "Issued", format!("signed by {}", signer.ca.subject_cn()), pcr);
     status.certificate_chain = Some(leaf.chain_pem);
     status.not_before = Some(Time(to_jiff(leaf.not_before)));
     status.not_after = Some(Time(to_jiff(leaf.not_after)));
-    status.begin_refresh_at = Some(Time(to_jiff(crate::dates::after(leaf.not_before, half))));
+    status.begin_refresh_at = Some(Time(to_jiff(leaf.begin_refresh_at)));
     Ok(status)
 }
 
