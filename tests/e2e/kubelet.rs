@@ -27,15 +27,15 @@ const T: Duration = Duration::from_secs(90);
 
 /// A test's namespace with an operator signing pod certificates for a signer of its
 /// own (operators of other tests never see its requests).
-struct World {
-    env: Env,
-    signer: String,
+pub(crate) struct World {
+    pub(crate) env: Env,
+    pub(crate) signer: String,
     _op: Operator,
     _cleanup: Cleanup,
 }
 
 impl World {
-    async fn new(test: &str, extra: &[&str]) -> World {
+    pub(crate) async fn new(test: &str, extra: &[&str]) -> World {
         let env = Env::new(test).await;
         let signer = format!("e2e.service-ca.test/{}", env.run);
         let mut args = vec!["--pod-signer-name", &signer];
@@ -48,14 +48,14 @@ impl World {
     }
 
     /// docs/operations.md's `podCertificate` source: key then chain in one file.
-    fn cert_volume(&self, key_type: &str) -> Value {
+    pub(crate) fn cert_volume(&self, key_type: &str) -> Value {
         json!({ "name": "tls", "projected": { "sources": [{ "podCertificate": {
             "signerName": self.signer, "keyType": key_type, "credentialBundlePath": "credentials.pem"
         } }] } })
     }
 
     /// docs/operations.md's `clusterTrustBundle` source for the signer.
-    fn bundle_volume(&self) -> Value {
+    pub(crate) fn bundle_volume(&self) -> Value {
         json!({ "name": "ca", "projected": { "sources": [{ "clusterTrustBundle": {
             "signerName": self.signer,
             "labelSelector": { "matchLabels": { "service-ca.operators.openshift.io/managed": "true" } },
@@ -63,11 +63,11 @@ impl World {
         } }] } })
     }
 
-    async fn pod(&self, name: &str, app: &str, volumes: Vec<Value>) -> Pod {
+    pub(crate) async fn pod(&self, name: &str, app: &str, volumes: Vec<Value>) -> Pod {
         create_pod(&self.env, name, app, pod_spec(volumes)).await
     }
 
-    fn requests(&self) -> Api<PodCertificateRequest> {
+    pub(crate) fn requests(&self) -> Api<PodCertificateRequest> {
         Api::namespaced(self.env.client.clone(), &self.env.ns)
     }
 }

@@ -13,6 +13,7 @@ mod hsm;
 mod injection;
 mod inspect;
 mod kubelet;
+mod kubelet_refresh;
 mod metrics;
 mod perf;
 mod pod_certs;
