@@ -19,10 +19,14 @@ async fn three_replicas_share_issuance_with_one_write_per_certificate() {
     let env = Env::new("sharing").await;
     let ops = env.replicas(3, "5s", &[]);
     members(&ops, 3).await;
-    let n = 1000;
+    // 300: enough for the shares to show (a third each is 100 ± 8 by chance; a wrong
+    // split, one replica doing it all or two doing half each, misses the bounds below),
+    // and a third of the API server's work of 1,000 (the shared API server is the
+    // suite's bottleneck). The throughput with more is `make bench`'s.
+    let n = 300;
     let started = Instant::now();
     create_services(&env, "s", n).await;
-    eventually(Duration::from_secs(300), &format!("{n} Secrets"), || async {
+    eventually(Duration::from_secs(120), &format!("{n} Secrets"), || async {
         (issued(&env).await?.len() >= n).then_some(())
     })
     .await;
@@ -49,7 +53,8 @@ async fn three_replicas_share_issuance_with_one_write_per_certificate() {
     );
     for share in &shares {
         let fraction = share / n as f64;
-        assert!((0.2333..=0.4333).contains(&fraction), "a replica issued {share} of {n} (target 33 % ± 10 %)");
+        // ± 40: five standard deviations of a fair split of 300.
+        assert!((0.2..=0.4667).contains(&fraction), "a replica issued {share} of {n} (target 33 % ± 13 %)");
     }
     // The leader also created the CA's own Secret (signing-key).
     assert_eq!(creates - 1.0, n as f64, "one Secret create per certificate across the replicas");
@@ -219,23 +224,27 @@ async fn issuance_goes_on_without_a_pause_when_the_leader_is_killed() {
     members(&ops, 3).await;
     let seen = record_certificates(&env);
     let chief = leader(&env).await;
-    // A Service every 100 ms for 8 s; the leader is killed after 3 s.
-    let n = 80;
+    // A Service every 100 ms for 8 s; the leader is killed after 3 s. Each create is
+    // sent on time, not after the one before returned: one after the other, the 8 s
+    // stretch with the shared API server's load.
+    let n: u32 = 80;
     let created: Arc<Mutex<BTreeMap<String, Instant>>> = Arc::default();
-    let creating = async {
-        for i in 0..n {
+    let start = tokio::time::Instant::now();
+    let creating = futures::future::join_all((0..n).map(|i: u32| {
+        let (created, env) = (created.clone(), &env);
+        async move {
+            tokio::time::sleep_until(start + Duration::from_millis(100) * i).await;
             env.annotated_service(&format!("c{i}"), &format!("c{i}-tls"), false).await;
             created.lock().unwrap().insert(format!("c{i}"), Instant::now());
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    };
+    }));
     let kill = async {
         tokio::time::sleep(Duration::from_secs(3)).await;
         ops[chief].kill();
         Instant::now()
     };
-    let ((), killed) = tokio::join!(creating, kill);
-    eventually(T, &format!("{n} Secrets"), || async { (issued(&env).await?.len() >= n).then_some(()) }).await;
+    let (_, killed) = tokio::join!(creating, kill);
+    eventually(T, &format!("{n} Secrets"), || async { (issued(&env).await?.len() >= n as usize).then_some(()) }).await;
     // The Services the other two own (the same rendezvous hashing as the operator's)
     // created after the kill: each is served at once, while the leader's wait for its
     // Lease to expire.
