@@ -316,3 +316,42 @@ async fn pod_certificate_requests_are_shared_too() {
     assert_eq!(answered.iter().sum::<f64>(), n as f64, "each request answered once");
     assert!(answered.iter().all(|a| *a > 0.0), "every replica signs its share: {answered:?}");
 }
+
+#[tokio::test]
+async fn a_replica_that_deferred_work_alone_hands_it_over_when_others_join_and_none_is_left_waiting() {
+    use crate::support::Operator;
+    // r0 starts alone with 200 Services waiting: it owns them all and, at its share of
+    // slots for one namespace, defers most. r1 and r2 join meanwhile: most of what r0
+    // deferred is theirs now. Each pass r0 ends starts its next deferred Service; one
+    // now another's must be passed over, or r0's turns stop and its own share waits for
+    // ever (docs/spec.md §5.4).
+    let env = Env::new("sharing-join").await;
+    let n = 200;
+    create_services(&env, "j", n).await;
+    let replica = |i: usize, key: &str| {
+        let identity = format!("r{i}");
+        let extra = ["--lease-identity", &identity, "--default-key-algorithm", key, "--controller-concurrency", "4"];
+        Operator::start_with_kubeconfig(&env.name, &env.leader_elect_args("5s", &extra), &env.kubeconfig)
+    };
+    // RSA keys, two passes at a time (a namespace holds half of 4 slots): r0 is still
+    // at it when the others come.
+    let mut ops = vec![replica(0, "rsa")];
+    ops[0].wait_ready(T).await;
+    eventually(T, "r0's first Secrets", || async { (issued(&env).await?.len() >= 4).then_some(()) }).await;
+    let at_join = issued(&env).await.unwrap_or_default().len();
+    let joined = Instant::now();
+    ops.extend([replica(1, "ecdsa"), replica(2, "ecdsa")]);
+    eventually(T, &format!("{n} Secrets after r1 and r2 joined"), || async {
+        (issued(&env).await?.len() >= n).then_some(())
+    })
+    .await;
+    let mut shares = Vec::new();
+    for op in &ops {
+        shares.push(metric(&op.metrics_page().await, "service_ca_certificates_issued_total"));
+    }
+    println!(
+        "r0 alone issued {at_join} of {n}; r1 and r2 joined; all {n} issued {:.1?} later; issued per replica {shares:?}",
+        joined.elapsed()
+    );
+    assert!(shares.iter().all(|s| *s > 0.0), "every replica issued its share: {shares:?}");
+}
