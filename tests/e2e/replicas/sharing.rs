@@ -320,13 +320,13 @@ async fn pod_certificate_requests_are_shared_too() {
 #[tokio::test]
 async fn a_replica_that_deferred_work_alone_hands_it_over_when_others_join_and_none_is_left_waiting() {
     use crate::support::Operator;
-    // r0 starts alone with 200 Services waiting: it owns them all and, at its share of
+    // r0 starts alone with 100 Services waiting: it owns them all and, at its share of
     // slots for one namespace, defers most. r1 and r2 join meanwhile: most of what r0
     // deferred is theirs now. Each pass r0 ends starts its next deferred Service; one
     // now another's must be passed over, or r0's turns stop and its own share waits for
     // ever (docs/spec.md §5.4).
     let env = Env::new("sharing-join").await;
-    let n = 200;
+    let n = 100;
     create_services(&env, "j", n).await;
     let replica = |i: usize, key: &str| {
         let identity = format!("r{i}");
