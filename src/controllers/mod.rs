@@ -256,11 +256,15 @@ pub async fn drive<K, S, E, Fut>(
         Some(_) => controller.reconcile_all_on(ctx.sharing.changes()),
         None => controller,
     };
-    // One namespace holds at most half the slots (see [`turns`]).
-    // A deferred object deleted meanwhile is skipped (the controller would drop it).
+    // One namespace holds at most half the slots (see [`turns`]). A deferred object
+    // deleted meanwhile is skipped (the controller would drop it), and so is one another
+    // replica owns since the members changed: its pass would take no slot, so it could
+    // not pass the turn on, and the objects deferred behind it would wait for ever.
     let cache = controller.store();
-    let (gate, turn_again) =
-        turns::Gate::new(ctx.config.controller_concurrency, move |object| cache.get(object).is_some());
+    let sharing = ctx.sharing.clone();
+    let (gate, turn_again) = turns::Gate::new(ctx.config.controller_concurrency, move |object| {
+        cache.get(object).is_some_and(|obj| key_of.is_none_or(|key_of| sharing.owns(&key_of(&obj))))
+    });
     let controller = controller.reconcile_on(turn_again);
     let run = {
         let (ctx, retries) = (ctx.clone(), retries.clone());

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
@@ -26,16 +26,29 @@ async fn immutable_managed_secrets_are_recreated_through_a_rotation_without_star
     // No ready-key buffer: every key generated is one an issuance asked for.
     let op = env.start_operator(&["--key-buffer", "0"]);
     let n = 50;
-    for i in 0..n {
-        env.annotated_service(&format!("s{i}"), &format!("s{i}-tls"), false).await;
-    }
-    for i in 0..n {
-        let name = format!("s{i}-tls");
-        env.serving_secret(&name, T).await;
-        // The namespace's user freezes every Secret.
-        let patch = json!({ "immutable": true });
-        env.secrets().patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-    }
+    // Created, awaited and frozen all at once (one after the other, the setup alone took
+    // 20 s on a loaded machine).
+    futures::future::join_all((0..n).map(|i| {
+        let env = &env;
+        async move { env.annotated_service(&format!("s{i}"), &format!("s{i}-tls"), false).await }
+    }))
+    .await;
+    let managed = ListParams::default().labels(&format!("{MANAGED}=true"));
+    eventually(T, "every Secret issued", || async {
+        let secrets = env.secrets().list(&managed).await.ok()?.items;
+        let issued = secrets.iter().filter(|s| s.data.as_ref().is_some_and(|d| d.contains_key("tls.crt"))).count();
+        (issued >= n as usize).then_some(())
+    })
+    .await;
+    // The namespace's user freezes every Secret.
+    let patch = json!({ "immutable": true });
+    futures::future::join_all((0..n).map(|i| {
+        let (env, patch) = (&env, &patch);
+        async move {
+            env.secrets().patch(&format!("s{i}-tls"), &PatchParams::default(), &Patch::Merge(patch)).await.unwrap()
+        }
+    }))
+    .await;
     let keys_before = metric(&op.metrics_page().await, "service_ca_keys_generated_total");
     env.force_rotation("frozen").await;
     let new_ski = certs::ca_ski(&env.rotated("frozen").await);
@@ -230,11 +243,15 @@ async fn huge_user_input_is_echoed_bounded_and_the_cap_is_reached() {
 #[tokio::test]
 async fn a_deleted_namespace_costs_nothing_once_it_is_gone() {
     let env = Env::new("nsgone").await;
-    let op = env.start_operator(&[]);
-    let n = 50;
-    for i in 0..n {
-        env.annotated_service(&format!("s{i}"), &format!("s{i}-tls"), false).await;
-    }
+    // ECDSA keys and 20 Services: what is shown is what the gone objects cost, not
+    // their issuance (each Service's Secret is one more object for the deletion).
+    let op = env.start_operator(&["--default-key-algorithm", "ecdsa"]);
+    let n = 20;
+    futures::future::join_all((0..n).map(|i| {
+        let env = &env;
+        async move { env.annotated_service(&format!("s{i}"), &format!("s{i}-tls"), false).await }
+    }))
+    .await;
     for i in 0..n {
         env.serving_secret(&format!("s{i}-tls"), Duration::from_secs(60)).await;
     }

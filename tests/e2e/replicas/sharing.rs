@@ -19,10 +19,14 @@ async fn three_replicas_share_issuance_with_one_write_per_certificate() {
     let env = Env::new("sharing").await;
     let ops = env.replicas(3, "5s", &[]);
     members(&ops, 3).await;
-    let n = 1000;
+    // 300: enough for the shares to show (a third each is 100 ± 8 by chance; a wrong
+    // split, one replica doing it all or two doing half each, misses the bounds below),
+    // and a third of the API server's work of 1,000 (the shared API server is the
+    // suite's bottleneck). The throughput with more is `make bench`'s.
+    let n = 300;
     let started = Instant::now();
     create_services(&env, "s", n).await;
-    eventually(Duration::from_secs(300), &format!("{n} Secrets"), || async {
+    eventually(Duration::from_secs(120), &format!("{n} Secrets"), || async {
         (issued(&env).await?.len() >= n).then_some(())
     })
     .await;
@@ -49,7 +53,8 @@ async fn three_replicas_share_issuance_with_one_write_per_certificate() {
     );
     for share in &shares {
         let fraction = share / n as f64;
-        assert!((0.2333..=0.4333).contains(&fraction), "a replica issued {share} of {n} (target 33 % ± 10 %)");
+        // ± 40: five standard deviations of a fair split of 300.
+        assert!((0.2..=0.4667).contains(&fraction), "a replica issued {share} of {n} (target 33 % ± 13 %)");
     }
     // The leader also created the CA's own Secret (signing-key).
     assert_eq!(creates - 1.0, n as f64, "one Secret create per certificate across the replicas");
@@ -62,7 +67,9 @@ async fn a_replica_killed_mid_issuance_leaves_its_share_to_the_others_within_the
     let mut ops = env.replicas(3, "4s", &[]);
     members(&ops, 3).await;
     let seen = record_certificates(&env);
-    let n = 300;
+    // 150: most are still to come at the kill (106 created after it in one run), a
+    // third of them the victim's.
+    let n = 150;
     let victim = (leader(&env).await + 1) % 3;
     // Killed while the Services are still being created and issued for.
     let created: Arc<Mutex<BTreeMap<String, Instant>>> = Arc::default();
@@ -219,23 +226,27 @@ async fn issuance_goes_on_without_a_pause_when_the_leader_is_killed() {
     members(&ops, 3).await;
     let seen = record_certificates(&env);
     let chief = leader(&env).await;
-    // A Service every 100 ms for 8 s; the leader is killed after 3 s.
-    let n = 80;
+    // A Service every 100 ms for 8 s; the leader is killed after 3 s. Each create is
+    // sent on time, not after the one before returned: one after the other, the 8 s
+    // stretch with the shared API server's load.
+    let n: u32 = 80;
     let created: Arc<Mutex<BTreeMap<String, Instant>>> = Arc::default();
-    let creating = async {
-        for i in 0..n {
+    let start = tokio::time::Instant::now();
+    let creating = futures::future::join_all((0..n).map(|i: u32| {
+        let (created, env) = (created.clone(), &env);
+        async move {
+            tokio::time::sleep_until(start + Duration::from_millis(100) * i).await;
             env.annotated_service(&format!("c{i}"), &format!("c{i}-tls"), false).await;
             created.lock().unwrap().insert(format!("c{i}"), Instant::now());
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    };
+    }));
     let kill = async {
         tokio::time::sleep(Duration::from_secs(3)).await;
         ops[chief].kill();
         Instant::now()
     };
-    let ((), killed) = tokio::join!(creating, kill);
-    eventually(T, &format!("{n} Secrets"), || async { (issued(&env).await?.len() >= n).then_some(()) }).await;
+    let (_, killed) = tokio::join!(creating, kill);
+    eventually(T, &format!("{n} Secrets"), || async { (issued(&env).await?.len() >= n as usize).then_some(()) }).await;
     // The Services the other two own (the same rendezvous hashing as the operator's)
     // created after the kill: each is served at once, while the leader's wait for its
     // Lease to expire.
@@ -304,4 +315,43 @@ async fn pod_certificate_requests_are_shared_too() {
     println!("3 replicas, {n} pod certificate requests: issued per replica {answered:?}");
     assert_eq!(answered.iter().sum::<f64>(), n as f64, "each request answered once");
     assert!(answered.iter().all(|a| *a > 0.0), "every replica signs its share: {answered:?}");
+}
+
+#[tokio::test]
+async fn a_replica_that_deferred_work_alone_hands_it_over_when_others_join_and_none_is_left_waiting() {
+    use crate::support::Operator;
+    // r0 starts alone with 100 Services waiting: it owns them all and, at its share of
+    // slots for one namespace, defers most. r1 and r2 join meanwhile: most of what r0
+    // deferred is theirs now. Each pass r0 ends starts its next deferred Service; one
+    // now another's must be passed over, or r0's turns stop and its own share waits for
+    // ever (docs/spec.md §5.4).
+    let env = Env::new("sharing-join").await;
+    let n = 100;
+    create_services(&env, "j", n).await;
+    let replica = |i: usize, key: &str| {
+        let identity = format!("r{i}");
+        let extra = ["--lease-identity", &identity, "--default-key-algorithm", key, "--controller-concurrency", "4"];
+        Operator::start_with_kubeconfig(&env.name, &env.leader_elect_args("5s", &extra), &env.kubeconfig)
+    };
+    // RSA keys, two passes at a time (a namespace holds half of 4 slots): r0 is still
+    // at it when the others come.
+    let mut ops = vec![replica(0, "rsa")];
+    ops[0].wait_ready(T).await;
+    eventually(T, "r0's first Secrets", || async { (issued(&env).await?.len() >= 4).then_some(()) }).await;
+    let at_join = issued(&env).await.unwrap_or_default().len();
+    let joined = Instant::now();
+    ops.extend([replica(1, "ecdsa"), replica(2, "ecdsa")]);
+    eventually(T, &format!("{n} Secrets after r1 and r2 joined"), || async {
+        (issued(&env).await?.len() >= n).then_some(())
+    })
+    .await;
+    let mut shares = Vec::new();
+    for op in &ops {
+        shares.push(metric(&op.metrics_page().await, "service_ca_certificates_issued_total"));
+    }
+    println!(
+        "r0 alone issued {at_join} of {n}; r1 and r2 joined; all {n} issued {:.1?} later; issued per replica {shares:?}",
+        joined.elapsed()
+    );
+    assert!(shares.iter().all(|s| *s > 0.0), "every replica issued its share: {shares:?}");
 }

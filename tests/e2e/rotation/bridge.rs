@@ -15,9 +15,11 @@ use crate::support::{Env, T, certs, data, eventually};
 #[tokio::test]
 async fn zero_failed_handshakes_through_an_automatic_and_a_forced_rotation() {
     let env = Env::new("ca-zero-downtime").await;
-    // A 90 s CA rotated when 55 s are left: the automatic rotation comes 35 s in (the
-    // setup before it takes a few seconds), and the CA the forced rotation makes is
-    // rotated again only 35 s after it (the rest of the test takes under 20 s).
+    // 90 s CAs rotated when 55 s are left: each CA the operator makes is rotated 35 s
+    // after it was made, after the rest of the test (under 20 s). The first CA was made
+    // 15 s before the operator starts: its automatic rotation comes 20 s in (the setup
+    // before it takes a few seconds).
+    super::aged_ca(&env, Duration::from_secs(90), Duration::from_secs(15)).await;
     let _op = env.start_operator(&["--ca-lifetime", "90s", "--ca-rotate-before", "55s"]);
     let b0 = env.ca_bundle().await;
     let created = Instant::now();
@@ -54,7 +56,7 @@ async fn zero_failed_handshakes_through_an_automatic_and_a_forced_rotation() {
     let (tally, _) = tokio::join!(handshake_loop(&env, &servers, b0.clone(), newest_ca, done), watch_task);
     let auto_at = rotated_at.lock().unwrap().unwrap();
     println!(
-        "automatic rotation {:?} after CA creation; {} handshakes, {} failed, combinations {:?}",
+        "automatic rotation {:?} after the operator started; {} handshakes, {} failed, combinations {:?}",
         auto_at - created,
         tally.handshakes,
         tally.failures.len(),
@@ -118,8 +120,10 @@ async fn zero_failed_handshakes_through_an_automatic_and_a_forced_rotation() {
 #[tokio::test]
 async fn the_oldest_ca_drops_out_when_its_bridge_expires() {
     let env = Env::new("ca-bridge-expiry").await;
-    // 60 s CA, rotated with 20 s left: rotation at 40 s, X1 (the old CA) valid until 60 s.
-    let _op = env.start_operator(&["--ca-lifetime", "60s", "--ca-rotate-before", "20s"]);
+    // 60 s CAs, rotated with 10 s left. The first was made 35 s before the operator
+    // starts: rotated 15 s in, X1 (the old CA re-signed) valid until 25 s in.
+    super::aged_ca(&env, Duration::from_secs(60), Duration::from_secs(35)).await;
+    let _op = env.start_operator(&["--ca-lifetime", "60s", "--ca-rotate-before", "10s"]);
     env.ca_bundle().await;
     env.annotated_service("old", "old-tls", false).await;
     let leaf0 = env.serving_secret("old-tls", T).await;
@@ -127,6 +131,7 @@ async fn the_oldest_ca_drops_out_when_its_bridge_expires() {
     let name = format!("old.{}.svc", env.ns);
     let key0 = signing_key(&env).await;
     let ca0 = certs::of_secret(&key0);
+    assert_eq!(certs::leaf_aki(&leaf0), certs::ca_ski(&key0), "the first leaf is CA0's (not yet rotated)");
 
     let b1 = eventually(Duration::from_secs(60), "the automatic rotation", || async {
         let b = env.ca_bundle().await;

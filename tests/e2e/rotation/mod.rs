@@ -18,6 +18,24 @@ async fn signing_key(env: &Env) -> Secret {
     env.op_secrets().get("signing-key").await.unwrap()
 }
 
+/// Puts in `signing-key`, before the operator starts, a CA like the one the operator
+/// makes (RSA-2048, `lifetime`) but created `age` ago: its scheduled rotation and its
+/// expiry come `age` sooner than for a CA made at start-up, and nothing else differs.
+async fn aged_ca(env: &Env, lifetime: Duration, age: Duration) {
+    use service_ca_operator::pki;
+    let created = time::OffsetDateTime::now_utc() - age;
+    let policy = pki::CaPolicy { lifetime, rotate_before: Duration::from_secs(1) };
+    let ca = pki::CertificateAuthority::create(pki::PrivateKey::generate_rsa(2048).unwrap(), created, &policy).unwrap();
+    let data = ca.to_secret_data().into_iter().map(|(k, v)| (k, k8s_openapi::ByteString(v))).collect();
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta { name: Some("signing-key".into()), ..Default::default() },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(data),
+        ..Default::default()
+    };
+    env.op_secrets().create(&kube::api::PostParams::default(), &secret).await.unwrap();
+}
+
 /// A TLS server that follows its Secret like a pod does: it reloads a little while
 /// after the Secret changes (kubelet and the application take time to catch up).
 struct FollowingServer {

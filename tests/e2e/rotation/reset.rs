@@ -17,13 +17,16 @@ use crate::support::{Env, T, certs, data, eventually};
 #[tokio::test]
 async fn hard_reset_gives_a_new_ca_and_updates_every_secret_and_bundle() {
     let env = Env::new("ca-reset").await;
-    let _op = env.start_operator(&[]);
+    // ECDSA leaves: the reset is the point, not 40 RSA keys (the CA's stays RSA).
+    let _op = env.start_operator(&["--default-key-algorithm", "ecdsa"]);
     let old_bundle = env.ca_bundle().await;
     let old_cn = certs::of_secret(&signing_key(&env).await).subject_cn;
     let n = 20;
-    for i in 0..n {
-        env.annotated_service(&format!("s{i}"), &format!("s{i}-tls"), false).await;
-    }
+    futures::future::join_all((0..n).map(|i| {
+        let env = &env;
+        async move { env.annotated_service(&format!("s{i}"), &format!("s{i}-tls"), false).await }
+    }))
+    .await;
     let mut cm: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(json!({})).unwrap();
     cm.metadata = env.meta("bundle");
     cm.metadata.annotations =

@@ -110,23 +110,25 @@ async fn deleted_secret_is_recreated_with_a_new_key() {
 #[tokio::test]
 async fn refresh_happens_at_the_scheduled_moment() {
     let env = Env::new("serving-refresh").await;
-    // 60 s certificates, refreshed when 20 s are left: due 40 s after issuance. ECDSA
-    // keys: the test measures when the refresh is scheduled, not how long a fresh RSA
-    // key takes at the key threads' lower priority on a loaded machine (4 s was seen
-    // with the whole suite running on 2 cores).
+    // 60 s certificates (the shortest allowed), refreshed when 45 s are left: due 15 s
+    // after issuance, far enough from it, from half the lifetime and from the lifetime
+    // minus 15 s that a refresh at once or on a wrong schedule misses the window below.
+    // ECDSA keys: the test measures when the refresh is scheduled, not how long a fresh
+    // RSA key takes at the key threads' lower priority on a loaded machine (4 s was
+    // seen with the whole suite running on 2 cores).
     let _op = env.start_operator(&[
         "--cert-lifetime",
         "60s",
         "--cert-refresh-before",
-        "20s",
+        "45s",
         "--default-key-algorithm",
         "ecdsa",
     ]);
     env.annotated_service("tick", "tick-tls", false).await;
     let first = env.serving_secret("tick-tls", T).await;
     let (not_after, serial) = (certs::not_after(&first), certs::serial(&first));
-    let due = not_after - 20;
-    let second = eventually(Duration::from_secs(70), "the scheduled refresh", || async {
+    let due = not_after - 45;
+    let second = eventually(Duration::from_secs(45), "the scheduled refresh", || async {
         let s = env.secrets().get("tick-tls").await.unwrap();
         (certs::serial(&s) != serial).then_some(s)
     })
