@@ -160,7 +160,11 @@ impl Bench<'_> {
             .map(|(k, w)| format!("{k} {} (max {})", w.total, w.max_per_object))
             .collect();
         let text = if text.is_empty() { "none".to_string() } else { text.join(", ") };
-        let target = if label == "restart" { "target 0" } else { "target max 1 per object" };
+        let target = match label {
+            "restart" => "target 0",
+            "burst" => "target 2 per request (its creation, its answer)",
+            _ => "target max 1 per object",
+        };
         report.row(&format!("Envelope {label}: writes watched (max on one object)"), text, target);
         let total: u64 = api.values().sum();
         report.row(&format!("Envelope {label}: API server writes"), format!("{total}: {api:?}"), "");
