@@ -22,6 +22,10 @@ const SIZES: Sizes = Sizes {
     pod_namespaces: 2,
 };
 const T: Duration = Duration::from_secs(120);
+/// An APIService or CRD takes two writes per bundle (measured, by design): the
+/// injection (server-side apply), then the removal of the operator's managedFields
+/// entry so that it blocks no other manager (ca_bundle's `Write::Disown`).
+const CLUSTER: (&str, usize) = ("APIServices, CRDs, webhooks", 2);
 
 /// [`SIZES`], times `SERVICE_CA_ENVELOPE_SCALE` if set (e.g. 20 for a heap profile of
 /// the operator at a size between this smoke and the bench's).
@@ -33,7 +37,8 @@ fn sizes() -> Sizes {
         service_namespaces: times(SIZES.service_namespaces),
         services: times(SIZES.services),
         configmaps: times(SIZES.configmaps),
-        cluster_objects: times(SIZES.cluster_objects),
+        // Not scaled: unavailable APIServices stall namespace deletion cluster-wide.
+        cluster_objects: SIZES.cluster_objects,
         pod_requests: times(SIZES.pod_requests),
         pod_namespaces: SIZES.pod_namespaces,
     }
@@ -78,7 +83,7 @@ async fn envelope_start_burst_rotation_reset_restart_all_current_one_write_each(
     let first = Expected::now(&env).await;
     let took = all_current(&env, &world, &watches, &first, started).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    at_most("start", &watches.writes(&mark), &[]);
+    at_most("start", &watches.writes(&mark), &[CLUSTER]);
     println!("start -> all current {took:.1?}");
 
     // Burst of pod requests -> every one issued, one status write each (+ its creation).
@@ -105,7 +110,7 @@ async fn envelope_start_burst_rotation_reset_restart_all_current_one_write_each(
         expected = Expected::changed_from(&env, &expected).await;
         let took = all_current(&env, &world, &watches, &expected, started).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
-        at_most(phase, &watches.writes(&mark), &[]);
+        at_most(phase, &watches.writes(&mark), &[CLUSTER]);
         println!("{phase} -> all current {took:.1?}");
     }
 

@@ -205,9 +205,9 @@ fn ca_bundles(value: &Value, out: &mut Vec<String>) {
 }
 
 /// A cluster object's state: the fingerprint of its caBundle if every field holds the
-/// same one, else 0; and its version: a fingerprint of all but its status and the
-/// metadata the API server keeps (CRDs and APIServices have their status written by the
-/// API server itself, which is no write of the operator's).
+/// same one, else 0; and its version: a fingerprint of all but its status (CRDs and
+/// APIServices have their status written by the API server itself, which is no write
+/// of the operator's). A change of managedFields alone is a write.
 fn cluster_state<K: serde::Serialize>(obj: &K) -> Option<(u64, String)> {
     let mut value = serde_json::to_value(obj).ok()?;
     let mut found = Vec::new();
@@ -219,8 +219,12 @@ fn cluster_state<K: serde::Serialize>(obj: &K) -> Option<(u64, String)> {
     let object = value.as_object_mut()?;
     object.remove("status");
     let meta = object.get_mut("metadata")?.as_object_mut()?;
-    for noise in ["resourceVersion", "managedFields", "generation"] {
+    for noise in ["resourceVersion", "generation"] {
         meta.remove(noise);
+    }
+    // Entries for the status (with their times) are the API server's.
+    if let Some(Value::Array(entries)) = meta.get_mut("managedFields") {
+        entries.retain(|e| e.get("subresource").is_none_or(|s| s.as_str().unwrap_or_default().is_empty()));
     }
     Some((state, format!("{:x}", fp(value.to_string().as_bytes()))))
 }
