@@ -23,6 +23,8 @@ mod support;
 #[path = "scale/keygen.rs"]
 mod keygen;
 
+#[path = "scale/envelope.rs"]
+mod envelope;
 #[path = "scale/hsm.rs"]
 mod hsm;
 #[path = "scale/namespaces.rs"]
@@ -300,6 +302,9 @@ async fn main() {
     }
     if part("namespaces") {
         envs.push(namespaces::namespace_bundles(&mut report).await);
+    }
+    if part("envelope") {
+        envs.push(envelope::envelope(&mut report).await);
     }
 
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");

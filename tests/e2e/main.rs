@@ -9,6 +9,7 @@
 mod support;
 
 mod bad_input;
+mod envelope;
 mod hsm;
 mod injection;
 mod inspect;

@@ -8,6 +8,7 @@
 pub mod annotations;
 pub mod certs;
 mod controlplane;
+pub mod envelope;
 pub mod node;
 pub mod objects;
 mod operator;
