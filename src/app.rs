@@ -20,7 +20,7 @@ use crate::controllers::serving::{cert_refresh, serving_cert};
 use crate::controllers::sharing::{self, Sharing};
 use crate::controllers::{Context, ca_bundle, ca_lifecycle, namespace_bundle};
 use crate::keypool::KeyPool;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ServingCertExpiry};
 use crate::names::{self as ann, LEASE_NAME};
 use crate::shutdown::Shutdown;
 use crate::signer::SignerHandle;
@@ -36,7 +36,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Caches of annotated Services (those the selector picks) and our own serving
     // Secrets (by label), shared by the serving-cert and cert-refresh controllers.
     let serving = ServingWatches::new(&client, &config.selector, health.clone());
-    let metrics = Arc::new(Metrics::new(Some(serving.secrets.clone())));
+    let expiry = ServingCertExpiry { secrets: serving.secrets.clone(), max_series: config.metrics_max_secret_series };
+    let metrics = Arc::new(Metrics::new(Some(expiry)));
     let admin = start_admin(&client, &config, &health, &metrics, &shutdown).await?;
     let recorder = Recorder::new(client.clone(), "service-ca-operator", &identity);
     let sharing = if config.leader_elect && config.share_issuance { Sharing::new(&identity) } else { Sharing::off() };

@@ -199,6 +199,11 @@ pub struct Config {
     #[arg(long, env = "SERVICE_CA_METRICS_CERT_SECRET", default_value = names::METRICS_CERT_SECRET)]
     pub metrics_cert_secret: String,
 
+    /// At most this many `service_ca_serving_certificate_expiry_time_seconds` series: the
+    /// Secrets expiring first (an expiry alert still sees every Secret near its end).
+    #[arg(long, env = "SERVICE_CA_METRICS_MAX_SECRET_SERIES", default_value_t = 1000)]
+    pub metrics_max_secret_series: usize,
+
     #[arg(long, env = "SERVICE_CA_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,
 

@@ -1,6 +1,7 @@
 //! Prometheus metrics. Labels are bounded: controller names, error categories, kinds
 //! and reasons — plus one series per managed Secret for its expiry (docs/spec.md §4), read
-//! from the Secret cache at scrape time so deleted Secrets never linger.
+//! from the Secret cache at scrape time so deleted Secrets never linger, for at most
+//! `--metrics-max-secret-series` Secrets: those expiring first.
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
@@ -86,7 +87,7 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    pub fn new(serving_secrets: Option<Store<PartialObjectMeta<Secret>>>) -> Self {
+    pub fn new(serving_secrets: Option<ServingCertExpiry>) -> Self {
         let mut metrics = Metrics {
             registry: Registry::default(),
             ca_expiry: Gauge::default(),
@@ -116,8 +117,8 @@ impl Metrics {
         metrics.register_ca_changes();
         metrics.register_writes_and_sharing();
         trust::register(&metrics.trust, &mut metrics.registry);
-        if let Some(store) = serving_secrets {
-            metrics.registry.register_collector(Box::new(ServingCertExpiry(store)));
+        if let Some(expiry) = serving_secrets {
+            metrics.registry.register_collector(Box::new(expiry));
         }
         metrics
     }
@@ -230,33 +231,71 @@ impl Metrics {
     }
 }
 
-/// `service_ca_serving_certificate_expiry_time_seconds{namespace,secret}`, computed
-/// from the managed-Secret cache at scrape time.
+/// `service_ca_serving_certificate_expiry_time_seconds{namespace,secret}` for the
+/// `max_series` managed Secrets expiring first, and `service_ca_serving_certificates`
+/// (how many there are), computed from the managed-Secret cache at scrape time.
 #[derive(Debug)]
-struct ServingCertExpiry(Store<PartialObjectMeta<Secret>>);
+pub struct ServingCertExpiry {
+    pub secrets: Store<PartialObjectMeta<Secret>>,
+    pub max_series: usize,
+}
 
 impl Collector for ServingCertExpiry {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let secrets = self.secrets.state();
+        let mut expiries: Vec<(i64, &PartialObjectMeta<Secret>)> = secrets
+            .iter()
+            .filter_map(|s| Some((parse_expiry(s.annotations().get(ann::BETA.expiry)?)?.unix_timestamp(), s.as_ref())))
+            .collect();
+        let count = expiries.len();
+        earliest(&mut expiries, self.max_series);
         let mut metric = encoder.encode_descriptor(
             "service_ca_serving_certificate_expiry_time_seconds",
-            "NotAfter of each managed serving certificate, Unix seconds",
+            "NotAfter of the managed serving certificates expiring first (--metrics-max-secret-series), Unix seconds",
             None,
             prometheus_client::metrics::MetricType::Gauge,
         )?;
-        for secret in self.0.state() {
-            let Some(expiry) = secret.annotations().get(ann::BETA.expiry).and_then(|v| parse_expiry(v)) else {
-                continue;
-            };
+        for (expiry, secret) in expiries {
             let labels = [("namespace", secret.namespace().unwrap_or_default()), ("secret", secret.name_any())];
-            ConstGauge::new(expiry.unix_timestamp()).encode(metric.encode_family(&labels.to_vec())?)?;
+            ConstGauge::new(expiry).encode(metric.encode_family(&labels.to_vec())?)?;
         }
+        let metric = encoder.encode_descriptor(
+            "service_ca_serving_certificates",
+            "Managed serving Secrets holding a certificate",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::try_from(count).unwrap_or(i64::MAX)).encode(metric)?;
         Ok(())
+    }
+}
+
+/// Keeps the `n` entries expiring first (in no particular order).
+fn earliest<T>(expiries: &mut Vec<(i64, T)>, n: usize) {
+    if expiries.len() > n {
+        if let Some(last) = n.checked_sub(1) {
+            expiries.select_nth_unstable_by_key(last, |(expiry, _)| *expiry);
+        }
+        expiries.truncate(n);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_secrets_expiring_first_get_a_series() {
+        let mut all: Vec<(i64, &str)> = vec![(50, "e"), (10, "a"), (40, "d"), (20, "b"), (30, "c")];
+        earliest(&mut all, 2);
+        all.sort();
+        assert_eq!(all, [(10, "a"), (20, "b")]);
+        let mut all = vec![(2, "b"), (1, "a")];
+        earliest(&mut all, 5);
+        assert_eq!(all.len(), 2, "fewer than the cap: every one");
+        earliest(&mut all, 0);
+        assert!(all.is_empty());
+    }
 
     #[test]
     fn every_family_is_exposed_once_in_registration_order() {

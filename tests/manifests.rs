@@ -160,6 +160,7 @@ fn chart_values_have_the_binary_defaults() {
     assert_eq!(o["adminAddr"], c.admin_addr.to_string().as_str());
     assert_eq!(o["metricsAddr"], c.metrics_addr.to_string().as_str());
     assert_eq!(o["metricsSecure"], c.metrics_secure);
+    assert_eq!(o["metricsMaxSecretSeries"], c.metrics_max_secret_series as u64);
     assert_eq!(o["logLevel"], c.log_level.as_str());
     assert_eq!(o["selector"], c.selector.as_str());
     assert_eq!(o["namespaceBundles"], c.trust.namespace_bundles);

@@ -274,7 +274,8 @@ async fn made_up_tokens_do_not_evict_an_authorised_scrapers_verdict() {
 #[tokio::test]
 async fn admin_endpoints_serve_probes_and_the_spec_metrics() {
     let env = Env::new("admin").await;
-    let op = env.start_operator(&[]);
+    // No cap: other tests' Secrets on the shared control plane expire before this one's.
+    let op = env.start_operator(&["--metrics-max-secret-series", "1000000"]);
     op.wait_ready(T).await;
     env.annotated_service("m", "m-tls", false).await;
     env.serving_secret("m-tls", T).await;
@@ -295,4 +296,45 @@ async fn admin_endpoints_serve_probes_and_the_spec_metrics() {
         (m.contains(&secret_series) && names.iter().all(|n| m.contains(n))).then_some(())
     })
     .await;
+}
+
+/// docs/spec.md §4: one expiry series per managed Secret, for at most
+/// `--metrics-max-secret-series` of them — those expiring first — so a cluster of
+/// 10,000 Services does not expose 10,000 series, and an expiry alert still sees the
+/// Secrets nearest their end. (The shared control plane holds other tests' Secrets too:
+/// the test checks that nothing shown expires after a Secret left out.)
+#[tokio::test]
+async fn expiry_series_are_bounded_to_the_secrets_expiring_first() {
+    let env = Env::new("series").await;
+    let op = env.start_operator(&["--metrics-max-secret-series", "2", "--default-key-algorithm", "ecdsa"]);
+    op.wait_ready(T).await;
+    // Issued one after the other, more than a second apart: NotAfter (whole seconds)
+    // orders them, the third last.
+    let mut third_expiry = None;
+    for name in ["first", "second", "third"] {
+        env.annotated_service(name, &format!("{name}-tls"), false).await;
+        let secret = env.serving_secret(&format!("{name}-tls"), T).await;
+        third_expiry = secret.metadata.annotations.and_then(|a| a.get(crate::support::annotations::EXPIRY).cloned());
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    let third_expiry = time::OffsetDateTime::parse(
+        &third_expiry.expect("the third Secret's expiry annotation"),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap()
+    .unix_timestamp() as f64;
+    let page = eventually(T, "the third Secret counted", || async {
+        let (_, page) = op.metrics().await?;
+        (crate::support::metric(&page, "service_ca_serving_certificates") >= 3.0).then_some(page)
+    })
+    .await;
+    let shown: Vec<f64> = page
+        .lines()
+        .filter(|l| l.starts_with("service_ca_serving_certificate_expiry_time_seconds{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(!shown.is_empty() && shown.len() <= 2, "{} expiry series with a cap of 2:\n{page}", shown.len());
+    let third = format!("namespace=\"{}\",secret=\"third-tls\"", env.ns);
+    assert!(!page.contains(&third), "the third Secret expires after two others, beyond the cap:\n{page}");
+    assert!(shown.iter().all(|&e| e <= third_expiry), "a series shown expires after one left out: {shown:?}");
 }

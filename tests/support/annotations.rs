@@ -18,5 +18,7 @@ pub const INJECT_LEGACY: &str = "service.alpha.openshift.io/inject-vulnerable-le
 /// On `signing-key`: asks for a forced rotation; the reason of the last one done.
 pub const FORCE_ROTATION: &str = "service-ca.operators.openshift.io/force-rotation";
 pub const FORCED_ROTATION_REASON: &str = "service-ca.operators.openshift.io/forced-rotation-reason";
+/// On a serving Secret: its certificate's NotAfter (RFC 3339).
+pub const EXPIRY: &str = "service.beta.openshift.io/expiry";
 /// The label on the Secrets the operator manages.
 pub const MANAGED: &str = "service-ca.operators.openshift.io/managed";
