@@ -172,6 +172,9 @@ fn chart_values_have_the_binary_defaults() {
     assert!(o["caKeyPkcs11Uri"].is_null() && c.pkcs11.ca_key_pkcs11_uri.is_none());
     assert!(o["pkcs11Module"].is_null() && c.pkcs11.pkcs11_module.is_none());
     assert!(o["pkcs11PinSecret"].is_null() && c.pkcs11.pkcs11_pin_file.is_none());
+    assert!(
+        o["pkcs11OnReset"].is_null() && c.pkcs11.pkcs11_on_reset == service_ca_operator::pki::pkcs11::OnReset::Keep
+    );
     assert!(o["allowedKeyAlgorithms"].is_null() && c.allowed_key_algorithms.is_empty());
     assert_eq!(o["podCertificates"], c.pod_certificates);
     assert_eq!(o["podSignerName"], c.pod_signer_name.as_str());
