@@ -10,6 +10,7 @@ mod support;
 
 mod bad_input;
 mod hsm;
+mod hsm_keys;
 mod injection;
 mod inspect;
 mod kubelet;
