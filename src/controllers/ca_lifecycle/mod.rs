@@ -220,7 +220,7 @@ async fn reconcile(
     };
     let next = publish(ctx, ca, bundle.as_ref(), now, seen).await?;
     if let Some(created) = created_now {
-        old_keys::destroy_unused(ctx, &created).await;
+        old_keys::destroy_unused(ctx, &created, &mut seen.spare_key).await;
     }
     Ok(next)
 }

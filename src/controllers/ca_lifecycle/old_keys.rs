@@ -14,15 +14,17 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::controllers::{Context, EventType};
 use crate::names::{CA_BUNDLE, INTERMEDIATE, SIGNING_KEY, TLS_CERT};
-use crate::pki::PKCS11_KEY_URI;
 use crate::pki::pkcs11::{InUse, KeyUri, OnReset};
+use crate::pki::{CaKey, PKCS11_KEY_URI};
 
-/// Destroys the unreferenced keys when configured; reports what it did.
-pub(super) async fn destroy_unused(ctx: &Context, created: &Secret) {
+/// Destroys the unreferenced keys when configured; reports what it did. `spare` (a key
+/// generated for a rotation that failed before) is one of them: it is dropped.
+pub(super) async fn destroy_unused(ctx: &Context, created: &Secret, spare: &mut Option<CaKey>) {
     let Some(token) = ctx.ca_token.clone() else { return };
     if ctx.config.pkcs11.pkcs11_on_reset != OnReset::Destroy {
         return;
     }
+    *spare = None;
     let in_use = in_use(created.data.as_ref());
     if in_use.ids.is_empty() {
         // Never guess: without the new key's reference nothing is known to be unused.
