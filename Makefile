@@ -56,7 +56,7 @@ deny:
 helm:
 	@scripts/helm.sh >/dev/null
 
-## The container image, without a Docker engine (buildah; FROM scratch, static binary).
+## The container image, without a Docker engine (buildah; FROM scratch, the binary and its four glibc libraries).
 image:
 	scripts/image.sh $(IMAGE)
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds the operator's container image without a Docker engine, with buildah:
-# FROM scratch, one file (/service-ca-operator: the release binary, statically linked
-# against glibc with -C target-feature=+crt-static), user 65532:65532, no shell.
-# The Dockerfile builds the same layout for people with Docker.
+# FROM scratch, the release binary /service-ca-operator (dynamically linked) and the few
+# glibc libraries it loads (ld.so, libc, libm, libgcc_s, at their paths), user
+# 65532:65532, no shell. Dynamic, so that it can load a PKCS#11 module (--pkcs11-module):
+# a static glibc binary cannot dlopen one. The Dockerfile builds the same layout for
+# people with Docker.
 #
 #   scripts/image.sh [image-name]     default localhost/service-ca-operator:dev
 #
@@ -20,23 +22,29 @@ export STORAGE_DRIVER=vfs BUILDAH_ISOLATION=chroot
 b() { buildah --storage-driver vfs "$@"; }
 
 start=$(date +%s)
-# A separate --target keeps build scripts and proc macros dynamic (crt-static applies
-# to the target only) and leaves target/release (make build, make bench) alone.
-CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
-  cargo build --release --locked --target x86_64-unknown-linux-gnu --bin service-ca-operator
+# The same build as `make build` (target/release), so the two share it.
+cargo build --release --locked --bin service-ca-operator
 built=$(date +%s)
 # Symbols stripped (25 MB -> about half); the Dockerfile does the same.
 mkdir -p target/image
 bin=target/image/service-ca-operator
-strip -o "$bin" target/x86_64-unknown-linux-gnu/release/service-ca-operator
-if ldd "$bin" 2>&1 | grep -q '=>'; then
-  echo "$bin is dynamically linked; the image has no libraries for it" >&2
-  exit 1
-fi
+strip -o "$bin" target/release/service-ca-operator
+# The libraries it loads, by the paths ldd gives (the loader, libc, libm, libgcc_s),
+# copied with their contents (not symlinks) to the same paths in the image.
+libs=$(ldd "$bin" | grep -o '/[^ ]*' | sort -u)
+for lib in $libs; do
+  case "$lib" in
+    */ld-linux-x86-64.so.2|*/libc.so.6|*/libm.so.6|*/libgcc_s.so.1) ;;
+    *) echo "$bin needs $lib, which the image does not ship" >&2; exit 1 ;;
+  esac
+done
 
 ctr=$(b from scratch)
 trap 'b rm "$ctr" >/dev/null 2>&1 || true' EXIT
 b copy --chown 0:0 --chmod 0755 "$ctr" "$bin" /service-ca-operator >/dev/null
+for lib in $libs; do
+  b copy --chown 0:0 --chmod 0755 "$ctr" "$(readlink -f "$lib")" "$lib" >/dev/null
+done
 b config \
   --user 65532:65532 \
   --port 8080/tcp --port 8443/tcp \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The system tools the build and tests use that no Rust or Go build provides: a C
-# toolchain (cc, make, ar, strip and glibc's static libc: ring and jemalloc are
-# compiled from C, the image binary is linked statically and stripped), OpenSSL's
+# toolchain (cc, make, ar, strip and glibc's development files: ring and jemalloc are
+# compiled from C, the image binary is stripped and ldd names its libraries), OpenSSL's
 # command-line client (interoperability tests), buildah (the image is built and run
 # without Docker), python3 (the import-cycle check) and kubectl (the shipping and GitOps
 # tests drive the cluster with it, as people do), SoftHSM2 and OpenSC's pkcs11-tool (the
@@ -16,7 +16,7 @@ missing=()
 for tool in "${tools[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("${package[$tool]}")
 done
-# glibc's static libc (the image's -C target-feature=+crt-static link).
+# glibc's development files (libc6-dev: C runtime objects and headers for ring's and jemalloc's C).
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || ! command -v apt-get >/dev/null || missing+=(libc6-dev)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

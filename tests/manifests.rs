@@ -18,20 +18,22 @@ fn yaml(path: &str) -> Value {
 }
 
 #[test]
-fn dockerfile_is_multi_stage_static_non_root_with_the_binary_as_entrypoint() {
+fn dockerfile_is_multi_stage_minimal_non_root_with_the_binary_as_entrypoint() {
     let text = read("Dockerfile");
     let froms: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();
     assert!(froms.len() >= 2, "multi-stage: {froms:?}");
     assert!(froms[0].contains(" AS build"), "{froms:?}");
     let runtime = froms.last().unwrap();
     assert!(runtime.contains("distroless/static") || runtime.contains("scratch"), "minimal runtime image: {runtime}");
-    assert!(
-        text.contains("--target x86_64-unknown-linux-gnu") && text.contains("target-feature=+crt-static"),
-        "static binary, built like scripts/image.sh"
-    );
+    // Dynamically linked (a static glibc binary cannot load a PKCS#11 module), built like
+    // scripts/image.sh, with the libraries ldd names copied into the runtime stage.
+    assert!(text.contains("cargo build --release --locked --bin service-ca-operator"), "built like scripts/image.sh");
+    assert!(!text.contains("crt-static"), "not static: --pkcs11-module must load");
+    assert!(text.contains("ldd /service-ca-operator") && text.contains("cp -L"), "the libraries it loads, copied");
     assert!(text.contains("--locked"), "reproducible: Cargo.lock honoured");
     let last_stage = &text[text.rfind("\nFROM ").unwrap()..];
     assert!(last_stage.contains("COPY --from=build --chmod=0755 /service-ca-operator /service-ca-operator"));
+    assert!(last_stage.contains("COPY --from=build /rootfs/ /"), "the libraries, and nothing else from the build");
     let user = last_stage.lines().find(|l| l.starts_with("USER ")).expect("USER in the runtime stage");
     let uid = user.trim_start_matches("USER ").split(':').next().unwrap();
     assert!(
@@ -173,6 +175,9 @@ fn chart_values_have_the_binary_defaults() {
     assert!(o["caKeyPkcs11Uri"].is_null() && c.pkcs11.ca_key_pkcs11_uri.is_none());
     assert!(o["pkcs11Module"].is_null() && c.pkcs11.pkcs11_module.is_none());
     assert!(o["pkcs11PinSecret"].is_null() && c.pkcs11.pkcs11_pin_file.is_none());
+    assert!(
+        o["pkcs11OnReset"].is_null() && c.pkcs11.pkcs11_on_reset == service_ca_operator::pki::pkcs11::OnReset::Keep
+    );
     assert!(o["allowedKeyAlgorithms"].is_null() && c.allowed_key_algorithms.is_empty());
     assert_eq!(o["podCertificates"], c.pod_certificates);
     assert_eq!(o["podSignerName"], c.pod_signer_name.as_str());

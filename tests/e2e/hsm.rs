@@ -19,22 +19,22 @@ use crate::support::pods::{Kubelet, bundle_name, key_and_stub, trust_bundle};
 use crate::support::tls::{self, TlsServer};
 use crate::support::{Cleanup, Env, Operator, certs, data, eventually, time_scale};
 
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
-const PIN: &str = "4711-service-ca";
+pub(crate) const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+pub(crate) const PIN: &str = "4711-service-ca";
 
-fn t(seconds: u64) -> Duration {
+pub(crate) fn t(seconds: u64) -> Duration {
     Duration::from_secs_f64(seconds as f64 * time_scale())
 }
 
 /// A SoftHSM2 token of its own: a config file and token directory in a scratch dir.
-struct SoftHsm {
-    dir: PathBuf,
-    conf: PathBuf,
-    label: String,
+pub(crate) struct SoftHsm {
+    pub(crate) dir: PathBuf,
+    pub(crate) conf: PathBuf,
+    pub(crate) label: String,
 }
 
 impl SoftHsm {
-    fn new(label: &str) -> SoftHsm {
+    pub(crate) fn new(label: &str) -> SoftHsm {
         let dir = tls::scratch_dir().join("softhsm");
         let tokens = dir.join("tokens");
         std::fs::create_dir_all(&tokens).unwrap();
@@ -53,12 +53,12 @@ impl SoftHsm {
         hsm
     }
 
-    fn pin_file(&self) -> PathBuf {
+    pub(crate) fn pin_file(&self) -> PathBuf {
         self.dir.join("pin")
     }
 
     /// The operator flags that put the CA key in this token, with `pin_file`.
-    fn flags(&self, pin_file: &Path) -> Vec<String> {
+    pub(crate) fn flags(&self, pin_file: &Path) -> Vec<String> {
         vec![
             "--ca-key-pkcs11-uri".into(),
             format!("pkcs11:token={};object=service-ca-key", self.label),
@@ -71,12 +71,12 @@ impl SoftHsm {
 
     /// Starts the operator of this build with SOFTHSM2_CONF pointing at this token (a
     /// wrapper script: the variable is this test's alone, not the test process's).
-    fn start_operator(&self, env: &Env, pin_file: &Path) -> Operator {
+    pub(crate) fn start_operator(&self, env: &Env, pin_file: &Path) -> Operator {
         self.start_operator_with(env, pin_file, &[])
     }
 
     /// [`Self::start_operator`] with `extra` flags.
-    fn start_operator_with(&self, env: &Env, pin_file: &Path, extra: &[&str]) -> Operator {
+    pub(crate) fn start_operator_with(&self, env: &Env, pin_file: &Path, extra: &[&str]) -> Operator {
         let wrapper = self.dir.join("operator.sh");
         let script = format!(
             "#!/bin/sh\nSOFTHSM2_CONF='{}' exec '{}' \"$@\"\n",
@@ -107,7 +107,7 @@ impl SoftHsm {
     }
 
     /// The private key objects in the token, as `pkcs11-tool --list-objects` prints them.
-    fn private_keys(&self) -> Vec<String> {
+    pub(crate) fn private_keys(&self) -> Vec<String> {
         let out = Command::new("pkcs11-tool")
             .args(["--module", MODULE, "--token-label", &self.label, "--login", "--pin", PIN, "--list-objects"])
             .args(["--type", "privkey"])
@@ -121,7 +121,7 @@ impl SoftHsm {
 }
 
 /// `signing-key` names its key in the token and holds none itself.
-fn assert_key_in_token(ca: &Secret, hsm: &SoftHsm) -> String {
+pub(crate) fn assert_key_in_token(ca: &Secret, hsm: &SoftHsm) -> String {
     assert_eq!(data(ca, "tls.key"), "", "tls.key stays empty (the type kubernetes.io/tls requires the key)");
     let uri = data(ca, "pkcs11-key-uri");
     assert!(uri.starts_with(&format!("pkcs11:token={};object=service-ca-key;id=%", hsm.label)), "{uri}");
@@ -131,7 +131,7 @@ fn assert_key_in_token(ca: &Secret, hsm: &SoftHsm) -> String {
 /// No PEM or DER private key in any Secret of the operator namespace, the operator
 /// log or the Events there; every key object in the token is sensitive and never
 /// extractable.
-async fn assert_no_private_key_leaves(env: &Env, op: &Operator, hsm: &SoftHsm) {
+pub(crate) async fn assert_no_private_key_leaves(env: &Env, op: &Operator, hsm: &SoftHsm) {
     let mut looked = 0;
     for secret in env.op_secrets().list(&ListParams::default()).await.unwrap() {
         for (key, value) in secret.data.unwrap_or_default() {
@@ -156,7 +156,7 @@ async fn assert_no_private_key_leaves(env: &Env, op: &Operator, hsm: &SoftHsm) {
     );
 }
 
-async fn readyz(op: &Operator) -> (u16, String) {
+pub(crate) async fn readyz(op: &Operator) -> (u16, String) {
     op.admin_get("/readyz").await.unwrap_or((0, String::new()))
 }
 

@@ -11,6 +11,7 @@ mod support;
 mod bad_input;
 mod envelope;
 mod hsm;
+mod hsm_keys;
 mod injection;
 mod inspect;
 mod kubelet;

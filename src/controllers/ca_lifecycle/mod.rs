@@ -12,6 +12,7 @@
 
 mod error;
 mod new_key;
+mod old_keys;
 pub mod plan;
 
 use std::collections::BTreeMap;
@@ -171,10 +172,12 @@ async fn reconcile(
     seen: &mut Seen,
 ) -> Result<Option<OffsetDateTime>, Error> {
     let now = OffsetDateTime::now_utc();
+    let mut created_now = None;
     let ca = match plan::plan_with(secret.as_ref(), &ctx.config.ca_policy(), now, ctx.ca_token.as_ref()) {
         Plan::Create => match create(ctx).await {
             Ok((ca, created)) => {
-                seen.secret = Observed::Present(created);
+                seen.secret = Observed::Present(created.clone());
+                created_now = Some(created);
                 ca
             }
             // Another writer was faster; the watch brings its Secret to us.
@@ -215,7 +218,11 @@ async fn reconcile(
             ca
         }
     };
-    publish(ctx, ca, bundle.as_ref(), now, seen).await
+    let next = publish(ctx, ca, bundle.as_ref(), now, seen).await?;
+    if let Some(created) = created_now {
+        old_keys::destroy_unused(ctx, &created, &mut seen.spare_key).await;
+    }
+    Ok(next)
 }
 
 /// A rotation that failed: a Warning Event on `signing-key` (once per distinct
@@ -293,13 +300,8 @@ async fn create(ctx: &Context) -> Result<(CertificateAuthority, Secret), Error> 
     };
     ctx.metrics.rotations.get_or_create(&KindLabels { kind }).inc();
     tracing::info!("{note}");
-    ctx.event(
-        &created.object_ref(&()),
-        EventType::Normal,
-        if kind == "reset" { "ServiceCAReset" } else { "ServiceCACreated" },
-        note,
-    )
-    .await;
+    let reason = if kind == "reset" { "ServiceCAReset" } else { "ServiceCACreated" };
+    ctx.event(&created.object_ref(&()), EventType::Normal, reason, note).await;
     Ok((ca, created))
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::Args;
 
-use super::{Reporter, Token};
+use super::{OnReset, Reporter, Token};
 use crate::pki::KeyKind;
 
 #[derive(Debug, Clone, Default, Args)]
@@ -28,6 +28,14 @@ pub struct Pkcs11Flags {
     /// each login, so a corrected PIN is picked up without a restart.
     #[arg(long, env = "SERVICE_CA_PKCS11_PIN_FILE")]
     pub pkcs11_pin_file: Option<PathBuf>,
+
+    /// What becomes of the CA keys this operator generated earlier in the token when a
+    /// new CA is created because `signing-key` is absent (first start, hard reset):
+    /// `keep` them, or `destroy` those the new `signing-key` does not reference. Only
+    /// keys under the label of --ca-key-pkcs11-uri whose id the operator made are
+    /// ever destroyed; an imported key is never.
+    #[arg(long, env = "SERVICE_CA_PKCS11_ON_RESET", value_enum, default_value_t = OnReset::Keep)]
+    pub pkcs11_on_reset: OnReset,
 }
 
 impl Pkcs11Flags {

@@ -16,6 +16,10 @@ use crate::pki::KeyKind;
 const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 const P384_PARAMS: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
 
+/// How the ids of the keys the operator generates start (then 16 random bytes): what
+/// tells them from keys made or imported by others under the same label.
+pub const GENERATED_ID_PREFIX: &[u8] = b"sco:";
+
 /// A private key in the token and its public key (the uncompressed EC point).
 #[derive(Clone)]
 pub struct TokenKey {
@@ -45,11 +49,13 @@ fn curve(kind: KeyKind) -> Result<(&'static [u8], usize), TokenError> {
 
 impl TokenKey {
     /// Generates a key pair in the token: labelled as `--ca-key-pkcs11-uri` says, with
-    /// a new random id, private, sensitive and never extractable.
+    /// a new id ([`GENERATED_ID_PREFIX`] and random bytes), private, sensitive and
+    /// never extractable.
     pub fn generate(token: &Arc<Token>, kind: KeyKind) -> Result<Self, TokenError> {
         let (params, point_len) = curve(kind)?;
-        let mut id = vec![0u8; 16];
-        rand::rng().fill_bytes(&mut id);
+        let mut random = [0u8; 16];
+        rand::rng().fill_bytes(&mut random);
+        let id = [GENERATED_ID_PREFIX, &random].concat();
         let label = token.uri.object.clone();
         let public = token.with_session(|session, handles| {
             let common =
@@ -172,7 +178,7 @@ impl SigningKey for TokenKey {
 }
 
 /// CKA_EC_POINT is a DER OCTET STRING around the point (some modules give it bare).
-fn uncompressed_point(value: &[u8], len: usize) -> Option<Vec<u8>> {
+pub(super) fn uncompressed_point(value: &[u8], len: usize) -> Option<Vec<u8>> {
     let point = match value {
         [0x04, n, rest @ ..] if usize::from(*n) == len && rest.len() == len => rest,
         bare if bare.len() == len => bare,

@@ -9,10 +9,12 @@
 
 mod flags;
 mod key;
+mod sweep;
 mod uri;
 
 pub use flags::Pkcs11Flags;
-pub use key::TokenKey;
+pub use key::{GENERATED_ID_PREFIX, TokenKey};
+pub use sweep::{InUse, OnReset};
 pub use uri::KeyUri;
 
 use std::collections::HashMap;
