@@ -65,6 +65,29 @@ where
     first.chain(watcher(api, config))
 }
 
+/// The events of [`watch_events`], retried quickly after an error ([`WatchBackoff`]).
+/// Errors are logged and reported to the readiness probe, not handed on: the watch
+/// retries by itself, and a controller handed an error would add its own, longer
+/// backoff before it looked at the stream again.
+pub fn reported_events<K>(
+    api: kube::Api<K>,
+    config: watcher::Config,
+    health: Arc<Health>,
+) -> impl Stream<Item = watcher::Event<K>> + Send + 'static
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    watch_events(api, config).backoff(WatchBackoff::default()).filter_map(move |event| {
+        health.observe_api(event.is_ok());
+        match &event {
+            Err(error) => tracing::warn!(kind = %K::kind(&()), %error, "watch failed; retrying"),
+            Ok(watcher::Event::InitDone) => tracing::debug!(kind = %K::kind(&()), "listed"),
+            Ok(_) => {}
+        }
+        futures::future::ready(event.ok())
+    })
+}
+
 /// A watch of `api` that feeds a cache (`Store`) and yields the relevant objects it
 /// touched.
 ///
@@ -90,25 +113,12 @@ where
     let (reader, writer) = reflector::store();
     let still_relevant = relevant.clone();
     let mut cache = InPlaceCache { writer, reader: reader.clone(), listed: false, seen: None, changed };
-    let stream = watch_events(api, config)
-        .backoff(WatchBackoff::default())
-        .inspect(move |event| {
-            health.observe_api(event.is_ok());
-            match event {
-                Err(error) => tracing::warn!(kind = %K::kind(&()), %error, "watch failed; retrying"),
-                Ok(watcher::Event::InitDone) => tracing::debug!(kind = %K::kind(&()), "listed"),
-                Ok(_) => {}
-            }
-        })
-        // Errors were reported above and the watch retries by itself (WatchBackoff);
-        // handing them on would make the controller add its own, longer backoff before
-        // it looks at the stream again.
+    let stream = reported_events(api, config, health)
         .filter_map(move |event| {
             futures::future::ready(match event {
-                Ok(watcher::Event::InitApply(obj)) if !relevant(&obj) => None,
-                Ok(watcher::Event::Apply(obj)) if !relevant(&obj) => Some(watcher::Event::Delete(obj)),
-                Ok(event) => Some(event),
-                Err(_) => None,
+                watcher::Event::InitApply(obj) if !relevant(&obj) => None,
+                watcher::Event::Apply(obj) if !relevant(&obj) => Some(watcher::Event::Delete(obj)),
+                event => Some(event),
             })
         })
         .map(move |mut event| {

@@ -383,3 +383,47 @@ async fn a_backend_tls_policy_accepts_the_injected_configmap_and_its_ca_crt_veri
     // And not for another name (the check is a real one).
     assert!(crate::support::tls::rustls_connect(server.port, &data["ca.crt"], "other.example").is_err());
 }
+
+/// A restart over bundles all current sends no write, not even a create the API server
+/// refuses: nothing is planned before the ConfigMaps are listed (docs/spec.md §5.5).
+#[tokio::test]
+async fn a_restart_over_current_bundles_sends_no_write() {
+    const N: usize = 16;
+    let env = Env::new("trust-restart").await;
+    let mut spaces = Namespaces(Vec::new());
+    for i in 0..N {
+        spaces.0.push(labelled_namespace(&env, &format!("r{i}")).await);
+    }
+    let mut first = start(&env, &[]);
+    let bundle = env.ca_bundle().await;
+    for ns in &spaces.0 {
+        holds(&env, ns, &bundle).await;
+    }
+    first.stop();
+    let counting = count_writes(&env, &spaces.0);
+    let started = Instant::now();
+    let op = start(&env, &[]);
+    eprintln!("operator log: {}", op.log.display());
+    // Every namespace planned once by the new operator (the signer's arrival may add a
+    // second pass each).
+    let reconciles = "service_ca_reconcile_total{controller=\"namespace-bundle\"}";
+    let page = eventually(T, "a pass over every namespace", || async {
+        let page = op.metrics_page().await;
+        (metric(&page, reconciles) >= N as f64).then_some(page)
+    })
+    .await;
+    println!("{} passes over {N} namespaces after {:?}", metric(&page, reconciles), started.elapsed());
+    // Anything more would show within a few seconds.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let page = op.metrics_page().await;
+    let creates = metric(&page, "service_ca_api_writes_total{resource=\"configmaps\",verb=\"create\"}");
+    let patches = metric(&page, "service_ca_api_writes_total{resource=\"configmaps\",verb=\"patch\"}");
+    let writes = counting.abort_and_count().await;
+    println!(
+        "after the restart: ConfigMap creates {}, patches {}, bundles modified {writes:?}",
+        creates.abs(),
+        patches.abs()
+    );
+    assert_eq!((creates, patches), (0.0, 0.0), "no write sent (see {})", op.log.display());
+    assert!(writes.is_empty(), "no bundle modified: {writes:?}");
+}

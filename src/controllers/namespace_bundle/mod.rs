@@ -2,51 +2,55 @@
 //! with `service-ca.crt` = the CA bundle in every namespace the selector picks.
 //!
 //! Watch: namespaces as metadata only (a new one, or one that starts terminating, is
-//! handed on; label changes are not), and the ConfigMaps of that one name cluster-wide
-//! (field selector), as metadata only, trimmed to our label and digest annotation. A
-//! change to such a ConfigMap reconciles its namespace; a new bundle reconciles every
-//! namespace. Plan: [`plan::plan`], from metadata alone: the label
-//! [`NAMESPACE_BUNDLE_LABEL`] (value: the operator's namespace) marks ours, the
-//! annotation [`BUNDLE_DIGEST`] tells whether ours is current, so a rotation costs one
-//! write per namespace and no read. Write: create, or a merge patch of the bundle
-//! guarded by the resourceVersion planned from. Report: one Warning per ConfigMap of
-//! that name that is not ours (left alone).
+//! queued; label changes are not), and the ConfigMaps of that one name cluster-wide
+//! (field selector), as metadata only, each folded into one compact record per
+//! namespace ([`table`]; no cache of objects). A change to such a ConfigMap queues its
+//! namespace; a new bundle queues every namespace. Nothing is planned before both
+//! first lists are complete (a restart sends no needless creates). Plan: [`plan::plan`],
+//! from the record alone: the label [`NAMESPACE_BUNDLE_LABEL`] (value: the operator's
+//! namespace) marks ours, the annotation [`BUNDLE_DIGEST`] tells whether ours is
+//! current, so a rotation costs one write per namespace and no read. Write: create, or
+//! a merge patch of the bundle guarded by the resourceVersion planned from. Report: one
+//! Warning per ConfigMap of that name that is not ours (left alone).
 //!
 //! Namespaces are cluster-scoped, one object each: the per-namespace slot limit of
-//! [`super::turns`] has nothing to share out here.
+//! [`super::turns`] has nothing to share out here; the queue runs at most
+//! `--controller-concurrency` passes at once, one at a time per namespace.
 
 pub mod plan;
+pub mod table;
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::Patch;
 use kube::core::PartialObjectMeta;
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use serde_json::json;
+use tokio::sync::Notify;
+use tracing::Instrument;
 
-use self::plan::Plan;
+use self::plan::{Digest, Kind, Plan};
+use self::table::{Presence, Table};
 use super::ca_bundle::Warned;
 use super::failure::{Op, no_answer};
-use super::watch::cached_watch;
+use super::watch::reported_events;
 use super::{
-    Categorised, Context, EventType, LOOK_AGAIN, Outcome, RETRY_REFUSED, Shard, drive, patch_params, post_params, shown,
+    Categorised, Context, EventType, LOOK_AGAIN, Outcome, RETRY_REFUSED, Retries, UNREACHABLE_RETRY, patch_params,
+    post_params, shown,
 };
 use crate::metrics::trust::StateLabels;
-use crate::names::{self as ann, BUNDLE_DIGEST, INJECTED_CONFIGMAP_KEY, NAMESPACE_BUNDLE, NAMESPACE_BUNDLE_LABEL};
+use crate::names::{BUNDLE_DIGEST, INJECTED_CONFIGMAP_KEY, NAMESPACE_BUNDLE, NAMESPACE_BUNDLE_LABEL};
 use crate::shutdown::Shutdown;
 
 pub const NAME: &str = "namespace-bundle";
 const FOREIGN: &str = "NamespaceBundleNotOurs";
 const REFUSED: &str = "NamespaceBundleRefused";
-
-type NamespaceMeta = PartialObjectMeta<Namespace>;
-type BundleMeta = PartialObjectMeta<ConfigMap>;
 
 /// What can fail in a pass (the shape of every controller's errors, see
 /// [`super::failure`]).
@@ -77,13 +81,12 @@ impl Categorised for Error {
     }
 }
 
-/// What the controller holds between passes.
+/// What the controller holds: the records and queue, and what wakes the queue's runner.
 pub struct State {
     ctx: Arc<Context>,
-    /// The bundle ConfigMaps of every namespace (metadata, trimmed).
-    pub bundles: Store<BundleMeta>,
-    /// Per namespace: the resourceVersion its ConfigMap was last seen current at.
-    seen_current: Mutex<HashMap<String, String>>,
+    table: Mutex<Table>,
+    wake: Notify,
+    retries: Retries,
     warned: Warned,
 }
 
@@ -92,44 +95,86 @@ pub async fn run(ctx: Arc<Context>, shutdown: Shutdown) {
     if !ctx.config.trust.namespace_bundles {
         return;
     }
-    let health = ctx.health.clone();
+    let state = Arc::new(State {
+        ctx: ctx.clone(),
+        table: Mutex::default(),
+        wake: Notify::new(),
+        retries: Retries::default(),
+        warned: Warned::default(),
+    });
     let selector = watcher::Config::default().labels(&ctx.config.trust.namespace_bundle_selector);
-    let (namespaces, namespace_changes) = cached_watch(
-        Api::<NamespaceMeta>::all(ctx.client.clone()),
-        selector,
-        health.clone(),
-        |_| true,
-        |ns| {
-            let deletion = ns.metadata.deletion_timestamp.take();
-            ns.metadata = ObjectMeta { deletion_timestamp: deletion, ..trimmed(ns) };
-        },
-        |cached, ns| cached.is_none_or(|c| c.metadata.deletion_timestamp != ns.metadata.deletion_timestamp),
-    );
+    let namespaces =
+        reported_events(Api::<PartialObjectMeta<Namespace>>::all(ctx.client.clone()), selector, ctx.health.clone())
+            .for_each(|event| state.changed(|t| t.namespace_event(event)));
     let by_name = watcher::Config::default().fields(&format!("metadata.name={NAMESPACE_BUNDLE}"));
-    let (bundles, bundle_changes) = cached_watch(
-        Api::<BundleMeta>::all(ctx.client.clone()),
-        by_name,
-        health,
-        |_| true,
-        |cm| {
-            let (labels, annotations) = (kept(&cm.metadata.labels), kept(&cm.metadata.annotations));
-            cm.metadata = ObjectMeta { labels, annotations, ..trimmed(cm) };
-        },
-        |_, _| true,
-    );
-    let counting = count(ctx.clone(), namespaces.clone(), bundles.clone(), shutdown.clone());
-    let controller = Controller::for_stream(namespace_changes, namespaces)
-        .watches_stream(bundle_changes, |cm: BundleMeta| {
-            cm.metadata.namespace.map(|ns| ObjectRef::<NamespaceMeta>::new(&ns))
-        });
-    let state =
-        Arc::new(State { ctx: ctx.clone(), bundles, seen_current: Mutex::default(), warned: Warned::default() });
-    tokio::join!(drive(controller, NAME, ctx, shutdown, state, Shard::All, reconcile), counting);
+    let instance = ctx.config.namespace.as_str();
+    let bundles =
+        reported_events(Api::<PartialObjectMeta<ConfigMap>>::all(ctx.client.clone()), by_name, ctx.health.clone())
+            .for_each(|event| state.changed(|t| t.bundle_event(event, instance)));
+    let rotations = ctx.signer.changes().for_each(|()| state.changed(Table::enqueue_all));
+    let counting = count(&state, shutdown.clone());
+    let watching = async { tokio::join!(namespaces, bundles, rotations, counting) };
+    tokio::select! {
+        _ = work(state.clone(), shutdown) => {}
+        _ = watching => {}
+    }
 }
 
-/// `service_ca_namespace_bundles{state="selected"|"current"}` every 10 s, from the caches.
-async fn count(ctx: Arc<Context>, namespaces: Store<NamespaceMeta>, bundles: Store<BundleMeta>, shutdown: Shutdown) {
-    let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
+/// Runs the queue until `shutdown`, at most `--controller-concurrency` passes at once;
+/// the passes under way when it comes are finished.
+async fn work(state: Arc<State>, shutdown: Shutdown) {
+    let limit = usize::from(state.ctx.config.controller_concurrency.max(1));
+    let mut running = FuturesUnordered::new();
+    let mut stop = std::pin::pin!(shutdown.signal());
+    let mut stopping = false;
+    loop {
+        while !stopping && running.len() < limit {
+            let Some(namespace) = state.table().take() else { break };
+            running.push(pass(state.clone(), namespace));
+        }
+        tokio::select! {
+            _ = &mut stop, if !stopping => stopping = true,
+            _ = state.wake.notified(), if !stopping => {}
+            Some(()) = running.next(), if !running.is_empty() => {}
+            else => return,
+        }
+    }
+}
+
+/// One pass over `namespace`, then its next turn: queued again after the delay the pass
+/// asked for, or after the backoff of [`Retries`] when it failed.
+async fn pass(state: Arc<State>, namespace: Arc<str>) {
+    let object = shown("Namespace", None, &namespace);
+    let span = tracing::info_span!("reconcile", controller = NAME, %object, reason = tracing::field::Empty);
+    let result = state.ctx.timed(NAME, reconcile(&state, &namespace)).instrument(span).await;
+    let again = match result {
+        Ok(again) => {
+            state.retries.forget(&namespace);
+            again
+        }
+        Err(error) => {
+            let mut delay = state.retries.next_delay(&namespace);
+            if error.unreachable() {
+                delay = delay.min(UNREACHABLE_RETRY);
+            }
+            tracing::warn!(controller = NAME, %object, %error, retry_in = ?delay, "reconcile failed");
+            Some(delay)
+        }
+    };
+    state.table().done(&namespace);
+    if let Some(delay) = again {
+        let state = state.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            state.changed(|t| t.enqueue(namespace)).await;
+        });
+    }
+}
+
+/// `service_ca_namespace_bundles{state="selected"|"current"}` every 10 s, from the records.
+async fn count(state: &State, shutdown: Shutdown) {
+    let ctx = &state.ctx;
+    let mut every = tokio::time::interval(Duration::from_secs(10));
     let mut stop = std::pin::pin!(shutdown.signal());
     loop {
         tokio::select! {
@@ -137,113 +182,76 @@ async fn count(ctx: Arc<Context>, namespaces: Store<NamespaceMeta>, bundles: Sto
             _ = every.tick() => {}
         }
         let Some(signer) = ctx.signer.current() else { continue };
-        let digest = plan::digest(&signer.bundle_pem);
-        let live: Vec<String> = namespaces
-            .state()
-            .iter()
-            .filter(|n| n.metadata.deletion_timestamp.is_none())
-            .map(|n| n.name_any())
-            .collect();
-        let current = live
-            .iter()
-            .filter(|ns| {
-                let key = ObjectRef::<BundleMeta>::new(NAMESPACE_BUNDLE).within(ns);
-                bundles.get(&key).is_some_and(|cm| {
-                    plan::ours(&cm.metadata, &ctx.config.namespace) && plan::current(&cm.metadata, &digest)
-                })
-            })
-            .count();
+        let digest = Digest::of(&signer.bundle_pem);
+        let (selected, current) = {
+            let table = state.table();
+            let live: Vec<_> = table.selected().filter(|r| r.presence == Presence::Live).collect();
+            let current = live.iter().filter(|r| r.bundle.as_ref().is_some_and(|b| b.current(&digest))).count();
+            (live.len(), current)
+        };
         let gauge = |state| ctx.metrics.trust.namespace_bundles.get_or_create(&StateLabels { state });
-        gauge("selected").set(i64::try_from(live.len()).unwrap_or(i64::MAX));
+        gauge("selected").set(i64::try_from(selected).unwrap_or(i64::MAX));
         gauge("current").set(i64::try_from(current).unwrap_or(i64::MAX));
     }
 }
 
-/// Name, namespace, UID and resourceVersion only.
-fn trimmed<K: kube::Resource>(obj: &PartialObjectMeta<K>) -> ObjectMeta {
-    let m = &obj.metadata;
-    ObjectMeta {
-        name: m.name.clone(),
-        namespace: m.namespace.clone(),
-        uid: m.uid.clone(),
-        resource_version: m.resource_version.clone(),
-        ..Default::default()
-    }
-}
-
-/// The labels and annotations the plan reads: ours, and the inject annotations.
-fn kept(map: &Option<BTreeMap<String, String>>) -> Option<BTreeMap<String, String>> {
-    let keep = |k: &str| {
-        k == NAMESPACE_BUNDLE_LABEL
-            || k == BUNDLE_DIGEST
-            || k == ann::BETA.inject_cabundle
-            || k == ann::ALPHA.inject_cabundle
-            || k == ann::INJECT_VULNERABLE_LEGACY_CABUNDLE
-    };
-    map.as_ref().map(|m| m.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), v.clone())).collect())
-}
-
-async fn reconcile(ns: Arc<NamespaceMeta>, state: Arc<State>) -> Result<Action, Error> {
+async fn reconcile(state: &State, namespace: &str) -> Result<Option<Duration>, Error> {
     let ctx = &state.ctx;
     let Some(signer) = ctx.signer.current() else {
-        return Ok(Action::await_change());
+        return Ok(None);
     };
-    let namespace = ns.name_any();
-    let key = ObjectRef::<BundleMeta>::new(NAMESPACE_BUNDLE).within(&namespace);
-    // Until the ConfigMaps are listed, a namespace whose bundle is not cached yet would
-    // be planned as new (a create the API server refuses): look again once they are.
-    if futures::FutureExt::now_or_never(state.bundles.wait_until_ready()).is_none_or(|ready| ready.is_err()) {
-        return Ok(Action::requeue(LOOK_AGAIN));
-    }
-    let cached = state.bundles.get(&key);
-    let digest = plan::digest(&signer.bundle_pem);
-    let seen = state.seen_current.lock().ok().and_then(|s| s.get(&namespace).cloned());
-    let instance = ctx.config.namespace.as_str();
-    let planned = plan::plan(&ns.metadata, cached.as_ref().map(|c| &c.metadata), instance, &digest, seen.as_deref());
-    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
+    let Some((presence, bundle, seen)) =
+        state.table().get(namespace).map(|r| (r.presence, r.bundle.clone(), r.seen_current.clone()))
+    else {
+        return Ok(None);
+    };
+    let digest = Digest::of(&signer.bundle_pem);
+    let terminating = presence != Presence::Live;
+    let planned = plan::plan(terminating, bundle.as_ref(), &digest, seen.as_deref());
     if !matches!(planned, Plan::Foreign { .. }) {
-        state.warned.clear(&namespace, Some(FOREIGN));
+        state.warned.clear(namespace, Some(FOREIGN));
     }
-    if ns.metadata.deletion_timestamp.is_some() {
-        // Terminating: forget it (every namespace goes this way, so what is kept per
-        // namespace stays bounded by the namespaces there are).
-        state.seen_current.lock().map(|mut s| s.remove(&namespace)).ok();
-        state.warned.clear(&namespace, None);
-        return Ok(Action::await_change());
+    if terminating {
+        // Terminating or no longer selected: forget it (every namespace goes this way,
+        // so what is kept per namespace stays bounded by the namespaces there are).
+        state.table().saw_current(namespace, None);
+        state.warned.clear(namespace, None);
+        return Ok(None);
     }
+    let instance = ctx.config.namespace.as_str();
+    let hex = digest.to_string();
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
     let write = match planned {
         Plan::Nothing => {
-            if let Some(version) = cached.and_then(|c| c.metadata.resource_version.clone()) {
-                state.saw_current(&namespace, version);
-            }
-            return Ok(Action::await_change());
+            state.table().saw_current(namespace, bundle.as_ref().map(|b| &*b.version));
+            return Ok(None);
         }
         Plan::Foreign { injected } => {
-            state.seen_current.lock().map(|mut s| s.remove(&namespace)).ok();
-            if !injected && let Some(cm) = cached {
-                state.report_foreign(&cm.metadata).await;
+            state.table().saw_current(namespace, None);
+            if let (false, Some(Kind::Foreign { uid, .. })) = (injected, bundle.map(|b| b.kind)) {
+                state.report_foreign(namespace, uid.as_deref()).await;
             }
-            return Ok(Action::await_change());
+            return Ok(None);
         }
         Plan::Create => {
-            let object = desired(&namespace, instance, &signer.bundle_pem, &digest);
+            let object = desired(namespace, instance, &signer.bundle_pem, &hex);
             ctx.metrics.write("configmaps", "create");
             api.create(&post_params(), &object).await
         }
-        Plan::Update(version) => update(ctx, &api, &version, instance, &signer.bundle_pem, &digest).await,
+        Plan::Update(version) => update(ctx, &api, &version, instance, &signer.bundle_pem, &hex).await,
         Plan::Verify => {
-            let full = api.get_opt(NAMESPACE_BUNDLE).await.map_err(Error::kube(READ, &namespace))?;
-            let Some(full) = full else { return Ok(Action::requeue(LOOK_AGAIN)) };
+            let full = api.get_opt(NAMESPACE_BUNDLE).await.map_err(Error::kube(READ, namespace))?;
+            let Some(full) = full else { return Ok(Some(LOOK_AGAIN)) };
             let version = full.resource_version().unwrap_or_default();
             let holds = full.data.as_ref().and_then(|d| d.get(INJECTED_CONFIGMAP_KEY)) == Some(&signer.bundle_pem);
-            if holds && plan::ours(&full.metadata, instance) && plan::current(&full.metadata, &digest) {
-                state.saw_current(&namespace, version);
-                return Ok(Action::await_change());
+            if holds && plan::ours(&full.metadata, instance) && plan::current(&full.metadata, &hex) {
+                state.table().saw_current(namespace, Some(&version));
+                return Ok(None);
             }
-            update(ctx, &api, &version, instance, &signer.bundle_pem, &digest).await
+            update(ctx, &api, &version, instance, &signer.bundle_pem, &hex).await
         }
     };
-    state.written(&namespace, write).await
+    state.written(namespace, write).await
 }
 
 /// The bundle written over `version`: the key, our label and the digest (other keys and
@@ -284,66 +292,69 @@ pub fn desired(namespace: &str, instance: &str, bundle: &str, digest: &str) -> C
 }
 
 impl State {
-    fn saw_current(&self, namespace: &str, version: String) {
-        if let Ok(mut seen) = self.seen_current.lock() {
-            seen.insert(namespace.to_string(), version);
-        }
+    fn table(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Applies `change` to the table and wakes the queue's runner.
+    fn changed(&self, change: impl FnOnce(&mut Table)) -> std::future::Ready<()> {
+        change(&mut self.table());
+        self.wake.notify_one();
+        std::future::ready(())
     }
 
     /// After a write: remember the version written, or decide when to look again.
-    async fn written(&self, namespace: &str, result: Result<ConfigMap, kube::Error>) -> Result<Action, Error> {
+    async fn written(
+        &self,
+        namespace: &str,
+        result: Result<ConfigMap, kube::Error>,
+    ) -> Result<Option<Duration>, Error> {
         match result {
             Ok(written) => {
                 tracing::debug!(%namespace, "namespace bundle written");
-                self.saw_current(namespace, written.resource_version().unwrap_or_default());
-                Ok(Action::await_change())
+                self.table().saw_current(namespace, Some(&written.resource_version().unwrap_or_default()));
+                Ok(None)
             }
             // A terminating namespace refuses new objects: nothing to do there.
-            Err(e) if super::api_message(&e).contains("because it is being terminated") => Ok(Action::await_change()),
+            Err(e) if super::api_message(&e).contains("because it is being terminated") => Ok(None),
             Err(source) => self.failed(namespace, source).await,
         }
     }
 
     /// A failed write: a lost race (the watch shows the news), a refusal (warned once),
-    /// or an error for the backoff of `drive`.
-    async fn failed(&self, namespace: &str, source: kube::Error) -> Result<Action, Error> {
+    /// or an error for the backoff of [`Retries`].
+    async fn failed(&self, namespace: &str, source: kube::Error) -> Result<Option<Duration>, Error> {
         match Outcome::<()>::of_failure(&source) {
             Some(Outcome::Refused(why)) => {
                 let note = format!("could not write ConfigMap {NAMESPACE_BUNDLE}: the API server refused it: {why}");
-                let meta = ObjectMeta {
-                    name: Some(NAMESPACE_BUNDLE.into()),
-                    namespace: Some(namespace.into()),
-                    ..Default::default()
-                };
-                self.warn(&meta, REFUSED, note).await;
-                Ok(Action::requeue(RETRY_REFUSED))
+                self.warn(namespace, None, REFUSED, note).await;
+                Ok(Some(RETRY_REFUSED))
             }
-            Some(_) => Ok(Action::requeue(LOOK_AGAIN)),
+            Some(_) => Ok(Some(LOOK_AGAIN)),
             None => Err(Error::kube(WRITE, namespace)(source)),
         }
     }
 
-    async fn report_foreign(&self, meta: &ObjectMeta) {
+    async fn report_foreign(&self, namespace: &str, uid: Option<&str>) {
         let note = format!(
             "ConfigMap {NAMESPACE_BUNDLE} in this namespace was not made by the operator (no label \
              {NAMESPACE_BUNDLE_LABEL}={}): it is left alone and does not receive the CA bundle. Delete it to let \
              the operator publish the bundle here.",
             self.ctx.config.namespace
         );
-        self.warn(meta, FOREIGN, note).await;
+        self.warn(namespace, uid, FOREIGN, note).await;
     }
 
-    async fn warn(&self, meta: &ObjectMeta, reason: &'static str, note: String) {
-        let namespace = meta.namespace.clone().unwrap_or_default();
-        if !self.warned.first(&namespace, reason, &note) {
+    async fn warn(&self, namespace: &str, uid: Option<&str>, reason: &'static str, note: String) {
+        if !self.warned.first(namespace, reason, &note) {
             return;
         }
         let regarding = ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("ConfigMap".into()),
             name: Some(NAMESPACE_BUNDLE.into()),
-            namespace: Some(namespace),
-            uid: meta.uid.clone(),
+            namespace: Some(namespace.into()),
+            uid: uid.map(String::from),
             ..Default::default()
         };
         self.ctx.event(&regarding, EventType::Warning, reason, note).await;
