@@ -11,7 +11,8 @@
 //! issuance). Last, trust distribution: the per-namespace bundle in 10,000 namespaces
 //! (benches/scale/namespaces.rs; NS_COUNT sets how many). Prints a table and writes
 //! target/bench/results.json. Sizes scale with BENCH_SCALE (default 1.0);
-//! BENCH_ONLY=rsa,ec,b8,b9,b10,fairness,namespaces (any of them) runs only those parts;
+//! BENCH_ONLY=rsa,ec,b8,b9,b10,fairness,namespaces (any of them) runs only those parts
+//! (rsa includes the backlog drain, benches/scale/backlog.rs; BENCH_ONLY=backlog runs it alone);
 //! BENCH_ONLY=keygen only the key-generation comparison (no cluster); BENCH_ONLY=hsm
 //! only the CA key in SoftHSM2 vs in memory (benches/scale/hsm.rs; no cluster).
 
@@ -28,6 +29,8 @@ mod b5;
 mod b8;
 #[path = "scale/b9.rs"]
 mod b9;
+#[path = "scale/backlog.rs"]
+mod backlog;
 #[path = "scale/common.rs"]
 mod common;
 #[path = "scale/ec.rs"]
@@ -65,6 +68,9 @@ async fn main() {
     let mut rsa = None;
     if part("rsa") || part("keygen") {
         keygen::rsa_vs_go(cores, &mut report);
+    }
+    if part("rsa") || part("backlog") {
+        envs.push(backlog::backlog(cores, &mut report).await);
     }
     if part("hsm") {
         hsm::hsm_vs_memory(&mut report);

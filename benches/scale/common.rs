@@ -321,3 +321,57 @@ pub async fn invalid_secrets(env: &Env, bundle: &str, pick: impl Fn(&str) -> boo
         })
         .count()
 }
+
+/// CPU seconds used so far by the threads of process `pid` whose name starts with
+/// `prefix` (the key-generation threads are `keygen-<i>`).
+pub fn threads_cpu_seconds(pid: u32, prefix: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0.0 };
+    let mut total = 0.0;
+    for task in tasks.flatten() {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let (Some((head, rest)), Some(open)) = (stat.rsplit_once(')'), stat.find('(')) else { continue };
+        if !head[open + 1..].starts_with(prefix) {
+            continue;
+        }
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        total += (ticks(11) + ticks(12)) / 100.0;
+    }
+    total
+}
+
+/// How many threads of process `pid` whose name starts with `prefix` are running or
+/// runnable (state R) and how many are not (sleeping: a key thread waiting for work).
+pub fn threads_running(pid: u32, prefix: &str) -> (usize, usize) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return (0, 0) };
+    let (mut running, mut other) = (0, 0);
+    for task in tasks.flatten() {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let (Some((head, rest)), Some(open)) = (stat.rsplit_once(')'), stat.find('(')) else { continue };
+        if head[open + 1..].starts_with(prefix) {
+            if rest.split_whitespace().next() == Some("R") { running += 1 } else { other += 1 }
+        }
+    }
+    (running, other)
+}
+
+/// Samples [`threads_running`] every 10 ms until the returned flag is set; the thread's
+/// result is the share of samples (thread by thread) in which the threads were not
+/// running: waiting for work.
+pub fn sample_waiting(
+    pid: u32,
+    prefix: &'static str,
+) -> (Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<f64>) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let handle = std::thread::spawn(move || {
+        let (mut running, mut waiting) = (0usize, 0usize);
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            let (r, w) = threads_running(pid, prefix);
+            (running, waiting) = (running + r, waiting + w);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        waiting as f64 / (running + waiting).max(1) as f64
+    });
+    (stop, handle)
+}

@@ -15,7 +15,7 @@ use super::b5::{MemorySoFar, b5_memory};
 use super::rotation::{b3_rotation, b4_injection};
 use super::{
     CREATE_CONCURRENCY, Report, Seen, WriteCounters, apiserver_writes, bulk_issue, control_plane_pids, diff,
-    first_seen, has_cert, ms, operator_writes, percentile, rss_mib, scaled, settle, support,
+    first_seen, has_cert, ms, operator_writes, percentile, rss_mib, scaled, settle, support, threads_cpu_seconds,
 };
 use support::{Env, Operator, eventually};
 
@@ -150,7 +150,10 @@ async fn b2_bulk(
     let limit_before = keygen_limit(cores, Duration::from_secs(15));
     processes.push(("bench client", std::process::id()));
 
+    let keys_before = threads_cpu_seconds(op.pid(), "keygen-");
     let b2 = bulk_issue(env, bundle, secrets_seen, &processes, ("bulk", scaled(1000), None)).await;
+    // (Includes the refill of the few ready keys right after the last Secret.)
+    let keys_cpu = threads_cpu_seconds(op.pid(), "keygen-") - keys_before;
     settle(&processes[..processes.len() - 1]).await;
     let limit_after = keygen_limit(cores, Duration::from_secs(15));
     let limit = (limit_before + limit_after) / 2.0;
@@ -172,8 +175,14 @@ async fn b2_bulk(
         "",
     );
     b2.report_common("B2", cores, report);
+    report.row(
+        "B2 CPU used by the operator's key threads",
+        format!("{keys_cpu:.1} s ({:.2} of {cores} CPUs)", keys_cpu / b2.total.as_secs_f64()),
+        "",
+    );
     let mut json = b2.json();
     json.extend([
+        ("key_threads_cpu_seconds".to_string(), json!(keys_cpu)),
         ("keygen_limit_per_second".to_string(), json!(limit)),
         ("keygen_limit_before".to_string(), json!(limit_before)),
         ("keygen_limit_after".to_string(), json!(limit_after)),
