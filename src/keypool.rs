@@ -12,6 +12,12 @@ use time::OffsetDateTime;
 use crate::pki::{IssuedLeaf, KeyKind, LeafRequest, PkiError, PrivateKey};
 use crate::signer::Signer;
 
+mod queue;
+use queue::{Job, Queue};
+#[cfg(test)]
+use queue::{Lane, Waiting};
+pub use queue::{Priority, cost};
+
 /// Bounded pool for key generation: `concurrency` dedicated threads, each at a lower
 /// CPU priority (nice 10) than the rest of the process. A rotation that re-issues
 /// thousands of certificates is paced by them, and the reactor — watches, bundle
@@ -35,166 +41,13 @@ pub struct KeyPool {
     inner: Arc<PoolInner>,
 }
 
-type Job = Box<dyn FnOnce() + Send>;
-
-/// Which jobs the key-generation threads take first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Priority {
-    /// Somebody is waiting for it: a certificate for a new Service (or a deleted
-    /// Secret), a CA key. Also the only work that may take a ready key.
-    Urgent,
-    /// Bulk work: re-issues after a CA change or refresh, refilling the ready keys.
-    Bulk,
-}
-
-/// The work queue of the key-generation threads: urgent jobs before bulk ones, and
-/// within each, fair across namespaces, weighted by key cost (start-time fair
-/// queueing): each namespace with work waiting has a virtual start tag, the job of the
-/// namespace with the lowest tag goes next (ties: arrival order), and its tag grows by
-/// the job's [`cost`]. A namespace that had nothing waiting joins at the current
-/// virtual time, so it neither banks credit while idle nor waits behind another
-/// namespace's backlog: while one namespace has 300 RSA-4096 keys queued, a key for
-/// another namespace is the next one started. Within a namespace, jobs run in arrival
-/// order.
-#[derive(Default)]
-struct Queue {
-    state: std::sync::Mutex<QueueState>,
-    wake: std::sync::Condvar,
-}
-
-#[derive(Default)]
-struct QueueState {
-    urgent: Lane,
-    bulk: Lane,
-    closed: bool,
-    /// Arrival counter (ties between namespaces go to the earlier job).
-    arrivals: u64,
-}
-
-/// One priority's jobs, fair across namespaces.
-#[derive(Default)]
-struct Lane {
-    /// Namespaces with jobs waiting: their virtual start tag and jobs in arrival order.
-    waiting: HashMap<String, Tenant>,
-    /// The tags of namespaces with nothing waiting that are ahead of the clock (they
-    /// were served recently); dropped once the clock passes them, and all of them
-    /// when nothing waits.
-    idle: HashMap<String, u64>,
-    /// Virtual time: the tag of the job started last.
-    clock: u64,
-}
-
-struct Tenant {
-    tag: u64,
-    jobs: std::collections::VecDeque<Waiting>,
-}
-
-struct Waiting {
-    job: Job,
-    cost: u64,
-    arrival: u64,
-}
-
-/// The relative cost of generating a key of `kind`, in units of about 1/10 of an
-/// RSA-2048 key. Measured on the 2-core test machine (debug build with optimised
-/// dependencies, loaded): P-256 0.1 ms, P-384 3–4 ms, RSA-2048 180–220 ms, RSA-3072
-/// 1.0–1.1 s, RSA-4096 2.2–2.6 s (RSA key generation is random; its mean grows about
-/// as bits^4). ECDSA is rounded up to one unit so that it is never free.
-pub fn cost(kind: KeyKind) -> u64 {
-    match kind {
-        KeyKind::EcdsaP256 | KeyKind::EcdsaP384 => 1,
-        KeyKind::Rsa { bits } if bits <= 2048 => 10,
-        KeyKind::Rsa { bits } if bits <= 3072 => 50,
-        KeyKind::Rsa { bits } if bits <= 4096 => 120,
-        KeyKind::Rsa { .. } => 1000,
-    }
-}
-
-impl Lane {
-    fn push(&mut self, namespace: &str, waiting: Waiting) {
-        if let Some(tenant) = self.waiting.get_mut(namespace) {
-            tenant.jobs.push_back(waiting);
-            return;
-        }
-        let tag = self.idle.remove(namespace).unwrap_or(0).max(self.clock);
-        let jobs = std::collections::VecDeque::from([waiting]);
-        self.waiting.insert(namespace.to_string(), Tenant { tag, jobs });
-    }
-
-    /// The next job: the head of the namespace with the lowest tag.
-    fn pop(&mut self) -> Option<Job> {
-        let namespace = self
-            .waiting
-            .iter()
-            .filter_map(|(ns, t)| Some(((t.tag, t.jobs.front()?.arrival), ns)))
-            .min_by_key(|(order, _)| *order)
-            .map(|(_, ns)| ns.clone())?;
-        let tenant = self.waiting.get_mut(&namespace)?;
-        let next = tenant.jobs.pop_front()?;
-        self.clock = self.clock.max(tenant.tag);
-        tenant.tag = tenant.tag.saturating_add(next.cost);
-        if tenant.jobs.is_empty() {
-            let tag = tenant.tag;
-            self.waiting.remove(&namespace);
-            self.idle.insert(namespace, tag);
-        }
-        // Behind the clock a tag no longer matters; when nothing waits, nobody is
-        // owed anything.
-        let clock = self.clock;
-        self.idle.retain(|_, tag| *tag > clock);
-        if self.waiting.is_empty() {
-            self.idle.clear();
-        }
-        Some(next.job)
-    }
-}
-
-impl Queue {
-    fn push(&self, job: Job, priority: Priority, namespace: &str, cost: u64) -> Result<(), PkiError> {
-        let mut state = self.state.lock().map_err(|_| PkiError::KeyGeneration("key pool broken".into()))?;
-        if state.closed {
-            return Err(PkiError::KeyGeneration("key pool closed".into()));
-        }
-        let arrival = state.arrivals;
-        state.arrivals = arrival.wrapping_add(1);
-        let waiting = Waiting { job, cost, arrival };
-        match priority {
-            Priority::Urgent => state.urgent.push(namespace, waiting),
-            Priority::Bulk => state.bulk.push(namespace, waiting),
-        }
-        self.wake.notify_one();
-        Ok(())
-    }
-
-    /// The next job (urgent first); `None` once the pool is closed.
-    fn next(&self) -> Option<Job> {
-        let mut state = self.state.lock().ok()?;
-        loop {
-            if let Some(job) = state.urgent.pop().or_else(|| state.bulk.pop()) {
-                return Some(job);
-            }
-            if state.closed {
-                return None;
-            }
-            state = self.wake.wait(state).ok()?;
-        }
-    }
-
-    fn close(&self) {
-        if let Ok(mut state) = self.state.lock() {
-            state.closed = true;
-        }
-        self.wake.notify_all();
-    }
-}
-
 struct PoolInner {
     jobs: Arc<Queue>,
     /// Keys ready per kind, and when each kind was last asked for (the default kind
     /// is always in use).
     ready: std::sync::Mutex<Ready>,
     default_kind: KeyKind,
-    buffer: usize,
+    buffer: Buffer,
     refill: tokio::sync::Notify,
     /// Serving keys signed over but not yet known to be written, by owner (the
     /// Service UID), with when each was parked: a retry after a failed write signs over
@@ -211,18 +64,36 @@ struct Ready {
     asked: HashMap<KeyKind, std::time::Instant>,
 }
 
+/// How many keys to keep ready: `base` per kind in use, and `idle` of the default
+/// kind once nothing has been asked for within [`IDLE_AFTER`].
+#[derive(Clone, Copy, Debug)]
+pub struct Buffer {
+    pub base: usize,
+    pub idle: usize,
+}
+
 impl Ready {
     /// Forgets kinds nobody asked for within [`IN_USE_FOR`] (and drops their keys);
-    /// then the kind in use with the fewest ready keys, if it has fewer than `buffer`.
-    fn next_to_fill(&mut self, default_kind: KeyKind, buffer: usize) -> Option<KeyKind> {
+    /// then the kind in use with the fewest ready keys, if it has fewer than it should
+    /// (see [`Buffer`]).
+    fn next_to_fill(&mut self, default_kind: KeyKind, buffer: Buffer) -> Option<KeyKind> {
         self.asked.retain(|kind, at| *kind == default_kind || at.elapsed() < IN_USE_FOR);
         self.asked.entry(default_kind).or_insert_with(std::time::Instant::now);
         let asked = &self.asked;
         self.keys.retain(|kind, _| asked.contains_key(kind));
+        let idle = asked.values().all(|at| at.elapsed() >= IDLE_AFTER);
+        let want = |kind: &KeyKind| match idle && *kind == default_kind {
+            true => buffer.base.max(buffer.idle),
+            false => buffer.base,
+        };
         let count = |kind: &KeyKind| self.keys.get(kind).map_or(0, Vec::len);
-        self.asked.keys().filter(|kind| count(kind) < buffer).min_by_key(|kind| count(kind)).copied()
+        asked.keys().filter(|kind| count(kind) < want(kind)).min_by_key(|kind| count(kind)).copied()
     }
 }
+
+/// After this long with no serving key asked for, the default kind's ready keys grow
+/// to [`Buffer::idle`] (what a burst of new Services takes at once).
+pub const IDLE_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A key algorithm asked for within this long keeps ready keys.
 pub const IN_USE_FOR: std::time::Duration = std::time::Duration::from_secs(600);
@@ -243,6 +114,12 @@ impl KeyPool {
     /// (`default_kind` always). Must be called inside the async runtime (the refill
     /// runs as a task).
     pub fn new(concurrency: usize, buffer: usize, default_kind: KeyKind, generated: Counter) -> Self {
+        Self::with_buffer(concurrency, Buffer { base: buffer, idle: buffer }, default_kind, generated)
+    }
+
+    /// As [`KeyPool::new`], with more keys of `default_kind` ready when idle (none at
+    /// all if `buffer.base` is 0).
+    pub fn with_buffer(concurrency: usize, buffer: Buffer, default_kind: KeyKind, generated: Counter) -> Self {
         let pool = KeyPool {
             inner: Arc::new(PoolInner {
                 jobs: spawn_workers(concurrency.max(1)),
@@ -254,16 +131,17 @@ impl KeyPool {
                 generated,
             }),
         };
-        if buffer > 0 {
+        if buffer.base > 0 {
             let pool = pool.clone();
+            // Woken by a request, or at the latest when a kind may have gone out of use
+            // (or the pool become idle).
+            let wait = if buffer.idle > buffer.base { IDLE_AFTER } else { IN_USE_FOR };
             tokio::spawn(async move {
                 loop {
                     let (default_kind, buffer) = (pool.inner.default_kind, pool.inner.buffer);
                     let kind = pool.inner.ready.lock().ok().and_then(|mut r| r.next_to_fill(default_kind, buffer));
                     let Some(kind) = kind else {
-                        // Woken by a request, or at the latest when a kind may have gone
-                        // out of use.
-                        let _ = tokio::time::timeout(IN_USE_FOR, pool.inner.refill.notified()).await;
+                        let _ = tokio::time::timeout(wait, pool.inner.refill.notified()).await;
                         continue;
                     };
                     match pool.fresh(kind, Priority::Bulk, "").await {

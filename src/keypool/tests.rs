@@ -9,24 +9,28 @@ async fn key_generation_runs_at_a_lower_priority_than_the_reactor() {
     assert_eq!(worker, (reactor + WORKER_NICENESS).min(19));
 }
 
+fn fixed(n: usize) -> Buffer {
+    Buffer { base: n, idle: n }
+}
+
 #[test]
 fn ready_keys_are_kept_only_for_kinds_in_use() {
     let rsa = KeyKind::Rsa { bits: 2048 };
     let mut ready = Ready::default();
-    assert_eq!(ready.next_to_fill(rsa, 2), Some(rsa), "the default kind is always in use");
+    assert_eq!(ready.next_to_fill(rsa, fixed(2)), Some(rsa), "the default kind is always in use");
     ready.keys.entry(rsa).or_default().push(PrivateKey::generate(KeyKind::EcdsaP256).unwrap());
     ready.keys.entry(rsa).or_default().push(PrivateKey::generate(KeyKind::EcdsaP256).unwrap());
-    assert_eq!(ready.next_to_fill(rsa, 2), None, "full; no other kind was asked for");
+    assert_eq!(ready.next_to_fill(rsa, fixed(2)), None, "full; no other kind was asked for");
     ready.asked.insert(KeyKind::EcdsaP384, std::time::Instant::now());
-    assert_eq!(ready.next_to_fill(rsa, 2), Some(KeyKind::EcdsaP384));
+    assert_eq!(ready.next_to_fill(rsa, fixed(2)), Some(KeyKind::EcdsaP384));
     ready.keys.entry(KeyKind::EcdsaP384).or_default().push(PrivateKey::generate(KeyKind::EcdsaP384).unwrap());
     let long_ago = std::time::Instant::now().checked_sub(IN_USE_FOR + std::time::Duration::from_secs(1));
     ready.asked.insert(KeyKind::EcdsaP384, long_ago.unwrap());
-    assert_eq!(ready.next_to_fill(rsa, 2), None);
+    assert_eq!(ready.next_to_fill(rsa, fixed(2)), None);
     assert!(!ready.keys.contains_key(&KeyKind::EcdsaP384), "keys of a kind nobody asks for are dropped");
     assert_eq!(ready.keys[&rsa].len(), 2);
     let mut ec_default = Ready::default();
-    assert_eq!(ec_default.next_to_fill(KeyKind::EcdsaP256, 1), Some(KeyKind::EcdsaP256), "no RSA for nobody");
+    assert_eq!(ec_default.next_to_fill(KeyKind::EcdsaP256, fixed(1)), Some(KeyKind::EcdsaP256), "no RSA for nobody");
 }
 
 #[tokio::test]
@@ -132,4 +136,43 @@ async fn urgent_jobs_still_go_before_bulk_ones_of_any_namespace() {
         (queue.next().unwrap())();
     }
     assert_eq!(*log.lock().unwrap(), ["urgent-b", "urgent-a", "bulk-a"]);
+}
+
+#[test]
+fn the_default_kind_grows_to_the_idle_buffer_once_nothing_was_asked_for_a_while() {
+    let (rsa, ec) = (KeyKind::Rsa { bits: 2048 }, KeyKind::EcdsaP256);
+    let buffer = Buffer { base: 1, idle: 3 };
+    let now = std::time::Instant::now();
+    let idle_since = now.checked_sub(IDLE_AFTER + std::time::Duration::from_secs(1)).unwrap();
+    let mut ready = Ready::default();
+    ready.asked.insert(rsa, now);
+    ready.asked.insert(ec, now);
+    ready.keys.insert(rsa, vec![PrivateKey::generate(ec).unwrap()]);
+    ready.keys.insert(ec, vec![PrivateKey::generate(ec).unwrap()]);
+    assert_eq!(ready.next_to_fill(rsa, buffer), None, "busy: the base buffer only");
+
+    ready.asked.insert(rsa, idle_since);
+    assert_eq!(ready.next_to_fill(rsa, buffer), None, "another kind was asked for lately: not idle");
+    ready.asked.insert(ec, idle_since);
+    assert_eq!(ready.next_to_fill(rsa, buffer), Some(rsa), "idle: the default kind grows");
+    ready.keys.entry(rsa).or_default().extend([PrivateKey::generate(ec).unwrap(), PrivateKey::generate(ec).unwrap()]);
+    assert_eq!(ready.next_to_fill(rsa, buffer), None, "up to the idle buffer; other kinds keep the base");
+    assert_eq!(ready.keys[&ec].len(), 1);
+
+    // A request ends the idle time: nothing more is made, and the keys already ready stay.
+    ready.asked.insert(rsa, now);
+    ready.keys.get_mut(&rsa).unwrap().truncate(2);
+    assert_eq!(ready.next_to_fill(rsa, buffer), None);
+    assert_eq!(ready.next_to_fill(rsa, Buffer { base: 0, idle: 3 }), None, "idle 3 with base 0 when busy");
+}
+
+/// What one ready RSA-2048 key holds in memory (PKCS#8 DER, the PKCS#1 PEM written to
+/// Secrets, the public key): measured, printed, and bounded (`--key-buffer-idle` is
+/// documented at ~4.7 KiB per key).
+#[test]
+fn a_ready_rsa_2048_key_takes_about_5_kib() {
+    let key = PrivateKey::generate(KeyKind::Rsa { bits: 2048 }).unwrap();
+    let bytes = key.heap_bytes();
+    println!("a ready RSA-2048 key: {bytes} bytes on the heap, {} in all", bytes + std::mem::size_of::<PrivateKey>());
+    assert!((4_000..6_000).contains(&bytes), "{bytes}");
 }
