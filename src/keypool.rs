@@ -18,11 +18,13 @@ use queue::{Job, Queue};
 use queue::{Lane, Waiting};
 pub use queue::{Priority, cost};
 
-/// Bounded pool for key generation: `concurrency` dedicated threads, each at a lower
-/// CPU priority (nice 10) than the rest of the process. A rotation that re-issues
-/// thousands of certificates is paced by them, and the reactor — watches, bundle
-/// injection, probes, metrics — gets the CPU first whenever it needs it, even under a
-/// container CPU limit.
+/// Bounded pool for key generation: at most `concurrency` keys at once, on dedicated
+/// threads at a lower CPU priority than the rest of the process: urgent work (new
+/// Services) at nice 1, about even with the API server and other processes, so that a
+/// burst or a backlog gets the cores they do not need; bulk work at nice 10, so that a
+/// rotation that re-issues thousands of certificates is paced by them and the reactor —
+/// watches, bundle injection, probes, metrics — gets the CPU first whenever it needs
+/// it, even under a container CPU limit.
 ///
 /// It also keeps a few keys ready per key algorithm in use, generated in the background
 /// while the operator is idle, so that a new Service does not wait for key generation
@@ -106,8 +108,16 @@ const MAX_PARKED: usize = 10_000;
 /// retried within 5 minutes).
 pub const PARKED_FOR: std::time::Duration = std::time::Duration::from_secs(900);
 
-/// The nice value of key-generation threads (relative to the process).
-const WORKER_NICENESS: i32 = 10;
+/// The nice value of the key-generation threads for bulk work (relative to the
+/// process): under a rotation's re-issues, the reactor (bundle injection, watches,
+/// probes) and everything else on the machine go first.
+const BULK_NICENESS: i32 = 10;
+
+/// The nice value of the threads for urgent work (new Services, a backlog after a
+/// start): still below the reactor, but about even with the API server and the rest of
+/// the machine (at 10 they got 0.57 of 2 CPUs during a burst while the API server used
+/// 0.06 and the key threads were idle 1 % of the time: the CPU went to unrelated work).
+const URGENT_NICENESS: i32 = 1;
 
 impl KeyPool {
     /// A pool of `concurrency` generators keeping `buffer` keys ready per kind in use
@@ -260,23 +270,29 @@ impl KeyPool {
     }
 }
 
-/// Starts the worker threads. They stop when the queue closes, that is when the last
-/// handle to the pool is dropped; the refill task holds one, so in the operator they
-/// live as long as the process.
+/// Starts the worker threads: `n` for urgent work and `n` for bulk work, at most `n`
+/// of them running a job at once (see [`Queue`]). They stop when the queue closes,
+/// that is when the last handle to the pool is dropped; the refill task holds one, so
+/// in the operator they live as long as the process.
 fn spawn_workers(n: usize) -> Arc<Queue> {
-    let queue = Arc::new(Queue::default());
-    for i in 0..n {
-        let queue = queue.clone();
-        let spawned = std::thread::Builder::new().name(format!("keygen-{i}")).spawn(move || {
-            lower_priority();
-            while let Some(job) = queue.next() {
-                // A panicking job drops its reply channel (the caller sees an error);
-                // the worker carries on.
-                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+    let queue = Arc::new(Queue::new(n));
+    for (class, niceness, name) in
+        [(Priority::Urgent, URGENT_NICENESS, "keygen"), (Priority::Bulk, BULK_NICENESS, "keygen-bulk")]
+    {
+        for i in 0..n {
+            let queue = queue.clone();
+            let spawned = std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || {
+                lower_priority(niceness);
+                while let Some(job) = queue.next(class) {
+                    // A panicking job drops its reply channel (the caller sees an
+                    // error); the worker carries on.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                    queue.done();
+                }
+            });
+            if let Err(error) = spawned {
+                tracing::error!(%error, "could not start a key-generation thread");
             }
-        });
-        if let Err(error) = spawned {
-            tracing::error!(%error, "could not start a key-generation thread");
         }
     }
     queue
@@ -290,14 +306,12 @@ impl Drop for PoolInner {
 
 /// Lowers the calling thread's CPU priority (on Linux the nice value is per thread).
 #[allow(unsafe_code)] // one of the two documented exceptions: setpriority
-fn lower_priority() {
+fn lower_priority(by: i32) {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: setpriority only reads its integer arguments; `who = 0` is the
         // calling thread.
-        let failed =
-            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, current_niceness().saturating_add(WORKER_NICENESS)) }
-                != 0;
+        let failed = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, current_niceness().saturating_add(by)) } != 0;
         if failed {
             tracing::debug!(error = %std::io::Error::last_os_error(), "could not lower the key-generation priority");
         }

@@ -26,7 +26,11 @@ pub enum Priority {
 /// namespace's backlog: while one namespace has 300 RSA-4096 keys queued, a key for
 /// another namespace is the next one started. Within a namespace, jobs run in arrival
 /// order.
-#[derive(Default)]
+///
+/// Each priority has threads of its own (urgent ones at a higher CPU priority than
+/// bulk ones), and at most `slots` jobs run at once across them: a thread for urgent
+/// work takes only urgent jobs; one for bulk work takes a bulk job only when no urgent
+/// job waits.
 pub(super) struct Queue {
     state: std::sync::Mutex<QueueState>,
     wake: std::sync::Condvar,
@@ -36,6 +40,9 @@ pub(super) struct Queue {
 struct QueueState {
     urgent: Lane,
     bulk: Lane,
+    /// Jobs running, and at most how many may.
+    running: usize,
+    slots: usize,
     closed: bool,
     /// Arrival counter (ties between namespaces go to the earlier job).
     arrivals: u64,
@@ -119,7 +126,29 @@ impl Lane {
     }
 }
 
+impl QueueState {
+    /// The job a thread for `class` work may start now, if any (see [`Queue`]).
+    fn take(&mut self, class: Priority) -> Option<Job> {
+        if self.running >= self.slots {
+            return None;
+        }
+        let job = match class {
+            Priority::Urgent => self.urgent.pop(),
+            Priority::Bulk if self.urgent.waiting.is_empty() => self.bulk.pop(),
+            Priority::Bulk => None,
+        }?;
+        self.running = self.running.saturating_add(1);
+        Some(job)
+    }
+}
+
 impl Queue {
+    /// A queue running at most `slots` jobs at once.
+    pub(super) fn new(slots: usize) -> Self {
+        let state = QueueState { slots, ..QueueState::default() };
+        Queue { state: std::sync::Mutex::new(state), wake: std::sync::Condvar::new() }
+    }
+
     pub(super) fn push(&self, job: Job, priority: Priority, namespace: &str, cost: u64) -> Result<(), PkiError> {
         let mut state = self.state.lock().map_err(|_| PkiError::KeyGeneration("key pool broken".into()))?;
         if state.closed {
@@ -132,15 +161,17 @@ impl Queue {
             Priority::Urgent => state.urgent.push(namespace, waiting),
             Priority::Bulk => state.bulk.push(namespace, waiting),
         }
-        self.wake.notify_one();
+        // Threads of either class wait on the same condition.
+        self.wake.notify_all();
         Ok(())
     }
 
-    /// The next job (urgent first); `None` once the pool is closed.
-    pub(super) fn next(&self) -> Option<Job> {
+    /// The next job for a thread for `class` work, once it may start; `None` once the
+    /// pool is closed. The thread calls [`Queue::done`] when it has run it.
+    pub(super) fn next(&self, class: Priority) -> Option<Job> {
         let mut state = self.state.lock().ok()?;
         loop {
-            if let Some(job) = state.urgent.pop().or_else(|| state.bulk.pop()) {
+            if let Some(job) = state.take(class) {
                 return Some(job);
             }
             if state.closed {
@@ -148,6 +179,20 @@ impl Queue {
             }
             state = self.wake.wait(state).ok()?;
         }
+    }
+
+    /// The job for `class` that may start now, if any (without waiting).
+    #[cfg(test)]
+    pub(super) fn try_next(&self, class: Priority) -> Option<Job> {
+        self.state.lock().ok()?.take(class)
+    }
+
+    /// A job taken with [`Queue::next`] has run: its slot is free.
+    pub(super) fn done(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            state.running = state.running.saturating_sub(1);
+        }
+        self.wake.notify_all();
     }
 
     pub(super) fn close(&self) {

@@ -6,7 +6,32 @@ async fn key_generation_runs_at_a_lower_priority_than_the_reactor() {
     let pool = KeyPool::new(2, 0, KeyKind::Rsa { bits: 2048 }, Counter::default());
     let reactor = current_niceness();
     let worker = pool.run(current_niceness, Priority::Bulk, "", 1).await.unwrap();
-    assert_eq!(worker, (reactor + WORKER_NICENESS).min(19));
+    assert_eq!(worker, (reactor + BULK_NICENESS).min(19));
+    let worker = pool.run(current_niceness, Priority::Urgent, "", 1).await.unwrap();
+    assert_eq!(worker, (reactor + URGENT_NICENESS).min(19));
+    const { assert!(URGENT_NICENESS > 0, "urgent work too yields to the reactor") };
+}
+
+#[tokio::test]
+async fn no_more_keys_than_the_concurrency_are_made_at_once_across_both_priorities() {
+    let pool = KeyPool::new(2, 0, KeyKind::Rsa { bits: 2048 }, Counter::default());
+    let (now, most) =
+        (Arc::new(std::sync::atomic::AtomicUsize::new(0)), Arc::new(std::sync::atomic::AtomicUsize::new(0)));
+    let jobs = (0..12).map(|i| {
+        let (now, most, pool) = (now.clone(), most.clone(), pool.clone());
+        let priority = if i % 2 == 0 { Priority::Urgent } else { Priority::Bulk };
+        async move {
+            let job = move || {
+                let running = now.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                most.fetch_max(running, std::sync::atomic::Ordering::SeqCst);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            };
+            pool.run(job, priority, "", 1).await.unwrap();
+        }
+    });
+    futures::future::join_all(jobs).await;
+    assert_eq!(most.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
 
 fn fixed(n: usize) -> Buffer {
@@ -124,7 +149,7 @@ fn namespaces_take_turns_in_arrival_order_and_jobs_of_one_namespace_stay_in_orde
 
 #[tokio::test]
 async fn urgent_jobs_still_go_before_bulk_ones_of_any_namespace() {
-    let queue = Queue::default();
+    let queue = Queue::new(1);
     let log: Arc<std::sync::Mutex<Vec<&str>>> = Arc::default();
     for (label, priority, ns) in
         [("bulk-a", Priority::Bulk, "a"), ("urgent-b", Priority::Urgent, "b"), ("urgent-a", Priority::Urgent, "a")]
@@ -132,9 +157,16 @@ async fn urgent_jobs_still_go_before_bulk_ones_of_any_namespace() {
         let log = log.clone();
         queue.push(Box::new(move || log.lock().unwrap().push(label)), priority, ns, 1).unwrap();
     }
-    for _ in 0..3 {
-        (queue.next().unwrap())();
-    }
+    assert!(queue.try_next(Priority::Bulk).is_none(), "bulk threads wait while urgent jobs do");
+    let first = queue.try_next(Priority::Urgent).unwrap();
+    assert!(queue.try_next(Priority::Urgent).is_none(), "one slot, taken");
+    first();
+    queue.done();
+    (queue.try_next(Priority::Urgent).unwrap())();
+    queue.done();
+    assert!(queue.try_next(Priority::Urgent).is_none(), "urgent threads take no bulk job");
+    (queue.next(Priority::Bulk).unwrap())();
+    queue.done();
     assert_eq!(*log.lock().unwrap(), ["urgent-b", "urgent-a", "bulk-a"]);
 }
 
