@@ -340,15 +340,18 @@ pub fn threads_cpu_seconds(pid: u32, prefix: &str) -> f64 {
     total
 }
 
-/// How many threads of process `pid` whose name starts with `prefix` are running or
-/// runnable (state R) and how many are not (sleeping: a key thread waiting for work).
+/// How many threads of process `pid` whose name starts with `prefix` (those for bulk
+/// work left out) are running or runnable (state R) and how many are not (sleeping: a
+/// key thread waiting for work).
 pub fn threads_running(pid: u32, prefix: &str) -> (usize, usize) {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return (0, 0) };
     let (mut running, mut other) = (0, 0);
     for task in tasks.flatten() {
         let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
         let (Some((head, rest)), Some(open)) = (stat.rsplit_once(')'), stat.find('(')) else { continue };
-        if head[open + 1..].starts_with(prefix) {
+        let name = &head[open + 1..];
+        // Threads for bulk work (`keygen-bulk-<i>`) wait whenever only urgent work runs.
+        if name.starts_with(prefix) && !name.contains("-bulk-") {
             if rest.split_whitespace().next() == Some("R") { running += 1 } else { other += 1 }
         }
     }
