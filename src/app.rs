@@ -19,7 +19,7 @@ use crate::controllers::serving::watches::ServingWatches;
 use crate::controllers::serving::{cert_refresh, serving_cert};
 use crate::controllers::sharing::{self, Sharing};
 use crate::controllers::{Context, ca_bundle, ca_lifecycle, namespace_bundle};
-use crate::keypool::KeyPool;
+use crate::keypool::{Buffer, KeyPool};
 use crate::metrics::{Metrics, ServingCertExpiry};
 use crate::names::{self as ann, LEASE_NAME};
 use crate::shutdown::Shutdown;
@@ -51,9 +51,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
     let ctx = Arc::new(Context {
         client,
-        keys: KeyPool::new(
+        keys: KeyPool::with_buffer(
             config.issuance_concurrency(),
-            config.key_buffer,
+            Buffer { base: config.key_buffer, idle: config.key_buffer_idle },
             config.default_key_algorithm,
             metrics.keys_generated.clone(),
         ),

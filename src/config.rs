@@ -245,6 +245,13 @@ pub struct Config {
     #[arg(long, env = "SERVICE_CA_KEY_BUFFER", default_value_t = 4)]
     pub key_buffer: usize,
 
+    /// Serving keys of the default algorithm kept ready once no key has been asked for
+    /// in a minute (made in the background at a low priority, kept until used), so a
+    /// burst of new Services does not wait for key generation. Ignored with
+    /// --key-buffer 0.
+    #[arg(long, env = "SERVICE_CA_KEY_BUFFER_IDLE", default_value_t = 32)]
+    pub key_buffer_idle: usize,
+
     /// Objects each controller reconciles at once.
     #[arg(long, env = "SERVICE_CA_CONTROLLER_CONCURRENCY", default_value_t = 16)]
     pub controller_concurrency: u16,
@@ -375,6 +382,9 @@ impl Config {
         if self.key_buffer > MAX_KEY_BUFFER {
             return Err(format!("--key-buffer ({}) must be at most {MAX_KEY_BUFFER}", self.key_buffer));
         }
+        if self.key_buffer_idle > MAX_KEY_BUFFER {
+            return Err(format!("--key-buffer-idle ({}) must be at most {MAX_KEY_BUFFER}", self.key_buffer_idle));
+        }
         check_dns_domain(&self.cluster_domain).map_err(|why| {
             format!("--cluster-domain {:?} is not a DNS domain: {why}", crate::bounded(&self.cluster_domain))
         })?;
@@ -403,7 +413,7 @@ impl Config {
     }
 }
 
-/// The most serving keys worth keeping ready (each is ~2 KiB; more only delays start-up).
+/// The most serving keys worth keeping ready (a ready RSA-2048 key holds ~4.7 KiB).
 pub const MAX_KEY_BUFFER: usize = 1024;
 
 /// A DNS domain as it appears in certificate names: a DNS-1123 subdomain whose labels

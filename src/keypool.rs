@@ -12,11 +12,19 @@ use time::OffsetDateTime;
 use crate::pki::{IssuedLeaf, KeyKind, LeafRequest, PkiError, PrivateKey};
 use crate::signer::Signer;
 
-/// Bounded pool for key generation: `concurrency` dedicated threads, each at a lower
-/// CPU priority (nice 10) than the rest of the process. A rotation that re-issues
-/// thousands of certificates is paced by them, and the reactor — watches, bundle
-/// injection, probes, metrics — gets the CPU first whenever it needs it, even under a
-/// container CPU limit.
+mod queue;
+use queue::{Job, Queue};
+#[cfg(test)]
+use queue::{Lane, Waiting};
+pub use queue::{Priority, cost};
+
+/// Bounded pool for key generation: at most `concurrency` keys at once, on dedicated
+/// threads at a lower CPU priority than the rest of the process: urgent work (new
+/// Services) at nice 1, about even with the API server and other processes, so that a
+/// burst or a backlog gets the cores they do not need; bulk work at nice 10, so that a
+/// rotation that re-issues thousands of certificates is paced by them and the reactor —
+/// watches, bundle injection, probes, metrics — gets the CPU first whenever it needs
+/// it, even under a container CPU limit.
 ///
 /// It also keeps a few keys ready per key algorithm in use, generated in the background
 /// while the operator is idle, so that a new Service does not wait for key generation
@@ -35,166 +43,13 @@ pub struct KeyPool {
     inner: Arc<PoolInner>,
 }
 
-type Job = Box<dyn FnOnce() + Send>;
-
-/// Which jobs the key-generation threads take first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Priority {
-    /// Somebody is waiting for it: a certificate for a new Service (or a deleted
-    /// Secret), a CA key. Also the only work that may take a ready key.
-    Urgent,
-    /// Bulk work: re-issues after a CA change or refresh, refilling the ready keys.
-    Bulk,
-}
-
-/// The work queue of the key-generation threads: urgent jobs before bulk ones, and
-/// within each, fair across namespaces, weighted by key cost (start-time fair
-/// queueing): each namespace with work waiting has a virtual start tag, the job of the
-/// namespace with the lowest tag goes next (ties: arrival order), and its tag grows by
-/// the job's [`cost`]. A namespace that had nothing waiting joins at the current
-/// virtual time, so it neither banks credit while idle nor waits behind another
-/// namespace's backlog: while one namespace has 300 RSA-4096 keys queued, a key for
-/// another namespace is the next one started. Within a namespace, jobs run in arrival
-/// order.
-#[derive(Default)]
-struct Queue {
-    state: std::sync::Mutex<QueueState>,
-    wake: std::sync::Condvar,
-}
-
-#[derive(Default)]
-struct QueueState {
-    urgent: Lane,
-    bulk: Lane,
-    closed: bool,
-    /// Arrival counter (ties between namespaces go to the earlier job).
-    arrivals: u64,
-}
-
-/// One priority's jobs, fair across namespaces.
-#[derive(Default)]
-struct Lane {
-    /// Namespaces with jobs waiting: their virtual start tag and jobs in arrival order.
-    waiting: HashMap<String, Tenant>,
-    /// The tags of namespaces with nothing waiting that are ahead of the clock (they
-    /// were served recently); dropped once the clock passes them, and all of them
-    /// when nothing waits.
-    idle: HashMap<String, u64>,
-    /// Virtual time: the tag of the job started last.
-    clock: u64,
-}
-
-struct Tenant {
-    tag: u64,
-    jobs: std::collections::VecDeque<Waiting>,
-}
-
-struct Waiting {
-    job: Job,
-    cost: u64,
-    arrival: u64,
-}
-
-/// The relative cost of generating a key of `kind`, in units of about 1/10 of an
-/// RSA-2048 key. Measured on the 2-core test machine (debug build with optimised
-/// dependencies, loaded): P-256 0.1 ms, P-384 3–4 ms, RSA-2048 180–220 ms, RSA-3072
-/// 1.0–1.1 s, RSA-4096 2.2–2.6 s (RSA key generation is random; its mean grows about
-/// as bits^4). ECDSA is rounded up to one unit so that it is never free.
-pub fn cost(kind: KeyKind) -> u64 {
-    match kind {
-        KeyKind::EcdsaP256 | KeyKind::EcdsaP384 => 1,
-        KeyKind::Rsa { bits } if bits <= 2048 => 10,
-        KeyKind::Rsa { bits } if bits <= 3072 => 50,
-        KeyKind::Rsa { bits } if bits <= 4096 => 120,
-        KeyKind::Rsa { .. } => 1000,
-    }
-}
-
-impl Lane {
-    fn push(&mut self, namespace: &str, waiting: Waiting) {
-        if let Some(tenant) = self.waiting.get_mut(namespace) {
-            tenant.jobs.push_back(waiting);
-            return;
-        }
-        let tag = self.idle.remove(namespace).unwrap_or(0).max(self.clock);
-        let jobs = std::collections::VecDeque::from([waiting]);
-        self.waiting.insert(namespace.to_string(), Tenant { tag, jobs });
-    }
-
-    /// The next job: the head of the namespace with the lowest tag.
-    fn pop(&mut self) -> Option<Job> {
-        let namespace = self
-            .waiting
-            .iter()
-            .filter_map(|(ns, t)| Some(((t.tag, t.jobs.front()?.arrival), ns)))
-            .min_by_key(|(order, _)| *order)
-            .map(|(_, ns)| ns.clone())?;
-        let tenant = self.waiting.get_mut(&namespace)?;
-        let next = tenant.jobs.pop_front()?;
-        self.clock = self.clock.max(tenant.tag);
-        tenant.tag = tenant.tag.saturating_add(next.cost);
-        if tenant.jobs.is_empty() {
-            let tag = tenant.tag;
-            self.waiting.remove(&namespace);
-            self.idle.insert(namespace, tag);
-        }
-        // Behind the clock a tag no longer matters; when nothing waits, nobody is
-        // owed anything.
-        let clock = self.clock;
-        self.idle.retain(|_, tag| *tag > clock);
-        if self.waiting.is_empty() {
-            self.idle.clear();
-        }
-        Some(next.job)
-    }
-}
-
-impl Queue {
-    fn push(&self, job: Job, priority: Priority, namespace: &str, cost: u64) -> Result<(), PkiError> {
-        let mut state = self.state.lock().map_err(|_| PkiError::KeyGeneration("key pool broken".into()))?;
-        if state.closed {
-            return Err(PkiError::KeyGeneration("key pool closed".into()));
-        }
-        let arrival = state.arrivals;
-        state.arrivals = arrival.wrapping_add(1);
-        let waiting = Waiting { job, cost, arrival };
-        match priority {
-            Priority::Urgent => state.urgent.push(namespace, waiting),
-            Priority::Bulk => state.bulk.push(namespace, waiting),
-        }
-        self.wake.notify_one();
-        Ok(())
-    }
-
-    /// The next job (urgent first); `None` once the pool is closed.
-    fn next(&self) -> Option<Job> {
-        let mut state = self.state.lock().ok()?;
-        loop {
-            if let Some(job) = state.urgent.pop().or_else(|| state.bulk.pop()) {
-                return Some(job);
-            }
-            if state.closed {
-                return None;
-            }
-            state = self.wake.wait(state).ok()?;
-        }
-    }
-
-    fn close(&self) {
-        if let Ok(mut state) = self.state.lock() {
-            state.closed = true;
-        }
-        self.wake.notify_all();
-    }
-}
-
 struct PoolInner {
     jobs: Arc<Queue>,
     /// Keys ready per kind, and when each kind was last asked for (the default kind
     /// is always in use).
     ready: std::sync::Mutex<Ready>,
     default_kind: KeyKind,
-    buffer: usize,
+    buffer: Buffer,
     refill: tokio::sync::Notify,
     /// Serving keys signed over but not yet known to be written, by owner (the
     /// Service UID), with when each was parked: a retry after a failed write signs over
@@ -211,18 +66,36 @@ struct Ready {
     asked: HashMap<KeyKind, std::time::Instant>,
 }
 
+/// How many keys to keep ready: `base` per kind in use, and `idle` of the default
+/// kind once nothing has been asked for within [`IDLE_AFTER`].
+#[derive(Clone, Copy, Debug)]
+pub struct Buffer {
+    pub base: usize,
+    pub idle: usize,
+}
+
 impl Ready {
     /// Forgets kinds nobody asked for within [`IN_USE_FOR`] (and drops their keys);
-    /// then the kind in use with the fewest ready keys, if it has fewer than `buffer`.
-    fn next_to_fill(&mut self, default_kind: KeyKind, buffer: usize) -> Option<KeyKind> {
+    /// then the kind in use with the fewest ready keys, if it has fewer than it should
+    /// (see [`Buffer`]).
+    fn next_to_fill(&mut self, default_kind: KeyKind, buffer: Buffer) -> Option<KeyKind> {
         self.asked.retain(|kind, at| *kind == default_kind || at.elapsed() < IN_USE_FOR);
         self.asked.entry(default_kind).or_insert_with(std::time::Instant::now);
         let asked = &self.asked;
         self.keys.retain(|kind, _| asked.contains_key(kind));
+        let idle = asked.values().all(|at| at.elapsed() >= IDLE_AFTER);
+        let want = |kind: &KeyKind| match idle && *kind == default_kind {
+            true => buffer.base.max(buffer.idle),
+            false => buffer.base,
+        };
         let count = |kind: &KeyKind| self.keys.get(kind).map_or(0, Vec::len);
-        self.asked.keys().filter(|kind| count(kind) < buffer).min_by_key(|kind| count(kind)).copied()
+        asked.keys().filter(|kind| count(kind) < want(kind)).min_by_key(|kind| count(kind)).copied()
     }
 }
+
+/// After this long with no serving key asked for, the default kind's ready keys grow
+/// to [`Buffer::idle`] (what a burst of new Services takes at once).
+pub const IDLE_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A key algorithm asked for within this long keeps ready keys.
 pub const IN_USE_FOR: std::time::Duration = std::time::Duration::from_secs(600);
@@ -235,14 +108,28 @@ const MAX_PARKED: usize = 10_000;
 /// retried within 5 minutes).
 pub const PARKED_FOR: std::time::Duration = std::time::Duration::from_secs(900);
 
-/// The nice value of key-generation threads (relative to the process).
-const WORKER_NICENESS: i32 = 10;
+/// The nice value of the key-generation threads for bulk work (relative to the
+/// process): under a rotation's re-issues, the reactor (bundle injection, watches,
+/// probes) and everything else on the machine go first.
+const BULK_NICENESS: i32 = 10;
+
+/// The nice value of the threads for urgent work (new Services, a backlog after a
+/// start): still below the reactor, but about even with the API server and the rest of
+/// the machine (at 10 they got 0.57 of 2 CPUs during a burst while the API server used
+/// 0.06 and the key threads were idle 1 % of the time: the CPU went to unrelated work).
+const URGENT_NICENESS: i32 = 1;
 
 impl KeyPool {
     /// A pool of `concurrency` generators keeping `buffer` keys ready per kind in use
     /// (`default_kind` always). Must be called inside the async runtime (the refill
     /// runs as a task).
     pub fn new(concurrency: usize, buffer: usize, default_kind: KeyKind, generated: Counter) -> Self {
+        Self::with_buffer(concurrency, Buffer { base: buffer, idle: buffer }, default_kind, generated)
+    }
+
+    /// As [`KeyPool::new`], with more keys of `default_kind` ready when idle (none at
+    /// all if `buffer.base` is 0).
+    pub fn with_buffer(concurrency: usize, buffer: Buffer, default_kind: KeyKind, generated: Counter) -> Self {
         let pool = KeyPool {
             inner: Arc::new(PoolInner {
                 jobs: spawn_workers(concurrency.max(1)),
@@ -254,16 +141,17 @@ impl KeyPool {
                 generated,
             }),
         };
-        if buffer > 0 {
+        if buffer.base > 0 {
             let pool = pool.clone();
+            // Woken by a request, or at the latest when a kind may have gone out of use
+            // (or the pool become idle).
+            let wait = if buffer.idle > buffer.base { IDLE_AFTER } else { IN_USE_FOR };
             tokio::spawn(async move {
                 loop {
                     let (default_kind, buffer) = (pool.inner.default_kind, pool.inner.buffer);
                     let kind = pool.inner.ready.lock().ok().and_then(|mut r| r.next_to_fill(default_kind, buffer));
                     let Some(kind) = kind else {
-                        // Woken by a request, or at the latest when a kind may have gone
-                        // out of use.
-                        let _ = tokio::time::timeout(IN_USE_FOR, pool.inner.refill.notified()).await;
+                        let _ = tokio::time::timeout(wait, pool.inner.refill.notified()).await;
                         continue;
                     };
                     match pool.fresh(kind, Priority::Bulk, "").await {
@@ -382,23 +270,29 @@ impl KeyPool {
     }
 }
 
-/// Starts the worker threads. They stop when the queue closes, that is when the last
-/// handle to the pool is dropped; the refill task holds one, so in the operator they
-/// live as long as the process.
+/// Starts the worker threads: `n` for urgent work and `n` for bulk work, at most `n`
+/// of them running a job at once (see [`Queue`]). They stop when the queue closes,
+/// that is when the last handle to the pool is dropped; the refill task holds one, so
+/// in the operator they live as long as the process.
 fn spawn_workers(n: usize) -> Arc<Queue> {
-    let queue = Arc::new(Queue::default());
-    for i in 0..n {
-        let queue = queue.clone();
-        let spawned = std::thread::Builder::new().name(format!("keygen-{i}")).spawn(move || {
-            lower_priority();
-            while let Some(job) = queue.next() {
-                // A panicking job drops its reply channel (the caller sees an error);
-                // the worker carries on.
-                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+    let queue = Arc::new(Queue::new(n));
+    for (class, niceness, name) in
+        [(Priority::Urgent, URGENT_NICENESS, "keygen"), (Priority::Bulk, BULK_NICENESS, "keygen-bulk")]
+    {
+        for i in 0..n {
+            let queue = queue.clone();
+            let spawned = std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || {
+                lower_priority(niceness);
+                while let Some(job) = queue.next(class) {
+                    // A panicking job drops its reply channel (the caller sees an
+                    // error); the worker carries on.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                    queue.done();
+                }
+            });
+            if let Err(error) = spawned {
+                tracing::error!(%error, "could not start a key-generation thread");
             }
-        });
-        if let Err(error) = spawned {
-            tracing::error!(%error, "could not start a key-generation thread");
         }
     }
     queue
@@ -412,14 +306,12 @@ impl Drop for PoolInner {
 
 /// Lowers the calling thread's CPU priority (on Linux the nice value is per thread).
 #[allow(unsafe_code)] // one of the two documented exceptions: setpriority
-fn lower_priority() {
+fn lower_priority(by: i32) {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: setpriority only reads its integer arguments; `who = 0` is the
         // calling thread.
-        let failed =
-            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, current_niceness().saturating_add(WORKER_NICENESS)) }
-                != 0;
+        let failed = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, current_niceness().saturating_add(by)) } != 0;
         if failed {
             tracing::debug!(error = %std::io::Error::last_os_error(), "could not lower the key-generation priority");
         }

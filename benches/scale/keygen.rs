@@ -25,7 +25,7 @@ fn gokeys() -> String {
         .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench/gokeys").to_string())
 }
 
-fn go(keys: usize, threads: usize) -> PerKey {
+pub fn go(keys: usize, threads: usize) -> PerKey {
     let out = Command::new(gokeys())
         .args([keys.to_string(), threads.to_string()])
         .output()

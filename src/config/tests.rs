@@ -98,6 +98,7 @@ fn flags_that_can_only_misbehave_are_refused_naming_the_flag() {
         (&["x", "--controller-concurrency", "0"][..], "--controller-concurrency"),
         (&["x", "--max-concurrent-issuance", "0"], "--max-concurrent-issuance"),
         (&["x", "--key-buffer", "18446744073709551615"], "--key-buffer"),
+        (&["x", "--key-buffer-idle", "1025"], "--key-buffer-idle"),
         (&["x", "--cluster-domain", ""], "--cluster-domain"),
         (&["x", "--cluster-domain", "bad_domain..x"], "--cluster-domain"),
         (&["x", "--cluster-domain=-x.local"], "--cluster-domain"),

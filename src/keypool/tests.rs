@@ -6,27 +6,56 @@ async fn key_generation_runs_at_a_lower_priority_than_the_reactor() {
     let pool = KeyPool::new(2, 0, KeyKind::Rsa { bits: 2048 }, Counter::default());
     let reactor = current_niceness();
     let worker = pool.run(current_niceness, Priority::Bulk, "", 1).await.unwrap();
-    assert_eq!(worker, (reactor + WORKER_NICENESS).min(19));
+    assert_eq!(worker, (reactor + BULK_NICENESS).min(19));
+    let worker = pool.run(current_niceness, Priority::Urgent, "", 1).await.unwrap();
+    assert_eq!(worker, (reactor + URGENT_NICENESS).min(19));
+    const { assert!(URGENT_NICENESS > 0, "urgent work too yields to the reactor") };
+}
+
+#[tokio::test]
+async fn no_more_keys_than_the_concurrency_are_made_at_once_across_both_priorities() {
+    let pool = KeyPool::new(2, 0, KeyKind::Rsa { bits: 2048 }, Counter::default());
+    let (now, most) =
+        (Arc::new(std::sync::atomic::AtomicUsize::new(0)), Arc::new(std::sync::atomic::AtomicUsize::new(0)));
+    let jobs = (0..12).map(|i| {
+        let (now, most, pool) = (now.clone(), most.clone(), pool.clone());
+        let priority = if i % 2 == 0 { Priority::Urgent } else { Priority::Bulk };
+        async move {
+            let job = move || {
+                let running = now.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                most.fetch_max(running, std::sync::atomic::Ordering::SeqCst);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            };
+            pool.run(job, priority, "", 1).await.unwrap();
+        }
+    });
+    futures::future::join_all(jobs).await;
+    assert_eq!(most.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+fn fixed(n: usize) -> Buffer {
+    Buffer { base: n, idle: n }
 }
 
 #[test]
 fn ready_keys_are_kept_only_for_kinds_in_use() {
     let rsa = KeyKind::Rsa { bits: 2048 };
     let mut ready = Ready::default();
-    assert_eq!(ready.next_to_fill(rsa, 2), Some(rsa), "the default kind is always in use");
+    assert_eq!(ready.next_to_fill(rsa, fixed(2)), Some(rsa), "the default kind is always in use");
     ready.keys.entry(rsa).or_default().push(PrivateKey::generate(KeyKind::EcdsaP256).unwrap());
     ready.keys.entry(rsa).or_default().push(PrivateKey::generate(KeyKind::EcdsaP256).unwrap());
-    assert_eq!(ready.next_to_fill(rsa, 2), None, "full; no other kind was asked for");
+    assert_eq!(ready.next_to_fill(rsa, fixed(2)), None, "full; no other kind was asked for");
     ready.asked.insert(KeyKind::EcdsaP384, std::time::Instant::now());
-    assert_eq!(ready.next_to_fill(rsa, 2), Some(KeyKind::EcdsaP384));
+    assert_eq!(ready.next_to_fill(rsa, fixed(2)), Some(KeyKind::EcdsaP384));
     ready.keys.entry(KeyKind::EcdsaP384).or_default().push(PrivateKey::generate(KeyKind::EcdsaP384).unwrap());
     let long_ago = std::time::Instant::now().checked_sub(IN_USE_FOR + std::time::Duration::from_secs(1));
     ready.asked.insert(KeyKind::EcdsaP384, long_ago.unwrap());
-    assert_eq!(ready.next_to_fill(rsa, 2), None);
+    assert_eq!(ready.next_to_fill(rsa, fixed(2)), None);
     assert!(!ready.keys.contains_key(&KeyKind::EcdsaP384), "keys of a kind nobody asks for are dropped");
     assert_eq!(ready.keys[&rsa].len(), 2);
     let mut ec_default = Ready::default();
-    assert_eq!(ec_default.next_to_fill(KeyKind::EcdsaP256, 1), Some(KeyKind::EcdsaP256), "no RSA for nobody");
+    assert_eq!(ec_default.next_to_fill(KeyKind::EcdsaP256, fixed(1)), Some(KeyKind::EcdsaP256), "no RSA for nobody");
 }
 
 #[tokio::test]
@@ -120,7 +149,7 @@ fn namespaces_take_turns_in_arrival_order_and_jobs_of_one_namespace_stay_in_orde
 
 #[tokio::test]
 async fn urgent_jobs_still_go_before_bulk_ones_of_any_namespace() {
-    let queue = Queue::default();
+    let queue = Queue::new(1);
     let log: Arc<std::sync::Mutex<Vec<&str>>> = Arc::default();
     for (label, priority, ns) in
         [("bulk-a", Priority::Bulk, "a"), ("urgent-b", Priority::Urgent, "b"), ("urgent-a", Priority::Urgent, "a")]
@@ -128,8 +157,54 @@ async fn urgent_jobs_still_go_before_bulk_ones_of_any_namespace() {
         let log = log.clone();
         queue.push(Box::new(move || log.lock().unwrap().push(label)), priority, ns, 1).unwrap();
     }
-    for _ in 0..3 {
-        (queue.next().unwrap())();
-    }
+    assert!(queue.try_next(Priority::Bulk).is_none(), "bulk threads wait while urgent jobs do");
+    let first = queue.try_next(Priority::Urgent).unwrap();
+    assert!(queue.try_next(Priority::Urgent).is_none(), "one slot, taken");
+    first();
+    queue.done();
+    (queue.try_next(Priority::Urgent).unwrap())();
+    queue.done();
+    assert!(queue.try_next(Priority::Urgent).is_none(), "urgent threads take no bulk job");
+    (queue.next(Priority::Bulk).unwrap())();
+    queue.done();
     assert_eq!(*log.lock().unwrap(), ["urgent-b", "urgent-a", "bulk-a"]);
+}
+
+#[test]
+fn the_default_kind_grows_to_the_idle_buffer_once_nothing_was_asked_for_a_while() {
+    let (rsa, ec) = (KeyKind::Rsa { bits: 2048 }, KeyKind::EcdsaP256);
+    let buffer = Buffer { base: 1, idle: 3 };
+    let now = std::time::Instant::now();
+    let idle_since = now.checked_sub(IDLE_AFTER + std::time::Duration::from_secs(1)).unwrap();
+    let mut ready = Ready::default();
+    ready.asked.insert(rsa, now);
+    ready.asked.insert(ec, now);
+    ready.keys.insert(rsa, vec![PrivateKey::generate(ec).unwrap()]);
+    ready.keys.insert(ec, vec![PrivateKey::generate(ec).unwrap()]);
+    assert_eq!(ready.next_to_fill(rsa, buffer), None, "busy: the base buffer only");
+
+    ready.asked.insert(rsa, idle_since);
+    assert_eq!(ready.next_to_fill(rsa, buffer), None, "another kind was asked for lately: not idle");
+    ready.asked.insert(ec, idle_since);
+    assert_eq!(ready.next_to_fill(rsa, buffer), Some(rsa), "idle: the default kind grows");
+    ready.keys.entry(rsa).or_default().extend([PrivateKey::generate(ec).unwrap(), PrivateKey::generate(ec).unwrap()]);
+    assert_eq!(ready.next_to_fill(rsa, buffer), None, "up to the idle buffer; other kinds keep the base");
+    assert_eq!(ready.keys[&ec].len(), 1);
+
+    // A request ends the idle time: nothing more is made, and the keys already ready stay.
+    ready.asked.insert(rsa, now);
+    ready.keys.get_mut(&rsa).unwrap().truncate(2);
+    assert_eq!(ready.next_to_fill(rsa, buffer), None);
+    assert_eq!(ready.next_to_fill(rsa, Buffer { base: 0, idle: 3 }), None, "idle 3 with base 0 when busy");
+}
+
+/// What one ready RSA-2048 key holds in memory (PKCS#8 DER, the PKCS#1 PEM written to
+/// Secrets, the public key): measured, printed, and bounded (`--key-buffer-idle` is
+/// documented at ~4.7 KiB per key).
+#[test]
+fn a_ready_rsa_2048_key_takes_about_5_kib() {
+    let key = PrivateKey::generate(KeyKind::Rsa { bits: 2048 }).unwrap();
+    let bytes = key.heap_bytes();
+    println!("a ready RSA-2048 key: {bytes} bytes on the heap, {} in all", bytes + std::mem::size_of::<PrivateKey>());
+    assert!((4_000..6_000).contains(&bytes), "{bytes}");
 }

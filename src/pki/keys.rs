@@ -276,6 +276,11 @@ impl PrivateKey {
         &self.pem
     }
 
+    /// Bytes this key holds on the heap (what a ready key costs in memory).
+    pub fn heap_bytes(&self) -> usize {
+        self.pkcs8.capacity().saturating_add(self.pem.capacity()).saturating_add(self.public.raw.capacity())
+    }
+
     /// A `ring`-backed signing key (validates the key; a few milliseconds for RSA).
     pub fn signing_key(&self) -> Result<KeyPair, PkiError> {
         KeyPair::from_pkcs8_der_and_sign_algo(&self.pkcs8.as_slice().into(), self.kind.signature_algorithm())

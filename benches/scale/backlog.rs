@@ -1,0 +1,94 @@
+//! Backlog drain (`BENCH_ONLY=rsa`, or `backlog` alone): 300 RSA-2048 Services created
+//! while the operator is stopped (its CA already made); the time from its start until
+//! every Secret holds a valid certificate, against the time Go's `crypto/rsa` takes to
+//! make as many keys on all cores (benches/gokeys), measured just before and just after
+//! on the same idle cluster (their mean). Also the CPU of the operator's key threads
+//! (`keygen-*`) against the control plane's during the drain.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::{
+    Report, control_plane_pids, create_services, first_seen, has_cert, invalid_secrets, keygen, sample_waiting, scaled,
+    settle, support, threads_cpu_seconds,
+};
+use support::{Env, cpu_seconds, eventually};
+
+/// Go's wall-clock time for `n` RSA-2048 keys on `cores` goroutines.
+fn go_time(n: usize, cores: usize) -> Duration {
+    let (ms_per_key, _) = keygen::go(n, cores);
+    Duration::from_secs_f64(ms_per_key * n as f64 / 1000.0)
+}
+
+pub async fn backlog(cores: usize, report: &mut Report) -> Env {
+    let n = scaled(300);
+    let env = Env::new("bench-backlog").await;
+    let op = env.start_operator(&[]);
+    op.wait_ready(Duration::from_secs(60)).await;
+    let bundle = env.ca_bundle().await;
+    drop(op);
+    let created = create_services(&env, "b", n, None).await;
+    let secrets_seen = first_seen(env.secrets(), "service-ca.operators.openshift.io/managed=true", has_cert);
+    let processes = control_plane_pids();
+    settle(&processes).await;
+    let go_before = go_time(n, cores);
+    settle(&processes).await;
+
+    let cpu_before: Vec<f64> = processes.iter().map(|(_, pid)| cpu_seconds(*pid)).collect();
+    let started = Instant::now();
+    let op = env.start_operator(&[]);
+    let (stop, waiting) = sample_waiting(op.pid(), "keygen-");
+    let took = eventually(Duration::from_secs(1800), "every backlog Secret", || {
+        let seen = secrets_seen.lock().unwrap();
+        let last = created.keys().map(|k| seen.get(k).copied()).collect::<Option<Vec<_>>>();
+        async move { Some(last?.into_iter().max()? - started) }
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let waiting = waiting.join().unwrap();
+    let keys_cpu = threads_cpu_seconds(op.pid(), "keygen-");
+    let operator_cpu = cpu_seconds(op.pid());
+    let mut cpu: Vec<(&str, f64)> =
+        processes.iter().zip(&cpu_before).map(|((name, pid), before)| (*name, cpu_seconds(*pid) - before)).collect();
+    cpu.extend([("operator", operator_cpu), ("operator key threads", keys_cpu)]);
+    let invalid = invalid_secrets(&env, &bundle, |name| created.contains_key(name)).await;
+    drop(op);
+    settle(&processes).await;
+    let go_after = go_time(n, cores);
+    let go = (go_before + go_after) / 2;
+    let ratio = took.as_secs_f64() / go.as_secs_f64();
+
+    println!("\nBacklog drain ({n} RSA-2048 Services created while the operator was stopped)");
+    report.row(
+        "Backlog: operator start -> every Secret valid",
+        format!("{:.1} s ({invalid} invalid)", took.as_secs_f64()),
+        "",
+    );
+    report.row(
+        &format!("Backlog: Go crypto/rsa, {n} keys on {cores} cores (before / after)"),
+        format!("{:.1} s ({:.1} / {:.1})", go.as_secs_f64(), go_before.as_secs_f64(), go_after.as_secs_f64()),
+        "",
+    );
+    report.row("Backlog: ratio to Go's time", format!("{ratio:.2}x"), "target <= 1.33x");
+    report.row(
+        "Backlog: key threads waiting for work (share of 10 ms samples)",
+        format!("{:.0} %", waiting * 100.0),
+        "",
+    );
+    let available = took.as_secs_f64() * cores as f64;
+    for (name, used) in &cpu {
+        report.row(
+            &format!("Backlog CPU used by {name}"),
+            format!("{used:.1} s ({:.0} % of {cores} CPUs)", used / available * 100.0),
+            "",
+        );
+    }
+    report.json.insert(
+        "backlog".into(),
+        json!({ "n": n, "seconds": took.as_secs_f64(), "invalid": invalid, "go_seconds": go.as_secs_f64(),
+                "go_before_seconds": go_before.as_secs_f64(), "go_after_seconds": go_after.as_secs_f64(),
+                "ratio": ratio, "key_threads_waiting": waiting, "cpu_seconds": cpu.iter().map(|(n, c)| (n.to_string(), json!(c))).collect::<serde_json::Map<_, _>>() }),
+    );
+    env
+}
