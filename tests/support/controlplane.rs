@@ -18,7 +18,7 @@ fn start_control_plane() -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("controlplane-{}", std::process::id()));
     // Kept for the life of the process; the harness exits when this process does.
     static HARNESS: OnceLock<std::sync::Mutex<Child>> = OnceLock::new();
-    let child = launch_harness(&dir);
+    let child = launch_harness(&dir, &[]);
     let _ = HARNESS.set(std::sync::Mutex::new(child));
     dir.join("kubeconfig")
 }
@@ -40,13 +40,14 @@ fn harness_binary() -> PathBuf {
     bin
 }
 
-/// Starts a harness with its data in `dir` and waits for READY.
-fn launch_harness(dir: &Path) -> Child {
+/// Starts a harness with its data in `dir` and `extra` arguments, and waits for READY.
+fn launch_harness(dir: &Path, extra: &[&str]) -> Child {
     std::fs::create_dir_all(dir).unwrap();
     let log = std::fs::File::create(dir.join("harness.out")).unwrap();
     let child = Command::new(harness_binary())
         .args(["run", "--exit-with-parent", "--data-dir"])
         .arg(dir)
+        .args(extra)
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
@@ -69,7 +70,9 @@ fn wait_for_line(dir: &Path, prefix: &str, timeout: Duration) {
 }
 
 /// A control plane of one test's own, for tests that disturb it (an API server
-/// outage). Stopped when dropped.
+/// outage). Stopped when dropped. Without a node (kube-scheduler, hollow kubelet): the
+/// tests that need their own API server run no pods, and the node's start (until it is
+/// Ready) took a third of the control plane's.
 pub struct PrivateControlPlane {
     child: Child,
     pub dir: PathBuf,
@@ -79,7 +82,7 @@ pub struct PrivateControlPlane {
 impl PrivateControlPlane {
     pub fn start(name: &str) -> PrivateControlPlane {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("controlplane-{name}-{}", std::process::id()));
-        let child = launch_harness(&dir);
+        let child = launch_harness(&dir, &["--node=false"]);
         PrivateControlPlane { kubeconfig: dir.join("kubeconfig"), dir, child }
     }
 

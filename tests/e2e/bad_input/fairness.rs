@@ -104,12 +104,12 @@ async fn requests_waiting_for_a_service_in_one_namespace_cost_little_and_do_not_
     // The operator has looked at them all once (each is waiting).
     tokio::time::sleep(Duration::from_secs(5)).await;
 
-    // 20 s: a Service of A changes its selector every second (each change makes every
+    // 10 s: a Service of A changes its selector every second (each change makes every
     // waiting request of A be looked at again); after 5 s a pod of C asks.
     let pid = op.pid();
     let cpu_before = cpu_seconds(pid);
     let started = Instant::now();
-    let churn = a.churn_selector("churn", Duration::from_secs(20));
+    let churn = a.churn_selector("churn", Duration::from_secs(10));
     let other = async {
         tokio::time::sleep(Duration::from_secs(5)).await;
         let pod = c_kubelet.pod("web", "web", None).await;
@@ -134,9 +134,10 @@ async fn requests_waiting_for_a_service_in_one_namespace_cost_little_and_do_not_
         time_scale()
     );
     assert_eq!(answered, 0, "A's requests wait for a Service");
-    // The targets.
+    // The targets: 3 CPU-s in 20 s, here in 10 s (an operator that re-reads
+    // every waiting request's pod at each change spent 3.69 CPU-s in 20 s).
     assert!(issued_after < Duration::from_secs(5), "C's request waited {issued_after:?}");
-    assert!(cpu < 3.0, "{cpu:.2} CPU-s in {window:?}");
+    assert!(cpu < 1.5, "{cpu:.2} CPU-s in {window:?}");
 }
 
 #[tokio::test]
@@ -160,7 +161,9 @@ async fn memory_does_not_grow_with_what_tenants_put_in_annotations() {
         (env.secrets().list_metadata(&managed).await.ok()?.items.len() >= n).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Each Service was cached (and trimmed, or not) before its Secret was written: the
+    // peak is already there; a second for what follows.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let peak = op.peak_rss_kib() as f64 / 1024.0;
     println!("{n} annotated Services carrying 200 KB each ({} MB in all): operator peak RSS {peak:.1} MiB", n / 5);
     drop(op);
@@ -168,8 +171,9 @@ async fn memory_does_not_grow_with_what_tenants_put_in_annotations() {
     // A fresh start with all of it present: the first list streams object by object,
     // each trimmed as it comes, never held whole.
     let restarted = env.start_operator(&ecdsa);
+    // Ready once the caches are synced: the whole first list has been through.
     restarted.wait_ready(Duration::from_secs(60)).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let fresh = restarted.peak_rss_kib() as f64 / 1024.0;
     println!("fresh start with all {n} present: operator peak RSS {fresh:.1} MiB");
     assert!(fresh < 64.0, "peak RSS {fresh:.1} MiB starting with {n} Services of 200 KB each (target < 64 MiB)");
@@ -203,7 +207,7 @@ async fn memory_does_not_grow_with_what_tenants_put_in_annotations() {
         (reported >= n).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let growth = op.peak_rss_kib() as f64 / 1024.0 - before;
     println!("{n} Services naming a 200 KB Secret ({} MB in all): operator peak RSS +{growth:.1} MiB", n / 5);
     assert!(growth < 15.0, "peak RSS grew {growth:.1} MiB with {n} Services naming a 200 KB Secret (30 MB in all)");

@@ -17,16 +17,18 @@ async fn zero_failed_handshakes_through_an_automatic_and_a_forced_rotation() {
     let env = Env::new("ca-zero-downtime").await;
     // 90 s CAs rotated when 55 s are left: each CA the operator makes is rotated 35 s
     // after it was made, after the rest of the test (under 20 s). The first CA was made
-    // 15 s before the operator starts: its automatic rotation comes 20 s in (the setup
+    // 18 s before the operator starts: its automatic rotation comes 17 s in (the setup
     // before it takes a few seconds).
-    super::aged_ca(&env, Duration::from_secs(90), Duration::from_secs(15)).await;
+    super::aged_ca(&env, Duration::from_secs(90), Duration::from_secs(18)).await;
     let _op = env.start_operator(&["--ca-lifetime", "90s", "--ca-rotate-before", "55s"]);
     let b0 = env.ca_bundle().await;
     let created = Instant::now();
     let ski0 = certs::ca_ski(&signing_key(&env).await);
     env.annotated_service("web", "web-tls", false).await;
     env.annotated_service("db", "db-tls", true).await;
-    let lag = Duration::from_secs(3);
+    // Servers reload 2 s after their Secret changes: a window in which clients with the
+    // new bundle meet old leaves (each phase runs 3 lags past its rotation).
+    let lag = Duration::from_secs(2);
     let web = FollowingServer::start(&env, "web-tls", lag).await;
     let db = FollowingServer::start(&env, "db-tls", lag).await;
     let ns = env.ns.clone();
