@@ -36,6 +36,10 @@ impl Operator {
             // Tests read /metrics in plain HTTP unless they test the secure server.
             .args((!args.iter().any(|a| a.starts_with("--metrics-secure"))).then_some("--metrics-secure=false"))
             .env("KUBECONFIG", kubeconfig)
+            // In the tests (not the benchmarks, which run the defaults), no idle key buffer:
+            // tests count the keys made, and a test operator idle for a minute would make
+            // 32 more. `serving::idle_buffer` turns it on with the flag, which wins.
+            .envs(cfg!(test).then_some(("SERVICE_CA_KEY_BUFFER_IDLE", "0")))
             .env(
                 "SERVICE_CA_LOG",
                 std::env::var("SERVICE_CA_TEST_LOG").unwrap_or_else(|_| "info,service_ca_operator=debug".into()),
