@@ -33,6 +33,7 @@ lint:
 	$(CARGO) clippy --all-targets -- -D warnings
 	python3 scripts/import-cycles.py src
 	python3 scripts/design-tree.py
+	python3 scripts/sizes.py
 
 ## Unit and PKI tests only (no cluster).
 unit:
