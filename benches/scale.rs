@@ -73,7 +73,7 @@ async fn main() {
         keygen::rsa_vs_go(cores, &mut report);
     }
     if part("rsa") || part("backlog") {
-        envs.push(backlog::backlog(cores, &mut report).await);
+        backlog::backlog(cores, &mut report).await;
     }
     if part("hsm") {
         hsm::hsm_vs_memory(&mut report);

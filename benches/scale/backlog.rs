@@ -7,6 +7,8 @@
 
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::Namespace;
+use kube::Api;
 use serde_json::json;
 
 use super::{
@@ -21,7 +23,10 @@ fn go_time(n: usize, cores: usize) -> Duration {
     Duration::from_secs_f64(ms_per_key * n as f64 / 1000.0)
 }
 
-pub async fn backlog(cores: usize, report: &mut Report) -> Env {
+/// Runs the drain, then deletes its namespaces and waits until they are gone: the RSA
+/// part's operator watches every namespace and would otherwise re-issue these 300
+/// Secrets (signed by this part's CA) under B1 and B2.
+pub async fn backlog(cores: usize, report: &mut Report) {
     let n = scaled(300);
     let env = Env::new("bench-backlog").await;
     let op = env.start_operator(&[]);
@@ -90,5 +95,21 @@ pub async fn backlog(cores: usize, report: &mut Report) -> Env {
                 "go_before_seconds": go_before.as_secs_f64(), "go_after_seconds": go_after.as_secs_f64(),
                 "ratio": ratio, "key_threads_waiting": waiting, "cpu_seconds": cpu.iter().map(|(n, c)| (n.to_string(), json!(c))).collect::<serde_json::Map<_, _>>() }),
     );
-    env
+    let (client, names) = (env.client.clone(), [env.ns.clone(), env.op_ns.clone()]);
+    drop(env);
+    let namespaces: Api<Namespace> = Api::all(client);
+    eventually(Duration::from_secs(600), "the backlog's namespaces deleted", || {
+        let namespaces = namespaces.clone();
+        let names = names.clone();
+        async move {
+            for name in &names {
+                if namespaces.get_opt(name).await.ok()?.is_some() {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+    settle(&processes).await;
 }
