@@ -62,8 +62,13 @@ async fn a_backlog_of_rsa_4096_services_in_one_namespace_does_not_delay_another_
          {behind} ({after} of {BACKLOG} done) (time scale {scale:.1})"
     );
     // Only the key being generated when B's Service came, one whose write was on its
-    // way, and one that raced the count may go first; the backlog behind must not.
-    assert!(behind <= 3, "B waited for {behind} of A's Secrets ({waited:?})");
+    // way, one that raced the count, and on a loaded machine up to two started before
+    // B's key request reached the queue may go first (B's reconcile waits for a CPU
+    // with the key threads of the other tests' operators; seen once in CI: a12 raced
+    // the count, a13 was in flight, a8 and a16 started 0.12 s and 0.96 s after B's
+    // Service was created, B's key next). Without the turns and the fair key queue, B
+    // waits for the rest of the backlog (12 or more here).
+    assert!(behind <= 5, "B waited for {behind} of A's Secrets ({waited:?})");
     assert!(after < BACKLOG, "A's backlog had drained: the test shows nothing");
 }
 

