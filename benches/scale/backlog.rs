@@ -95,12 +95,17 @@ pub async fn backlog(cores: usize, report: &mut Report) {
                 "go_before_seconds": go_before.as_secs_f64(), "go_after_seconds": go_after.as_secs_f64(),
                 "ratio": ratio, "key_threads_waiting": waiting, "cpu_seconds": cpu.iter().map(|(n, c)| (n.to_string(), json!(c))).collect::<serde_json::Map<_, _>>() }),
     );
+    delete_and_wait(env).await;
+    settle(&processes).await;
+}
+
+/// Deletes the part's namespaces (dropping its `Env`) and waits until they are gone.
+async fn delete_and_wait(env: Env) {
     let (client, names) = (env.client.clone(), [env.ns.clone(), env.op_ns.clone()]);
     drop(env);
     let namespaces: Api<Namespace> = Api::all(client);
     eventually(Duration::from_secs(600), "the backlog's namespaces deleted", || {
-        let namespaces = namespaces.clone();
-        let names = names.clone();
+        let (namespaces, names) = (namespaces.clone(), names.clone());
         async move {
             for name in &names {
                 if namespaces.get_opt(name).await.ok()?.is_some() {
@@ -111,5 +116,4 @@ pub async fn backlog(cores: usize, report: &mut Report) {
         }
     })
     .await;
-    settle(&processes).await;
 }
