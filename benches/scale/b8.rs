@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::{
-    Report, apiserver_writes, bulk_issue, control_plane_pids, diff, first_seen, has_cert, operator_writes, rss_mib,
-    scaled, settle, support,
+    Report, apiserver_writes, bulk_issue, diff, first_seen, has_cert, operator_writes, rss_mib, scaled, settled_with,
+    support,
 };
 use support::{Env, eventually};
 
@@ -22,9 +22,7 @@ pub async fn b8_scale(cores: usize, report: &mut Report) -> Env {
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (idle_rss, _) = rss_mib(&op);
     let secrets_seen = first_seen(env.secrets(), "service-ca.operators.openshift.io/managed=true", has_cert);
-    let mut processes = control_plane_pids();
-    processes.push(("operator", op.pid()));
-    settle(&processes).await;
+    let mut processes = settled_with(&op).await;
     processes.push(("bench client", std::process::id()));
 
     let b8 = bulk_issue(&env, &bundle, &secrets_seen, &processes, ("s", scaled(10_000), Some("ecdsa"))).await;

@@ -128,6 +128,15 @@ pub async fn settle(processes: &[(&str, u32)]) {
 
 /// The control plane's processes: (harness with embedded etcd, kube-apiserver,
 /// kube-controller-manager).
+/// The control plane's processes and `op`'s, once they are idle (see [`settle`]): what a
+/// part measures the CPU of, with the bench client added after the settling.
+pub async fn settled_with(op: &Operator) -> Vec<(&'static str, u32)> {
+    let mut processes = control_plane_pids();
+    processes.push(("operator", op.pid()));
+    settle(&processes).await;
+    processes
+}
+
 pub fn control_plane_pids() -> Vec<(&'static str, u32)> {
     let harness: u32 = std::fs::read_to_string(support::controlplane_dir().join("harness.pid"))
         .ok()

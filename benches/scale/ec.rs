@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use super::rotation::{b3_rotation, b4_injection};
 use super::rsa::RsaRates;
-use super::{Report, bulk_issue, control_plane_pids, first_seen, has_cert, scaled, settle, support, times};
+use super::{Report, bulk_issue, first_seen, has_cert, scaled, settled_with, support, times};
 use support::Env;
 
 /// B2-EC and B3-EC: B2 and B3 with ECDSA P-256 serving keys (the annotation `ecdsa`),
@@ -18,9 +18,7 @@ pub async fn ec_benchmarks(rsa: Option<&RsaRates>, cores: usize, report: &mut Re
     op.wait_ready(Duration::from_secs(60)).await;
     let bundle = env.ca_bundle().await;
     let secrets_seen = first_seen(env.secrets(), "service-ca.operators.openshift.io/managed=true", has_cert);
-    let mut processes = control_plane_pids();
-    processes.push(("operator", op.pid()));
-    settle(&processes).await;
+    let mut processes = settled_with(&op).await;
     processes.push(("bench client", std::process::id()));
 
     let b2 = bulk_issue(&env, &bundle, &secrets_seen, &processes, ("ec", scaled(1000), Some("ecdsa"))).await;

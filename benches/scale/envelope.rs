@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use service_ca_operator::pki::PrivateKey;
 
 use super::{Report, apiserver_writes, control_plane_pids, diff, rss_mib, scaled, settle, support};
-use support::envelope::{Expected, Sizes, Watches, World, looked_at, series};
+use support::envelope::{Expected, Sizes, Watches, World, looked_at, series, set_up};
 use support::{Env, Operator, cpu_seconds, eventually};
 
 const WAIT: Duration = Duration::from_secs(3600);
@@ -180,14 +180,14 @@ impl Bench<'_> {
 
     /// Waits until everything holds `expected`; checks every Secret against its bundle.
     async fn all_current(&self, expected: &Expected, since: Instant, report: &mut Report, label: &str) -> Duration {
-        let last = self.watches.all_current(&self.world.sizes, expected, WAIT).await;
-        let (checked, invalid) = self.world.invalid_secrets(&self.env.client, &expected.bundle_text).await;
+        let (took, checked, invalid) =
+            self.watches.all_current_checked(self.world, &self.env.client, expected, WAIT, since).await;
         report.row(
             &format!("Envelope {label}: serving Secrets checked / invalid"),
             format!("{checked} / {invalid}"),
             "target n / 0",
         );
-        last.saturating_duration_since(since)
+        took
     }
 }
 
@@ -196,10 +196,7 @@ pub async fn envelope(report: &mut Report) -> Env {
     let sizes = sizes();
     let env = Env::new("bench-envelope").await;
     let ms_per_key = ms_per_rsa_key();
-    let (mut world, created) = World::create(&env, sizes, false).await;
-    let pods = world.pods(&env).await;
-    let watches = Watches::start(&env);
-    watches.listed(&sizes).await;
+    let (world, watches, created, pods) = set_up(&env, sizes, false).await;
     let control_plane = control_plane_pids();
     settle(&control_plane).await;
     println!("\nEnvelope: {sizes:?} created in {created:.1?}, pods in {pods:.1?}; {ms_per_key:.0} ms per RSA-2048 key");

@@ -14,8 +14,8 @@ use service_ca_operator::pki::PrivateKey;
 use super::b5::{MemorySoFar, b5_memory};
 use super::rotation::{b3_rotation, b4_injection};
 use super::{
-    CREATE_CONCURRENCY, Report, Seen, WriteCounters, apiserver_writes, bulk_issue, control_plane_pids, diff,
-    first_seen, has_cert, ms, operator_writes, percentile, rss_mib, scaled, settle, support, threads_cpu_seconds,
+    CREATE_CONCURRENCY, Report, Seen, WriteCounters, apiserver_writes, bulk_issue, diff, first_seen, has_cert, ms,
+    operator_writes, percentile, rss_mib, scaled, settle, settled_with, support, threads_cpu_seconds,
 };
 use support::{Env, Operator, eventually};
 
@@ -144,9 +144,7 @@ async fn b2_bulk(
     // Key-generation limit, measured on the same cores while the cluster is idle, just
     // before and just after B2 (one RSA key takes a random number of prime candidates, so a
     // short sample is noisy); B2 is compared with the mean of the two.
-    let mut processes = control_plane_pids();
-    processes.push(("operator", op.pid()));
-    settle(&processes).await;
+    let mut processes = settled_with(op).await;
     let limit_before = keygen_limit(cores, Duration::from_secs(15));
     processes.push(("bench client", std::process::id()));
 

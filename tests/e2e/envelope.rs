@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::envelope::{Expected, Sizes, Watches, World, Writes, looked_at, series};
+use crate::support::envelope::{Expected, Sizes, Watches, World, Writes, looked_at, series, set_up};
 use crate::support::steps::metric_with;
 use crate::support::{Env, Operator, eventually, metric, time_scale};
 
@@ -59,20 +59,16 @@ fn at_most(phase: &str, writes: &[(&str, Writes)], most: &[(&str, usize)]) {
 
 /// Waits for every object to be current with `expected`; checks every Secret verifies.
 async fn all_current(env: &Env, world: &World, watches: &Watches, expected: &Expected, since: Instant) -> Duration {
-    let last = watches.all_current(&world.sizes, expected, T).await;
-    let (checked, invalid) = world.invalid_secrets(&env.client, &expected.bundle_text).await;
+    let (took, checked, invalid) = watches.all_current_checked(world, &env.client, expected, T, since).await;
     assert_eq!((checked, invalid), (world.sizes.services, 0), "serving Secrets (checked, invalid)");
-    last.saturating_duration_since(since)
+    took
 }
 
 #[tokio::test]
 async fn envelope_start_burst_rotation_reset_restart_all_current_one_write_each() {
     let env = Env::new("envelope").await;
     let sizes = sizes();
-    let (mut world, created) = World::create(&env, sizes, true).await;
-    let pods = world.pods(&env).await;
-    let watches = Watches::start(&env);
-    watches.listed(&sizes).await;
+    let (world, watches, created, pods) = set_up(&env, sizes, true).await;
     println!("created {sizes:?} in {created:.1?}, pods in {pods:.1?}; time scale {:.1}", time_scale());
 
     // Start -> everything current: one write per Secret, Service, bundle, injected object.

@@ -326,6 +326,21 @@ impl Watches {
         last.unwrap()
     }
 
+    /// [`Self::all_current`] from `since`, then every serving Secret of `world` checked
+    /// against `expected`'s bundle: (how long it took, Secrets checked, invalid ones).
+    pub async fn all_current_checked(
+        &self,
+        world: &World,
+        client: &Client,
+        expected: &Expected,
+        timeout: Duration,
+        since: Instant,
+    ) -> (Duration, usize, usize) {
+        let last = self.all_current(&world.sizes, expected, timeout).await;
+        let (checked, invalid) = world.invalid_secrets(client, &expected.bundle_text).await;
+        (last.saturating_duration_since(since), checked, invalid)
+    }
+
     /// Waits until `n` pod requests are answered; (issued, when the last was answered).
     pub async fn requests_answered(&self, n: usize, timeout: Duration) -> (usize, Instant) {
         eventually(timeout, &format!("{n} pod requests answered"), || {
@@ -393,4 +408,14 @@ pub fn looked_at(page: &str, sizes: &Sizes) -> bool {
 /// Series on a `/metrics` page (sample lines).
 pub fn series(page: &str) -> usize {
     page.lines().filter(|l| !l.is_empty() && !l.starts_with('#')).count()
+}
+
+/// The world of `sizes` created with its pods, and the watches over it once they have
+/// listed it all: (world, watches, time to create the objects, time to create the pods).
+pub async fn set_up(env: &Env, sizes: Sizes, delete_namespaces: bool) -> (World, Watches, Duration, Duration) {
+    let (mut world, created) = World::create(env, sizes, delete_namespaces).await;
+    let pods = world.pods(env).await;
+    let watches = Watches::start(env);
+    watches.listed(&sizes).await;
+    (world, watches, created, pods)
 }
