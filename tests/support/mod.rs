@@ -193,6 +193,13 @@ impl Env {
         self.service_with(name, &[("service.beta.openshift.io/serving-cert-secret-name", secret)], headless).await
     }
 
+    /// Creates Services `s0` … `s{n-1}` at once, each asking for Secret `s{i}-tls`.
+    pub async fn annotated_services(&self, n: usize) {
+        let each =
+            (0..n).map(|i| async move { self.annotated_service(&format!("s{i}"), &format!("s{i}-tls"), false).await });
+        futures::future::join_all(each).await;
+    }
+
     pub async fn service_with(&self, name: &str, annotations: &[(&str, &str)], headless: bool) -> Service {
         let mut svc: Service = serde_json::from_value(json!({
             "spec": { "ports": [{ "port": 443, "targetPort": 8443 }], "selector": { "app": name } }

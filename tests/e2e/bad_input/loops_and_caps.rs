@@ -25,14 +25,10 @@ async fn immutable_managed_secrets_are_recreated_through_a_rotation_without_star
     let env = Env::new("immutable").await;
     // No ready-key buffer: every key generated is one an issuance asked for.
     let op = env.start_operator(&["--key-buffer", "0"]);
-    let n = 50;
+    let n: u32 = 50;
     // Created, awaited and frozen all at once (one after the other, the setup alone took
     // 20 s on a loaded machine).
-    futures::future::join_all((0..n).map(|i| {
-        let env = &env;
-        async move { env.annotated_service(&format!("s{i}"), &format!("s{i}-tls"), false).await }
-    }))
-    .await;
+    env.annotated_services(n as usize).await;
     let managed = ListParams::default().labels(&format!("{MANAGED}=true"));
     eventually(T, "every Secret issued", || async {
         let secrets = env.secrets().list(&managed).await.ok()?.items;
@@ -247,11 +243,7 @@ async fn a_deleted_namespace_costs_nothing_once_it_is_gone() {
     // their issuance (each Service's Secret is one more object for the deletion).
     let op = env.start_operator(&["--default-key-algorithm", "ecdsa"]);
     let n = 20;
-    futures::future::join_all((0..n).map(|i| {
-        let env = &env;
-        async move { env.annotated_service(&format!("s{i}"), &format!("s{i}-tls"), false).await }
-    }))
-    .await;
+    env.annotated_services(n).await;
     for i in 0..n {
         env.serving_secret(&format!("s{i}-tls"), Duration::from_secs(60)).await;
     }

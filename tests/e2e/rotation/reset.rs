@@ -22,11 +22,7 @@ async fn hard_reset_gives_a_new_ca_and_updates_every_secret_and_bundle() {
     let old_bundle = env.ca_bundle().await;
     let old_cn = certs::of_secret(&signing_key(&env).await).subject_cn;
     let n = 20;
-    futures::future::join_all((0..n).map(|i| {
-        let env = &env;
-        async move { env.annotated_service(&format!("s{i}"), &format!("s{i}-tls"), false).await }
-    }))
-    .await;
+    env.annotated_services(n).await;
     let mut cm: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(json!({})).unwrap();
     cm.metadata = env.meta("bundle");
     cm.metadata.annotations =

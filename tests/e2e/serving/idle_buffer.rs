@@ -28,11 +28,7 @@ async fn a_burst_after_an_idle_minute_is_served_from_ready_keys() {
 
     let before = generated().await.unwrap();
     let burst = Instant::now();
-    let env = &env;
-    futures::future::join_all(
-        (0..8).map(|i| async move { env.annotated_service(&format!("s{i}"), &format!("s{i}-tls"), false).await }),
-    )
-    .await;
+    env.annotated_services(8).await;
     for i in 0..8 {
         env.serving_secret(&format!("s{i}-tls"), T).await;
     }
