@@ -3,7 +3,7 @@
 # toolchain (cc, make, ar, strip and glibc's development files: ring and jemalloc are
 # compiled from C, the image binary is stripped and ldd names its libraries), OpenSSL's
 # command-line client (interoperability tests), buildah (the image is built and run
-# without Docker), python3 (the import-cycle check) and kubectl (the shipping and GitOps
+# without Docker), python3 (the lint scripts: import cycles, the design tree, file and function sizes) and kubectl (the shipping and GitOps
 # tests drive the cluster with it, as people do), SoftHSM2 and OpenSC's pkcs11-tool (the
 # tests of the CA key in a PKCS#11 token). Installs all but kubectl with apt
 # when run as root; kubectl is not in Debian's own archive, so it must be present (the
