@@ -81,21 +81,9 @@ fn restarted_at(d: &Deployment) -> Option<String> {
     d.spec.template.metadata.as_ref()?.annotations.as_ref()?.get("kubectl.kubernetes.io/restartedAt").cloned()
 }
 
-#[tokio::test]
-async fn inspect_reports_through_a_forced_rotation_and_a_hard_reset_and_restarts_stale_workloads() {
-    let env = Env::new("inspect").await;
-    let mut op = env.start_operator(&[]);
-    op.wait_ready(T).await;
-    env.annotated_service("web", "web-tls", false).await;
-    env.serving_secret("web-tls", T).await;
-    env.injected_configmap("trust", T).await;
-    // Wait a second so that the pod starts strictly after the Secret and ConfigMap
-    // were written (the API keeps whole seconds).
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    workload(&env).await;
-
-    // 1. Healthy: exit 0, the summary line, the table.
-    let (code, table, err) = inspect(&env, &[]);
+/// A healthy cluster: exit 0, the summary line, the table; no workload listed.
+fn assert_healthy(env: &Env) {
+    let (code, table, err) = inspect(env, &[]);
     println!("{table}");
     assert_eq!(code, 0, "healthy cluster:\n{table}\n{err}");
     assert!(
@@ -103,20 +91,27 @@ async fn inspect_reports_through_a_forced_rotation_and_a_hard_reset_and_restarts
         "{table}"
     );
     assert!(table.contains("web-tls") && table.contains("trust") && table.contains("current"), "{table}");
-    let (_, report) = json_report(&env);
+    let (_, report) = json_report(env);
     assert_eq!(report["ca"]["bridge_live"], false);
     assert_eq!(report["serving_certificates"][0]["key_type"], "RSA-2048");
     assert_eq!(report["workloads"], json!([]));
+}
 
-    // 2. Forced rotation: after the re-issue everything is current, a bridge is live,
-    // the reason is shown, and the Deployment runs with replaced material (exit 4).
-    env.force_rotation("inspect-test").await;
-    let report = eventually(T, "inspect: rotated, re-issued, re-injected", || async {
-        let (code, report) = json_report(&env);
+/// Polls `inspect -o json` until the serving certificate and the injected ConfigMap are
+/// current again while the Deployment still runs with the replaced material (exit 4);
+/// returns that report. `what` names the wait.
+async fn reissued_and_reinjected(env: &Env, what: &str) -> Value {
+    eventually(T, what, || async {
+        let (code, report) = json_report(env);
         (code == 4 && report["summary"]["serving_current"] == 1 && report["summary"]["injected_current"] == 1)
             .then_some(report)
     })
-    .await;
+    .await
+}
+
+/// After the forced rotation's re-issue: a bridge is live, the reason is shown, and the
+/// Deployment is listed for the Secret and the ConfigMap it mounts.
+fn assert_rotated(report: &Value) {
     assert_eq!(report["ca"]["bridge_live"], true);
     assert_eq!(report["ca"]["forced_rotation_reason"], "inspect-test");
     assert!(report["ca"]["previous_ca_trusted_until"].is_string());
@@ -125,39 +120,10 @@ async fn inspect_reports_through_a_forced_rotation_and_a_hard_reset_and_restarts
     assert_eq!((workloads[0]["kind"].as_str(), workloads[0]["name"].as_str()), (Some("Deployment"), Some("web")));
     let reasons = workloads[0]["reasons"].to_string();
     assert!(reasons.contains("Secret web-tls") && reasons.contains("ConfigMap trust"), "{reasons}");
+}
 
-    // --restart without --yes (stdin is not a terminal): a dry run.
-    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &env.ns);
-    let (code, _, err) = inspect(&env, &["--restart"]);
-    assert_eq!(code, 4, "{err}");
-    assert!(err.contains("would restart Deployment"), "{err}");
-    assert_eq!(restarted_at(&deployments.get("web").await.unwrap()), None, "dry run changed nothing");
-
-    // 3. Hard reset while the operator is down: no CA, exit 3.
-    op.stop();
-    env.hard_reset().await;
-    let (code, table, _) = inspect(&env, &[]);
-    assert_eq!(code, 3, "{table}");
-    assert!(table.contains("signing-key does not exist"), "{table}");
-    // The old bundle is still published but its CA is gone: the leaf is still "from
-    // the bundle" — once the operator is back, a new CA, new leaf, new bundle.
-    let op = env.start_operator(&[]);
-    op.wait_ready(T).await;
-    let report = eventually(T, "inspect: new CA, re-issued, re-injected", || async {
-        let (code, report) = json_report(&env);
-        (code == 4 && report["summary"]["serving_current"] == 1 && report["summary"]["injected_current"] == 1)
-            .then_some(report)
-    })
-    .await;
-    assert_eq!(report["ca"]["bridge_live"], false, "a hard reset has no bridge");
-
-    // The restart procedure after a hard reset: roll what mounts the old material.
-    let (code, _, err) = inspect(&env, &["--restart", "--yes"]);
-    assert_eq!(code, 0, "every listed workload restarted: {err}");
-    assert!(err.contains(&format!("restarted Deployment {}/web", env.ns)), "{err}");
-    assert!(restarted_at(&deployments.get("web").await.unwrap()).is_some());
-
-    // As a kubectl plugin: `kubectl service-ca inspect`.
+/// As a kubectl plugin: `kubectl service-ca inspect`.
+fn assert_kubectl_plugin_inspects(env: &Env) {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("plugin-{}", env.run));
     std::fs::create_dir_all(&dir).unwrap();
     let plugin = dir.join("kubectl-service_ca");
@@ -178,6 +144,56 @@ async fn inspect_reports_through_a_forced_rotation_and_a_hard_reset_and_restarts
     );
     let help = Command::new(&plugin).arg("--help").output().unwrap();
     assert!(String::from_utf8_lossy(&help.stdout).contains("kubectl service-ca"), "help names the plugin");
+}
+
+#[tokio::test]
+async fn inspect_reports_through_a_forced_rotation_and_a_hard_reset_and_restarts_stale_workloads() {
+    let env = Env::new("inspect").await;
+    let mut op = env.start_operator(&[]);
+    op.wait_ready(T).await;
+    env.annotated_service("web", "web-tls", false).await;
+    env.serving_secret("web-tls", T).await;
+    env.injected_configmap("trust", T).await;
+    // Wait a second so that the pod starts strictly after the Secret and ConfigMap
+    // were written (the API keeps whole seconds).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    workload(&env).await;
+
+    // 1. Healthy: exit 0, the summary line, the table.
+    assert_healthy(&env);
+
+    // 2. Forced rotation: after the re-issue everything is current, a bridge is live,
+    // the reason is shown, and the Deployment runs with replaced material (exit 4).
+    env.force_rotation("inspect-test").await;
+    assert_rotated(&reissued_and_reinjected(&env, "inspect: rotated, re-issued, re-injected").await);
+
+    // --restart without --yes (stdin is not a terminal): a dry run.
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &env.ns);
+    let (code, _, err) = inspect(&env, &["--restart"]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("would restart Deployment"), "{err}");
+    assert_eq!(restarted_at(&deployments.get("web").await.unwrap()), None, "dry run changed nothing");
+
+    // 3. Hard reset while the operator is down: no CA, exit 3.
+    op.stop();
+    env.hard_reset().await;
+    let (code, table, _) = inspect(&env, &[]);
+    assert_eq!(code, 3, "{table}");
+    assert!(table.contains("signing-key does not exist"), "{table}");
+    // The old bundle is still published but its CA is gone: the leaf is still "from
+    // the bundle" — once the operator is back, a new CA, new leaf, new bundle.
+    let op = env.start_operator(&[]);
+    op.wait_ready(T).await;
+    let report = reissued_and_reinjected(&env, "inspect: new CA, re-issued, re-injected").await;
+    assert_eq!(report["ca"]["bridge_live"], false, "a hard reset has no bridge");
+
+    // The restart procedure after a hard reset: roll what mounts the old material.
+    let (code, _, err) = inspect(&env, &["--restart", "--yes"]);
+    assert_eq!(code, 0, "every listed workload restarted: {err}");
+    assert!(err.contains(&format!("restarted Deployment {}/web", env.ns)), "{err}");
+    assert!(restarted_at(&deployments.get("web").await.unwrap()).is_some());
+
+    assert_kubectl_plugin_inspects(&env);
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@
 //! 1-2 min. So a refresh takes 6 to 13 minutes however the operator is set: this test
 //! runs in `make test-slow`, not in `make test`.
 
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::certificates::v1::PodCertificateRequest;
@@ -68,13 +69,11 @@ fn unix(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs()
 }
 
-#[tokio::test]
-#[ignore = "slow: make test-slow"]
-async fn the_kubelet_refreshes_the_pod_certificate_at_begin_refresh_at_and_old_and_new_bundles_trust_both_certificates()
-{
-    // Refreshing as early as the API server allows, NotBefore 4 min back, one hour (the
-    // shortest lifetime): beginRefreshAt is NotBefore + 10 min, 6 min after issuance.
-    let w = World::new(
+/// The test's world, refreshing as early as the API server allows, NotBefore 4 min
+/// back, one hour (the shortest lifetime): beginRefreshAt is NotBefore + 10 min, 6 min
+/// after issuance.
+async fn refreshing_early() -> World {
+    World::new(
         "kubelet-refresh",
         &[
             "--pod-certificate-refresh-at",
@@ -85,7 +84,50 @@ async fn the_kubelet_refreshes_the_pod_certificate_at_begin_refresh_at_and_old_a
             "1h",
         ],
     )
+    .await
+}
+
+/// The kubelet refreshes on its own: a new key, a new request, new files. Waits for the
+/// refreshed `credentials` and checks they were written at `first`'s beginRefreshAt (not
+/// before, and not long after); returns them. `created`: when the pod was.
+async fn refreshed_at_begin_refresh_at(credentials: &Path, first: &Issued, created: Instant) -> String {
+    let waiting = Instant::now();
+    let (second, written) = eventually(REFRESH, "the kubelet's refreshed credentials.pem", || async {
+        let text = std::fs::read_to_string(credentials).ok()?;
+        let written = std::fs::metadata(credentials).ok()?.modified().ok()?;
+        (serial(&split_bundle(&text).1) != first.serial).then_some((text, written))
+    })
     .await;
+    let late = written.duration_since(first.begin_refresh_at).unwrap_or_else(|e| {
+        panic!(
+            "the kubelet refreshed {:?} before beginRefreshAt: the operator's time was not the one it used",
+            e.duration()
+        )
+    });
+    eprintln!(
+        "beginRefreshAt → refreshed credentials.pem written: {late:?} (kubelet jitter up to 5 min, refresh pass every \
+         1-2 min, pod sync 10 s); pod created → refreshed: {:?}; waited after the rotation {:?}",
+        created.elapsed(),
+        waiting.elapsed()
+    );
+    assert!(late < Duration::from_secs(600).mul_f64(time_scale()), "refreshed at beginRefreshAt, not {late:?} after");
+    second
+}
+
+/// The control: without its bridge, the refreshed leaf (of `chain`) is not trusted by the
+/// old bundle.
+fn assert_untrusted_without_the_bridge(chain: &str, old_bundle: &str, server_name: &str) {
+    let certs = ders(chain);
+    let bridgeless: String =
+        [&certs[0], &certs[2]].iter().map(|der| ::pem::encode(&::pem::Pem::new("CERTIFICATE", der.to_vec()))).collect();
+    assert!(rustls_verify_at(&bridgeless, old_bundle, server_name, SystemTime::now()).is_err());
+}
+
+#[tokio::test]
+#[ignore = "slow: make test-slow"]
+async fn the_kubelet_refreshes_the_pod_certificate_at_begin_refresh_at_and_old_and_new_bundles_trust_both_certificates()
+{
+    let w = refreshing_early().await;
     let server_name = format!("web.{}.svc", w.env.ns);
     w.env.service_with("web", &[], false).await;
     let client = w.pod("client-0", "client", vec![w.bundle_volume()]).await;
@@ -124,27 +166,7 @@ async fn the_kubelet_refreshes_the_pod_certificate_at_begin_refresh_at_and_old_a
     .await;
     assert!(skis(&new_bundle).contains(&old_ski), "the new bundle still trusts the old CA");
 
-    // The kubelet refreshes on its own: a new key, a new request, new files.
-    let waiting = Instant::now();
-    let (second, written) = eventually(REFRESH, "the kubelet's refreshed credentials.pem", || async {
-        let text = std::fs::read_to_string(&credentials).ok()?;
-        let written = std::fs::metadata(&credentials).ok()?.modified().ok()?;
-        (serial(&split_bundle(&text).1) != first.serial).then_some((text, written))
-    })
-    .await;
-    let late = written.duration_since(first.begin_refresh_at).unwrap_or_else(|e| {
-        panic!(
-            "the kubelet refreshed {:?} before beginRefreshAt: the operator's time was not the one it used",
-            e.duration()
-        )
-    });
-    eprintln!(
-        "beginRefreshAt → refreshed credentials.pem written: {late:?} (kubelet jitter up to 5 min, refresh pass every \
-         1-2 min, pod sync 10 s); pod created → refreshed: {:?}; waited after the rotation {:?}",
-        created.elapsed(),
-        waiting.elapsed()
-    );
-    assert!(late < Duration::from_secs(600).mul_f64(time_scale()), "refreshed at beginRefreshAt, not {late:?} after");
+    let second = refreshed_at_begin_refresh_at(&credentials, &first, created).await;
     let (key2, chain2) = split_bundle(&second);
     assert_ne!(key2, key1, "the kubelet made a new key");
     assert_eq!(signer_of(&chain2), new_ski, "the refreshed certificate is the new CA's");
@@ -154,11 +176,7 @@ async fn the_kubelet_refreshes_the_pod_certificate_at_begin_refresh_at_and_old_a
     assert_eq!(w.requests().list(&ListParams::default()).await.unwrap().items.len(), 2, "one request per key");
 
     handshakes_across_the_rotation([(&chain1, &key1), (&chain2, &key2)], [&old_bundle, &new_bundle], &server_name);
-    // The control: without its bridge, the refreshed leaf is not trusted by the old bundle.
-    let certs = ders(&chain2);
-    let bridgeless: String =
-        [&certs[0], &certs[2]].iter().map(|der| ::pem::encode(&::pem::Pem::new("CERTIFICATE", der.to_vec()))).collect();
-    assert!(rustls_verify_at(&bridgeless, &old_bundle, &server_name, SystemTime::now()).is_err());
+    assert_untrusted_without_the_bridge(&chain2, &old_bundle, &server_name);
 }
 
 /// Every certificate served (rustls, OpenSSL, Go) to every client stack trusting each

@@ -20,12 +20,9 @@ async fn error_count(env: &Env, svc: &str) -> u32 {
     annotation(&s.metadata, BETA_ERR_NUM).and_then(|n| n.parse().ok()).unwrap_or(0)
 }
 
-#[tokio::test]
-async fn immutable_managed_secrets_are_recreated_through_a_rotation_without_starving_new_services() {
-    let env = Env::new("immutable").await;
-    // No ready-key buffer: every key generated is one an issuance asked for.
-    let op = env.start_operator(&["--key-buffer", "0"]);
-    let n: u32 = 50;
+/// Services s0 … s{n-1}, each with its Secret issued; then the namespace's user freezes
+/// every Secret.
+async fn issue_and_freeze(env: &Env, n: u32) {
     // Created, awaited and frozen all at once (one after the other, the setup alone took
     // 20 s on a loaded machine).
     env.annotated_services(n as usize).await;
@@ -39,12 +36,54 @@ async fn immutable_managed_secrets_are_recreated_through_a_rotation_without_star
     // The namespace's user freezes every Secret.
     let patch = json!({ "immutable": true });
     futures::future::join_all((0..n).map(|i| {
-        let (env, patch) = (&env, &patch);
+        let patch = &patch;
         async move {
             env.secrets().patch(&format!("s{i}-tls"), &PatchParams::default(), &Patch::Merge(patch)).await.unwrap()
         }
     }))
     .await;
+}
+
+/// How many of s0-tls … s{n-1}-tls carry a leaf of the CA `ski` now.
+async fn reissued_by(env: &Env, n: u32, ski: &[u8]) -> u32 {
+    let mut reissued = 0;
+    for i in 0..n {
+        // A Secret being re-created is absent for a moment (deleted, then created once
+        // the garbage collector has let it go): not re-issued yet.
+        let Some(s) = env.secrets().get_opt(&format!("s{i}-tls")).await.unwrap() else { continue };
+        if certs::try_signer_of(&crate::support::data(&s, "tls.crt")).as_deref() == Some(ski) {
+            reissued += 1;
+        }
+    }
+    reissued
+}
+
+/// Waits until s0-tls … s{n-1}-tls all carry a leaf of the CA `ski`, and checks each
+/// was re-created as a regular managed Secret.
+async fn all_reissued_as_regular_secrets(env: &Env, n: u32, ski: &[u8]) {
+    let all = eventually(Duration::from_secs(90), "every immutable Secret re-issued by the new CA", || async {
+        let mut done = Vec::new();
+        for i in 0..n {
+            let s = env.secrets().get(&format!("s{i}-tls")).await.ok()?;
+            (certs::try_signer_of(&crate::support::data(&s, "tls.crt")).as_deref() == Some(ski)).then_some(())?;
+            done.push(s);
+        }
+        Some(done)
+    })
+    .await;
+    for s in &all {
+        assert_eq!(s.immutable, None, "{}: re-created as a regular Secret", s.name_any());
+        assert_eq!(s.labels().get(MANAGED).map(String::as_str), Some("true"));
+    }
+}
+
+#[tokio::test]
+async fn immutable_managed_secrets_are_recreated_through_a_rotation_without_starving_new_services() {
+    let env = Env::new("immutable").await;
+    // No ready-key buffer: every key generated is one an issuance asked for.
+    let op = env.start_operator(&["--key-buffer", "0"]);
+    let n: u32 = 50;
+    issue_and_freeze(&env, n).await;
     let keys_before = metric(&op.metrics_page().await, "service_ca_keys_generated_total");
     env.force_rotation("frozen").await;
     let new_ski = certs::ca_ski(&env.rotated("frozen").await);
@@ -55,31 +94,9 @@ async fn immutable_managed_secrets_are_recreated_through_a_rotation_without_star
     env.serving_secret("fresh-tls", T).await;
     let fresh = started.elapsed();
     // How much of the bulk re-issue was done by then: a starved Service waits for all of it.
-    let mut reissued_before_fresh = 0;
-    for i in 0..n {
-        // A Secret being re-created is absent for a moment (deleted, then created once
-        // the garbage collector has let it go): not re-issued yet.
-        let Some(s) = env.secrets().get_opt(&format!("s{i}-tls")).await.unwrap() else { continue };
-        if certs::try_signer_of(&crate::support::data(&s, "tls.crt")).as_deref() == Some(new_ski.as_slice()) {
-            reissued_before_fresh += 1;
-        }
-    }
+    let reissued_before_fresh = reissued_by(&env, n, &new_ski).await;
 
-    let all = eventually(Duration::from_secs(90), "every immutable Secret re-issued by the new CA", || async {
-        let mut done = Vec::new();
-        for i in 0..n {
-            let s = env.secrets().get(&format!("s{i}-tls")).await.ok()?;
-            (certs::try_signer_of(&crate::support::data(&s, "tls.crt")).as_deref() == Some(new_ski.as_slice()))
-                .then_some(())?;
-            done.push(s);
-        }
-        Some(done)
-    })
-    .await;
-    for s in &all {
-        assert_eq!(s.immutable, None, "{}: re-created as a regular Secret", s.name_any());
-        assert_eq!(s.labels().get(MANAGED).map(String::as_str), Some("true"));
-    }
+    all_reissued_as_regular_secrets(&env, n, &new_ski).await;
     // Quiet afterwards: every key was spent once.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let page = op.metrics_page().await;
@@ -104,6 +121,69 @@ async fn immutable_managed_secrets_are_recreated_through_a_rotation_without_star
     assert!(keys <= f64::from(2 * n + 2), "{keys} keys for {n} Secrets: attempts are burning keys");
 }
 
+/// Server-side applies `value`, an admissionregistration.k8s.io/v1 object.
+async fn apply_admission_object(client: &kube::Client, value: serde_json::Value) {
+    let kind = value["kind"].as_str().unwrap().to_string();
+    let name = value["metadata"]["name"].as_str().unwrap().to_string();
+    let gvk = kube::api::GroupVersionKind::gvk("admissionregistration.k8s.io", "v1", &kind);
+    let (resource, _) = kube::discovery::pinned_kind(client, &gvk).await.unwrap();
+    let api: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), &resource);
+    api.patch(&name, &PatchParams::apply("e2e").force(), &Patch::Apply(value)).await.unwrap();
+}
+
+/// An admission policy of the namespace's owner that denies every update of Secrets, and
+/// its binding; returns their name once it is in force (an update of Secret `web-tls`
+/// denied).
+async fn deny_secret_updates(env: &Env) -> String {
+    let policy = format!("deny-secret-updates-{}", env.ns);
+    apply_admission_object(
+        &env.client,
+        json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+            "metadata": { "name": policy },
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": { "resourceRules": [{ "apiGroups": [""], "apiVersions": ["v1"],
+                                                          "operations": ["UPDATE"], "resources": ["secrets"] }] },
+                "validations": [{ "expression": "false", "message": "Secrets here are frozen by policy" }]
+            }
+        }),
+    )
+    .await;
+    apply_admission_object(
+        &env.client,
+        json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": { "name": policy },
+            "spec": { "policyName": policy, "validationActions": ["Deny"],
+                      "matchResources": { "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": env.ns } } } }
+        }),
+    )
+    .await;
+    // The policy is in force once an update of ours is denied.
+    eventually(T, "the admission policy to be in force", || async {
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos().to_string();
+        let patch = json!({ "metadata": { "annotations": { "probe": now } } });
+        env.secrets().patch("web-tls", &PatchParams::default(), &Patch::Merge(&patch)).await.err().map(drop)
+    })
+    .await;
+    policy
+}
+
+/// Deletes the binding of the policy [`deny_secret_updates`] made.
+async fn delete_policy_binding(env: &Env, policy: &str) {
+    let _ = Api::<kube::api::DynamicObject>::all_with(
+        env.client.clone(),
+        &kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            "admissionregistration.k8s.io",
+            "v1",
+            "ValidatingAdmissionPolicyBinding",
+        )),
+    )
+    .delete(policy, &DeleteParams::default())
+    .await;
+}
+
 #[tokio::test]
 async fn refused_writes_are_reported_backed_off_capped_and_cost_no_new_keys() {
     let env = Env::new("refused").await;
@@ -113,44 +193,7 @@ async fn refused_writes_are_reported_backed_off_capped_and_cost_no_new_keys() {
     env.serving_secret("web-tls", T).await;
 
     // An admission policy of the namespace's owner denies every update of Secrets.
-    let client = env.client.clone();
-    let policy = format!("deny-secret-updates-{}", env.ns);
-    let apply = |value: serde_json::Value| {
-        let client = client.clone();
-        async move {
-            let kind = value["kind"].as_str().unwrap().to_string();
-            let name = value["metadata"]["name"].as_str().unwrap().to_string();
-            let gvk = kube::api::GroupVersionKind::gvk("admissionregistration.k8s.io", "v1", &kind);
-            let (resource, _) = kube::discovery::pinned_kind(&client, &gvk).await.unwrap();
-            let api: Api<kube::api::DynamicObject> = Api::all_with(client, &resource);
-            api.patch(&name, &PatchParams::apply("e2e").force(), &Patch::Apply(value)).await.unwrap();
-        }
-    };
-    apply(json!({
-        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
-        "metadata": { "name": policy },
-        "spec": {
-            "failurePolicy": "Fail",
-            "matchConstraints": { "resourceRules": [{ "apiGroups": [""], "apiVersions": ["v1"],
-                                                      "operations": ["UPDATE"], "resources": ["secrets"] }] },
-            "validations": [{ "expression": "false", "message": "Secrets here are frozen by policy" }]
-        }
-    }))
-    .await;
-    apply(json!({
-        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
-        "metadata": { "name": policy },
-        "spec": { "policyName": policy, "validationActions": ["Deny"],
-                  "matchResources": { "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": env.ns } } } }
-    }))
-    .await;
-    // The policy is in force once an update of ours is denied.
-    eventually(T, "the admission policy to be in force", || async {
-        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos().to_string();
-        let patch = json!({ "metadata": { "annotations": { "probe": now } } });
-        env.secrets().patch("web-tls", &PatchParams::default(), &Patch::Merge(&patch)).await.err().map(drop)
-    })
-    .await;
+    let policy = deny_secret_updates(&env).await;
 
     env.force_rotation("refused").await;
     env.rotated("refused").await;
@@ -189,16 +232,7 @@ async fn refused_writes_are_reported_backed_off_capped_and_cost_no_new_keys() {
     let writes = metric(&op.metrics_page().await, "service_ca_api_writes_total");
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(metric(&op.metrics_page().await, "service_ca_api_writes_total"), writes, "no write after the cap");
-    let _ = Api::<kube::api::DynamicObject>::all_with(
-        env.client.clone(),
-        &kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
-            "admissionregistration.k8s.io",
-            "v1",
-            "ValidatingAdmissionPolicyBinding",
-        )),
-    )
-    .delete(&policy, &DeleteParams::default())
-    .await;
+    delete_policy_binding(&env, &policy).await;
 }
 
 #[tokio::test]

@@ -204,13 +204,10 @@ async fn a_relist_after_an_api_server_restart_reconciles_only_what_changed() {
     }
 }
 
-#[tokio::test]
-async fn concurrent_writers_keep_their_own_fields_and_ours_converge() {
-    let env = Env::new("concurrent").await;
-    let _op = env.start_operator(&[]);
-    let bundle = env.ca_bundle().await;
-    env.annotated_service("w", "w-tls", false).await;
-    env.serving_secret("w-tls", T).await;
+/// A ConfigMap `cm` (with binary data of its owner's) and a
+/// ValidatingWebhookConfiguration of two entries, both asking for the bundle; returns
+/// the latter's API and name.
+async fn injection_targets(env: &Env) -> (Api<ValidatingWebhookConfiguration>, String) {
     let mut cm: ConfigMap = serde_json::from_value(json!({ "binaryData": { "b": "AA==" } })).unwrap();
     cm.metadata = env.meta("cm");
     cm.metadata.annotations = Some(BTreeMap::from([(INJECT.to_string(), "true".to_string())]));
@@ -220,39 +217,57 @@ async fn concurrent_writers_keep_their_own_fields_and_ours_converge() {
         serde_json::from_value(webhook_json("ValidatingWebhookConfiguration", &env.run, &["a", "b"])).unwrap();
     vwc.metadata.annotations = Some(BTreeMap::from([(INJECT.to_string(), "true".to_string())]));
     let vwc_name = vwcs.create(&PostParams::default(), &vwc).await.unwrap().name_any();
+    (vwcs, vwc_name)
+}
+
+/// One round of the other writer: their label on the Secret `w-tls`, the ConfigMap `cm`
+/// and the webhook configuration (with a webhook field of theirs, server-side applied),
+/// at the same time as they change our fields of the Secret and the ConfigMap.
+async fn other_writer_round(env: &Env, vwcs: &Api<ValidatingWebhookConfiguration>, vwc_name: &str, round: i32) {
+    let theirs = PatchParams::apply("other-writer").force();
+    let label = json!({ "metadata": { "labels": { "other-writer": round.to_string() } } });
+    let other = async {
+        let (secrets, configmaps, merge) = (env.secrets(), env.configmaps(), PatchParams::default());
+        let (label_patch, hook_patch) = (
+            Patch::Merge(&label),
+            json!({ "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingWebhookConfiguration",
+            "metadata": { "name": vwc_name, "labels": { "other-writer": round.to_string() } },
+            "webhooks": [{ "name": format!("b.{}.example.com", env.run), "timeoutSeconds": (round % 20) + 1 }] }),
+        );
+        let hook_patch = Patch::Apply(&hook_patch);
+        let (a, b, c) = tokio::join!(
+            secrets.patch("w-tls", &merge, &label_patch),
+            configmaps.patch("cm", &merge, &label_patch),
+            vwcs.patch(vwc_name, &theirs, &hook_patch)
+        );
+        a.unwrap();
+        b.unwrap();
+        c.unwrap();
+    };
+    let disturb = async {
+        let extra = json!({ "data": { "extra": "eA==" } });
+        let _ = env.secrets().patch("w-tls", &PatchParams::default(), &Patch::Merge(&extra)).await;
+        let tamper = json!({ "data": { "service-ca.crt": format!("tampered {round}") } });
+        let _ = env.configmaps().patch("cm", &PatchParams::default(), &Patch::Merge(&tamper)).await;
+    };
+    tokio::join!(other, disturb);
+}
+
+#[tokio::test]
+async fn concurrent_writers_keep_their_own_fields_and_ours_converge() {
+    let env = Env::new("concurrent").await;
+    let _op = env.start_operator(&[]);
+    let bundle = env.ca_bundle().await;
+    env.annotated_service("w", "w-tls", false).await;
+    env.serving_secret("w-tls", T).await;
+    let (vwcs, vwc_name) = injection_targets(&env).await;
 
     // The other writer: their own label on each object, again and again, while they
     // also disturb our fields so that the operator writes at the same time.
     let rounds = 15;
-    let theirs = PatchParams::apply("other-writer").force();
     for round in 0..rounds {
-        let label = json!({ "metadata": { "labels": { "other-writer": round.to_string() } } });
-        let other = async {
-            let (secrets, configmaps, merge) = (env.secrets(), env.configmaps(), PatchParams::default());
-            let (label_patch, hook_patch) = (
-                Patch::Merge(&label),
-                json!({ "apiVersion": "admissionregistration.k8s.io/v1",
-                "kind": "ValidatingWebhookConfiguration",
-                "metadata": { "name": vwc_name, "labels": { "other-writer": round.to_string() } },
-                "webhooks": [{ "name": format!("b.{}.example.com", env.run), "timeoutSeconds": (round % 20) + 1 }] }),
-            );
-            let hook_patch = Patch::Apply(&hook_patch);
-            let (a, b, c) = tokio::join!(
-                secrets.patch("w-tls", &merge, &label_patch),
-                configmaps.patch("cm", &merge, &label_patch),
-                vwcs.patch(&vwc_name, &theirs, &hook_patch)
-            );
-            a.unwrap();
-            b.unwrap();
-            c.unwrap();
-        };
-        let disturb = async {
-            let extra = json!({ "data": { "extra": "eA==" } });
-            let _ = env.secrets().patch("w-tls", &PatchParams::default(), &Patch::Merge(&extra)).await;
-            let tamper = json!({ "data": { "service-ca.crt": format!("tampered {round}") } });
-            let _ = env.configmaps().patch("cm", &PatchParams::default(), &Patch::Merge(&tamper)).await;
-        };
-        tokio::join!(other, disturb);
+        other_writer_round(&env, &vwcs, &vwc_name, round).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let last = (rounds - 1).to_string();

@@ -80,78 +80,106 @@ fn names(entries: &[(String, Option<String>)]) -> Vec<String> {
     entries.iter().map(|(n, _)| n.split('.').next().unwrap().to_string()).collect()
 }
 
-#[tokio::test]
-async fn gitops_server_side_apply_removes_an_injected_webhook_and_switches_a_crd_to_no_conversion() {
-    let env = Env::new("gitops-ssa").await;
-    let _op = env.start_operator(&[]);
-    let bundle = env.ca_bundle().await;
-    let run = env.run.clone();
-    let mut cleanup = Cleanup::default();
-    let gitops = PatchParams::apply("gitops");
-    let (vwcs, mwcs, crds) = (
-        Api::<ValidatingWebhookConfiguration>::all(env.client.clone()),
-        Api::<MutatingWebhookConfiguration>::all(env.client.clone()),
-        Api::<CustomResourceDefinition>::all(env.client.clone()),
-    );
+/// What gitops server-side-applies in the first test: a validating and a mutating
+/// webhook configuration and a CRD, by name, with their APIs.
+struct GitopsObjects {
+    vwcs: Api<ValidatingWebhookConfiguration>,
+    mwcs: Api<MutatingWebhookConfiguration>,
+    crds: Api<CustomResourceDefinition>,
+    vwc_name: String,
+    mwc_name: String,
+    crd_name: String,
+    run: String,
+    gitops: PatchParams,
+}
 
-    // gitops applies two webhook configurations of two entries each and a CRD with a
-    // conversion webhook, all asking for the bundle.
-    let vwc = with_inject_annotation(webhook_json("ValidatingWebhookConfiguration", &run, &["a", "b"]));
-    let mwc = with_inject_annotation(webhook_json("MutatingWebhookConfiguration", &run, &["a", "b"]));
-    let crd = with_inject_annotation(self::crd(&run));
-    let (vwc_name, mwc_name, crd_name) = (
-        vwc["metadata"]["name"].as_str().unwrap().to_string(),
-        mwc["metadata"]["name"].as_str().unwrap().to_string(),
-        crd["metadata"]["name"].as_str().unwrap().to_string(),
-    );
-    cleanup.add::<ValidatingWebhookConfiguration>(vwc_name.clone());
-    cleanup.add::<MutatingWebhookConfiguration>(mwc_name.clone());
-    cleanup.add::<CustomResourceDefinition>(crd_name.clone());
-    vwcs.patch(&vwc_name, &gitops, &Patch::Apply(&vwc)).await.unwrap();
-    mwcs.patch(&mwc_name, &gitops, &Patch::Apply(&mwc)).await.unwrap();
-    crds.patch(&crd_name, &gitops, &Patch::Apply(&crd)).await.unwrap();
+impl GitopsObjects {
+    /// gitops applies two webhook configurations of two entries each and a CRD with a
+    /// conversion webhook, all asking for the bundle.
+    async fn apply(env: &Env, cleanup: &mut Cleanup) -> GitopsObjects {
+        let run = env.run.clone();
+        let vwc = with_inject_annotation(webhook_json("ValidatingWebhookConfiguration", &run, &["a", "b"]));
+        let mwc = with_inject_annotation(webhook_json("MutatingWebhookConfiguration", &run, &["a", "b"]));
+        let crd = with_inject_annotation(self::crd(&run));
+        let objects = GitopsObjects {
+            vwcs: Api::all(env.client.clone()),
+            mwcs: Api::all(env.client.clone()),
+            crds: Api::all(env.client.clone()),
+            vwc_name: vwc["metadata"]["name"].as_str().unwrap().to_string(),
+            mwc_name: mwc["metadata"]["name"].as_str().unwrap().to_string(),
+            crd_name: crd["metadata"]["name"].as_str().unwrap().to_string(),
+            run,
+            gitops: PatchParams::apply("gitops"),
+        };
+        cleanup.add::<ValidatingWebhookConfiguration>(objects.vwc_name.clone());
+        cleanup.add::<MutatingWebhookConfiguration>(objects.mwc_name.clone());
+        cleanup.add::<CustomResourceDefinition>(objects.crd_name.clone());
+        objects.vwcs.patch(&objects.vwc_name, &objects.gitops, &Patch::Apply(&vwc)).await.unwrap();
+        objects.mwcs.patch(&objects.mwc_name, &objects.gitops, &Patch::Apply(&mwc)).await.unwrap();
+        objects.crds.patch(&objects.crd_name, &objects.gitops, &Patch::Apply(&crd)).await.unwrap();
+        objects
+    }
 
-    // The operator injects every entry and the conversion webhook.
-    eventually(T, "both webhook configurations injected", || async {
-        let v = vwc_entries(&vwcs.get(&vwc_name).await.unwrap());
-        let m = mwc_entries(&mwcs.get(&mwc_name).await.unwrap());
-        (all_hold(&v, &bundle) && all_hold(&m, &bundle)).then_some(())
-    })
-    .await;
-    let injected = eventually(T, "the CRD injected", || async {
-        let c = crds.get(&crd_name).await.unwrap();
-        (crd_bundle(&c).as_deref() == Some(bundle.as_str())).then_some(c)
-    })
-    .await;
-    // (The operator drops its managedFields entry of the CRD right after injecting.)
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let c = crds.get(&crd_name).await.unwrap();
-    println!("our managedFields entries on the injected CRD: {:?}", ours(c.managed_fields()));
-    // gitops re-applies: one webhook fewer in each configuration, and the CRD without
-    // its conversion webhook. Every apply succeeds.
-    let vwc = with_inject_annotation(webhook_json("ValidatingWebhookConfiguration", &run, &["a"]));
-    let mwc = with_inject_annotation(webhook_json("MutatingWebhookConfiguration", &run, &["a"]));
-    let crd = with_inject_annotation(without_conversion_webhook(self::crd(&run)));
-    let refused = |result: Result<(), kube::Error>| result.err().map(|e| api_message(&e));
-    let applies = [
-        (
-            "remove webhook b of the ValidatingWebhookConfiguration",
-            refused(vwcs.patch(&vwc_name, &gitops, &Patch::Apply(&vwc)).await.map(drop)),
-        ),
-        (
-            "remove webhook b of the MutatingWebhookConfiguration",
-            refused(mwcs.patch(&mwc_name, &gitops, &Patch::Apply(&mwc)).await.map(drop)),
-        ),
-        (
-            "switch the CRD's conversion to None",
-            refused(crds.patch(&crd_name, &gitops, &Patch::Apply(&crd)).await.map(drop)),
-        ),
-    ];
-    let failed: Vec<_> = applies.iter().filter(|(_, error)| error.is_some()).collect();
-    assert!(failed.is_empty(), "gitops could not: {failed:#?}");
+    /// Waits until the operator injected every entry and the conversion webhook; returns
+    /// the injected CRD.
+    async fn injected(&self, bundle: &str) -> CustomResourceDefinition {
+        eventually(T, "both webhook configurations injected", || async {
+            let v = vwc_entries(&self.vwcs.get(&self.vwc_name).await.unwrap());
+            let m = mwc_entries(&self.mwcs.get(&self.mwc_name).await.unwrap());
+            (all_hold(&v, bundle) && all_hold(&m, bundle)).then_some(())
+        })
+        .await;
+        eventually(T, "the CRD injected", || async {
+            let c = self.crds.get(&self.crd_name).await.unwrap();
+            (crd_bundle(&c).as_deref() == Some(bundle)).then_some(c)
+        })
+        .await
+    }
 
-    // Our webhook writes are patches (Update), naming only the bundle.
-    let v = vwcs.get(&vwc_name).await.unwrap();
+    /// gitops re-applies: one webhook fewer in each configuration, and the CRD without
+    /// its conversion webhook. Returns the applies that failed, with the API's message.
+    async fn remove_an_entry_each_and_the_conversion(&self) -> Vec<(&'static str, Option<String>)> {
+        let vwc = with_inject_annotation(webhook_json("ValidatingWebhookConfiguration", &self.run, &["a"]));
+        let mwc = with_inject_annotation(webhook_json("MutatingWebhookConfiguration", &self.run, &["a"]));
+        let crd = with_inject_annotation(without_conversion_webhook(self::crd(&self.run)));
+        let refused = |result: Result<(), kube::Error>| result.err().map(|e| api_message(&e));
+        let applies = [
+            (
+                "remove webhook b of the ValidatingWebhookConfiguration",
+                refused(self.vwcs.patch(&self.vwc_name, &self.gitops, &Patch::Apply(&vwc)).await.map(drop)),
+            ),
+            (
+                "remove webhook b of the MutatingWebhookConfiguration",
+                refused(self.mwcs.patch(&self.mwc_name, &self.gitops, &Patch::Apply(&mwc)).await.map(drop)),
+            ),
+            (
+                "switch the CRD's conversion to None",
+                refused(self.crds.patch(&self.crd_name, &self.gitops, &Patch::Apply(&crd)).await.map(drop)),
+            ),
+        ];
+        applies.into_iter().filter(|(_, error)| error.is_some()).collect()
+    }
+
+    /// The removed parts are gone, the remaining entries keep their bundle, and the
+    /// operator puts nothing back (the CRD changed since it was `injected`).
+    async fn assert_removed_parts_stay_gone(&self, bundle: &str, injected: &CustomResourceDefinition) {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let v = vwc_entries(&self.vwcs.get(&self.vwc_name).await.unwrap());
+        let m = mwc_entries(&self.mwcs.get(&self.mwc_name).await.unwrap());
+        assert_eq!(names(&v), ["a"], "{v:?}");
+        assert_eq!(names(&m), ["a"], "{m:?}");
+        assert!(all_hold(&v, bundle) && all_hold(&m, bundle), "the remaining entries keep the bundle");
+        let c = self.crds.get(&self.crd_name).await.unwrap();
+        let conversion = c.spec.conversion.clone().unwrap();
+        assert_eq!(conversion.strategy, "None");
+        assert!(conversion.webhook.is_none(), "{:?}", conversion.webhook);
+        assert!(ours(c.managed_fields()).is_empty(), "{:?}", c.managed_fields());
+        assert_ne!(c.resource_version(), injected.resource_version());
+    }
+}
+
+/// Our webhook writes are patches (Update), naming only the bundle.
+fn assert_our_writes_are_bundle_patches(v: &ValidatingWebhookConfiguration) {
     for (operation, fields) in ours(v.managed_fields()) {
         assert_eq!(operation, "Update", "{fields}");
         assert!(
@@ -159,21 +187,26 @@ async fn gitops_server_side_apply_removes_an_injected_webhook_and_switches_a_crd
             "{fields}"
         );
     }
+}
 
-    // The removed parts are gone, the remaining entries keep their bundle, and the
-    // operator puts nothing back.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let v = vwc_entries(&vwcs.get(&vwc_name).await.unwrap());
-    let m = mwc_entries(&mwcs.get(&mwc_name).await.unwrap());
-    assert_eq!(names(&v), ["a"], "{v:?}");
-    assert_eq!(names(&m), ["a"], "{m:?}");
-    assert!(all_hold(&v, &bundle) && all_hold(&m, &bundle), "the remaining entries keep the bundle");
-    let c = crds.get(&crd_name).await.unwrap();
-    let conversion = c.spec.conversion.clone().unwrap();
-    assert_eq!(conversion.strategy, "None");
-    assert!(conversion.webhook.is_none(), "{:?}", conversion.webhook);
-    assert!(ours(c.managed_fields()).is_empty(), "{:?}", c.managed_fields());
-    assert_ne!(c.resource_version(), injected.resource_version());
+#[tokio::test]
+async fn gitops_server_side_apply_removes_an_injected_webhook_and_switches_a_crd_to_no_conversion() {
+    let env = Env::new("gitops-ssa").await;
+    let _op = env.start_operator(&[]);
+    let bundle = env.ca_bundle().await;
+    let mut cleanup = Cleanup::default();
+    let objects = GitopsObjects::apply(&env, &mut cleanup).await;
+    let injected = objects.injected(&bundle).await;
+    // (The operator drops its managedFields entry of the CRD right after injecting.)
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let c = objects.crds.get(&objects.crd_name).await.unwrap();
+    println!("our managedFields entries on the injected CRD: {:?}", ours(c.managed_fields()));
+    // gitops removes an entry of each webhook configuration and the CRD's conversion
+    // webhook: every apply succeeds.
+    let failed = objects.remove_an_entry_each_and_the_conversion().await;
+    assert!(failed.is_empty(), "gitops could not: {failed:#?}");
+    assert_our_writes_are_bundle_patches(&objects.vwcs.get(&objects.vwc_name).await.unwrap());
+    objects.assert_removed_parts_stay_gone(&bundle, &injected).await;
 }
 
 fn api_message(error: &kube::Error) -> String {

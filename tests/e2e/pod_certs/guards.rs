@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
 use k8s_openapi::api::certificates::v1::{ClusterTrustBundle, PodCertificateRequest};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
@@ -15,11 +16,9 @@ use crate::support::pods::{Kubelet, bundle_name, key_and_stub, trust_bundle};
 use crate::support::tls::{self};
 use crate::support::{Cleanup, Env, T, eventually};
 
-#[tokio::test]
-async fn the_shipped_admission_policy_lets_only_the_node_a_request_names_create_one() {
-    let env = Env::new("pod-certs-vap").await;
-    let signer = service_ca_operator::names::POD_SIGNER_NAME;
-    // The policy and its binding, as shipped in manifests/.
+/// The policy and its binding, as shipped in manifests/, applied (and deleted when the
+/// returned Cleanup is dropped).
+async fn apply_the_shipped_policy(env: &Env) -> Cleanup {
     let text =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/manifests/podcertificaterequest-policy.yaml"))
             .expect("manifests/podcertificaterequest-policy.yaml");
@@ -42,11 +41,12 @@ async fn the_shipped_admission_policy_lets_only_the_node_a_request_names_create_
             kind => panic!("unexpected {kind}"),
         }
     }
-    let kubelet = Kubelet::new(&env, signer).await;
-    let pod = kubelet.pod("web", "web", None).await;
-    let (_, stub) = key_and_stub(&rcgen::PKCS_ECDSA_P256_SHA256);
+    cleanup
+}
 
-    // A user with `create` on requests in the namespace (a Role of the test's).
+/// A user with `create` on requests in the namespace (a Role of the test's): their name,
+/// and the requests' API as them.
+async fn tenant_who_may_create_requests(env: &Env) -> (String, Api<PodCertificateRequest>) {
     let tenant = format!("e2e-tenant-{}", env.run);
     let role: Role = serde_json::from_value(json!({
         "metadata": { "name": "requests", "namespace": env.ns },
@@ -61,8 +61,19 @@ async fn the_shipped_admission_policy_lets_only_the_node_a_request_names_create_
     .unwrap();
     Api::<Role>::namespaced(env.client.clone(), &env.ns).create(&PostParams::default(), &role).await.unwrap();
     Api::<RoleBinding>::namespaced(env.client.clone(), &env.ns).create(&PostParams::default(), &binding).await.unwrap();
-    let as_tenant: Api<PodCertificateRequest> =
-        Api::namespaced(crate::support::client_as(&tenant, &["system:authenticated"]).await, &env.ns);
+    let as_tenant = Api::namespaced(crate::support::client_as(&tenant, &["system:authenticated"]).await, &env.ns);
+    (tenant, as_tenant)
+}
+
+#[tokio::test]
+async fn the_shipped_admission_policy_lets_only_the_node_a_request_names_create_one() {
+    let env = Env::new("pod-certs-vap").await;
+    let signer = service_ca_operator::names::POD_SIGNER_NAME;
+    let _cleanup = apply_the_shipped_policy(&env).await;
+    let kubelet = Kubelet::new(&env, signer).await;
+    let pod = kubelet.pod("web", "web", None).await;
+    let (_, stub) = key_and_stub(&rcgen::PKCS_ECDSA_P256_SHA256);
+    let (tenant, as_tenant) = tenant_who_may_create_requests(&env).await;
 
     // RBAC lets the tenant create requests (for another signer: admitted) ...
     let other = kubelet.request_object("other", &format!("e2e.other.test/{}", env.run), &pod, stub.clone(), None).await;
@@ -100,6 +111,51 @@ async fn the_shipped_admission_policy_lets_only_the_node_a_request_names_create_
     assert_eq!(admitted.spec.node_name, kubelet.node_name());
 }
 
+/// Requests `<prefix>-0` … `<prefix>-{n-1}` for `pod` from `signer`, each with a key of
+/// its own.
+async fn request_n(kubelet: &Kubelet, signer: &str, pod: &Pod, prefix: &str, n: usize) {
+    for i in 0..n {
+        let (_, stub) = key_and_stub(&rcgen::PKCS_ECDSA_P256_SHA256);
+        kubelet.request(&format!("{prefix}-{i}"), signer, pod, stub, None).await;
+    }
+}
+
+/// Waits until the ClusterTrustBundle of `signer` holds a new CA (not `old_ca`) alone,
+/// the same as `signing-cabundle`; returns that bundle.
+async fn new_ca_alone_published(env: &Env, signer: &str, old_ca: &[u8]) -> String {
+    eventually(T, "the new CA in the ClusterTrustBundle", || async {
+        let b = trust_bundle(env, signer, &env.op_ns).await;
+        let ca = env.op_secrets().get_opt("signing-key").await.ok()??;
+        let ski = crate::support::certs::ca_ski(&ca);
+        // The new CA alone in the published bundle (signing-key is written before it).
+        (ski != old_ca && crate::support::certs::skis(&b) == vec![ski] && env.ca_bundle().await == b).then_some(b)
+    })
+    .await
+}
+
+/// How many of the namespace's requests have no condition yet.
+async fn unanswered(kubelet: &Kubelet) -> usize {
+    let list = kubelet.requests().list(&Default::default()).await.unwrap();
+    list.items
+        .iter()
+        .filter(|r| r.status.as_ref().and_then(|s| s.conditions.as_ref()).is_none_or(|c| c.is_empty()))
+        .count()
+}
+
+/// Waits for `after-0` … `after-{n-1}` to be Issued; the names of those whose leaf the
+/// CA `new_ca` did not sign.
+async fn signed_by_another_ca(kubelet: &Kubelet, n: usize, new_ca: &[u8]) -> Vec<String> {
+    let mut old = Vec::new();
+    for i in 0..n {
+        let name = format!("after-{i}");
+        let chain = kubelet.issued(&name).await;
+        if crate::support::certs::signer_of(&chain) != new_ca {
+            old.push(name);
+        }
+    }
+    old
+}
+
 #[tokio::test]
 async fn a_paused_member_that_resumes_after_a_hard_reset_answers_no_request_with_the_old_ca() {
     let env = Env::new("pod-certs-paused").await;
@@ -116,10 +172,7 @@ async fn a_paused_member_that_resumes_after_a_hard_reset_answers_no_request_with
     let pod = kubelet.pod("web", "web", None).await;
     // Both replicas answer their share (each request belongs to one).
     let warm = 8;
-    for i in 0..warm {
-        let (_, stub) = key_and_stub(&rcgen::PKCS_ECDSA_P256_SHA256);
-        kubelet.request(&format!("warm-{i}"), &signer, &pod, stub, None).await;
-    }
+    request_n(&kubelet, &signer, &pod, "warm", warm).await;
     for i in 0..warm {
         kubelet.issued(&format!("warm-{i}")).await;
     }
@@ -133,42 +186,19 @@ async fn a_paused_member_that_resumes_after_a_hard_reset_answers_no_request_with
     let paused = Instant::now();
     // ... the leader hard-resets the CA and publishes it ...
     env.hard_reset().await;
-    let new_bundle = eventually(T, "the new CA in the ClusterTrustBundle", || async {
-        let b = trust_bundle(&env, &signer, &env.op_ns).await;
-        let ca = env.op_secrets().get_opt("signing-key").await.ok()??;
-        let ski = crate::support::certs::ca_ski(&ca);
-        // The new CA alone in the published bundle (signing-key is written before it).
-        (ski != old_ca && crate::support::certs::skis(&b) == vec![ski] && env.ca_bundle().await == b).then_some(b)
-    })
-    .await;
+    let new_bundle = new_ca_alone_published(&env, &signer, &old_ca).await;
     let new_ca = crate::support::certs::ca_ski(&env.op_secrets().get("signing-key").await.unwrap());
     // ... and pods ask for certificates: about half of them are the paused member's.
     let n = 12;
-    for i in 0..n {
-        let (_, stub) = key_and_stub(&rcgen::PKCS_ECDSA_P256_SHA256);
-        kubelet.request(&format!("after-{i}"), &signer, &pod, stub, None).await;
-    }
+    request_n(&kubelet, &signer, &pod, "after", n).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let pending = {
-        let list = kubelet.requests().list(&Default::default()).await.unwrap();
-        list.items
-            .iter()
-            .filter(|r| r.status.as_ref().and_then(|s| s.conditions.as_ref()).is_none_or(|c| c.is_empty()))
-            .count()
-    };
+    let pending = unanswered(&kubelet).await;
     let pause = paused.elapsed();
     eprintln!("paused for {pause:?}; {pending} of {n} requests wait for the paused member");
     assert!(pause < Duration::from_secs(25), "the member's Lease must not expire while paused: {pause:?}");
     crate::support::unsafe_free_signal(ops[member].pid(), "CONT");
 
-    let mut old = Vec::new();
-    for i in 0..n {
-        let name = format!("after-{i}");
-        let chain = kubelet.issued(&name).await;
-        if crate::support::certs::signer_of(&chain) != new_ca {
-            old.push(name);
-        }
-    }
+    let old = signed_by_another_ca(&kubelet, n, &new_ca).await;
     println!(
         "after a hard reset while a member was paused: {} of {n} requests ({pending} its share) signed by the old CA",
         old.len()

@@ -16,6 +16,43 @@ use crate::support::pods::{bundle_name, key_and_stub};
 use crate::support::tls::{self, TlsServer, connect_all};
 use crate::support::{T, eventually};
 
+/// The status the API server accepted for request `name`: times are the leaf's (of
+/// `chain`), refresh at half-life.
+async fn assert_status_times_are_the_leafs(w: &World, name: &str, chain: &str) {
+    let pcr = w.requests().get(name).await.unwrap();
+    let status = pcr.status.unwrap();
+    let (nb, na, refresh) = (
+        status.not_before.unwrap().0.as_second(),
+        status.not_after.unwrap().0.as_second(),
+        status.begin_refresh_at.unwrap().0.as_second(),
+    );
+    assert_eq!(na - nb, 3600, "maxExpirationSeconds caps the lifetime");
+    assert_eq!(refresh, nb + 1800);
+    let leaf = crate::support::certs::first(chain);
+    assert_eq!((leaf.not_before.unix_timestamp(), leaf.not_after.unix_timestamp()), (nb, na));
+}
+
+/// Other key types the kubelet offers: issued for `pod`, and trusted by `bundle` for
+/// `web.<ns>.svc` in every stack.
+async fn other_key_types_are_issued(w: &World, pod: &Pod, bundle: &str) {
+    for (name, key) in [("ed25519", None), ("rsa3072", Some(3072))] {
+        let stub = match key {
+            None => key_and_stub(&rcgen::PKCS_ED25519).1,
+            Some(bits) => {
+                let rsa = service_ca_operator::pki::PrivateKey::generate_rsa(bits).unwrap();
+                rcgen::CertificateParams::default()
+                    .serialize_request(&rsa.signing_key().unwrap())
+                    .unwrap()
+                    .der()
+                    .to_vec()
+            }
+        };
+        w.request(name, &w.signer, pod, stub, None).await;
+        let chain = w.issued(name).await;
+        verify_all(&chain, bundle, &format!("web.{}.svc", w.env.ns));
+    }
+}
+
 #[tokio::test]
 async fn an_issued_pod_certificate_serves_its_service_names_and_the_cluster_trust_bundle_trusts_it() {
     let w = World::new("pod-certs-issue", &[]).await;
@@ -30,18 +67,7 @@ async fn an_issued_pod_certificate_serves_its_service_names_and_the_cluster_trus
     let chain = w.issued("web-0-p256").await;
     eprintln!("request → Issued: {:?}", started.elapsed());
 
-    // The status the API server accepted: times are the leaf's, refresh at half-life.
-    let pcr = w.requests().get("web-0-p256").await.unwrap();
-    let status = pcr.status.unwrap();
-    let (nb, na, refresh) = (
-        status.not_before.unwrap().0.as_second(),
-        status.not_after.unwrap().0.as_second(),
-        status.begin_refresh_at.unwrap().0.as_second(),
-    );
-    assert_eq!(na - nb, 3600, "maxExpirationSeconds caps the lifetime");
-    assert_eq!(refresh, nb + 1800);
-    let leaf = crate::support::certs::first(&chain);
-    assert_eq!((leaf.not_before.unix_timestamp(), leaf.not_after.unix_timestamp()), (nb, na));
+    assert_status_times_are_the_leafs(&w, "web-0-p256", &chain).await;
     let sans = crate::support::certs::sans_of(&chain);
     let want: Vec<String> = [
         format!("peers.{ns}.svc"),
@@ -79,23 +105,7 @@ async fn an_issued_pod_certificate_serves_its_service_names_and_the_cluster_trus
     })
     .await;
 
-    // Other key types the kubelet offers.
-    for (name, key) in [("ed25519", None), ("rsa3072", Some(3072))] {
-        let stub = match key {
-            None => key_and_stub(&rcgen::PKCS_ED25519).1,
-            Some(bits) => {
-                let rsa = service_ca_operator::pki::PrivateKey::generate_rsa(bits).unwrap();
-                rcgen::CertificateParams::default()
-                    .serialize_request(&rsa.signing_key().unwrap())
-                    .unwrap()
-                    .der()
-                    .to_vec()
-            }
-        };
-        w.request(name, &w.signer, &pod, stub, None).await;
-        let chain = w.issued(name).await;
-        verify_all(&chain, &bundle, &format!("web.{ns}.svc"));
-    }
+    other_key_types_are_issued(&w, &pod, &bundle).await;
     assert!(w.op.logs().contains("pod certificate issued"));
 }
 

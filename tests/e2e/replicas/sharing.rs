@@ -12,7 +12,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 
 use super::{MANAGED_SELECTOR, T, create_services, issued, leader, members, record_certificates, rv};
-use crate::support::{Env, certs, data, eventually, metric};
+use crate::support::{Env, Operator, certs, data, eventually, metric};
 
 #[tokio::test]
 async fn three_replicas_share_issuance_with_one_write_per_certificate() {
@@ -129,22 +129,16 @@ async fn a_replica_killed_mid_issuance_leaves_its_share_to_the_others_within_the
     }
 }
 
-#[tokio::test]
-async fn after_a_forced_rotation_every_replica_signs_only_with_a_ca_already_in_the_bundle() {
-    let env = Env::new("sharing-rotation").await;
-    let ops = env.replicas(3, "5s", &[]);
-    members(&ops, 3).await;
-    let n = 90;
-    create_services(&env, "r", n).await;
-    eventually(T, "the Secrets", || async { (issued(&env).await?.len() >= n).then_some(()) }).await;
+/// What the API server stored: `signing-cabundle`'s CAs, or a leaf (its Secret, its CA).
+#[derive(Debug)]
+enum Written {
+    Bundle(BTreeSet<Vec<u8>>),
+    Leaf(String, Vec<u8>),
+}
 
-    // Everything the API server stores, in its order (resourceVersion): each leaf
-    // written is checked against the bundle as it stood at that moment.
-    #[derive(Debug)]
-    enum Written {
-        Bundle(BTreeSet<Vec<u8>>),
-        Leaf(String, Vec<u8>),
-    }
+/// Starts two watches that log, from now on and with its resourceVersion, each
+/// `signing-cabundle` written (its CAs) and each leaf written (its Secret, its CA).
+fn record_writes(env: &Env) -> Arc<Mutex<Vec<(u64, Written)>>> {
     let log: Arc<Mutex<Vec<(u64, Written)>>> = Arc::default();
     let bundles: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.op_ns);
     let cm_stream =
@@ -172,6 +166,49 @@ async fn after_a_forced_rotation_every_replica_signs_only_with_a_ca_already_in_t
             }
         });
     }
+    log
+}
+
+/// Goes through `log` in the API server's order (resourceVersion) and checks each leaf
+/// against the bundle as it stood at that moment; (leaves checked, leaves by `new_ski`).
+fn check_leaves_against_the_bundle_of_their_moment(mut log: Vec<(u64, Written)>, new_ski: &[u8]) -> (usize, usize) {
+    log.sort_by_key(|(rv, _)| *rv);
+    let mut bundle = BTreeSet::new();
+    let (mut checked, mut by_new) = (0, 0);
+    for (rv, written) in &log {
+        match written {
+            Written::Bundle(skis) => bundle = skis.clone(),
+            Written::Leaf(name, aki) => {
+                assert!(bundle.contains(aki), "{name} (resourceVersion {rv}) signed by a CA not yet in the bundle");
+                checked += 1;
+                by_new += usize::from(*aki == new_ski);
+            }
+        }
+    }
+    (checked, by_new)
+}
+
+/// How many certificates each of `ops` issued, in `ops` order.
+async fn issued_per_replica(ops: &[Operator]) -> Vec<f64> {
+    let mut v = Vec::new();
+    for op in ops {
+        v.push(metric(&op.metrics_page().await, "service_ca_certificates_issued_total"));
+    }
+    v
+}
+
+#[tokio::test]
+async fn after_a_forced_rotation_every_replica_signs_only_with_a_ca_already_in_the_bundle() {
+    let env = Env::new("sharing-rotation").await;
+    let ops = env.replicas(3, "5s", &[]);
+    members(&ops, 3).await;
+    let n = 90;
+    create_services(&env, "r", n).await;
+    eventually(T, "the Secrets", || async { (issued(&env).await?.len() >= n).then_some(()) }).await;
+
+    // Everything the API server stores, in its order (resourceVersion): each leaf
+    // written is checked against the bundle as it stood at that moment.
+    let log = record_writes(&env);
     tokio::time::sleep(Duration::from_secs(2)).await;
     env.force_rotation("shared").await;
     let new_ski = eventually(T, "the rotation", || async {
@@ -187,27 +224,9 @@ async fn after_a_forced_rotation_every_replica_signs_only_with_a_ca_already_in_t
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let mut log = std::mem::take(&mut *log.lock().unwrap());
-    log.sort_by_key(|(rv, _)| *rv);
-    let mut bundle = BTreeSet::new();
-    let (mut checked, mut by_new) = (0, 0);
-    for (rv, written) in &log {
-        match written {
-            Written::Bundle(skis) => bundle = skis.clone(),
-            Written::Leaf(name, aki) => {
-                assert!(bundle.contains(aki), "{name} (resourceVersion {rv}) signed by a CA not yet in the bundle");
-                checked += 1;
-                by_new += usize::from(*aki == new_ski);
-            }
-        }
-    }
-    let issued_by: Vec<f64> = {
-        let mut v = Vec::new();
-        for op in &ops {
-            v.push(metric(&op.metrics_page().await, "service_ca_certificates_issued_total"));
-        }
-        v
-    };
+    let log = std::mem::take(&mut *log.lock().unwrap());
+    let (checked, by_new) = check_leaves_against_the_bundle_of_their_moment(log, &new_ski);
+    let issued_by = issued_per_replica(&ops).await;
     println!(
         "forced rotation with 3 replicas: {checked} leaves checked against the bundle of their moment ({by_new} by the \
          new CA); issued per replica {issued_by:?}"

@@ -2,15 +2,63 @@
 //! handshakes, the oldest CA dropping out when its bridge expires, two forced rotations
 //! in a row (the bulk re-issue's progress: `progress.rs`).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use kube::ResourceExt;
 use service_ca_operator::pki;
 
-use super::{FollowingServer, all_stacks, handshake_loop, signing_key};
+use super::{FollowingServer, Tally, all_stacks, handshake_loop, signing_key};
 use crate::support::tls::{self, TlsServer};
 use crate::support::{Env, T, certs, data, eventually};
+
+/// Polls `signing-key` every 100 ms until its CA is no longer `previous`; then records
+/// the new CA in `newest` and when it was seen in `rotated_at`.
+async fn watch_for_rotation(
+    env: &Env,
+    previous: &[u8],
+    newest: &Mutex<Option<Vec<u8>>>,
+    rotated_at: &Mutex<Option<Instant>>,
+) {
+    loop {
+        let ski = certs::ca_ski(&signing_key(env).await);
+        if ski != previous {
+            *newest.lock().unwrap() = Some(ski);
+            *rotated_at.lock().unwrap() = Some(Instant::now());
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Handshakes (see [`handshake_loop`]) from a client that keeps `held` and one with the
+/// latest bundle while the CA changes from `previous`, until 3 `lag`s past the change;
+/// the tally, and when the change was seen. `newest` is the newest CA seen so far (kept
+/// from one rotation to the next).
+async fn handshakes_through_a_rotation(
+    env: &Env,
+    servers: &[(&FollowingServer, String)],
+    held: &str,
+    previous: &[u8],
+    newest: &Mutex<Option<Vec<u8>>>,
+    lag: Duration,
+) -> (Tally, Instant) {
+    let rotated_at = Mutex::new(None::<Instant>);
+    let done = || rotated_at.lock().unwrap().is_some_and(|at| at.elapsed() > lag * 3);
+    let newest_ca = || newest.lock().unwrap().clone();
+    let watch_task = watch_for_rotation(env, previous, newest, &rotated_at);
+    let (tally, _) = tokio::join!(handshake_loop(env, servers, held.to_string(), newest_ca, done), watch_task);
+    let at = rotated_at.lock().unwrap().unwrap();
+    (tally, at)
+}
+
+/// All three stacks verify every server for its name with the bundle `old` and `new`.
+fn all_stacks_trust_with(servers: &[(&FollowingServer, String)], old: &str, new: &str) {
+    for (server, name) in servers {
+        all_stacks(server.server.port, old, name);
+        all_stacks(server.server.port, new, name);
+    }
+}
 
 #[tokio::test]
 async fn zero_failed_handshakes_through_an_automatic_and_a_forced_rotation() {
@@ -35,28 +83,8 @@ async fn zero_failed_handshakes_through_an_automatic_and_a_forced_rotation() {
     let servers = [(&web, format!("web.{ns}.svc")), (&db, format!("web-0.db.{ns}.svc")), (&db, format!("db.{ns}.svc"))];
 
     // Phase 1: the automatic rotation.
-    let newest = Arc::new(Mutex::new(None::<Vec<u8>>));
-    let (env_ref, newest_ref) = (&env, newest.clone());
-    let watcher = async move {
-        loop {
-            let ski = certs::ca_ski(&signing_key(env_ref).await);
-            if ski != ski0 {
-                *newest_ref.lock().unwrap() = Some(ski);
-                return Instant::now();
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    let rotated_at = Arc::new(Mutex::new(None::<Instant>));
-    let flag = rotated_at.clone();
-    let watch_task = async move {
-        let at = watcher.await;
-        *flag.lock().unwrap() = Some(at);
-    };
-    let done = || rotated_at.lock().unwrap().is_some_and(|at| at.elapsed() > lag * 3);
-    let newest_ca = || newest.lock().unwrap().clone();
-    let (tally, _) = tokio::join!(handshake_loop(&env, &servers, b0.clone(), newest_ca, done), watch_task);
-    let auto_at = rotated_at.lock().unwrap().unwrap();
+    let newest = Mutex::new(None::<Vec<u8>>);
+    let (tally, auto_at) = handshakes_through_a_rotation(&env, &servers, &b0, &ski0, &newest, lag).await;
     println!(
         "automatic rotation {:?} after the operator started; {} handshakes, {} failed, combinations {:?}",
         auto_at - created,
@@ -68,10 +96,7 @@ async fn zero_failed_handshakes_through_an_automatic_and_a_forced_rotation() {
     assert_eq!(tally.combos.len(), 4, "all four {{old, new leaf}} x {{old, new bundle}}: {:?}", tally.combos);
     let b1 = env.ca_bundle().await;
     assert_eq!(certs::ders(&b1).len(), 2, "[new CA, X1]");
-    for (server, name) in &servers {
-        all_stacks(server.server.port, &b0, name);
-        all_stacks(server.server.port, &b1, name);
-    }
+    all_stacks_trust_with(&servers, &b0, &b1);
     let rotated = env.events(&env.op_ns, None, Some("ServiceCARotated")).await;
     let note = rotated[0].note.clone().unwrap();
     assert!(note.contains("automatic") && note.contains("previous CA stays trusted until"), "{note}");
@@ -79,22 +104,7 @@ async fn zero_failed_handshakes_through_an_automatic_and_a_forced_rotation() {
     // Phase 2: a forced rotation, with the post-rotation-1 bundle as the "old" one.
     let ski1 = certs::ca_ski(&signing_key(&env).await);
     env.force_rotation("test-forced").await;
-    *rotated_at.lock().unwrap() = None;
-    let (env_ref, newest_ref, flag) = (&env, newest.clone(), rotated_at.clone());
-    let watch_task = async move {
-        loop {
-            let ski = certs::ca_ski(&signing_key(env_ref).await);
-            if ski != ski1 {
-                *newest_ref.lock().unwrap() = Some(ski);
-                *flag.lock().unwrap() = Some(Instant::now());
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    let done = || rotated_at.lock().unwrap().is_some_and(|at| at.elapsed() > lag * 3);
-    let newest_ca = || newest.lock().unwrap().clone();
-    let (tally, _) = tokio::join!(handshake_loop(&env, &servers, b1.clone(), newest_ca, done), watch_task);
+    let (tally, _) = handshakes_through_a_rotation(&env, &servers, &b1, &ski1, &newest, lag).await;
     println!(
         "forced rotation: {} handshakes, {} failed, combinations {:?}",
         tally.handshakes,
@@ -109,10 +119,7 @@ async fn zero_failed_handshakes_through_an_automatic_and_a_forced_rotation() {
         Some("test-forced")
     );
     let b2 = env.ca_bundle().await;
-    for (server, name) in &servers {
-        all_stacks(server.server.port, &b1, name);
-        all_stacks(server.server.port, &b2, name);
-    }
+    all_stacks_trust_with(&servers, &b1, &b2);
     // The same reason again does nothing.
     let cn_ski = certs::ca_ski(&key);
     tokio::time::sleep(Duration::from_secs(3)).await;

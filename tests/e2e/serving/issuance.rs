@@ -10,9 +10,9 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use service_ca_operator::pki::{self};
 
-use crate::support::annotations::{ALPHA_NAME, BETA_ALG, BETA_NAME};
+use crate::support::annotations::{ALPHA_ERR_NUM, ALPHA_NAME, BETA_ALG, BETA_ERR, BETA_ERR_NUM, BETA_NAME};
 use crate::support::tls::{self, TlsServer};
-use crate::support::{Env, T, annotation, certs, data, eventually};
+use crate::support::{Env, Operator, T, annotation, certs, data, eventually};
 
 async fn service(env: &Env, name: &str) -> Service {
     env.services().get(name).await.unwrap()
@@ -109,31 +109,21 @@ async fn alpha_annotation_gets_alpha_keys_and_beta_wins_over_alpha() {
     assert!(env.secrets().get_opt("alpha-tls").await.unwrap().is_none(), "beta wins when both are set");
 }
 
-#[tokio::test]
-async fn foreign_secret_is_never_modified_errors_are_counted_and_capped() {
-    let env = Env::new("serving-foreign").await;
-    let foreign: Secret = serde_json::from_value(json!({
-        "metadata": { "name": "taken" }, "type": "Opaque", "data": { "password": "aHVudGVyMg==" }
-    }))
-    .unwrap();
-    let foreign = env.secrets().create(&PostParams::default(), &foreign).await.unwrap();
-    let op = env.start_operator(&[]);
-    env.annotated_service("svc", "taken", false).await;
-
-    let beta_err = "service.beta.openshift.io/serving-cert-generation-error";
-    let beta_num = "service.beta.openshift.io/serving-cert-generation-error-num";
+/// Service `svc` asks for Secret `taken`, which is not ours: the error is reported in
+/// both annotation forms and in a Warning Event of ours.
+async fn assert_the_foreign_secret_is_reported(env: &Env) {
     let svc = eventually(T, "generation error annotations", || async {
-        let s = service(&env, "svc").await;
-        annotation(&s.metadata, beta_num).is_some().then_some(s)
+        let s = service(env, "svc").await;
+        annotation(&s.metadata, BETA_ERR_NUM).is_some().then_some(s)
     })
     .await;
-    let message = annotation(&svc.metadata, beta_err).unwrap().to_string();
+    let message = annotation(&svc.metadata, BETA_ERR).unwrap().to_string();
     assert!(message.contains(&format!("{}/taken", env.ns)) && message.contains("never modifies it"), "{message}");
     assert_eq!(
         annotation(&svc.metadata, "service.alpha.openshift.io/serving-cert-generation-error"),
         Some(message.as_str())
     );
-    assert!(annotation(&svc.metadata, "service.alpha.openshift.io/serving-cert-generation-error-num").is_some());
+    assert!(annotation(&svc.metadata, ALPHA_ERR_NUM).is_some());
     // Ours, by reason: the API server's own ClusterIP repair loop may also put a
     // Warning on a Service when the machine is busy.
     let warning = env.warning(&env.ns, "svc", Some("ServingCertificateError")).await;
@@ -142,27 +132,15 @@ async fn foreign_secret_is_never_modified_errors_are_counted_and_capped() {
         "{warning:?}\nall events: {:?}",
         env.events(&env.ns, Some("svc"), None).await
     );
+}
 
-    // Consecutive failures count up (retries with backoff: 2 s, 4 s, ...).
-    eventually(T, "the failure count to reach 2", || async {
-        let s = service(&env, "svc").await;
-        (annotation(&s.metadata, beta_num) == Some("2")).then_some(())
-    })
-    .await;
-
-    // At 10 it stops: jump to 9 (as if 9 attempts had failed) and watch it stop at 10.
-    let patch = json!({ "metadata": { "annotations": { beta_num: "9", "service.alpha.openshift.io/serving-cert-generation-error-num": "9" } } });
-    env.services().patch("svc", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-    let capped = eventually(Duration::from_secs(90), "the count to reach 10", || async {
-        let s = service(&env, "svc").await;
-        (annotation(&s.metadata, beta_num) == Some("10")).then_some(s)
-    })
-    .await;
-    // No more attempts, whatever makes the operator look again: its own report that
-    // reached the cap (reaching it is a change it acts on), then a change that matters
-    // (a key algorithm asked for). A retry on a timer would come only after the longest
-    // backoff (5 min), more than a test can wait; every pass starts from the same check
-    // of the count, which this exercises.
+/// No more attempts on `svc` after the cap (`capped`: the Service at 10 failures),
+/// whatever makes the operator look again: its own report that reached the cap
+/// (reaching it is a change it acts on), then a change that matters (a key algorithm
+/// asked for). A retry on a timer would come only after the longest backoff (5 min),
+/// more than a test can wait; every pass starts from the same check of the count, which
+/// this exercises.
+async fn assert_no_attempt_after_the_cap(env: &Env, op: &Operator, capped: &Service) {
     let passes = || async {
         let page = op.metrics_page().await;
         crate::support::metric(&page, "service_ca_reconcile_total{controller=\"serving-cert\"")
@@ -177,36 +155,69 @@ async fn foreign_secret_is_never_modified_errors_are_counted_and_capped() {
         }
         settled = now;
     }
-    let later = service(&env, "svc").await;
+    let later = service(env, "svc").await;
     assert_eq!(later.resource_version(), capped.resource_version(), "no more attempts after 10 failures");
     let touch = json!({ "metadata": { "annotations": { BETA_ALG: "ecdsa-p256" } } });
     let touched = env.services().patch("svc", &PatchParams::default(), &Patch::Merge(&touch)).await.unwrap();
     // A pass ends after its writes: once counted, an attempt would show.
     eventually(T, "a pass over the changed Service", || async { (passes().await > settled).then_some(()) }).await;
-    let later = service(&env, "svc").await;
+    let later = service(env, "svc").await;
     assert_eq!(later.resource_version(), touched.resource_version(), "no attempt after the change either");
-    assert_eq!(annotation(&later.metadata, beta_num), Some("10"));
+    assert_eq!(annotation(&later.metadata, BETA_ERR_NUM), Some("10"));
+}
+
+/// A person frees the name and clears the errors: the operator tries again and succeeds.
+async fn freed_and_cleared_the_secret_is_issued(env: &Env) {
+    env.secrets().delete("taken", &DeleteParams::default()).await.unwrap();
+    let patch = json!({ "metadata": { "annotations": { BETA_ERR_NUM: null, BETA_ERR: null, ALPHA_ERR_NUM: null,
+        "service.alpha.openshift.io/serving-cert-generation-error": null } } });
+    env.services().patch("svc", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let ours = env.serving_secret("taken", T).await;
+    assert_eq!(ours.type_.as_deref(), Some("kubernetes.io/tls"));
+    eventually(T, "errors cleared and signed-by set", || async {
+        let s = service(env, "svc").await;
+        (annotation(&s.metadata, BETA_ERR_NUM).is_none()
+            && annotation(&s.metadata, "service.beta.openshift.io/serving-cert-signed-by").is_some())
+        .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn foreign_secret_is_never_modified_errors_are_counted_and_capped() {
+    let env = Env::new("serving-foreign").await;
+    let foreign: Secret = serde_json::from_value(json!({
+        "metadata": { "name": "taken" }, "type": "Opaque", "data": { "password": "aHVudGVyMg==" }
+    }))
+    .unwrap();
+    let foreign = env.secrets().create(&PostParams::default(), &foreign).await.unwrap();
+    let op = env.start_operator(&[]);
+    env.annotated_service("svc", "taken", false).await;
+    assert_the_foreign_secret_is_reported(&env).await;
+
+    // Consecutive failures count up (retries with backoff: 2 s, 4 s, ...).
+    eventually(T, "the failure count to reach 2", || async {
+        let s = service(&env, "svc").await;
+        (annotation(&s.metadata, BETA_ERR_NUM) == Some("2")).then_some(())
+    })
+    .await;
+
+    // At 10 it stops: jump to 9 (as if 9 attempts had failed) and watch it stop at 10.
+    let patch = json!({ "metadata": { "annotations": { BETA_ERR_NUM: "9", ALPHA_ERR_NUM: "9" } } });
+    env.services().patch("svc", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let capped = eventually(Duration::from_secs(90), "the count to reach 10", || async {
+        let s = service(&env, "svc").await;
+        (annotation(&s.metadata, BETA_ERR_NUM) == Some("10")).then_some(s)
+    })
+    .await;
+    assert_no_attempt_after_the_cap(&env, &op, &capped).await;
 
     // The foreign Secret was never touched.
     let still = env.secrets().get("taken").await.unwrap();
     assert_eq!(still.resource_version(), foreign.resource_version());
     assert_eq!(still.data, foreign.data);
 
-    // A person frees the name and clears the errors: the operator tries again and succeeds.
-    env.secrets().delete("taken", &DeleteParams::default()).await.unwrap();
-    let patch = json!({ "metadata": { "annotations": { beta_num: null, beta_err: null,
-        "service.alpha.openshift.io/serving-cert-generation-error-num": null,
-        "service.alpha.openshift.io/serving-cert-generation-error": null } } });
-    env.services().patch("svc", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-    let ours = env.serving_secret("taken", T).await;
-    assert_eq!(ours.type_.as_deref(), Some("kubernetes.io/tls"));
-    eventually(T, "errors cleared and signed-by set", || async {
-        let s = service(&env, "svc").await;
-        (annotation(&s.metadata, beta_num).is_none()
-            && annotation(&s.metadata, "service.beta.openshift.io/serving-cert-signed-by").is_some())
-        .then_some(())
-    })
-    .await;
+    freed_and_cleared_the_secret_is_issued(&env).await;
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::Api;
 use serde_json::{Value, json};
 
@@ -189,6 +189,76 @@ fn flags_from_deployment(d: &Deployment) -> Vec<String> {
     flags
 }
 
+/// Writes the release's values to `path`: the objects' `name`, this test's selector and a
+/// 5 s lease, each top-level key of `extra` in place of these.
+fn write_values(path: &Path, name: &str, env: &Env, extra: Value) {
+    let mut v = json!({
+        "name": name,
+        "operator": { "selector": format!("{RUN_LABEL}={}", env.run), "leaseDuration": "5s" },
+    });
+    for (k, val) in extra.as_object().unwrap() {
+        v[k] = val.clone();
+    }
+    std::fs::write(path, v.to_string()).unwrap();
+}
+
+/// Writes to `path` a kubeconfig for the test cluster that authenticates as the chart's
+/// ServiceAccount `name` (a bound token).
+async fn write_service_account_kubeconfig(env: &Env, name: &str, path: &Path) {
+    let token = token_for(&env.client, &env.op_ns, name).await;
+    let admin: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(crate::support::kubeconfig_path()).unwrap()).unwrap();
+    let config = json!({
+        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
+        "clusters": [{ "name": "c", "cluster": admin["clusters"][0]["cluster"] }],
+        "users": [{ "name": "sa", "user": { "token": token } }],
+        "contexts": [{ "name": "sa", "context": { "cluster": "c", "user": "sa" } }]
+    });
+    std::fs::write(path, config.to_string()).unwrap();
+}
+
+/// The chart's settings from Deployment `d` as flags, for this test's operator namespace.
+fn chart_operator_args(d: &Deployment, env: &Env) -> Vec<String> {
+    let mut args = flags_from_deployment(d);
+    args.extend(["--namespace".to_string(), env.op_ns.clone()]);
+    // The per-namespace bundle only in this test's operator namespace (not every
+    // namespace of the shared cluster).
+    args.retain(|a| !a.starts_with("--namespace-bundle-selector"));
+    args.push(format!("--namespace-bundle-selector=kubernetes.io/metadata.name={}", env.op_ns));
+    args
+}
+
+/// Nothing the operator asked for was denied to the ServiceAccount `sa` (the API
+/// server's audit log `audit`, from byte `start` on, records every request of a service
+/// account).
+fn assert_nothing_denied(audit: &Path, start: usize, sa: &str) {
+    let log = std::fs::read(audit).expect("the control plane's audit log");
+    let log = String::from_utf8_lossy(log.get(start..).unwrap_or_default());
+    let requests: Vec<Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["user"]["username"] == sa)
+        .collect();
+    assert!(requests.len() > 5, "the audit log shows the operator's requests as {sa}");
+    let denied: Vec<String> = requests
+        .iter()
+        .filter(|e| e["responseStatus"]["code"] == 403)
+        .map(|e| format!("{} {}/{}", e["verb"], e["objectRef"]["resource"], e["objectRef"]["name"]))
+        .collect();
+    assert!(denied.is_empty(), "denied to the chart's ServiceAccount: {denied:?}");
+}
+
+/// The Deployment `d` after the upgrade: 3 replicas, debug logs, the lease kept.
+fn assert_upgraded(d: Deployment) {
+    assert_eq!(d.spec.replicas, Some(3));
+    let env_vars = d.spec.template.spec.unwrap().containers[0].env.clone().unwrap();
+    assert!(env_vars.iter().any(|e| e.name == "SERVICE_CA_LOG" && e.value.as_deref() == Some("debug")));
+    assert!(
+        env_vars.iter().any(|e| e.name == "SERVICE_CA_LEASE_DURATION" && e.value.as_deref() == Some("5s")),
+        "{env_vars:?}"
+    );
+}
+
 #[tokio::test]
 async fn helm_install_runs_the_operator_as_its_service_account_upgrade_changes_it_uninstall_keeps_the_ca() {
     let env = Env::new("chart").await;
@@ -196,17 +266,7 @@ async fn helm_install_runs_the_operator_as_its_service_account_upgrade_changes_i
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("chart-{}", env.run));
     std::fs::create_dir_all(&dir).unwrap();
     let values = dir.join("values.json");
-    let write_values = |extra: Value| {
-        let mut v = json!({
-            "name": name,
-            "operator": { "selector": format!("{RUN_LABEL}={}", env.run), "leaseDuration": "5s" },
-        });
-        for (k, val) in extra.as_object().unwrap() {
-            v[k] = val.clone();
-        }
-        std::fs::write(&values, v.to_string()).unwrap();
-    };
-    write_values(json!({}));
+    write_values(&values, &name, &env, json!({}));
     let kubeconfig = env.kubeconfig.clone();
     let values_arg = values.to_str().unwrap().to_string();
     helm(&["install", "sco", CHART, "--namespace", &env.op_ns, "--values", &values_arg], Some(&kubeconfig));
@@ -218,23 +278,9 @@ async fn helm_install_runs_the_operator_as_its_service_account_upgrade_changes_i
     sas.get(&name).await.expect("the chart's ServiceAccount");
 
     // The operator, as the chart's ServiceAccount, with the chart's settings.
-    let token = token_for(&env.client, &env.op_ns, &name).await;
-    let admin: Value =
-        serde_saphyr::from_str(&std::fs::read_to_string(crate::support::kubeconfig_path()).unwrap()).unwrap();
     let sa_kubeconfig = dir.join("sa-kubeconfig");
-    let config = json!({
-        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
-        "clusters": [{ "name": "c", "cluster": admin["clusters"][0]["cluster"] }],
-        "users": [{ "name": "sa", "user": { "token": token } }],
-        "contexts": [{ "name": "sa", "context": { "cluster": "c", "user": "sa" } }]
-    });
-    std::fs::write(&sa_kubeconfig, config.to_string()).unwrap();
-    let mut args = flags_from_deployment(&d);
-    args.extend(["--namespace".to_string(), env.op_ns.clone()]);
-    // The per-namespace bundle only in this test's operator namespace (not every
-    // namespace of the shared cluster).
-    args.retain(|a| !a.starts_with("--namespace-bundle-selector"));
-    args.push(format!("--namespace-bundle-selector=kubernetes.io/metadata.name={}", env.op_ns));
+    write_service_account_kubeconfig(&env, &name, &sa_kubeconfig).await;
+    let args = chart_operator_args(&d, &env);
     assert!(args.contains(&"--leader-elect=true".to_string()), "{args:?}");
     let audit = crate::support::controlplane_dir().join("audit.log");
     let audit_start = std::fs::metadata(&audit).map(|m| m.len() as usize).unwrap_or(0);
@@ -245,10 +291,7 @@ async fn helm_install_runs_the_operator_as_its_service_account_upgrade_changes_i
     let bundle = env.injected_configmap("trust", T).await;
     // A forced rotation: the CA Secret updated, the bundle re-published, the leaf
     // re-issued, all as the chart's ServiceAccount.
-    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.op_ns);
-    let patch =
-        json!({ "metadata": { "annotations": { "service-ca.operators.openshift.io/force-rotation": "chart" } } });
-    secrets.patch("signing-key", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.unwrap();
+    env.force_rotation("chart").await;
     eventually(T, "rotated and re-injected", || async {
         let rotated = env.ca_bundle().await;
         let data = env.configmaps().get("trust").await.ok()?.data?;
@@ -256,42 +299,23 @@ async fn helm_install_runs_the_operator_as_its_service_account_upgrade_changes_i
     })
     .await;
     op.stop();
-    // Nothing the operator asked for was denied to the chart's ServiceAccount (the
-    // API server's audit log records every request of a service account).
-    let sa = format!("system:serviceaccount:{}:{name}", env.op_ns);
-    let log = std::fs::read(&audit).expect("the control plane's audit log");
-    let log = String::from_utf8_lossy(log.get(audit_start..).unwrap_or_default());
-    let requests: Vec<Value> = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|e| e["user"]["username"] == sa.as_str())
-        .collect();
-    assert!(requests.len() > 5, "the audit log shows the operator's requests as {sa}");
-    let denied: Vec<String> = requests
-        .iter()
-        .filter(|e| e["responseStatus"]["code"] == 403)
-        .map(|e| format!("{} {}/{}", e["verb"], e["objectRef"]["resource"], e["objectRef"]["name"]))
-        .collect();
-    assert!(denied.is_empty(), "denied to the chart's ServiceAccount: {denied:?}");
+    assert_nothing_denied(&audit, audit_start, &format!("system:serviceaccount:{}:{name}", env.op_ns));
 
     // Upgrade with changed values: the Deployment follows.
-    write_values(json!({ "replicas": 3, "operator": {
-        "selector": format!("{RUN_LABEL}={}", env.run), "leaseDuration": "5s", "logLevel": "debug" } }));
-    helm(&["upgrade", "sco", CHART, "--namespace", &env.op_ns, "--values", &values_arg], Some(&kubeconfig));
-    let d = deployments.get(&name).await.unwrap();
-    assert_eq!(d.spec.replicas, Some(3));
-    let env_vars = d.spec.template.spec.unwrap().containers[0].env.clone().unwrap();
-    assert!(env_vars.iter().any(|e| e.name == "SERVICE_CA_LOG" && e.value.as_deref() == Some("debug")));
-    assert!(
-        env_vars.iter().any(|e| e.name == "SERVICE_CA_LEASE_DURATION" && e.value.as_deref() == Some("5s")),
-        "{env_vars:?}"
+    write_values(
+        &values,
+        &name,
+        &env,
+        json!({ "replicas": 3, "operator": {
+            "selector": format!("{RUN_LABEL}={}", env.run), "leaseDuration": "5s", "logLevel": "debug" } }),
     );
+    helm(&["upgrade", "sco", CHART, "--namespace", &env.op_ns, "--values", &values_arg], Some(&kubeconfig));
+    assert_upgraded(deployments.get(&name).await.unwrap());
 
     // Uninstall: the chart's objects go, the CA the operator made stays.
     helm(&["uninstall", "sco", "--namespace", &env.op_ns, "--wait"], Some(&kubeconfig));
     assert!(deployments.get_opt(&name).await.unwrap().is_none());
     assert!(sas.get_opt(&name).await.unwrap().is_none());
-    assert!(secrets.get_opt("signing-key").await.unwrap().is_some(), "helm uninstall kept the CA");
-    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.op_ns);
-    assert!(cms.get_opt("signing-cabundle").await.unwrap().is_some());
+    assert!(env.op_secrets().get_opt("signing-key").await.unwrap().is_some(), "helm uninstall kept the CA");
+    assert!(env.op_configmaps().get_opt("signing-cabundle").await.unwrap().is_some());
 }
