@@ -5,6 +5,7 @@
 //! on the same idle cluster (their mean). Also the CPU of the operator's key threads
 //! (`keygen-*`) against the control plane's during the drain.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Namespace;
@@ -12,7 +13,7 @@ use kube::Api;
 use serde_json::json;
 
 use super::{
-    Report, control_plane_pids, create_services, first_seen, has_cert, invalid_secrets, keygen, sample_waiting, scaled,
+    Report, apiserver_requests, control_plane_pids, create_services, diff, first_seen, has_cert, invalid_secrets, keygen, sample_waiting, scaled,
     settle, support, threads_cpu_seconds,
 };
 use support::{Env, cpu_seconds, eventually};
@@ -41,6 +42,7 @@ pub async fn backlog(cores: usize, report: &mut Report) {
     settle(&processes).await;
 
     let cpu_before: Vec<f64> = processes.iter().map(|(_, pid)| cpu_seconds(*pid)).collect();
+    let requests_before = apiserver_requests(&env.client, VERBS).await;
     let started = Instant::now();
     let op = env.start_operator(&[]);
     let (stop, waiting) = sample_waiting(op.pid(), "keygen-");
@@ -51,6 +53,7 @@ pub async fn backlog(cores: usize, report: &mut Report) {
     })
     .await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let requests = diff(&apiserver_requests(&env.client, VERBS).await, &requests_before);
     let waiting = waiting.join().unwrap();
     let keys_cpu = threads_cpu_seconds(op.pid(), "keygen-");
     let operator_cpu = cpu_seconds(op.pid());
@@ -89,14 +92,32 @@ pub async fn backlog(cores: usize, report: &mut Report) {
             "",
         );
     }
+    report_requests(report, &requests, n);
     report.json.insert(
         "backlog".into(),
         json!({ "n": n, "seconds": took.as_secs_f64(), "invalid": invalid, "go_seconds": go.as_secs_f64(),
                 "go_before_seconds": go_before.as_secs_f64(), "go_after_seconds": go_after.as_secs_f64(),
-                "ratio": ratio, "key_threads_waiting": waiting, "cpu_seconds": cpu.iter().map(|(n, c)| (n.to_string(), json!(c))).collect::<serde_json::Map<_, _>>() }),
+                "ratio": ratio, "key_threads_waiting": waiting, "cpu_seconds": cpu.iter().map(|(n, c)| (n.to_string(), json!(c))).collect::<serde_json::Map<_, _>>(),
+                "apiserver_requests": requests.iter().map(|((r, v), c)| (format!("{r} {v}"), json!(c))).collect::<serde_json::Map<_, _>>() }),
     );
     delete_and_wait(env).await;
     settle(&processes).await;
+}
+
+/// The requests counted during the drain (the operator's, and the one watch that
+/// times it): per certificate, and the three most frequent kinds.
+const VERBS: &[&str] = &["GET", "LIST", "WATCH", "POST", "PUT", "PATCH", "APPLY", "DELETE"];
+
+fn report_requests(report: &mut Report, requests: &BTreeMap<(String, String), u64>, n: usize) {
+    let total: u64 = requests.values().sum();
+    let mut most: Vec<_> = requests.iter().collect();
+    most.sort_by_key(|(_, count)| std::cmp::Reverse(**count));
+    let most: Vec<String> = most.iter().take(6).map(|((r, v), c)| format!("{v} {r} {c}")).collect();
+    report.row(
+        "Backlog: API requests during the drain (per certificate)",
+        format!("{total} ({:.1}): {}", total as f64 / n as f64, most.join(", ")),
+        "",
+    );
 }
 
 /// Deletes the part's namespaces (dropping its `Env`) and waits until they are gone.

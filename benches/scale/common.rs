@@ -75,6 +75,12 @@ pub fn injected(cm: &ConfigMap) -> bool {
 
 /// Write requests the API server has served, per (resource, verb), from its metrics.
 pub async fn apiserver_writes(client: &Client) -> BTreeMap<(String, String), u64> {
+    apiserver_requests(client, &["POST", "PUT", "PATCH", "APPLY", "DELETE"]).await
+}
+
+/// Requests with one of `verbs` the API server has served (subresources aside), per
+/// (resource, verb), from its metrics.
+pub async fn apiserver_requests(client: &Client, verbs: &[&str]) -> BTreeMap<(String, String), u64> {
     let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
     let text = client.request_text(request).await.unwrap_or_default();
     let mut out = BTreeMap::new();
@@ -84,7 +90,7 @@ pub async fn apiserver_writes(client: &Client) -> BTreeMap<(String, String), u64
             line.split(&key).nth(1).and_then(|r| r.split('"').next()).unwrap_or("").to_string()
         };
         let verb = label("verb");
-        if !["POST", "PUT", "PATCH", "APPLY", "DELETE"].contains(&verb.as_str()) || !label("subresource").is_empty() {
+        if !verbs.contains(&verb.as_str()) || !label("subresource").is_empty() {
             continue;
         }
         let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
