@@ -64,6 +64,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         sharing,
         ca_token,
         config,
+        written: Default::default(),
     });
     let pods = pod_certs::enabled(&ctx).await;
     let published = pod_certs::unpublished();
@@ -252,6 +253,7 @@ async fn issue(
         serving_cert::run(
             ctx.clone(),
             services.clone(),
+            secrets.clone(),
             serving.service_events,
             serving.secret_changes,
             shutdown.clone()

@@ -13,8 +13,8 @@ use kube::Api;
 use serde_json::json;
 
 use super::{
-    Report, apiserver_requests, control_plane_pids, create_services, diff, first_seen, has_cert, invalid_secrets, keygen, sample_waiting, scaled,
-    settle, support, threads_cpu_seconds,
+    Report, apiserver_requests, control_plane_pids, create_services, diff, first_seen, has_cert, invalid_secrets,
+    keygen, sample_waiting, scaled, settle, support, threads_cpu_seconds,
 };
 use support::{Env, cpu_seconds, eventually};
 

@@ -81,6 +81,8 @@ pub struct Context {
     pub sharing: Arc<sharing::Sharing>,
     /// The PKCS#11 token holding the CA key (`--ca-key-pkcs11-uri`), if any.
     pub ca_token: Option<Arc<crate::pki::pkcs11::Token>>,
+    /// The serving Secrets just written (read instead of the API server right after).
+    pub written: serving::written::Written,
 }
 
 impl Context {

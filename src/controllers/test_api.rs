@@ -82,6 +82,7 @@ pub fn context(client: kube::Client) -> Context {
         health: Arc::new(Health::default()),
         sharing: Sharing::off(),
         ca_token: None,
+        written: Default::default(),
         metrics,
         config: *config,
         client,

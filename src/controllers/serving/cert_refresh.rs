@@ -93,7 +93,7 @@ async fn reconcile(meta: Arc<PartialObjectMeta<Secret>>, st: Arc<State>) -> Resu
     let Some(signer) = ctx.signer.current() else {
         return Ok(Action::await_change());
     };
-    let secret = read_secret(ctx, &namespace, &name).await?;
+    let secret = read_secret(ctx, &namespace, &name, meta.resource_version().as_deref()).await?;
     let policy = ctx.config.leaf_policy();
     let request = leaf_request(&svc, &policy.cluster_domain, key);
     let now = OffsetDateTime::now_utc();

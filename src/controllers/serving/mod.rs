@@ -16,7 +16,9 @@
 //! - [`request`]: what a Service asks for ([`request::wanted`], [`request::leaf_request`])
 //!   and its failure count;
 //! - [`secret`]: the Secret as it should be ([`secret::desired`]) and the writes;
-//! - [`report`]: what is reported on the Service (success, failure, a certificate issued).
+//! - [`report`]: what is reported on the Service (success, failure, a certificate issued);
+//! - [`written`]: what was just written (Secrets, Services marked), so that the passes
+//!   our own writes set off need not read it back.
 
 pub mod cert_refresh;
 pub mod decision;
@@ -27,6 +29,7 @@ pub mod request;
 pub mod secret;
 pub mod serving_cert;
 pub mod watches;
+pub mod written;
 
 use crate::controllers::failure::{Op, no_answer};
 use crate::controllers::{Categorised, is_conflict, shown};

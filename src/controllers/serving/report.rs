@@ -10,6 +10,7 @@ use serde_json::json;
 
 use super::decision::IssueReason;
 use super::request::failures;
+use super::written::Marked;
 use super::{Error, MAX_FAILURES, PATCH_SERVICE, READ_SERVICE, secret_ref};
 use crate::controllers::{
     Context, EventType, LOOK_AGAIN, is_conflict, is_not_found, patch_params, retry_delay, shown_obj,
@@ -47,8 +48,17 @@ pub async fn announce_issued(
 
 /// Success: `serving-cert-signed-by` = the CA's CN and no error annotations. Written
 /// only when something differs — in the cached Service and, because the cache can lag
-/// a moment behind our own previous write, in a fresh (consistent) read.
-pub(super) async fn mark_signed(ctx: &Context, svc: &Service, signer: &Signer) -> Result<(), Error> {
+/// a moment behind our own previous write, in a fresh (consistent) read. Neither when
+/// `marked` says the cached Service is the very version we marked a moment ago; nor
+/// read again when this pass has `issued` a certificate: the Service then differs
+/// unless a pass just before marked it already, and marking it again changes nothing.
+pub(super) async fn mark_signed(
+    ctx: &Context,
+    svc: &Service,
+    signer: &Signer,
+    issued: bool,
+    marked: &Marked,
+) -> Result<(), Error> {
     let ca_cn = signer.ca.subject_cn();
     let families = [ann::BETA, ann::ALPHA];
     let up_to_date = |svc: &Service| {
@@ -59,18 +69,12 @@ pub(super) async fn mark_signed(ctx: &Context, svc: &Service, signer: &Signer) -
                 && !annotations.contains_key(f.generation_error_num)
         })
     };
-    if up_to_date(svc) {
+    let (uid, version) = (svc.uid().unwrap_or_default(), svc.resource_version().unwrap_or_default());
+    if up_to_date(svc) || marked.lagging(&uid, &version, ca_cn) {
         return Ok(());
     }
-    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
-    let fresh = api.get_opt(&svc.name_any()).await.map_err(|source| Error::Kube {
-        action: READ_SERVICE,
-        object: shown_obj(svc),
-        source,
-    })?;
-    match fresh {
-        Some(fresh) if !up_to_date(&fresh) => {}
-        _ => return Ok(()),
+    if !issued && !needs_mark(ctx, svc, up_to_date).await? {
+        return Ok(());
     }
     let mut patch = serde_json::Map::new();
     for f in families {
@@ -78,7 +82,21 @@ pub(super) async fn mark_signed(ctx: &Context, svc: &Service, signer: &Signer) -
         patch.insert(f.generation_error.into(), json!(null));
         patch.insert(f.generation_error_num.into(), json!(null));
     }
-    patch_annotations(ctx, svc, patch, None).await.map(drop)
+    if patch_annotations(ctx, svc, patch, None).await? {
+        marked.remember(&uid, &version, ca_cn);
+    }
+    Ok(())
+}
+
+/// Whether the Service as the API server has it now (not as cached) is not yet marked.
+async fn needs_mark(ctx: &Context, svc: &Service, up_to_date: impl Fn(&Service) -> bool) -> Result<bool, Error> {
+    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
+    let fresh = api.get_opt(&svc.name_any()).await.map_err(|source| Error::Kube {
+        action: READ_SERVICE,
+        object: shown_obj(svc),
+        source,
+    })?;
+    Ok(fresh.is_some_and(|fresh| !up_to_date(&fresh)))
 }
 
 /// Failure: error annotations (beta and alpha) with the consecutive count, a Warning

@@ -107,7 +107,19 @@ fn is_service_owner(owner: &OwnerReference) -> bool {
 }
 
 /// The Secret `namespace/name` read whole from the API server (`None`: absent).
-pub async fn read_secret(ctx: &Context, namespace: &str, name: &str) -> Result<Option<Secret>, Error> {
+///
+/// `cached` is the resourceVersion the Secret cache shows: when it is the version our
+/// own write just produced, the copy the API server returned then is the Secret (see
+/// [`super::written`]) and no request is made.
+pub async fn read_secret(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    cached: Option<&str>,
+) -> Result<Option<Secret>, Error> {
+    if let Some(written) = ctx.written.current(namespace, name, cached) {
+        return Ok(Some(written));
+    }
     Api::<Secret>::namespaced(ctx.client.clone(), namespace).get_opt(name).await.map_err(|source| Error::Kube {
         action: READ_SECRET,
         object: secret_ref(namespace, name),
@@ -225,11 +237,15 @@ pub async fn write_secret(
     // to the failure cap; anything else (413 too large, 5xx, no answer) is an error for
     // the backoff of `drive`.
     let source = match result {
-        Ok(_) => return Ok(Outcome::Done(expiry)),
+        Ok(written) => {
+            ctx.written.remember(written);
+            return Ok(Outcome::Done(expiry));
+        }
         // A namespace being deleted refuses new objects: the Service goes with it.
         Err(e) if api_message(&e).contains("because it is being terminated") => return Ok(Outcome::Gone),
         Err(e) => e,
     };
+    ctx.written.forget(&namespace, &name);
     match Outcome::of_failure(&source) {
         Some(Outcome::Refused(why)) => {
             Ok(Outcome::Refused(format!("the API server refused {}: {why}", secret_ref(&namespace, &name))))

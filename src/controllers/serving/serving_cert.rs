@@ -17,8 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::ResourceExt;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
@@ -29,6 +30,7 @@ use super::precondition::{Ask, Keyed, Step, ask, step};
 use super::report::{mark_signed, report_problem};
 use super::request::leaf_request;
 use super::secret::{Content, desired, issue, read_secret, wait_for_deletion, write_secret};
+use super::written::Marked;
 use super::{Error, secret_ref};
 use crate::controllers::{Context, LOOK_AGAIN, Outcome, Shard, drive, record_reason};
 use crate::shutdown::Shutdown;
@@ -39,17 +41,23 @@ pub const NAME: &str = "serving-cert";
 pub async fn run(
     ctx: Arc<Context>,
     services: Store<Service>,
+    secrets: Store<PartialObjectMeta<Secret>>,
     service_events: impl Stream<Item = Result<Service, watcher::Error>> + Send + 'static,
     secret_changes: impl Stream<Item = ObjectRef<Service>> + Send + 'static,
     shutdown: Shutdown,
 ) {
     let controller = Controller::for_stream(service_events, services).reconcile_on(secret_changes);
-    let state = Arc::new(State { ctx: ctx.clone(), terminating: Terminating::default() });
+    let state =
+        Arc::new(State { ctx: ctx.clone(), secrets, marked: Marked::default(), terminating: Terminating::default() });
     drive(controller, NAME, ctx, shutdown, state, Shard::By(super::request::service_key), reconcile).await;
 }
 
 struct State {
     ctx: Arc<Context>,
+    /// The managed Secrets' metadata (the version of a Secret we may have just written).
+    secrets: Store<PartialObjectMeta<Secret>>,
+    /// The Services this controller just marked signed (the cache shows it a moment later).
+    marked: Marked,
     terminating: Terminating,
 }
 
@@ -94,10 +102,12 @@ async fn reconcile(svc: Arc<Service>, st: Arc<State>) -> Result<Action, Error> {
     if let Some(left) = st.terminating.remaining(&namespace) {
         return Ok(Action::requeue(left));
     }
-    let existing = read_secret(ctx, &namespace, name).await?;
+    let cached = st.secrets.get(&ObjectRef::new(name).within(&namespace)).and_then(|s| s.resource_version());
+    let existing = read_secret(ctx, &namespace, name, cached.as_deref()).await?;
     let policy = ctx.config.leaf_policy();
     let request = leaf_request(&svc, &policy.cluster_domain, key);
     let now = OffsetDateTime::now_utc();
+    let mut issued = false;
     match step(Keyed::Service, existing.as_ref(), |facts| decide(facts, &request, &signer.ca, &policy, now)) {
         Step::Wait => return Ok(Action::await_change()),
         Step::WaitForDeletion(held) => return wait_for_deletion(ctx, NAME, &svc, held).await,
@@ -118,6 +128,7 @@ async fn reconcile(svc: Arc<Service>, st: Arc<State>) -> Result<Action, Error> {
             if let Some(next) = settle(ctx, &svc, written).await? {
                 return Ok(next);
             }
+            issued = true;
         }
         Step::Tidy { expiry, .. } => {
             record_reason("tidy");
@@ -129,7 +140,7 @@ async fn reconcile(svc: Arc<Service>, st: Arc<State>) -> Result<Action, Error> {
         }
         Step::Leave { .. } => {}
     }
-    mark_signed(ctx, &svc, &signer).await?;
+    mark_signed(ctx, &svc, &signer, issued, &st.marked).await?;
     Ok(Action::await_change())
 }
 

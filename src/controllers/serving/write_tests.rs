@@ -1,7 +1,8 @@
 //! The unit tier of the serving Secret write (`secret::write_secret`, `secret::issue`)
 //! over a stubbed API server: what each failed status makes of the write. Each case
 //! sends exactly one request: a write never retries by itself; the controller's next
-//! pass (a requeue or the backoff of `drive`) does.
+//! pass (a requeue or the backoff of `drive`) does. And what a write returned stands in
+//! for the read right after it.
 
 use http::Method;
 use k8s_openapi::ByteString;
@@ -10,7 +11,7 @@ use time::OffsetDateTime;
 
 use super::decision::IssueReason;
 use super::fixtures::svc;
-use super::secret::{Content, desired, issue, write_secret};
+use super::secret::{Content, desired, issue, read_secret, write_secret};
 use super::{Error, request};
 use crate::controllers::Categorised;
 use crate::controllers::Outcome;
@@ -129,4 +130,28 @@ async fn issue_counts_each_unwritten_certificate_by_reason() {
         }
         assert_eq!(seen.all().len(), 1, "one write, no Event: {:?}", seen.all());
     }
+}
+
+/// The Secret a write returned stands in for a read at that resourceVersion (the passes
+/// our own write sets off), and only at that one.
+#[tokio::test]
+async fn a_secret_just_written_is_not_read_back_at_the_version_written() {
+    let mut created = existing();
+    created.metadata.resource_version = Some("8".into());
+    let body = serde_json::to_value(&created).unwrap();
+    let (client, seen) = test_api::client(move |method, _| match *method {
+        Method::POST => (201, body.clone()),
+        _ => (200, body.clone()),
+    });
+    let ctx = test_api::context(client);
+    let service = svc(&[(ann::BETA.serving_cert_secret_name, "tls")], None);
+    let secret = desired(None, &service, ann::BETA, "tls", Content::Kept { expiry: OffsetDateTime::now_utc() });
+    assert!(matches!(write_secret(&ctx, None, secret).await, Ok(Outcome::Done(_))));
+    let read = read_secret(&ctx, "shop", "tls", Some("8")).await.unwrap();
+    assert_eq!(read.and_then(|s| s.metadata.resource_version).as_deref(), Some("8"));
+    assert_eq!(seen.all().len(), 1, "only the write: {:?}", seen.all());
+    for cached in [Some("9"), None] {
+        read_secret(&ctx, "shop", "tls", cached).await.unwrap();
+    }
+    assert_eq!(seen.count(Method::GET, &format!("{SECRETS}/tls")), 2, "{:?}", seen.all());
 }

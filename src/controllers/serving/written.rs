@@ -1,0 +1,131 @@
+//! What this replica has just written, so that the passes our own writes set off do
+//! not read it back: the serving Secrets ([`Written`]) and the Services marked signed
+//! ([`Marked`]).
+//!
+//! Every Secret write is followed by two passes that would read the Secret whole from
+//! the API server: serving-cert's (the Secret changed: is its Service served?) and
+//! cert-refresh's (a managed Secret changed: is it right?). When the cache shows the
+//! Secret at the very resourceVersion our write produced, the API server holds exactly
+//! the object it returned to us, and that copy is used instead of a GET. Any later
+//! change, by anyone, moves the resourceVersion and the Secret is read again.
+//!
+//! Only for a moment, and only a bounded number: a copy is dropped after [`KEEP_FOR`]
+//! and at most [`MAX_KEPT`] are kept (past that a write is simply not remembered). So
+//! the private keys of certificates issued in a burst do not stay in memory, as the
+//! metadata-only Secret cache promises.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+
+/// How long a written Secret is kept for the passes that follow the write.
+pub const KEEP_FOR: Duration = Duration::from_secs(15);
+
+/// At most this many written Secrets are kept (an RSA-2048 one is about 5 KiB).
+pub const MAX_KEPT: usize = 1024;
+
+/// The Secrets just written, by (namespace, name).
+#[derive(Default)]
+pub struct Written(Mutex<HashMap<(String, String), (Instant, Secret)>>);
+
+impl Written {
+    /// Keeps `secret`, as the API server returned it from a write.
+    pub fn remember(&self, secret: Secret) {
+        let Ok(mut kept) = self.0.lock() else { return };
+        let now = Instant::now();
+        kept.retain(|_, (at, _)| now.duration_since(*at) < KEEP_FOR);
+        if kept.len() < MAX_KEPT {
+            kept.insert((secret.namespace().unwrap_or_default(), secret.name_any()), (now, secret));
+        }
+    }
+
+    /// The Secret `namespace/name` as we wrote it, if that write is still the one the
+    /// cache shows (`cached`: the resourceVersion there) and recent.
+    pub fn current(&self, namespace: &str, name: &str, cached: Option<&str>) -> Option<Secret> {
+        let cached = cached?;
+        let kept = self.0.lock().ok()?;
+        let (at, secret) = kept.get(&(namespace.to_string(), name.to_string()))?;
+        (at.elapsed() < KEEP_FOR && secret.metadata.resource_version.as_deref() == Some(cached)).then(|| secret.clone())
+    }
+
+    /// Forgets `namespace/name` (a write there failed or raced: what we kept is stale).
+    pub fn forget(&self, namespace: &str, name: &str) {
+        if let Ok(mut kept) = self.0.lock() {
+            kept.remove(&(namespace.to_string(), name.to_string()));
+        }
+    }
+}
+
+/// The Services just marked `serving-cert-signed-by`, by UID: the resourceVersion the
+/// mark was made over and the CA's CN. The cache shows a mark of ours only a moment
+/// later; a pass in that moment (the one our own Secret write sets off) would otherwise
+/// read the Service again to learn it is marked.
+#[derive(Default)]
+pub struct Marked(Mutex<HashMap<String, (Instant, String, String)>>);
+
+impl Marked {
+    /// Remembers that the Service with `uid`, cached at `version`, was marked for `ca`.
+    pub fn remember(&self, uid: &str, version: &str, ca: &str) {
+        let Ok(mut kept) = self.0.lock() else { return };
+        let now = Instant::now();
+        kept.retain(|_, (at, ..)| now.duration_since(*at) < KEEP_FOR);
+        if kept.len() < MAX_KEPT {
+            kept.insert(uid.to_string(), (now, version.to_string(), ca.to_string()));
+        }
+    }
+
+    /// Whether the Service with `uid`, cached at `version`, is one we just marked for
+    /// `ca` (the cache has not caught up with the mark; anything since moved the version).
+    pub fn lagging(&self, uid: &str, version: &str, ca: &str) -> bool {
+        let Ok(kept) = self.0.lock() else { return false };
+        kept.get(uid).is_some_and(|(at, v, c)| at.elapsed() < KEEP_FOR && v == version && c == ca)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(name: &str, version: &str) -> Secret {
+        let mut secret = Secret::default();
+        secret.metadata.namespace = Some("shop".into());
+        secret.metadata.name = Some(name.into());
+        secret.metadata.resource_version = Some(version.into());
+        secret
+    }
+
+    #[test]
+    fn a_written_secret_stands_in_for_a_read_only_at_the_version_the_cache_shows() {
+        let written = Written::default();
+        written.remember(secret("tls", "7"));
+        assert!(written.current("shop", "tls", Some("7")).is_some());
+        assert!(written.current("shop", "tls", Some("8")).is_none(), "changed since our write");
+        assert!(written.current("shop", "tls", None).is_none(), "not in the cache yet");
+        assert!(written.current("shop", "other", Some("7")).is_none());
+        written.forget("shop", "tls");
+        assert!(written.current("shop", "tls", Some("7")).is_none());
+    }
+
+    #[test]
+    fn a_mark_counts_only_over_the_version_it_was_made_on_and_for_its_ca() {
+        let marked = Marked::default();
+        marked.remember("uid-1", "7", "ca-1");
+        assert!(marked.lagging("uid-1", "7", "ca-1"));
+        assert!(!marked.lagging("uid-1", "8", "ca-1"), "the Service changed since");
+        assert!(!marked.lagging("uid-1", "7", "ca-2"), "another CA");
+        assert!(!marked.lagging("uid-2", "7", "ca-1"));
+    }
+
+    #[test]
+    fn at_most_max_kept_are_kept() {
+        let written = Written::default();
+        for i in 0..MAX_KEPT + 10 {
+            written.remember(secret(&format!("s{i}"), "1"));
+        }
+        assert_eq!(written.0.lock().unwrap().len(), MAX_KEPT);
+        assert!(written.current("shop", &format!("s{}", MAX_KEPT + 5), Some("1")).is_none());
+    }
+}
