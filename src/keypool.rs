@@ -194,6 +194,12 @@ impl KeyPool {
         Ok(key)
     }
 
+    /// Whether urgent work (a key somebody is waiting for) is queued or running: what
+    /// can wait, such as Normal Events, waits then (see `Context::event_after_urgent_work`).
+    pub fn urgent_pending(&self) -> bool {
+        self.inner.jobs.urgent_pending()
+    }
+
     /// Generates a key of `kind` (CA keys: never from the buffer).
     pub async fn generate(&self, kind: KeyKind) -> Result<PrivateKey, PkiError> {
         self.fresh(kind, Priority::Urgent, "").await
@@ -287,7 +293,7 @@ fn spawn_workers(n: usize) -> Arc<Queue> {
                     // A panicking job drops its reply channel (the caller sees an
                     // error); the worker carries on.
                     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
-                    queue.done();
+                    queue.done(class);
                 }
             });
             if let Err(error) = spawned {

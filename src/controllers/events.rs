@@ -7,7 +7,7 @@
 //! Event per certificate, and those must not stay in memory (kube's recorder keeps
 //! every Event it wrote for six minutes, about 2 KiB each).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -198,6 +198,76 @@ fn series_key(report: &Report<'_>, regarding: &ObjectReference) -> u64 {
     hasher.finish()
 }
 
+/// At most this many reports wait in [`Deferred`]; past that they are written at once.
+pub const MAX_DEFERRED: usize = 1024;
+
+/// A report that waits for the cores (see [`Deferred`]).
+pub struct Pending {
+    pub regarding: ObjectReference,
+    pub type_: EventType,
+    pub reason: &'static str,
+    pub note: String,
+}
+
+/// Reports that can wait while urgent key work is pending: the Normal Event of each
+/// certificate issued. In a burst of new Services (a backlog after a start), writing an
+/// Event per certificate at once would take the API server's share of the same cores
+/// from the certificates themselves; they are written, in order, once no urgent key
+/// work is queued or running. At most [`MAX_DEFERRED`] wait (about 1 KiB each).
+#[derive(Default)]
+pub struct Deferred(Mutex<VecDeque<Pending>>);
+
+impl Deferred {
+    /// Keeps `report` for later; gives it back when [`MAX_DEFERRED`] already wait.
+    pub fn hold(&self, report: Pending) -> Option<Pending> {
+        match self.0.lock() {
+            Ok(mut waiting) if waiting.len() < MAX_DEFERRED => {
+                waiting.push_back(report);
+                None
+            }
+            _ => Some(report),
+        }
+    }
+
+    fn take(&self) -> Option<Pending> {
+        self.0.lock().ok()?.pop_front()
+    }
+}
+
+/// How often the deferred reports are looked at.
+const DEFERRED_EVERY: Duration = Duration::from_millis(200);
+
+/// Writes the deferred reports whenever `busy()` (urgent key work queued or running)
+/// is false, until shutdown; then what is left, for at most 5 s.
+pub async fn write_deferred(
+    deferred: &Deferred,
+    recorder: &Recorder,
+    metrics: &crate::metrics::Metrics,
+    busy: impl Fn() -> bool,
+    shutdown: crate::shutdown::Shutdown,
+) {
+    let write = async |report: Pending| {
+        recorder.note(metrics, &report.regarding, report.type_, report.reason, report.note).await;
+    };
+    let mut stop = std::pin::pin!(shutdown.signal());
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tokio::time::sleep(DEFERRED_EVERY) => {}
+        }
+        while !busy() {
+            let Some(report) = deferred.take() else { break };
+            write(report).await;
+        }
+    }
+    let rest = async {
+        while let Some(report) = deferred.take() {
+            write(report).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), rest).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,6 +304,24 @@ mod tests {
         assert_eq!(event_name("", nanos), "event.187d402f1ecc6d15");
         assert_eq!(event_name("x", -1), "x.0", "a clock before 1970: no panic");
         assert!(event_name(&"é".repeat(200), i128::MAX).len() <= MAX_NAME);
+    }
+
+    #[test]
+    fn deferred_reports_keep_their_order_up_to_the_cap() {
+        let deferred = Deferred::default();
+        let report = |n: usize| Pending {
+            regarding: ObjectReference::default(),
+            type_: EventType::Normal,
+            reason: "ServingCertificateIssued",
+            note: n.to_string(),
+        };
+        for n in 0..MAX_DEFERRED {
+            assert!(deferred.hold(report(n)).is_none());
+        }
+        let refused = deferred.hold(report(MAX_DEFERRED)).map(|r| r.note);
+        assert_eq!(refused.as_deref(), Some("1024"), "past the cap, given back to be written at once");
+        assert_eq!(deferred.take().map(|r| r.note).as_deref(), Some("0"));
+        assert!(deferred.hold(report(9999)).is_none(), "room again");
     }
 
     #[test]

@@ -83,6 +83,8 @@ pub struct Context {
     pub ca_token: Option<Arc<crate::pki::pkcs11::Token>>,
     /// The serving Secrets just written (read instead of the API server right after).
     pub written: serving::written::Written,
+    /// Normal Events that wait while urgent key work is pending.
+    pub deferred_events: events::Deferred,
 }
 
 impl Context {
@@ -94,6 +96,17 @@ impl Context {
     /// message repeated is counted, a different message is a new Event.
     pub async fn event(&self, regarding: &ObjectReference, type_: EventType, reason: &str, note: String) {
         self.recorder.note(&self.metrics, regarding, type_, reason, note).await;
+    }
+
+    /// An Event that can wait (a certificate issued): held while urgent key work is pending
+    /// (see [`events::Deferred`]), else published now.
+    pub async fn event_after_urgent_work(&self, regarding: ObjectReference, reason: &'static str, note: String) {
+        let report = events::Pending { regarding, type_: EventType::Normal, reason, note };
+        let Some(report) = (if self.keys.urgent_pending() { self.deferred_events.hold(report) } else { Some(report) })
+        else {
+            return;
+        };
+        self.event(&report.regarding, report.type_, report.reason, report.note).await;
     }
 
     /// Records a finished reconciliation in the metrics.

@@ -42,6 +42,8 @@ struct QueueState {
     bulk: Lane,
     /// Jobs running, and at most how many may.
     running: usize,
+    /// Of those, urgent ones.
+    urgent_running: usize,
     slots: usize,
     closed: bool,
     /// Arrival counter (ties between namespaces go to the earlier job).
@@ -138,6 +140,9 @@ impl QueueState {
             Priority::Bulk => None,
         }?;
         self.running = self.running.saturating_add(1);
+        if class == Priority::Urgent {
+            self.urgent_running = self.urgent_running.saturating_add(1);
+        }
         Some(job)
     }
 }
@@ -187,10 +192,18 @@ impl Queue {
         self.state.lock().ok()?.take(class)
     }
 
-    /// A job taken with [`Queue::next`] has run: its slot is free.
-    pub(super) fn done(&self) {
+    /// Whether urgent jobs wait to start or run.
+    pub(super) fn urgent_pending(&self) -> bool {
+        self.state.lock().is_ok_and(|state| state.urgent_running > 0 || !state.urgent.waiting.is_empty())
+    }
+
+    /// A job taken with [`Queue::next`] for `class` work has run: its slot is free.
+    pub(super) fn done(&self, class: Priority) {
         if let Ok(mut state) = self.state.lock() {
             state.running = state.running.saturating_sub(1);
+            if class == Priority::Urgent {
+                state.urgent_running = state.urgent_running.saturating_sub(1);
+            }
         }
         self.wake.notify_all();
     }

@@ -160,13 +160,16 @@ async fn urgent_jobs_still_go_before_bulk_ones_of_any_namespace() {
     assert!(queue.try_next(Priority::Bulk).is_none(), "bulk threads wait while urgent jobs do");
     let first = queue.try_next(Priority::Urgent).unwrap();
     assert!(queue.try_next(Priority::Urgent).is_none(), "one slot, taken");
+    assert!(queue.urgent_pending());
     first();
-    queue.done();
+    queue.done(Priority::Urgent);
     (queue.try_next(Priority::Urgent).unwrap())();
-    queue.done();
+    assert!(queue.urgent_pending(), "one urgent job still running");
+    queue.done(Priority::Urgent);
+    assert!(!queue.urgent_pending(), "no urgent job queued or running");
     assert!(queue.try_next(Priority::Urgent).is_none(), "urgent threads take no bulk job");
     (queue.next(Priority::Bulk).unwrap())();
-    queue.done();
+    queue.done(Priority::Bulk);
     assert_eq!(*log.lock().unwrap(), ["urgent-b", "urgent-a", "bulk-a"]);
 }
 

@@ -22,7 +22,7 @@ use crate::signer::Signer;
 
 /// Records a certificate just written: the metric, a log line and a Normal Event on
 /// the Service (`ServingCertificateIssued` for a new Secret, else
-/// `ServingCertificateRefreshed`).
+/// `ServingCertificateRefreshed`), which waits while urgent key work waits.
 pub async fn announce_issued(
     ctx: &Context,
     svc: &Service,
@@ -43,7 +43,7 @@ pub async fn announce_issued(
         format_expiry(leaf.not_after),
         signer.subject_cn()
     );
-    ctx.event(&svc.object_ref(&()), EventType::Normal, event_reason, note).await;
+    ctx.event_after_urgent_work(svc.object_ref(&()), event_reason, note).await;
 }
 
 /// Success: `serving-cert-signed-by` = the CA's CN and no error annotations. Written

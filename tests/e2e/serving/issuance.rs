@@ -57,7 +57,11 @@ async fn annotated_service_gets_a_correct_secret_and_serves_tls() {
     })
     .await;
     assert_eq!(annotation(&svc.metadata, "service.alpha.openshift.io/serving-cert-signed-by"), Some(cn.as_str()));
-    assert!(!env.events(&env.ns, Some("test1"), Some("ServingCertificateIssued")).await.is_empty());
+    // The Normal Event may follow a moment later (it waits while urgent key work waits).
+    eventually(T, "the Issued Event", || async {
+        env.events(&env.ns, Some("test1"), Some("ServingCertificateIssued")).await.into_iter().next()
+    })
+    .await;
 
     // A TLS server using the Secret, verified by clients trusting signing-cabundle.
     let server = TlsServer::start(&data(&secret, "tls.crt"), &data(&secret, "tls.key"));
