@@ -102,11 +102,10 @@ impl Context {
     /// (see [`events::Deferred`]), else published now.
     pub async fn event_after_urgent_work(&self, regarding: ObjectReference, reason: &'static str, note: String) {
         let report = events::Pending { regarding, type_: EventType::Normal, reason, note };
-        let Some(report) = (if self.keys.urgent_pending() { self.deferred_events.hold(report) } else { Some(report) })
-        else {
-            return;
-        };
-        self.event(&report.regarding, report.type_, report.reason, report.note).await;
+        let now = if self.keys.urgent_pending() { self.deferred_events.hold(report) } else { Some(report) };
+        if let Some(report) = now {
+            self.event(&report.regarding, report.type_, report.reason, report.note).await;
+        }
     }
 
     /// Records a finished reconciliation in the metrics.
