@@ -116,7 +116,7 @@ async fn namespace_bundles_reach_new_namespaces_come_back_and_follow_a_rotation_
     holds(&env, &late, &bundle).await;
 
     // A rotation reaches every namespace with one write each.
-    let counting = count_writes(&env, &spaces.0);
+    let counting = count_writes(&env, &spaces.0).await;
     env.force_rotation("trust").await;
     env.rotated("trust").await;
     let rotated = eventually(T, "a new bundle", || async {
@@ -169,17 +169,19 @@ impl Counting {
     }
 }
 
-fn count_writes(env: &Env, namespaces: &[String]) -> Counting {
+async fn count_writes(env: &Env, namespaces: &[String]) -> Counting {
     let counts = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::new()));
-    let (client, namespaces, shared) = (env.client.clone(), namespaces.to_vec(), counts.clone());
+    // Every watch starts from the version read here, before the caller changes anything:
+    // a write that came before the watch was open is still counted.
+    let mut streams = Vec::new();
+    for ns in namespaces {
+        let api: Api<ConfigMap> = Api::namespaced(env.client.clone(), ns);
+        let version = api.get(NAME).await.unwrap().resource_version().unwrap();
+        let params = WatchParams::default().fields(&format!("metadata.name={NAME}"));
+        streams.push(api.watch(&params, &version).await.unwrap().boxed());
+    }
+    let shared = counts.clone();
     let task = tokio::spawn(async move {
-        let mut streams = Vec::new();
-        for ns in &namespaces {
-            let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-            let version = api.get(NAME).await.unwrap().resource_version().unwrap();
-            let params = WatchParams::default().fields(&format!("metadata.name={NAME}"));
-            streams.push(api.watch(&params, &version).await.unwrap().boxed());
-        }
         let mut all = futures::stream::select_all(streams);
         while let Some(event) = all.next().await {
             if let Ok(WatchEvent::Modified(cm)) = event {
@@ -400,7 +402,7 @@ async fn a_restart_over_current_bundles_sends_no_write() {
         holds(&env, ns, &bundle).await;
     }
     first.stop();
-    let counting = count_writes(&env, &spaces.0);
+    let counting = count_writes(&env, &spaces.0).await;
     let started = Instant::now();
     let op = start(&env, &[]);
     eprintln!("operator log: {}", op.log.display());
