@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::admin::{self, Health, Role};
 use crate::config::Config;
-use crate::controllers::events::{self, Recorder};
+use crate::controllers::events::Recorder;
 use crate::controllers::pod_certs::{self, trust_bundle};
 use crate::controllers::serving::request::service_key;
 use crate::controllers::serving::watches::ServingWatches;
@@ -65,7 +65,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ca_token,
         config,
         written: Default::default(),
-        deferred_events: Default::default(),
     });
     let pods = pod_certs::enabled(&ctx).await;
     let published = pod_certs::unpublished();
@@ -273,13 +272,8 @@ async fn issue(
             }
         },
         count_owned(ctx.clone(), services, shutdown.clone()),
-        events::write_deferred(
-            &ctx.deferred_events,
-            &ctx.recorder,
-            &ctx.metrics,
-            || ctx.keys.urgent_pending(),
-            shutdown.clone()
-        ),
+        ctx.recorder.write_deferred(&ctx.metrics, || ctx.keys.urgent_pending(), shutdown.clone()),
+        ctx.written.drop_expired_until(shutdown.clone()),
         synced,
     );
 }

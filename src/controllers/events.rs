@@ -64,6 +64,8 @@ pub struct Recorder {
     controller: String,
     instance: String,
     recent: Mutex<Recent>,
+    /// Normal reports that wait while urgent key work is pending.
+    deferred: Deferred,
 }
 
 /// A short digest of a message, to tell one message from another.
@@ -99,7 +101,52 @@ impl Recorder {
             controller: controller.to_string(),
             instance: instance.to_string(),
             recent: Mutex::new(Recent::default()),
+            deferred: Deferred::default(),
         }
+    }
+
+    /// Keeps `report` to be written by [`Recorder::write_deferred`]; gives it back when
+    /// [`MAX_DEFERRED`] already wait.
+    pub fn hold(&self, report: Pending) -> Option<Pending> {
+        self.deferred.hold(report)
+    }
+
+    /// Writes the held reports, in order, whenever `busy()` (urgent key work queued or
+    /// running) is false, until shutdown; then what is left, for at most 5 s.
+    pub async fn write_deferred(
+        &self,
+        metrics: &crate::metrics::Metrics,
+        busy: impl Fn() -> bool,
+        shutdown: crate::shutdown::Shutdown,
+    ) {
+        let write = async |report: Pending| {
+            self.note(metrics, &report.regarding, report.type_, report.reason, report.note).await;
+        };
+        let mut stop = std::pin::pin!(shutdown.signal());
+        loop {
+            // Asleep while nothing is held; while something is, looked at every
+            // DEFERRED_EVERY until the urgent work is done.
+            let next = async {
+                if self.deferred.is_empty() {
+                    self.deferred.held.notified().await;
+                }
+                tokio::time::sleep(DEFERRED_EVERY).await;
+            };
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = next => {}
+            }
+            while !busy() {
+                let Some(report) = self.deferred.take() else { break };
+                write(report).await;
+            }
+        }
+        let rest = async {
+            while let Some(report) = self.deferred.take() {
+                write(report).await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), rest).await;
     }
 
     /// Writes `report` about `regarding`: a new Event, or a repeat counted on the
@@ -215,14 +262,18 @@ pub struct Pending {
 /// from the certificates themselves; they are written, in order, once no urgent key
 /// work is queued or running. At most [`MAX_DEFERRED`] wait (about 1 KiB each).
 #[derive(Default)]
-pub struct Deferred(Mutex<VecDeque<Pending>>);
+struct Deferred {
+    waiting: Mutex<VecDeque<Pending>>,
+    /// Told when a report is held (the writer sleeps while none is).
+    held: tokio::sync::Notify,
+}
 
 impl Deferred {
-    /// Keeps `report` for later; gives it back when [`MAX_DEFERRED`] already wait.
-    pub fn hold(&self, report: Pending) -> Option<Pending> {
-        match self.0.lock() {
+    fn hold(&self, report: Pending) -> Option<Pending> {
+        match self.waiting.lock() {
             Ok(mut waiting) if waiting.len() < MAX_DEFERRED => {
                 waiting.push_back(report);
+                self.held.notify_one();
                 None
             }
             _ => Some(report),
@@ -230,43 +281,16 @@ impl Deferred {
     }
 
     fn take(&self) -> Option<Pending> {
-        self.0.lock().ok()?.pop_front()
+        self.waiting.lock().ok()?.pop_front()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.waiting.lock().map_or(true, |waiting| waiting.is_empty())
     }
 }
 
-/// How often the deferred reports are looked at.
+/// How often held reports are looked at while some are.
 const DEFERRED_EVERY: Duration = Duration::from_millis(200);
-
-/// Writes the deferred reports whenever `busy()` (urgent key work queued or running)
-/// is false, until shutdown; then what is left, for at most 5 s.
-pub async fn write_deferred(
-    deferred: &Deferred,
-    recorder: &Recorder,
-    metrics: &crate::metrics::Metrics,
-    busy: impl Fn() -> bool,
-    shutdown: crate::shutdown::Shutdown,
-) {
-    let write = async |report: Pending| {
-        recorder.note(metrics, &report.regarding, report.type_, report.reason, report.note).await;
-    };
-    let mut stop = std::pin::pin!(shutdown.signal());
-    loop {
-        tokio::select! {
-            _ = &mut stop => break,
-            _ = tokio::time::sleep(DEFERRED_EVERY) => {}
-        }
-        while !busy() {
-            let Some(report) = deferred.take() else { break };
-            write(report).await;
-        }
-    }
-    let rest = async {
-        while let Some(report) = deferred.take() {
-            write(report).await;
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(5), rest).await;
-}
 
 #[cfg(test)]
 mod tests {

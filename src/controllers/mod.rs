@@ -83,8 +83,6 @@ pub struct Context {
     pub ca_token: Option<Arc<crate::pki::pkcs11::Token>>,
     /// The serving Secrets just written (read instead of the API server right after).
     pub written: serving::written::Written,
-    /// Normal Events that wait while urgent key work is pending.
-    pub deferred_events: events::Deferred,
 }
 
 impl Context {
@@ -99,10 +97,10 @@ impl Context {
     }
 
     /// An Event that can wait (a certificate issued): held while urgent key work is pending
-    /// (see [`events::Deferred`]), else published now.
+    /// (see [`Recorder::write_deferred`]), else published now.
     pub async fn event_after_urgent_work(&self, regarding: ObjectReference, reason: &'static str, note: String) {
         let report = events::Pending { regarding, type_: EventType::Normal, reason, note };
-        let now = if self.keys.urgent_pending() { self.deferred_events.hold(report) } else { Some(report) };
+        let now = if self.keys.urgent_pending() { self.recorder.hold(report) } else { Some(report) };
         if let Some(report) = now {
             self.event(&report.regarding, report.type_, report.reason, report.note).await;
         }

@@ -83,7 +83,6 @@ pub fn context(client: kube::Client) -> Context {
         sharing: Sharing::off(),
         ca_token: None,
         written: Default::default(),
-        deferred_events: Default::default(),
         metrics,
         config: *config,
         client,

@@ -245,7 +245,6 @@ pub async fn write_secret(
         Err(e) if api_message(&e).contains("because it is being terminated") => return Ok(Outcome::Gone),
         Err(e) => e,
     };
-    ctx.written.forget(&namespace, &name);
     match Outcome::of_failure(&source) {
         Some(Outcome::Refused(why)) => {
             Ok(Outcome::Refused(format!("the API server refused {}: {why}", secret_ref(&namespace, &name))))

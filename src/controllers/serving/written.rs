@@ -10,51 +10,88 @@
 //! change, by anyone, moves the resourceVersion and the Secret is read again.
 //!
 //! Only for a moment, and only a bounded number: a copy is dropped after [`KEEP_FOR`]
-//! and at most [`MAX_KEPT`] are kept (past that a write is simply not remembered). So
-//! the private keys of certificates issued in a burst do not stay in memory, as the
-//! metadata-only Secret cache promises.
+//! ([`Written::drop_expired_until`]) and at most [`MAX_KEPT`] are kept (past that a
+//! write is simply not remembered). So the private keys of certificates issued in a
+//! burst do not stay in memory, as the metadata-only Secret cache promises.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 
-/// How long a written Secret is kept for the passes that follow the write.
+/// How long a written Secret (or a mark) is kept for the passes that follow the write.
 pub const KEEP_FOR: Duration = Duration::from_secs(15);
 
-/// At most this many written Secrets are kept (an RSA-2048 one is about 5 KiB).
+/// At most this many are kept of each (an RSA-2048 Secret is about 5 KiB).
 pub const MAX_KEPT: usize = 1024;
+
+/// Entries that count for [`KEEP_FOR`]; at most [`MAX_KEPT`] (past that, a new one is
+/// not kept: the pass reads the API server as before).
+struct Kept<K, V>(Mutex<HashMap<K, (Instant, V)>>);
+
+impl<K, V> Default for Kept<K, V> {
+    fn default() -> Self {
+        Kept(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<K: Eq + Hash, V> Kept<K, V> {
+    fn insert(&self, key: K, value: V) {
+        let Ok(mut kept) = self.0.lock() else { return };
+        if kept.len() >= MAX_KEPT {
+            kept.retain(|_, (at, _)| at.elapsed() < KEEP_FOR);
+        }
+        if kept.len() < MAX_KEPT {
+            kept.insert(key, (Instant::now(), value));
+        }
+    }
+
+    /// What `pick` makes of the entry for `key`, if it is still recent.
+    fn get<R>(&self, key: &K, pick: impl FnOnce(&V) -> Option<R>) -> Option<R> {
+        let kept = self.0.lock().ok()?;
+        kept.get(key).filter(|(at, _)| at.elapsed() < KEEP_FOR).and_then(|(_, value)| pick(value))
+    }
+
+    fn drop_expired(&self) {
+        if let Ok(mut kept) = self.0.lock() {
+            kept.retain(|_, (at, _)| at.elapsed() < KEEP_FOR);
+        }
+    }
+}
 
 /// The Secrets just written, by (namespace, name).
 #[derive(Default)]
-pub struct Written(Mutex<HashMap<(String, String), (Instant, Secret)>>);
+pub struct Written(Kept<(String, String), Secret>);
 
 impl Written {
     /// Keeps `secret`, as the API server returned it from a write.
     pub fn remember(&self, secret: Secret) {
-        let Ok(mut kept) = self.0.lock() else { return };
-        let now = Instant::now();
-        kept.retain(|_, (at, _)| now.duration_since(*at) < KEEP_FOR);
-        if kept.len() < MAX_KEPT {
-            kept.insert((secret.namespace().unwrap_or_default(), secret.name_any()), (now, secret));
-        }
+        self.0.insert((secret.namespace().unwrap_or_default(), secret.name_any()), secret);
     }
 
     /// The Secret `namespace/name` as we wrote it, if that write is still the one the
-    /// cache shows (`cached`: the resourceVersion there) and recent.
+    /// cache shows (`cached`: the resourceVersion there) and recent. A write of ours
+    /// that failed changes nothing here: the cache shows the version there is, and a
+    /// copy is used only when it is that version.
     pub fn current(&self, namespace: &str, name: &str, cached: Option<&str>) -> Option<Secret> {
         let cached = cached?;
-        let kept = self.0.lock().ok()?;
-        let (at, secret) = kept.get(&(namespace.to_string(), name.to_string()))?;
-        (at.elapsed() < KEEP_FOR && secret.metadata.resource_version.as_deref() == Some(cached)).then(|| secret.clone())
+        self.0.get(&(namespace.to_string(), name.to_string()), |secret| {
+            (secret.metadata.resource_version.as_deref() == Some(cached)).then(|| secret.clone())
+        })
     }
 
-    /// Forgets `namespace/name` (a write there failed or raced: what we kept is stale).
-    pub fn forget(&self, namespace: &str, name: &str) {
-        if let Ok(mut kept) = self.0.lock() {
-            kept.remove(&(namespace.to_string(), name.to_string()));
+    /// Drops the copies older than [`KEEP_FOR`] every [`KEEP_FOR`] until shutdown, so
+    /// that no private key stays in memory after a burst.
+    pub async fn drop_expired_until(&self, shutdown: crate::shutdown::Shutdown) {
+        let mut stop = std::pin::pin!(shutdown.signal());
+        loop {
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep(KEEP_FOR) => self.0.drop_expired(),
+            }
         }
     }
 }
@@ -64,24 +101,18 @@ impl Written {
 /// later; a pass in that moment (the one our own Secret write sets off) would otherwise
 /// read the Service again to learn it is marked.
 #[derive(Default)]
-pub struct Marked(Mutex<HashMap<String, (Instant, String, String)>>);
+pub struct Marked(Kept<String, (String, String)>);
 
 impl Marked {
     /// Remembers that the Service with `uid`, cached at `version`, was marked for `ca`.
     pub fn remember(&self, uid: &str, version: &str, ca: &str) {
-        let Ok(mut kept) = self.0.lock() else { return };
-        let now = Instant::now();
-        kept.retain(|_, (at, ..)| now.duration_since(*at) < KEEP_FOR);
-        if kept.len() < MAX_KEPT {
-            kept.insert(uid.to_string(), (now, version.to_string(), ca.to_string()));
-        }
+        self.0.insert(uid.to_string(), (version.to_string(), ca.to_string()));
     }
 
     /// Whether the Service with `uid`, cached at `version`, is one we just marked for
     /// `ca` (the cache has not caught up with the mark; anything since moved the version).
     pub fn lagging(&self, uid: &str, version: &str, ca: &str) -> bool {
-        let Ok(kept) = self.0.lock() else { return false };
-        kept.get(uid).is_some_and(|(at, v, c)| at.elapsed() < KEEP_FOR && v == version && c == ca)
+        self.0.get(&uid.to_string(), |(v, c)| (v == version && c == ca).then_some(())).is_some()
     }
 }
 
@@ -105,8 +136,6 @@ mod tests {
         assert!(written.current("shop", "tls", Some("8")).is_none(), "changed since our write");
         assert!(written.current("shop", "tls", None).is_none(), "not in the cache yet");
         assert!(written.current("shop", "other", Some("7")).is_none());
-        written.forget("shop", "tls");
-        assert!(written.current("shop", "tls", Some("7")).is_none());
     }
 
     #[test]
@@ -125,7 +154,7 @@ mod tests {
         for i in 0..MAX_KEPT + 10 {
             written.remember(secret(&format!("s{i}"), "1"));
         }
-        assert_eq!(written.0.lock().unwrap().len(), MAX_KEPT);
+        assert_eq!(written.0.0.lock().unwrap().len(), MAX_KEPT);
         assert!(written.current("shop", &format!("s{}", MAX_KEPT + 5), Some("1")).is_none());
     }
 }
