@@ -104,10 +104,11 @@ pub async fn backlog(cores: usize, report: &mut Report) {
     settle(&processes).await;
 }
 
-/// The requests counted during the drain (the operator's, and the one watch that
-/// times it): per certificate, and the three most frequent kinds.
+/// Every verb the API server counts.
 const VERBS: &[&str] = &["GET", "LIST", "WATCH", "POST", "PUT", "PATCH", "APPLY", "DELETE"];
 
+/// The requests counted during the drain (the operator's, and the one watch that
+/// times it): per certificate, and the six most frequent kinds.
 fn report_requests(report: &mut Report, requests: &BTreeMap<(String, String), u64>, n: usize) {
     let total: u64 = requests.values().sum();
     let mut most: Vec<_> = requests.iter().collect();
